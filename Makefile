@@ -1,0 +1,24 @@
+# `make reproduce` runs the FSM figure reproduction, `make test` the test suite. Each first builds the
+# local virtual environment .venv (only when pyproject.toml or the constraints changed).
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.cbinterp-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: reproduce test setup
+reproduce: $(STAMP)
+	$(VENV)/bin/python benchmarks/fsm_precision.py $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that lies on this machine's disk: an unpinned torch pulls a CUDA build of several GB.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c requirements/constraints.txt torch
+	$(VENV)/bin/python -m pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	touch $(STAMP)
