@@ -54,6 +54,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_model(model: HookedTransformer, directory: Path, extra: Optional[dict] = None) -> None:
+    """Write the weights and config files of `model` into an existing `directory` (not atomic by itself)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE)
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": model_config_to_dict(model.cfg),
+        "codebooks": {name: dataclasses.asdict(cb.cfg) for name, cb in get_codebooks(model).items()},
+        "weights_sha256": _sha256(directory / WEIGHTS_FILE),
+        "extra": extra or {},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def save(model: HookedTransformer, path: str | os.PathLike, extra: Optional[dict] = None) -> Path:
     """Write `model` (with its codebooks) to the directory `path`, atomically. Returns the path.
 
@@ -61,18 +76,8 @@ def save(model: HookedTransformer, path: str | os.PathLike, extra: Optional[dict
     """
     require_hooked_transformer(model)
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
-        save_file(state, tmp / WEIGHTS_FILE)
-        config = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model_config": model_config_to_dict(model.cfg),
-            "codebooks": {name: dataclasses.asdict(cb.cfg) for name, cb in get_codebooks(model).items()},
-            "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
-            "extra": extra or {},
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        write_model(model, tmp, extra)
     return path
 
 
