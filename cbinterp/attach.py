@@ -127,6 +127,7 @@ def attach_codebooks(
         raise ValueError(f"A hook site is listed twice in {list(sites)}.")
     shapes = _activation_shapes(model, names)
     user_groups = codebook_kwargs.pop("groups", None)
+    new_codebooks = []
     for site_index, (site, name) in enumerate(pairs):
         shape = shapes[name]
         if len(shape) == 1:
@@ -144,7 +145,10 @@ def attach_codebooks(
             dim=dim, groups=groups, n_codes=_per_site(n_codes, site, name, "n_codes"),
             k=_per_site(k, site, name, "k"), seed=seed + site_index, **codebook_kwargs,
         )
-        insert_codebook(model, name, Codebook.from_config(cfg, device=model.cfg.device, dtype=model.cfg.dtype), setup=False)
+        new_codebooks.append((name, Codebook.from_config(cfg, device=model.cfg.device, dtype=model.cfg.dtype)))
+    # Insert only once every site's codebook is built, so that a bad argument leaves the model untouched.
+    for name, codebook in new_codebooks:
+        insert_codebook(model, name, codebook, setup=False)
     _finish(model)
     return model
 

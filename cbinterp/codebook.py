@@ -71,10 +71,13 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, q = ctx.saved_tensors
+        if ctx.commit == 0 and ctx.recon == 0:
+            return grad_out, grad_out, None, None
         scale = 2.0 / x.numel()
         diff = q - x
-        grad_x = grad_out if ctx.commit == 0 else grad_out - (ctx.commit * scale) * diff
-        grad_q = grad_out if ctx.recon == 0 else grad_out + (ctx.recon * scale) * diff
+        # torch.add(a, b, alpha=s) is a + s * b in one pass
+        grad_x = grad_out if ctx.commit == 0 else torch.add(grad_out, diff, alpha=-ctx.commit * scale)
+        grad_q = grad_out if ctx.recon == 0 else torch.add(grad_out, diff, alpha=ctx.recon * scale)
         return grad_x, grad_q, None, None
 
 
@@ -188,7 +191,13 @@ class Codebook(HookPoint):
         s = self._scores(xg, exact=True)
         return s if self.grouped else s.squeeze(-2)
 
-    def _scores(self, xg: Float[Tensor, "*batch groups dim"], exact: bool = False) -> Float[Tensor, "*batch groups n_codes"]:
+    #: The top-k search goes through the scores in blocks of about this many elements (8 MB of float32), one
+    #: group at a time: a block stays in cache instead of a whole (tokens, groups, n_codes) tensor going to memory.
+    _chunk_scores = 1 << 21
+
+    def _prepare(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The input as scored, flattened to (n, groups, dim); the codes as scored (groups, n_codes, dim); and for
+        euclidean the per-code term |c|^2 (None otherwise): scores are x.c, or 2x.c - |c|^2 for euclidean."""
         c = self.cfg
         w = self.weight.detach()
         if c.normalize_input:
@@ -198,17 +207,24 @@ class Codebook(HookPoint):
         elif c.similarity == "cosine":
             w = F.normalize(w, dim=-1)
             xg = F.normalize(xg, dim=-1)
+        # -|x-c|^2 = 2x.c - |c|^2 - |x|^2; |x|^2 does not change the ranking, so the top-k skips it.
+        bias = w.pow(2).sum(-1) if c.similarity == "euclidean" else None
+        return xg.reshape(-1, c.groups, c.dim), w, bias
+
+    @staticmethod
+    def _block_scores(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+        scores = x @ w.T
+        return scores if bias is None else scores.mul_(2).sub_(bias)
+
+    def _scores(self, xg: Float[Tensor, "*batch groups dim"], exact: bool = False) -> Float[Tensor, "*batch groups n_codes"]:
+        c = self.cfg
         lead = xg.shape[:-2]
-        flat = xg.reshape(-1, c.groups, c.dim)
-        if c.groups == 1:
-            dots = (flat[:, 0] @ w[0].T).unsqueeze(1)
-        else:
-            dots = torch.bmm(flat.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)
-        if c.similarity == "euclidean":
-            # -|x-c|^2 = 2x.c - |c|^2 - |x|^2; |x|^2 does not change the ranking, so the top-k skips it.
-            dots = 2 * dots - w.pow(2).sum(-1)
-            if exact:
-                dots = -(dots - flat.pow(2).sum(-1, keepdim=True)).clamp_min(0).sqrt()
+        flat, w, bias = self._prepare(xg)
+        dots = torch.stack(
+            [self._block_scores(flat[:, g], w[g], None if bias is None else bias[g]) for g in range(c.groups)], dim=1
+        )
+        if exact and bias is not None:
+            dots = -(flat.pow(2).sum(-1, keepdim=True) - dots).clamp_min(0).sqrt()
         return dots.reshape(*lead, c.groups, c.n_codes)
 
     def encode(self, x: Float[Tensor, "*batch dim"]) -> Int[Tensor, "*batch k"]:
@@ -219,10 +235,21 @@ class Codebook(HookPoint):
         return codes if self.grouped else codes.squeeze(-2)
 
     def _encode(self, xg: Tensor) -> Tensor:
-        scores = self._scores(xg)
-        if self.cfg.k == 1:
-            return scores.argmax(dim=-1, keepdim=True)
-        return scores.topk(self.cfg.k, dim=-1).indices
+        c = self.cfg
+        lead = xg.shape[:-2]
+        flat, w, bias = self._prepare(xg)
+        n = flat.shape[0]
+        codes = torch.empty(n, c.groups, c.k, dtype=torch.long, device=flat.device)
+        rows = max(1, self._chunk_scores // c.n_codes)
+        for g in range(c.groups):
+            w_g, bias_g = w[g], None if bias is None else bias[g]
+            for start in range(0, n, rows):
+                scores = self._block_scores(flat[start : start + rows, g], w_g, bias_g)
+                if c.k == 1:
+                    codes[start : start + rows, g] = scores.argmax(dim=-1, keepdim=True)
+                else:
+                    codes[start : start + rows, g] = scores.topk(c.k, dim=-1).indices
+        return codes.reshape(*lead, c.groups, c.k)
 
     def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
         """The sum of the code vectors named by `codes`; an id of -1 contributes zero."""
@@ -237,6 +264,11 @@ class Codebook(HookPoint):
         if codes.dim() < 2 or codes.shape[-2] != c.groups:
             raise ValueError(f"Codes for {self.name or 'this codebook'} need a groups axis of size {c.groups}, got shape {tuple(codes.shape)}.")
         flat_weight = self.weight.reshape(c.groups * c.n_codes, c.dim)
+        if not check and c.k == 1:  # the common case: one code per group, gathered without a k axis to sum
+            ids = codes[..., 0]
+            if c.groups > 1:
+                ids = ids + torch.arange(c.groups, device=codes.device) * c.n_codes
+            return F.embedding(ids, flat_weight)
         offsets = torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
         if not check:
             return F.embedding(codes + offsets, flat_weight).sum(-2)
@@ -261,10 +293,11 @@ class Codebook(HookPoint):
             codes = self._encode(xg)
         codes = self.hook_codes(codes if self.grouped else codes.squeeze(-2))
         codes_g = codes if self.grouped else codes.unsqueeze(-2)
-        q = self._decode(codes_g, check=len(self.hook_codes._forward_hooks) > 0)
+        hooked = len(self.hook_codes._forward_hooks) > 0
+        q = self._decode(codes_g, check=hooked)
         q_out = q if self.grouped else q.squeeze(-2)
         if self.track_usage:
-            self._update_usage(x, q_out, codes_g)
+            self._update_usage(x, q_out, codes_g, may_be_empty=hooked)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             recon = self.cfg.recon_weight
             commit = self.cfg.beta if self.cfg.loss == "vqvae" else 0.0
@@ -272,18 +305,17 @@ class Codebook(HookPoint):
         return q_out
 
     @torch.no_grad()
-    def _update_usage(self, x: Tensor, q: Tensor, codes: Tensor) -> None:
+    def _update_usage(self, x: Tensor, q: Tensor, codes: Tensor, may_be_empty: bool = True) -> None:
         c = self.cfg
-        mse = (x.detach() - q.detach()).float().pow(2).mean()
+        mse = F.mse_loss(x.detach().float(), q.detach().float())  # one fused pass, no temporaries
         self.last_mse.copy_(mse)
         if self.training and self.check_finite and not bool(torch.isfinite(mse)):
             raise FloatingPointError(
                 f"Non-finite activations or codes at codebook {self.name!r} (reconstruction MSE is {mse.item()}). "
                 f"Lower the learning rate, clip gradients, or check the input at this site."
             )
-        valid = codes >= 0
-        offsets = torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
-        flat = (codes + offsets)[valid]
+        flat = codes if c.groups == 1 else codes + torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
+        flat = flat[codes >= 0] if may_be_empty else flat.flatten()  # -1 (no code) only comes from hooks
         batch_counts = torch.bincount(flat, minlength=c.groups * c.n_codes).view(c.groups, c.n_codes)
         self.counts += batch_counts
         if self.training:

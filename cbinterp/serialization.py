@@ -119,7 +119,12 @@ def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -
         codebook = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
         insert_codebook(model, name, codebook, setup=False)
     _finish(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches: the config describes other codebooks or another model
+        raise ValueError(
+            f"Weights in {weights_path} do not match the model its config describes: {err}. Re-save the model with cbinterp.save."
+        ) from err
     if missing or unexpected:
         raise ValueError(
             f"Weights in {weights_path} do not match the model its config describes "

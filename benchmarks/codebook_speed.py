@@ -1,0 +1,305 @@
+"""Forward+backward speed of one `Codebook`, against its floor and against the authors' library.
+
+For the paper's FSM shapes -- the MLP codebook (input 64x128x128, 1000 codes, k=1) and the per-head attention
+codebook (4 heads x 32 dims, groups=4, input 64x128x4x32) -- this times
+
+* ours: one training-mode forward+backward of `cbinterp.Codebook` (default settings: inner-product similarity,
+  usage statistics on), and the same with `normalize_input=True` ("ours+LN": the authors' layer always
+  layer-normalises its input first);
+* the floor: the bare similarity matmul + top-k on the same data and codes, nothing else;
+* the reference: `codebook-features` 0.1.2 (`models.CodebookLayer` / `models.GroupCodebookLayer` with
+  `InnerProductSnapFunction`, loss "aeloss"), forward+backward, run by benchmarks/_reference_codebook.py with the
+  Python of its own old-stack virtual environment (`--setup-reference` builds it).
+
+Each timing is the median of `--repeats` single steps after `--warmup` steps. The floor, ours and the reference
+(a long-lived subprocess that times one step of its own on request) take turns step by step, in rotating order,
+so that load from other processes on the machine hits them alike. Threads are left at torch's default.
+
+    .venv/bin/python benchmarks/codebook_speed.py                 # table + benchmarks/out/codebook_speed.json
+    .venv/bin/python benchmarks/codebook_speed.py --setup-reference   # first build /tmp/refvenv if needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cbinterp.atomic import atomic_file  # noqa: E402
+from cbinterp.codebook import Codebook  # noqa: E402
+
+DEFAULT_REFERENCE_PYTHON = Path("/tmp/refvenv/bin/python")
+REFERENCE_REQUIREMENTS = ROOT.parent / "shared" / "notes" / "codebook-features-0.1.2.requirements.txt"
+REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_codebook.py"
+TARGETS = {"ours_over_floor": 1.5, "ours_over_reference": 0.5}
+
+#: name -> (input shape, code dim, groups)
+SHAPES = {
+    "mlp": ((64, 128, 128), 128, 1),
+    "attn": ((64, 128, 4, 32), 32, 4),
+}
+QUICK_SHAPES = {  # a few positions only: checks that everything runs, not a measurement
+    "mlp": ((2, 16, 128), 128, 1),
+    "attn": ((2, 16, 4, 32), 32, 4),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict[str, Callable[[], Optional[float]]], warmup: int, repeats: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each function, one call of each per round in rotating order. A function that returns
+    a number (the reference, timed in its own process) reports its own time; the others are timed here."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            own = fns[name]()
+            sync(device)
+            times[name].append(own if own is not None else time.perf_counter() - start)
+    return times
+
+
+class ReferenceRunner:
+    """The authors' layer in a long-lived subprocess of the reference venv; `step()` times one step there."""
+
+    def __init__(self, python: Path, shape_name: str, shape: tuple[int, ...], args):
+        cmd = [str(python), str(REFERENCE_SCRIPT), "--serve", "--shape", shape_name, "--n-codes", str(args.n_codes),
+               "--k", str(args.k), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
+               "--input-shape", *map(str, shape)]
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.meta = self._read()
+        if not self.meta.get("ready"):
+            raise RuntimeError(f"reference did not start: {self.meta}")
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            raise RuntimeError(f"reference process ended (exit {self.proc.returncode}):\n{self.stderr.read()[-2000:]}")
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("1\n")
+        self.proc.stdin.flush()
+        return self._read()["times_s"][0]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+def measure(shape: tuple[int, ...], dim: int, groups: int, n_codes: int, k: int, seed: int, warmup: int,
+            repeats: int, device: torch.device, reference: Optional[ReferenceRunner] = None) -> dict[str, list[float]]:
+    torch.manual_seed(seed)
+    x = torch.randn(shape, device=device).requires_grad_()
+    grad = torch.randn(shape, device=device)
+    plain = Codebook(dim, n_codes, k=k, groups=groups, seed=seed, device=device).train()
+    with_ln = Codebook(dim, n_codes, k=k, groups=groups, seed=seed, normalize_input=True, device=device).train()
+
+    def step(codebook: Codebook) -> Callable[[], None]:
+        def run() -> None:
+            codebook(x).backward(grad)
+            x.grad = None
+            codebook.weight.grad = None
+        return run
+
+    # The floor: similarity matmul + top-k on the same data and the same (unit-norm) codes, nothing more.
+    codes = torch.nn.functional.normalize(plain.weight.detach(), dim=-1)  # (groups, n_codes, dim)
+    data = x.detach().reshape(-1, groups, dim)
+
+    def floor() -> None:
+        if groups == 1:
+            scores = data[:, 0] @ codes[0].T
+        else:
+            scores = torch.bmm(data.transpose(0, 1), codes.transpose(1, 2))
+        scores.topk(k, dim=-1)
+
+    fns: dict[str, Callable[[], Optional[float]]] = {"floor": floor, "ours": step(plain), "ours_ln": step(with_ln)}
+    if reference is not None:
+        fns["reference"] = reference.step
+    return time_interleaved(fns, warmup, repeats, device)
+
+
+def reference_works(python: Path) -> bool:
+    if not python.exists():
+        return False
+    probe = subprocess.run([str(python), "-c", "import codebook_features.models"], capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+def setup_reference(python: Path) -> None:
+    """Build the authors' old-stack venv (idempotent): `python -m venv` + `pip install --no-deps -r <notes list>`."""
+    if reference_works(python):
+        print(f"reference environment ready: {python}")
+        return
+    venv = python.parent.parent
+    if not REFERENCE_REQUIREMENTS.is_file():
+        raise SystemExit(f"cannot build the reference environment: {REFERENCE_REQUIREMENTS} is missing")
+    if not python.exists():
+        print(f"creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    print(f"installing codebook-features 0.1.2 and its pinned old stack into {venv} (this takes a few minutes)")
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--no-deps", "-r", str(REFERENCE_REQUIREMENTS)], check=True, cwd=ROOT)
+    if not reference_works(python):
+        raise SystemExit(f"{python} still cannot import codebook_features.models after installing")
+
+
+def resolve_reference(args) -> tuple[Optional[Path], str]:
+    if args.no_reference:
+        return None, "skipped (--no-reference)"
+    python = Path(args.reference_python) if args.reference_python else DEFAULT_REFERENCE_PYTHON
+    if args.setup_reference:
+        setup_reference(python)
+    if not python.exists():
+        return None, (f"skipped: {python} does not exist (run with --setup-reference to build it, or pass "
+                      f"--reference-python)")
+    if not reference_works(python):
+        return None, f"skipped: {python} cannot import codebook_features.models (try --setup-reference)"
+    return python, f"codebook-features via {python}"
+
+
+def ms(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a / b
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "codebook_speed.json"))
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-codes", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--reference-python", default=None,
+                        help=f"Python of the codebook-features 0.1.2 venv (default: {DEFAULT_REFERENCE_PYTHON} if it exists)")
+    parser.add_argument("--setup-reference", action="store_true", help="build the reference venv first if it is not ready")
+    parser.add_argument("--no-reference", action="store_true", help="do not time the authors' library")
+    parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    reference_python, reference_note = resolve_reference(args)
+    print(f"reference: {reference_note}")
+    load_before = os.getloadavg()
+
+    results = {}
+    for name in args.shapes:
+        shape, dim, groups = shapes[name]
+        print(f"timing {name} {tuple(shape)} ...", flush=True)
+        reference, reference_error = None, None
+        if reference_python is not None:
+            try:
+                reference = ReferenceRunner(reference_python, name, shape, args)
+            except (RuntimeError, OSError, json.JSONDecodeError) as err:
+                reference_error = str(err)
+                print(f"  reference failed to start: {err}")
+        try:
+            times = measure(shape, dim, groups, args.n_codes, args.k, args.seed, args.warmup, args.repeats, device, reference)
+        finally:
+            if reference is not None:
+                reference.close()
+        row = {
+            "input_shape": list(shape), "dim": dim, "groups": groups, "n_codes": args.n_codes, "k": args.k,
+            **{f"{key}_s": statistics.median(value) for key, value in times.items()},
+            **{f"{key}_min_s": min(value) for key, value in times.items()},
+            "times_s": times,
+        }
+        if reference is not None:
+            row["reference_layer"] = reference.meta
+        if reference_error is not None:
+            row["reference_error"] = reference_error
+        row["ours_over_floor"] = ratio(row["ours_s"], row["floor_s"])
+        row["ours_ln_over_floor"] = ratio(row["ours_ln_s"], row["floor_s"])
+        row["ours_over_reference"] = ratio(row["ours_s"], row.get("reference_s"))
+        row["ours_ln_over_reference"] = ratio(row["ours_ln_s"], row.get("reference_s"))
+        results[name] = row
+
+    header = ["shape", "input", "ours ms", "ours+LN ms", "floor ms", "reference ms", "ours/floor", "ours/reference", "ours+LN/reference"]
+    rows = []
+    for name, row in results.items():
+        fmt = lambda r: "-" if r is None else f"{r:.2f}"
+        rows.append([name, "x".join(map(str, row["input_shape"])), ms(row["ours_s"]), ms(row["ours_ln_s"]), ms(row["floor_s"]),
+                     ms(row.get("reference_s")), fmt(row["ours_over_floor"]), fmt(row["ours_over_reference"]),
+                     fmt(row["ours_ln_over_reference"])])
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    print()
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for r in rows:
+        print(line(r))
+    print(f"\ntargets: ours/floor <= {TARGETS['ours_over_floor']}, ours/reference <= {TARGETS['ours_over_reference']}; "
+          f"median of {args.repeats} steps after {args.warmup} warmup, device {device}, {torch.get_num_threads()} threads, "
+          f"load average {load_before[0]:.2f} at start")
+    if args.quick:
+        print("  (--quick: tiny inputs, the ratios below say nothing about speed)")
+    for name, row in results.items():
+        for key, target in TARGETS.items():
+            if row[key] is not None:
+                print(f"  {name} {key.replace('_over_', '/')}: {row[key]:.2f} {'meets' if row[key] <= target else 'MISSES'} <= {target}")
+
+    report = {
+        "benchmark": "codebook_speed",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_start": load_before,
+        "load_average_end": os.getloadavg(),
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "statistic": "median seconds per forward+backward step",
+        "floor": "unit-norm codes; x @ codes.T (one bmm over groups when grouped), then topk(k); no chunking",
+        "reference": reference_note,
+        "targets": TARGETS,
+        "results": results,
+    }
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

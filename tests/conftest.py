@@ -1,0 +1,43 @@
+"""Shared tiny-model fixtures: every model here runs a forward pass in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+TINY = dict(
+    n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=11, n_ctx=16,
+    normalization_type="LN", positional_embedding_type="rotary", act_fn="gelu",
+)
+
+
+def make_model(seed: int = 0, **overrides) -> HookedTransformer:
+    """A fresh tiny HookedTransformer on the CPU with deterministic weights (no Hub access)."""
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(**{**TINY, **overrides}, seed=seed, device="cpu")
+    return HookedTransformer(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def _base_model() -> HookedTransformer:
+    return make_model()
+
+
+@pytest.fixture
+def model(_base_model) -> HookedTransformer:
+    """A tiny model without codebooks; a private copy per test so tests may attach, hook and mutate it."""
+    return copy.deepcopy(_base_model)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, TINY["d_vocab"], (3, 7), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def make_tiny_model():
+    """Factory for further independent tiny models: `make_tiny_model(seed=1)`."""
+    return make_model
