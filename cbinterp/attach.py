@@ -228,3 +228,22 @@ def _get_caching_hooks_with_head_axis(model: HookedTransformer, head_axis_names:
         ]
 
     return cache, patched(fwd, plain_fwd, ""), patched(bwd, plain_bwd, "_grad")
+
+
+@torch.no_grad()
+def kmeans_init_codebooks(model: HookedTransformer, tokens: torch.Tensor, iters: int = 10, seed: int = 0) -> None:
+    """Initialise every codebook to k-means centroids of its input on `tokens`, in forward order: each
+    codebook sees the activations produced with the codebooks before it already in place."""
+    codebooks = get_codebooks(model)
+    tokens = tokens.to(model.cfg.device)
+    for index, (name, codebook) in enumerate(codebooks.items()):
+        later = list(codebooks)[index:]
+        captured = {}
+
+        def grab(tensor, hook):
+            captured["x"] = tensor
+
+        with codebooks_bypassed(model, later):
+            model.run_with_hooks(tokens, fwd_hooks=[(f"{name}.hook_input", grab)])
+        x = captured["x"]
+        codebook.kmeans_init(x.reshape(-1, *x.shape[2:]), iters=iters, seed=seed + index)

@@ -283,9 +283,9 @@ class Codebook(HookPoint):
         return (vectors * present.unsqueeze(-1).to(vectors.dtype)).sum(-2)
 
     def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
+        x = self.hook_input(x)
         if self.bypass:
             return x
-        x = self.hook_input(x)
         xg = self._as_groups(x)
         if self.training and self.cfg.dead_after is not None:
             self._maybe_replace_dead(xg)
@@ -372,22 +372,28 @@ class Codebook(HookPoint):
     # -- initialisation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def kmeans_init(self, x: Float[Tensor, "*batch dim"], iters: int = 10, seed: int = 0) -> None:
-        """Set the codes to k-means centroids of the activations `x` (euclidean Lloyd iterations in torch)."""
+        """Set the codes to k-means centroids of the activations `x`.
+
+        Lloyd iterations under the codebook's own similarity: each point goes to the code this codebook
+        would select for it, and each code moves to the mean of its points, so the centroids reconstruct
+        the activations the way the forward pass will use them. Codes left empty are re-seeded from random points.
+        """
         c = self.cfg
         xg = self._as_groups(x).reshape(-1, c.groups, c.dim).to(self.weight.dtype)
+        n = xg.shape[0]
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        for g in range(c.groups):
-            data = xg[:, g]
-            n = data.shape[0]
-            pick = torch.randperm(n, generator=generator)[: c.n_codes] if n >= c.n_codes else torch.randint(0, n, (c.n_codes,), generator=generator)
-            centroids = data[pick.to(data.device)].clone()
-            if n < c.n_codes:
-                centroids += torch.randn(centroids.shape, generator=generator).to(centroids) * data.std() * 0.01
-            for _ in range(iters):
-                assign = torch.cdist(data, centroids).argmin(dim=1)
-                sums = torch.zeros_like(centroids).index_add_(0, assign, data)
-                sizes = torch.bincount(assign, minlength=c.n_codes).unsqueeze(1)
-                filled = sizes.squeeze(1) > 0
-                centroids[filled] = sums[filled] / sizes[filled].to(data.dtype)
-            self.weight[g] = centroids
+
+        def random_points(count: int) -> Tensor:
+            rows = torch.randint(0, n, (c.groups, count), generator=generator).to(xg.device)
+            return xg[rows, torch.arange(c.groups, device=xg.device).unsqueeze(1)]
+
+        self.weight.copy_(random_points(c.n_codes))
+        offsets = torch.arange(c.groups, device=xg.device) * c.n_codes
+        for _ in range(iters):
+            assign = (self._encode(xg)[..., 0] + offsets).flatten()  # (n * groups,)
+            sums = torch.zeros(c.groups * c.n_codes, c.dim, dtype=xg.dtype, device=xg.device)
+            sums.index_add_(0, assign, xg.reshape(-1, c.dim))
+            sizes = torch.bincount(assign, minlength=c.groups * c.n_codes).unsqueeze(1)
+            centroids = torch.where(sizes > 0, sums / sizes.clamp_min(1), random_points(c.n_codes).reshape(-1, c.dim))
+            self.weight.copy_(centroids.view(c.groups, c.n_codes, c.dim))
 
