@@ -26,10 +26,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,8 +38,11 @@ sys.path.insert(0, str(ROOT))
 from cbinterp.atomic import atomic_file  # noqa: E402
 from cbinterp.codebook import Codebook  # noqa: E402
 
-DEFAULT_REFERENCE_PYTHON = Path("/tmp/refvenv/bin/python")
-REFERENCE_REQUIREMENTS = ROOT.parent / "shared" / "notes" / "codebook-features-0.1.2.requirements.txt"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _speed import (  # noqa: E402
+    DEFAULT_REFERENCE_PYTHON, ReferenceRunner, ms, ratio, resolve_reference, time_interleaved,
+)
+
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_codebook.py"
 TARGETS = {"ours_over_floor": 1.5, "ours_over_reference": 0.5}
 
@@ -55,67 +55,6 @@ QUICK_SHAPES = {  # a few positions only: checks that everything runs, not a mea
     "mlp": ((2, 16, 128), 128, 1),
     "attn": ((2, 16, 4, 32), 32, 4),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns: dict[str, Callable[[], Optional[float]]], warmup: int, repeats: int,
-                     device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each function, one call of each per round in rotating order. A function that returns
-    a number (the reference, timed in its own process) reports its own time; the others are timed here."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            own = fns[name]()
-            sync(device)
-            times[name].append(own if own is not None else time.perf_counter() - start)
-    return times
-
-
-class ReferenceRunner:
-    """The authors' layer in a long-lived subprocess of the reference venv; `step()` times one step there."""
-
-    def __init__(self, python: Path, shape_name: str, shape: tuple[int, ...], args):
-        cmd = [str(python), str(REFERENCE_SCRIPT), "--serve", "--shape", shape_name, "--n-codes", str(args.n_codes),
-               "--k", str(args.k), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
-               "--input-shape", *map(str, shape)]
-        self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
-        self.meta = self._read()
-        if not self.meta.get("ready"):
-            raise RuntimeError(f"reference did not start: {self.meta}")
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.stderr.seek(0)
-            raise RuntimeError(f"reference process ended (exit {self.proc.returncode}):\n{self.stderr.read()[-2000:]}")
-        return json.loads(line)
-
-    def step(self) -> float:
-        self.proc.stdin.write("1\n")
-        self.proc.stdin.flush()
-        return self._read()["times_s"][0]
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
-        self.stderr.close()
 
 
 def measure(shape: tuple[int, ...], dim: int, groups: int, n_codes: int, k: int, seed: int, warmup: int,
@@ -150,52 +89,6 @@ def measure(shape: tuple[int, ...], dim: int, groups: int, n_codes: int, k: int,
     return time_interleaved(fns, warmup, repeats, device)
 
 
-def reference_works(python: Path) -> bool:
-    if not python.exists():
-        return False
-    probe = subprocess.run([str(python), "-c", "import codebook_features.models"], capture_output=True, text=True)
-    return probe.returncode == 0
-
-
-def setup_reference(python: Path) -> None:
-    """Build the authors' old-stack venv (idempotent): `python -m venv` + `pip install --no-deps -r <notes list>`."""
-    if reference_works(python):
-        print(f"reference environment ready: {python}")
-        return
-    venv = python.parent.parent
-    if not REFERENCE_REQUIREMENTS.is_file():
-        raise SystemExit(f"cannot build the reference environment: {REFERENCE_REQUIREMENTS} is missing")
-    if not python.exists():
-        print(f"creating {venv}")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    print(f"installing codebook-features 0.1.2 and its pinned old stack into {venv} (this takes a few minutes)")
-    subprocess.run([str(venv / "bin" / "pip"), "install", "--no-deps", "-r", str(REFERENCE_REQUIREMENTS)], check=True, cwd=ROOT)
-    if not reference_works(python):
-        raise SystemExit(f"{python} still cannot import codebook_features.models after installing")
-
-
-def resolve_reference(args) -> tuple[Optional[Path], str]:
-    if args.no_reference:
-        return None, "skipped (--no-reference)"
-    python = Path(args.reference_python) if args.reference_python else DEFAULT_REFERENCE_PYTHON
-    if args.setup_reference:
-        setup_reference(python)
-    if not python.exists():
-        return None, (f"skipped: {python} does not exist (run with --setup-reference to build it, or pass "
-                      f"--reference-python)")
-    if not reference_works(python):
-        return None, f"skipped: {python} cannot import codebook_features.models (try --setup-reference)"
-    return python, f"codebook-features via {python}"
-
-
-def ms(seconds: Optional[float]) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return None if a is None or b is None else a / b
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "codebook_speed.json"))
@@ -226,7 +119,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         reference, reference_error = None, None
         if reference_python is not None:
             try:
-                reference = ReferenceRunner(reference_python, name, shape, args)
+                reference = ReferenceRunner([
+                    str(reference_python), str(REFERENCE_SCRIPT), "--serve", "--shape", name, "--n-codes", str(args.n_codes),
+                    "--k", str(args.k), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
+                    "--input-shape", *map(str, shape)])
             except (RuntimeError, OSError, json.JSONDecodeError) as err:
                 reference_error = str(err)
                 print(f"  reference failed to start: {err}")

@@ -6,6 +6,7 @@ from cbinterp.attach import (
     codebooks_bypassed,
     detach_codebooks,
     get_codebooks,
+    kmeans_init_codebooks,
 )
 from cbinterp.codebook import Codebook, CodebookConfig
 from cbinterp.serialization import load, save
@@ -18,6 +19,7 @@ __all__ = [
     "codebooks_bypassed",
     "detach_codebooks",
     "get_codebooks",
+    "kmeans_init_codebooks",
     "load",
     "save",
 ]

@@ -29,20 +29,44 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` (a previous one is removed
-    only after the new one is in place)."""
+    """Yield a temporary directory beside `path`; on success it replaces `path`.
+
+    A directory cannot be swapped in one rename, so a previous `path` is first renamed aside and removed only
+    once the new one is in place; if the swap fails it is put back, and `recover_dir` restores it after a crash
+    between the two renames.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    old = None
+    old = _aside(path)
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | os.PathLike) -> Path:
+    """Put back the last good copy of `path` left aside by an `atomic_dir` write that crashed mid-swap."""
+    path = Path(path)
+    old = _aside(path)
+    if old.exists():
+        if path.exists():
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    return path

@@ -309,7 +309,8 @@ class Codebook(HookPoint):
         c = self.cfg
         mse = F.mse_loss(x.detach().float(), q.detach().float())  # one fused pass, no temporaries
         self.last_mse.copy_(mse)
-        if self.training and self.check_finite and not bool(torch.isfinite(mse)):
+        # The check syncs the device and breaks a torch.compile graph; compiled, `train` names the site instead.
+        if self.training and self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(mse)):
             raise FloatingPointError(
                 f"Non-finite activations or codes at codebook {self.name!r} (reconstruction MSE is {mse.item()}). "
                 f"Lower the learning rate, clip gradients, or check the input at this site."

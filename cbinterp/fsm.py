@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -90,8 +91,8 @@ class FSM:
     def is_successor(self, state: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         """Whether `nxt` is a valid successor of `state` (elementwise; out-of-range ids count as invalid)."""
         state, nxt = np.asarray(state), np.asarray(nxt)
-        ok = (nxt >= 0) & (nxt < self.n_states) & (state >= 0)
-        return ok & self._succ_mask[np.clip(state, 0, None), np.clip(nxt, 0, self.n_states - 1)]
+        ok = (nxt >= 0) & (nxt < self.n_states) & (state >= 0) & (state < self.n_states)
+        return ok & self._succ_mask[np.clip(state, 0, self.n_states - 1), np.clip(nxt, 0, self.n_states - 1)]
 
     def sample_states(self, batch: int, n_steps: int, rng: np.random.Generator) -> np.ndarray:
         """Random walks `(batch, n_steps)` from uniformly drawn start states."""
@@ -105,6 +106,8 @@ class FSM:
     def sample(self, batch: int, seq_len: int, seed: int | np.random.Generator = 0) -> FSMBatch:
         """`batch` sequences of `seq_len` tokens: BOS, then a random walk's states digit by digit (the last state
         may be cut off)."""
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2 (BOS and one digit), got {seq_len}.")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         n_steps = math.ceil((seq_len - 1) / self.digits)
         states = self.sample_states(batch, n_steps, rng)
@@ -131,16 +134,56 @@ class FSM:
         return batch_at
 
     # -- features ----------------------------------------------------------------------------------------
+    @property
+    def prefix_width(self) -> int:
+        """Number of distinct partial states (the first 1..digits-1 digits of a state): base for two digits."""
+        return sum(self.base**j for j in range(1, self.digits))
+
+    def _prefix_ids(self, data: FSMBatch) -> tuple[Tensor, Tensor]:
+        """(inside, prefix): where a state is being read but not yet complete, and which digits were read so
+        far, numbered 0..prefix_width-1 (one-digit prefixes first, then two-digit ones, ...)."""
+        inside = (data.digit_index >= 0) & (data.digit_index < self.digits - 1)
+        digits = torch.as_tensor(self.state_digits(data.state_in_progress.clamp_min(0).numpy()))
+        value = torch.zeros_like(data.tokens)
+        offset = torch.zeros_like(data.tokens)
+        for j in range(self.digits - 1):
+            read = data.digit_index >= j
+            value = torch.where(read, value * self.base + digits[..., j], value)
+            if j:
+                offset = torch.where(read, offset + self.base**j, offset)
+        return inside, offset + value
+
     def state_plus_digit(self, data: FSMBatch) -> Int[Tensor, "batch pos"]:
         """Feature id of "state s, then the next state's digits so far" at positions inside the next state
         (all but its last digit), else -1. For two-digit states the id is `s * base + first digit`."""
-        inside = (data.digit_index >= 0) & (data.digit_index < self.digits - 1) & (data.prev_state >= 0)
-        prefix = torch.zeros_like(data.tokens)
-        digits = self.state_digits(data.state_in_progress.clamp_min(0).numpy())
-        for j in range(self.digits - 1):
-            prefix = torch.where(data.digit_index >= j, prefix * self.base + torch.as_tensor(digits[..., j]), prefix)
-        width = self.base ** (self.digits - 1)
-        return torch.where(inside, data.prev_state * width + prefix, -1)
+        inside, prefix = self._prefix_ids(data)
+        return torch.where(inside & (data.prev_state >= 0), data.prev_state * self.prefix_width + prefix, -1)
+
+    def n_features(self) -> int:
+        """Number of features in `feature_labels`."""
+        return self.n_states + (self.n_states + 1) * self.prefix_width
+
+    def feature_labels(self, data: FSMBatch) -> Int[Tensor, "batch pos"]:
+        """One feature id per position (-1 for none, i.e. BOS), the paper's FSM features in one label space.
+
+        Ids `0..n_states-1`: "state s", true where the last digit of s is read. Then
+        `n_states + s * prefix_width + prefix`: "state s followed by digits p", true inside the next state
+        (`state_plus_digit`); the first state of a sequence, which follows no state, counts as following a
+        pseudo-state `s = n_states`, "start".
+        """
+        inside, prefix = self._prefix_ids(data)
+        source = torch.where(data.prev_state >= 0, data.prev_state, self.n_states)
+        following = self.n_states + source * self.prefix_width + prefix
+        return torch.where(data.state_at >= 0, data.state_at, torch.where(inside, following, -1))
+
+    def feature_names(self) -> list[str]:
+        """Readable names of the `feature_labels` ids: "state 42", "state 42 > 7" (the next state begins with
+        7) and "start > 7" (the first state begins with 7)."""
+        sep = "" if self.base <= 10 else ","
+        prefixes = [sep.join(map(str, p)) for length in range(1, self.digits)
+                    for p in itertools.product(range(self.base), repeat=length)]
+        sources = [f"state {s}" for s in range(self.n_states)] + ["start"]
+        return [f"state {s}" for s in range(self.n_states)] + [f"{src} > {p}" for src in sources for p in prefixes]
 
     # -- the best possible loss ---------------------------------------------------------------------------
     def optimal_loss(self, data: FSMBatch) -> float:

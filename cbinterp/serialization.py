@@ -46,7 +46,7 @@ def model_config_from_dict(data: dict, device: Optional[str | torch.device] = No
     return HookedTransformerConfig(**data)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -63,7 +63,7 @@ def write_model(model: HookedTransformer, directory: Path, extra: Optional[dict]
         "version": VERSION,
         "model_config": model_config_to_dict(model.cfg),
         "codebooks": {name: dataclasses.asdict(cb.cfg) for name, cb in get_codebooks(model).items()},
-        "weights_sha256": _sha256(directory / WEIGHTS_FILE),
+        "weights_sha256": sha256_of(directory / WEIGHTS_FILE),
         "extra": extra or {},
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
@@ -105,7 +105,7 @@ def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"No weights at {weights_path}; the checkpoint is incomplete. Re-save the model.")
-    if _sha256(weights_path) != config["weights_sha256"]:
+    if sha256_of(weights_path) != config["weights_sha256"]:
         raise ValueError(
             f"{weights_path} does not match its config (checksum differs): the file is truncated, corrupt, or from "
             f"another save. Re-save the model with cbinterp.save."

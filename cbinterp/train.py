@@ -14,9 +14,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from cbinterp.atomic import atomic_dir
+from cbinterp.atomic import atomic_dir, recover_dir
 from cbinterp.attach import get_codebooks, require_hooked_transformer
-from cbinterp.serialization import WEIGHTS_FILE, write_model
+from cbinterp.serialization import WEIGHTS_FILE, read_config, sha256_of, write_model
 
 Batches = Union[Callable[[int], Tensor], Iterable[Tensor]]
 TRAINER_FILE = "trainer.pt"
@@ -45,6 +45,14 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"Unknown schedule {self.schedule!r}; use 'cosine' or 'constant'.")
+        if self.steps < 0 or self.warmup_steps < 0:
+            raise ValueError(f"steps and warmup_steps must be >= 0, got {self.steps} and {self.warmup_steps}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -56,12 +64,12 @@ class TrainResult:
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Learning-rate multiplier at `step`: linear warmup, then cosine decay or constant."""
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"Unknown schedule {cfg.schedule!r}; use 'cosine' or 'constant'.")
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
-    if cfg.schedule != "cosine":
-        raise ValueError(f"Unknown schedule {cfg.schedule!r}; use 'cosine' or 'constant'.")
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -71,11 +79,11 @@ def make_optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.Ad
     codebook_params = {id(cb.weight) for cb in get_codebooks(model).values()}
     cb = [p for p in model.parameters() if id(p) in codebook_params]
     rest = [p for p in model.parameters() if id(p) not in codebook_params]
-    for p in rest:
-        p.requires_grad_(not cfg.freeze_model)
     if cfg.freeze_model and not cb:
         raise ValueError("freeze_model=True but the model has no codebooks to train; attach codebooks first.")
-    groups = [{"params": cb, "lr": cfg.codebook_lr or cfg.lr, "weight_decay": cfg.codebook_weight_decay if cfg.codebook_weight_decay is not None else cfg.weight_decay}]
+    for p in rest:
+        p.requires_grad_(not cfg.freeze_model)
+    groups = [{"params": cb, "lr": cfg.codebook_lr if cfg.codebook_lr is not None else cfg.lr, "weight_decay": cfg.codebook_weight_decay if cfg.codebook_weight_decay is not None else cfg.weight_decay}]
     if not cfg.freeze_model:
         groups.append({"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
     groups = [g for g in groups if g["params"]]
@@ -109,11 +117,17 @@ def load_checkpoint(path: Path, model: HookedTransformer, optimizer) -> tuple[in
     from safetensors.torch import load_file
 
     try:
+        config = read_config(path)
+        if sha256_of(path / WEIGHTS_FILE) != config["weights_sha256"]:
+            raise ValueError("the weights do not match their recorded checksum")
         state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
         weights = load_file(path / WEIGHTS_FILE)
     except Exception as err:
         raise ValueError(f"Cannot resume from {path}: the checkpoint is unreadable ({err}). Delete it to start over.") from err
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"Checkpoint {path} does not fit this model: {err}. Delete it or build the model it was made with.") from err
     if missing or unexpected:
         raise ValueError(f"Checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}).")
     optimizer.load_state_dict(state["optimizer"])
@@ -144,6 +158,8 @@ def train(
     optimizer = make_optimizer(model, cfg)
     step, losses, evals, resumed_from = 0, [], [], None
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if ckpt is not None:
+        recover_dir(ckpt)  # a crash between the two renames of a checkpoint write left it aside
     if resume and ckpt is not None and (ckpt / TRAINER_FILE).exists():
         step, losses = load_checkpoint(ckpt, model, optimizer)
         resumed_from = step
@@ -159,7 +175,11 @@ def train(
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
             loss = forward(tokens, return_type="loss")
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"Loss is {loss.item()} at step {step}; lower the learning rate or clip gradients.")
+                sites = [name for name, cb in codebooks if not torch.isfinite(cb.last_mse)]
+                where = f" (first non-finite codebook input: {sites[0]})" if sites else ""
+                raise FloatingPointError(
+                    f"Loss is {loss.item()} at step {step}{where}; lower the learning rate or clip gradients."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -13,7 +13,7 @@ from torch import nn
 import cbinterp
 from cbinterp import attach_codebooks, get_codebooks, load, save
 from cbinterp import serialization
-from cbinterp.serialization import CONFIG_FILE, WEIGHTS_FILE, _sha256, read_config
+from cbinterp.serialization import CONFIG_FILE, WEIGHTS_FILE, sha256_of, read_config
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_config_is_plain_json(cb_model, tmp_path):
     assert "device" not in config["model_config"]
     assert config["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] == 17
     assert config["codebooks"]["blocks.0.attn.hook_z"]["groups"] == 4
-    assert config["weights_sha256"] == _sha256(tmp_path / "ckpt" / WEIGHTS_FILE)
+    assert config["weights_sha256"] == sha256_of(tmp_path / "ckpt" / WEIGHTS_FILE)
 
 
 def test_overwrite_replaces_checkpoint(cb_model, _base_model, tokens, tmp_path):
@@ -87,7 +87,7 @@ def test_overwrite_replaces_checkpoint(cb_model, _base_model, tokens, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("target", ["save_file", "_sha256"])
+@pytest.mark.parametrize("target", ["save_file", "sha256_of"])
 def test_failed_save_keeps_previous_checkpoint(cb_model, _base_model, tokens, tmp_path, monkeypatch, target):
     path = tmp_path / "ckpt"
     save(cb_model, path)
@@ -128,7 +128,7 @@ def _rewrite_weights(path, state):
     """Replace the weights file and update the checksum so that only the content is wrong."""
     save_file(state, path / WEIGHTS_FILE)
     config = json.loads((path / CONFIG_FILE).read_text())
-    config["weights_sha256"] = _sha256(path / WEIGHTS_FILE)
+    config["weights_sha256"] = sha256_of(path / WEIGHTS_FILE)
     (path / CONFIG_FILE).write_text(json.dumps(config))
 
 
@@ -161,7 +161,7 @@ def test_flipped_byte_in_weights(saved):
 def test_garbage_weights_with_matching_checksum(saved):
     (saved / WEIGHTS_FILE).write_bytes(b"this is not a safetensors file at all")
     config = json.loads((saved / CONFIG_FILE).read_text())
-    config["weights_sha256"] = _sha256(saved / WEIGHTS_FILE)
+    config["weights_sha256"] = sha256_of(saved / WEIGHTS_FILE)
     (saved / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="Corrupt weights file"):
         load(saved)

@@ -1,0 +1,96 @@
+"""Time training steps of the FSM codebook model built with the authors' library (`codebook-features` 0.1.2).
+
+Run by benchmarks/train_speed.py with the Python of the old-stack virtual environment (see
+../shared/notes/transformerlens.md, "The authors' library"); it only imports and calls that library.
+The model matches cbinterp's FSM model: a GPT-NeoX with 4 layers, d_model 128, 4 heads, d_mlp 512, full rotary,
+sequential residual, vocabulary 11; a codebook per attention head (before the output projection) and per MLP,
+1000 codes, k=1, inner-product similarity, aeloss. One step: forward with labels, backward, AdamW step.
+
+With --serve it builds the model, runs --warmup steps, prints {"ready": true, ...}, then for every line N on stdin
+times N more steps and prints {"times_s": [...]}; "quit" or an empty line ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--d-mlp", type=int, default=512)
+    parser.add_argument("--n-codes", type=int, default=1000)
+    parser.add_argument("--vocab", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--serve", action="store_true")
+    args = parser.parse_args()
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import transformers
+    from codebook_features import models
+
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    base = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, intermediate_size=args.d_mlp, rotary_pct=1.0, hidden_act="gelu",
+        max_position_embeddings=max(args.seq_len, 128), use_parallel_residual=False,
+    ))
+    config = models.CodebookModelConfig(
+        codebook_type=["group", "vanilla"], num_codebooks=[-1, 1], k_codebook=[1, 1], num_codes=args.n_codes,
+        layers_to_snap="all", similarity_metric="inner_product", codebook_at=["attn_preproj", "mlp"], loss="aeloss",
+    )
+    model = models.wrap_codebook(model_or_path=base, config=config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    def step() -> None:
+        loss = model(input_ids=tokens, labels=tokens).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def timed(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return times
+
+    for _ in range(args.warmup):
+        step()
+    n_codebooks = sum(len(layers) for layers in model.all_codebooks.values())
+    meta = {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "threads": torch.get_num_threads(), "codebook_layers": n_codebooks,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    if args.serve:
+        reply({"ready": True, **meta})
+        for line in sys.stdin:
+            if not line.strip() or line.strip() == "quit":
+                break
+            reply({"times_s": timed(int(line))})
+        return
+    reply({**meta, "times_s": timed(5)})
+
+
+def reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

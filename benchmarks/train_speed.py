@@ -1,0 +1,161 @@
+"""Training speed (tokens/s) of the FSM codebook model, against the authors' library on the same machine.
+
+The model is the FSM benchmark's: 4 layers, d_model 128, 4 heads, d_mlp 512, rotary, vocabulary 11, with a
+codebook after every attention head and every MLP (1000 codes, k=1), trained on batches of 64 x 128 tokens with
+AdamW. Timed side by side, one step of each in turn (rotating order, so that load hits all alike):
+
+* ours: `attach_codebooks` on a HookedTransformer, eager;
+* ours, compiled: the same through `torch.compile` (compile time reported separately, not in the step time);
+* ours, no codebooks: the bare HookedTransformer (what the codebooks cost);
+* reference: `codebook-features` 0.1.2 on the equivalent GPT-NeoX, run by benchmarks/_reference_train.py in its
+  own old-stack venv (`--setup-reference` builds it).
+
+    .venv/bin/python benchmarks/train_speed.py            # table + benchmarks/out/train_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+
+from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved  # noqa: E402
+from cbinterp import attach_codebooks  # noqa: E402
+from cbinterp.atomic import atomic_file  # noqa: E402
+
+REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_train.py"
+TARGET_OVER_REFERENCE = 2.0  # tokens/s of ours over the reference's
+MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_mlp=512, vocab=11)
+
+
+def build(args, codebooks: bool) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=MODEL["n_layers"], d_model=MODEL["d_model"], n_heads=MODEL["n_heads"],
+        d_head=MODEL["d_model"] // MODEL["n_heads"], d_mlp=MODEL["d_mlp"], n_ctx=args.seq_len, d_vocab=MODEL["vocab"],
+        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", device=args.device, seed=args.seed,
+    )
+    model = HookedTransformer(cfg)
+    if codebooks:
+        attach_codebooks(model, sites=["attn", "mlp"], n_codes=args.n_codes, k=1, seed=args.seed)
+    return model.train()
+
+
+def stepper(model, forward, tokens) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        loss = forward(tokens, return_type="loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "train_speed.json"))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--n-codes", type=int, default=1000)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (saves ~1 minute)")
+    parser.add_argument("--reference-python", default=None, help=f"default: {DEFAULT_REFERENCE_PYTHON} if it exists")
+    parser.add_argument("--setup-reference", action="store_true", help="build the reference venv first if needed")
+    parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny batches, no compile: a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq_len, args.n_codes, args.warmup, args.repeats, args.no_compile = 4, 16, 64, 1, 2, True
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    tokens = torch.randint(0, MODEL["vocab"], (args.batch, args.seq_len), device=device)
+    load_before = os.getloadavg()
+
+    fns: dict[str, Callable[[], Optional[float]]] = {}
+    ours = build(args, codebooks=True)
+    fns["ours"] = stepper(ours, ours, tokens)
+    compile_s = None
+    if not args.no_compile:
+        compiled_model = build(args, codebooks=True)
+        compiled = torch.compile(compiled_model)
+        fns["ours_compiled"] = stepper(compiled_model, compiled, tokens)
+        start = time.perf_counter()
+        fns["ours_compiled"]()  # the first steps compile
+        fns["ours_compiled"]()
+        sync(device)
+        compile_s = time.perf_counter() - start
+        print(f"torch.compile took {compile_s:.0f} s (first two steps)", flush=True)
+    plain = build(args, codebooks=False)
+    fns["ours_no_codebooks"] = stepper(plain, plain, tokens)
+
+    reference_python, reference_note = resolve_reference(args)
+    print(f"reference: {reference_note}", flush=True)
+    reference = None
+    if reference_python is not None:
+        reference = ReferenceRunner([
+            str(reference_python), str(REFERENCE_SCRIPT), "--serve", "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+            "--n-codes", str(args.n_codes), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
+            *[f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()],
+        ])
+        fns["reference"] = reference.step
+    try:
+        times = time_interleaved(fns, args.warmup, args.repeats, device)
+    finally:
+        if reference is not None:
+            reference.close()
+
+    n_tokens = args.batch * args.seq_len
+    rows = {name: {"median_s": statistics.median(t), "min_s": min(t), "tokens_per_s": n_tokens / statistics.median(t),
+                   "times_s": t} for name, t in times.items()}
+    ref_tps = rows.get("reference", {}).get("tokens_per_s")
+    for row in rows.values():
+        row["over_reference"] = None if ref_tps is None else row["tokens_per_s"] / ref_tps
+
+    print(f"\n{'variant':<20}{'ms/step':>10}{'tokens/s':>12}{'x reference':>13}")
+    for name, row in rows.items():
+        over = "-" if row["over_reference"] is None else f"{row['over_reference']:.2f}"
+        print(f"{name:<20}{row['median_s'] * 1e3:>10.0f}{row['tokens_per_s']:>12.0f}{over:>13}")
+    print(f"\nbatch {args.batch} x {args.seq_len} tokens, median of {args.repeats} steps after {args.warmup} warmup, "
+          f"device {device}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f} at start")
+    if args.quick:
+        print("  (--quick: tiny batches, the numbers say nothing about speed)")
+    elif ref_tps is not None:
+        best = max((n for n in rows if n.startswith("ours") and n != "ours_no_codebooks"), key=lambda n: rows[n]["tokens_per_s"])
+        verdict = "meets" if rows[best]["over_reference"] >= TARGET_OVER_REFERENCE else "MISSES"
+        print(f"  target: >= {TARGET_OVER_REFERENCE}x the reference's tokens/s; best ({best}) {rows[best]['over_reference']:.2f}x {verdict}")
+
+    report = {
+        "benchmark": "train_speed", "model": MODEL, "batch": args.batch, "seq_len": args.seq_len, "n_codes": args.n_codes,
+        "device": str(device), "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_before,
+        "load_average_end": os.getloadavg(), "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
+        "compile_s": compile_s, "reference": reference_note,
+        "reference_meta": None if reference is None else reference.meta,
+        "target_over_reference": TARGET_OVER_REFERENCE, "results": rows,
+    }
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
