@@ -9,18 +9,32 @@ from cbinterp.attach import (
     kmeans_init_codebooks,
 )
 from cbinterp.codebook import Codebook, CodebookConfig
+from cbinterp.interventions import (
+    ablate_codes,
+    force_codes,
+    generate_with_codes,
+    intervene,
+    replace_codes,
+    steering_hooks,
+)
 from cbinterp.serialization import load, save
 
 __all__ = [
     "SITE_HOOKS",
     "Codebook",
     "CodebookConfig",
+    "ablate_codes",
     "attach_codebooks",
     "codebooks_bypassed",
     "detach_codebooks",
+    "force_codes",
+    "generate_with_codes",
     "get_codebooks",
+    "intervene",
     "kmeans_init_codebooks",
     "load",
+    "replace_codes",
     "save",
+    "steering_hooks",
 ]
 __version__ = "0.1.0"
