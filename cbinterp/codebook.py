@@ -245,8 +245,8 @@ class Codebook(HookPoint):
             w_g, bias_g = w[g], None if bias is None else bias[g]
             for start in range(0, n, rows):
                 scores = self._block_scores(flat[start : start + rows, g], w_g, bias_g)
-                if c.k == 1:
-                    codes[start : start + rows, g] = scores.argmax(dim=-1, keepdim=True)
+                if c.k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
+                    codes[start : start + rows, g] = scores.max(dim=-1, keepdim=True).indices
                 else:
                     codes[start : start + rows, g] = scores.topk(c.k, dim=-1).indices
         return codes.reshape(*lead, c.groups, c.k)
