@@ -166,6 +166,9 @@ def run(args: argparse.Namespace) -> dict:
     timings["total_s"] = time.perf_counter() - start
 
     mlp = summary[summary["site"] == "mlp"]
+    if mlp.empty:
+        raise SystemExit(f"No MLP code fired {args.min_fires} times on {args.eval_positions} positions: train longer "
+                         f"(--warm-steps, --codebook-steps) or evaluate more positions (--eval-positions).")
     best = mlp.sort_values(["state_code_precision_mean", "states_with_own_code"], ascending=False).iloc[0]
     best_layer = int(best["layer"])
     headline = {
