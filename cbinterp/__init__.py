@@ -8,6 +8,7 @@ from cbinterp.attach import (
     get_codebooks,
     kmeans_init_codebooks,
 )
+from cbinterp.cache import CodeCache, cache_codes
 from cbinterp.codebook import Codebook, CodebookConfig
 from cbinterp.interventions import (
     ablate_codes,
@@ -22,9 +23,11 @@ from cbinterp.serialization import load, save
 __all__ = [
     "SITE_HOOKS",
     "Codebook",
+    "CodeCache",
     "CodebookConfig",
     "ablate_codes",
     "attach_codebooks",
+    "cache_codes",
     "codebooks_bypassed",
     "detach_codebooks",
     "force_codes",
