@@ -1,9 +1,9 @@
 """Cache the code ids of every codebook (and optionally some activations) over a data set, in memory or on disk.
 
 Codes are stored in the smallest integer dtype that holds ids ``0 .. n_codes - 1`` (a plain forward pass never
-yields the "no code" id -1): ``uint8`` for ``n_codes <= 256``, ``int16`` for ``n_codes <= 32767`` and ``int32``
-above. (torch's ``uint16`` supports too few ops to be convenient, so codebooks of 257..32767 codes use
-``int16`` and larger ones ``int32``.) Token ids, document index and position are ``int32`` on disk; activations
+yields the "no code" id -1): ``uint8`` for ``n_codes <= 256``, ``uint16`` for ``n_codes <= 65536`` (2 bytes per code,
+the budget of the analysis issue) and ``int32`` above; ``uint16`` is only stored, concatenated and widened, which
+torch supports. Token ids, document index and position are ``int32`` on disk; activations
 of extra hooks are ``float16``. `CodeCache` accessors return codes, tokens, doc and pos as ``int64``.
 
 On disk (``directory=...``) the cache is a folder of ``chunk_000000.safetensors`` files, each holding whole
@@ -38,11 +38,11 @@ __all__ = ["CodeCache", "cache_codes", "code_dtype"]
 
 
 def code_dtype(n_codes: int) -> torch.dtype:
-    """The smallest dtype that stores code ids 0..n_codes-1 (uint8, int16, then int32)."""
+    """The smallest dtype that stores code ids 0..n_codes-1 (uint8, uint16, then int32)."""
     if n_codes <= 256:
         return torch.uint8
-    if n_codes <= 32767:
-        return torch.int16
+    if n_codes <= 65536:
+        return torch.uint16
     if n_codes <= 2**31 - 1:
         return torch.int32
     raise ValueError(f"n_codes={n_codes} is too large to cache.")

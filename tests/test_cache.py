@@ -72,7 +72,7 @@ def test_smallest_dtype(cb_model, make_tiny_model, docs):
     assert small.bytes_per_token("blocks.0.attn.hook_z") == 4  # 4 heads, k=1, one byte each
     big_model = attach_codebooks(make_tiny_model(seed=1), ["mlp"], n_codes=1000, layers=[0])
     big = cache_codes(big_model, docs[:2], progress=False)
-    assert big._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.int16
+    assert big._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint16
     assert big.bytes_per_token("blocks.0.hook_mlp_out") == 2
     assert big.n_codes("blocks.0.hook_mlp_out") == 1000
     direct = direct_codes(big_model, docs[:2])["blocks.0.hook_mlp_out.hook_codes"]
@@ -164,3 +164,12 @@ def test_model_not_moved_and_progress(cb_model, docs, capsys):
     device = next(cb_model.parameters()).device
     cache_codes(cb_model, docs, batch_size=2, progress=True)
     assert next(cb_model.parameters()).device == device
+
+
+def test_code_dtype_boundaries_round_trip():
+    from cbinterp.cache import code_dtype
+
+    for n_codes, dtype in [(1, torch.uint8), (256, torch.uint8), (257, torch.uint16), (65536, torch.uint16), (65537, torch.int32)]:
+        assert code_dtype(n_codes) == dtype
+        ids = torch.tensor([0, n_codes - 1])
+        assert torch.equal(ids.to(dtype).long(), ids)  # the largest id survives storage and widening
