@@ -97,3 +97,14 @@ def test_speed_benchmarks_quick_write_their_tables(script, tmp_path, capsys):
         all(t > 0 for t in row["times_s"]) if isinstance(row["times_s"], list) else all(t > 0 for ts in row["times_s"].values() for t in ts)
         for row in rows.values()
     )
+
+
+def test_cache_speed_quick_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "cache_speed.json"
+    report = load_script("cache_speed").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["ratios"] == pytest.approx(report["ratios"])
+    assert set(report["seconds"]) == {"plain", "cached", "cached_to_disk"}
+    assert all(t > 0 for t in report["seconds"].values())
+    # 64 codes fit a byte: one byte per token per codebook slot.
+    assert {s["per_codebook_slot_over_k"] for s in report["storage"].values()} == {1.0}
+    assert "target cached/plain" in capsys.readouterr().out
