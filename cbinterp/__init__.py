@@ -18,6 +18,18 @@ from cbinterp.interventions import (
     replace_codes,
     steering_hooks,
 )
+from cbinterp.probes import probe, probe_figure, token_positions
+from cbinterp.queries import (
+    code_contexts,
+    code_fires,
+    code_frequencies,
+    codes_at,
+    codes_for_token,
+    cooccurrence,
+    dead_codes,
+    search_codes,
+    top_tokens,
+)
 from cbinterp.serialization import load, save
 
 __all__ = [
@@ -28,7 +40,14 @@ __all__ = [
     "ablate_codes",
     "attach_codebooks",
     "cache_codes",
+    "code_contexts",
+    "code_fires",
+    "code_frequencies",
     "codebooks_bypassed",
+    "codes_at",
+    "codes_for_token",
+    "cooccurrence",
+    "dead_codes",
     "detach_codebooks",
     "force_codes",
     "generate_with_codes",
@@ -36,8 +55,13 @@ __all__ = [
     "intervene",
     "kmeans_init_codebooks",
     "load",
+    "probe",
+    "probe_figure",
     "replace_codes",
     "save",
+    "search_codes",
     "steering_hooks",
+    "token_positions",
+    "top_tokens",
 ]
 __version__ = "0.1.0"
