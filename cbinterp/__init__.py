@@ -31,8 +31,11 @@ from cbinterp.queries import (
     top_tokens,
 )
 from cbinterp.serialization import load, save
+from cbinterp.views import CodeContextView, context_view
 
 __all__ = [
+    "CodeContextView",
+    "context_view",
     "SITE_HOOKS",
     "Codebook",
     "CodeCache",
