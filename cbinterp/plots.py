@@ -43,3 +43,28 @@ def code_vs_neuron_figure(table: pd.DataFrame, summary: pd.DataFrame, title: str
     fig.update_yaxes(title_text="precision", range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
     return fig
+
+
+def code_frequency_figure(cache, name: str, head=None, title: str | None = None) -> go.Figure:
+    """How often each code of one codebook fires in a `CodeCache`, most frequent first (log scale)."""
+    from cbinterp.queries import code_frequencies
+
+    counts = code_frequencies(cache, name, head=head).sort(descending=True).values
+    fig = go.Figure(go.Bar(y=counts.tolist(), marker_color=_COLORS[0]))
+    dead = int((counts == 0).sum())
+    fig.update_layout(title=title or f"{name}{'' if head is None else f' head {head}'}: code frequency ({dead} never fire)",
+                      xaxis_title="code rank", yaxis_title="fires", yaxis_type="log", height=380, width=800)
+    return fig
+
+
+def precision_recall_figure(table: pd.DataFrame, label: str = "feature", title: str = "codes as classifiers") -> go.Figure:
+    """Precision against recall, one point per row of a code table (`probe`, `search_codes`, `code_feature_table`),
+    coloured by `label` when that column is present."""
+    fig = go.Figure()
+    groups = table.groupby(label, sort=False) if label in table.columns else [("codes", table)]
+    for key, rows in groups:
+        text = [f"{r.codebook} code {r.code}" for r in rows.itertuples()] if {"codebook", "code"} <= set(rows.columns) else None
+        fig.add_trace(go.Scatter(x=rows["recall"], y=rows["precision"], mode="markers", name=str(key), text=text))
+    fig.update_layout(title=title, xaxis_title="recall", yaxis_title="precision", height=420, width=700,
+                      xaxis_range=[0, 1.02], yaxis_range=[0, 1.02])
+    return fig

@@ -83,3 +83,18 @@ def test_summary_counts_states_with_own_code(fsm):
     assert row["x_precision_mean"] == pytest.approx(0.5)
     figure = code_vs_neuron_figure(table, summarize_state_codes(table, fsm))
     assert len(figure.data) == 4  # codes and one neuron set, as bars and as boxes
+
+
+def test_frequency_and_precision_recall_figures(make_tiny_model):
+    from cbinterp import cache_codes
+    from cbinterp.plots import code_frequency_figure, precision_recall_figure
+
+    model = attach_codebooks(make_tiny_model(seed=0, d_vocab=5), ["mlp"], n_codes=8, layers=[0])
+    cache = cache_codes(model, torch.randint(0, 5, (4, 8), generator=torch.Generator().manual_seed(0)), progress=False)
+    figure = code_frequency_figure(cache, "blocks.0.hook_mlp_out")
+    counts = list(figure.data[0].y)
+    assert counts == sorted(counts, reverse=True) and sum(counts) == 32
+    table = pd.DataFrame({"codebook": ["m", "m", "n"], "code": [1, 2, 3], "feature": ["a", "b", "a"],
+                          "precision": [0.5, 1.0, 0.25], "recall": [0.1, 0.2, 0.3]})
+    pr = precision_recall_figure(table)
+    assert [trace.name for trace in pr.data] == ["a", "b"] and list(pr.data[0].y) == [0.5, 0.25]
