@@ -238,6 +238,15 @@ def cache_codes(
     doc_index = 0  # documents seen so far in the input (including skipped ones)
     seen_tokens = 0
     bar = tqdm(total=total, disable=not progress, unit="doc", desc="caching codes")
+    pending = None  # the last batch's host arrays, whose device-to-host copies may still be running
+
+    def land(arrays: dict[str, Tensor], n_docs: int, event) -> None:
+        if event is not None:
+            event.synchronize()
+        for key in [k for k in arrays if k.startswith("codes/")]:
+            arrays[key] = arrays[key].to(dtypes[key.removeprefix("codes/")])
+        writer.add(arrays, n_docs)
+
     try:
         for batch in batches:
             n, seq = batch.shape
@@ -251,6 +260,9 @@ def cache_codes(
                 batch, first = batch[skip - first :], skip
                 n = batch.shape[0]
             if seq == 0:
+                previous, pending = pending, None  # land the last batch first: documents stay in order
+                if previous is not None:
+                    land(*previous)
                 writer.add(None, n)
                 bar.update(n)
                 continue
@@ -260,23 +272,49 @@ def cache_codes(
                 "doc": (torch.arange(first, first + n, dtype=torch.int32).unsqueeze(1).expand(n, seq)).reshape(-1),
                 "pos": torch.arange(seq, dtype=torch.int32).expand(n, seq).reshape(-1),
             }
+            # Codes cross to the host as int32 (every device casts to it) and shrink there; on CUDA the copies
+            # run asynchronously and are collected after the next batch has been queued.
             for name, cb in codebooks.items():
                 codes = cache[f"{name}.hook_codes"]
-                arrays[f"codes/{name}"] = codes.reshape(n * seq, *codes.shape[2:]).to("cpu", dtypes[name])
+                arrays[f"codes/{name}"] = _to_host(codes.reshape(n * seq, *codes.shape[2:]).to(torch.int32))
             for hook in hooks:
                 act = cache[hook]
-                arrays[f"act/{hook}"] = act.reshape(n * seq, *act.shape[2:]).to("cpu", torch.float16)
+                arrays[f"act/{hook}"] = _to_host(act.reshape(n * seq, *act.shape[2:]).to(torch.float16))
             del cache
-            writer.add(arrays, n)
+            event = None
+            if torch.device(device).type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+            previous, pending = pending, None  # cleared first: a failed landing must not be retried after a gap
+            if previous is not None:
+                land(*previous)
+            pending = (arrays, n, event)
             bar.update(n)
+        previous, pending = pending, None
+        if previous is not None:
+            land(*previous)
         if seen_tokens == 0:
             raise ValueError("cache_codes got no tokens: the input is empty (no documents, or documents of length 0).")
         writer.flush()
+    except BaseException:
+        if pending is not None:  # an interruption keeps the last finished batch, as without the deferred copy
+            previous, pending = pending, None
+            land(*previous)
+        raise
     finally:
         bar.close()
     if path is not None:
         return CodeCache.open(path)
     return CodeCache(meta, arrays=_concat(writer.kept))
+
+
+def _to_host(t: Tensor) -> Tensor:
+    """`t` on the CPU; from CUDA through pinned memory without waiting (synchronise before reading it)."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
 
 
 def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
