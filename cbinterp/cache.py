@@ -48,8 +48,9 @@ def code_dtype(n_codes: int) -> torch.dtype:
     raise ValueError(f"n_codes={n_codes} is too large to cache.")
 
 
-def _model_meta(model: HookedTransformer) -> dict:
-    """What identifies a model for a cache: its codebooks and the basics of its config."""
+def _model_meta(model: HookedTransformer, tokenizer_name: Optional[str] = None) -> dict:
+    """What identifies a model for a cache: its codebooks, the basics of its config, and its tokenizer's name
+    (`tokenizer_name` when given, for a tokenizer that lives outside the model)."""
     cfg = model.cfg
     tokenizer = getattr(model, "tokenizer", None)
     codebooks = {
@@ -62,7 +63,7 @@ def _model_meta(model: HookedTransformer) -> dict:
         "model": {
             "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_vocab": cfg.d_vocab,
             "model_name": getattr(cfg, "model_name", None),
-            "tokenizer_name": getattr(cfg, "tokenizer_name", None)
+            "tokenizer_name": tokenizer_name or getattr(cfg, "tokenizer_name", None)
             or (getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None),
         },
     }
@@ -187,6 +188,7 @@ def cache_codes(
     directory: Optional[Union[str, os.PathLike]] = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
+    tokenizer_name: Optional[str] = None,
 ) -> "CodeCache":
     """Run `model` over documents and record every codebook's code ids for every token.
 
@@ -198,6 +200,8 @@ def cache_codes(
             None keeps everything in memory.
         chunk_tokens: tokens per chunk file (at least; chunks hold whole batches). Bounds memory on disk mode.
         progress: show a tqdm progress bar.
+        tokenizer_name: recorded with the model's metadata when the tokenizer is not the model's own
+            (`model.tokenizer`), so that a cache resumed or checked with another tokenizer is refused.
 
     Returns a `CodeCache`. Documents are numbered in input order from 0; `doc`/`pos` give each token's place.
     """
@@ -208,7 +212,7 @@ def cache_codes(
     codebooks = get_codebooks(model)
     if not codebooks:
         raise ValueError("The model has no codebooks; attach some with attach_codebooks(model, ...) first.")
-    identity = _model_meta(model)
+    identity = _model_meta(model, tokenizer_name)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **identity, "hooks": hooks,
             "n_tokens": 0, "n_docs": 0, "chunks": []}
     path = None
@@ -416,9 +420,10 @@ class CodeCache:
             raise KeyError(f"Hook {hook_name!r} was not cached; this cache has activations of {self.hook_names}.")
         return self._get(f"act/{hook_name}")
 
-    def check_model(self, model: HookedTransformer) -> None:
-        """Raise ValueError if `model` is not the model (codebooks, n_codes, vocabulary, size) this cache was made with."""
-        current = _model_meta(require_hooked_transformer(model))
+    def check_model(self, model: HookedTransformer, tokenizer_name: Optional[str] = None) -> None:
+        """Raise ValueError if `model` (and `tokenizer_name`, as given to `cache_codes`) is not what this cache was
+        made with: codebooks, n_codes, vocabulary, size, tokenizer."""
+        current = _model_meta(require_hooked_transformer(model), tokenizer_name)
         stored = {k: self.meta.get(k) for k in current}
         if stored != current:
             raise ValueError(f"This cache was made with a different model: {_describe_mismatch(stored, current)}.")

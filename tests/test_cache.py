@@ -173,3 +173,13 @@ def test_code_dtype_boundaries_round_trip():
         assert code_dtype(n_codes) == dtype
         ids = torch.tensor([0, n_codes - 1])
         assert torch.equal(ids.to(dtype).long(), ids)  # the largest id survives storage and widening
+
+
+def test_tokenizer_name_is_recorded_and_checked(cb_model, docs, tmp_path):
+    cache = cache_codes(cb_model, docs[:2], directory=tmp_path / "c", tokenizer_name="char-97", progress=False)
+    assert cache.meta["model"]["tokenizer_name"] == "char-97"
+    CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="char-97")
+    with pytest.raises(ValueError, match="tokenizer_name"):
+        CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="gpt2")
+    with pytest.raises(ValueError, match="different model"):
+        cache_codes(cb_model, docs, directory=tmp_path / "c", tokenizer_name="gpt2", progress=False)
