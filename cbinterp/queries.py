@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cbinterp.analysis import code_feature_table
-from cbinterp.probes import token_positions
+from cbinterp.probes import doc_token_indices, token_positions
 
 __all__ = [
     "code_contexts",
@@ -116,12 +116,9 @@ def cooccurrence(cache, name_a: str, code_a: int, name_b: str, code_b: int,
 
 def _doc_layout(cache):
     """Flat index -> (its doc's sorted flat indices, rank within the doc)."""
-    doc, pos = cache.doc.numpy(), cache.pos.numpy()
-    order = np.lexsort((pos, doc))
-    cuts = np.flatnonzero(np.diff(doc[order])) + 1
-    groups = np.split(order, cuts) if len(order) else []
-    group_of = np.empty(len(doc), dtype=np.int64)
-    rank = np.empty(len(doc), dtype=np.int64)
+    groups = [idx for _, idx in doc_token_indices(cache.doc, cache.pos)]
+    group_of = np.empty(len(cache.doc), dtype=np.int64)
+    rank = np.empty(len(cache.doc), dtype=np.int64)
     for g, idx in enumerate(groups):
         group_of[idx] = g
         rank[idx] = np.arange(len(idx))
