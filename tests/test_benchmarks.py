@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,21 +10,11 @@ import torch
 import cbinterp
 from cbinterp.fsm import FSM
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def fsm_run(tmp_path_factory):
+def fsm_run(tmp_path_factory, load_benchmark):
     out = tmp_path_factory.mktemp("fsm")
-    results = load_script("fsm_precision").main(["--quick", "--out", str(out), "--no-progress"])
+    results = load_benchmark("fsm_precision").main(["--quick", "--out", str(out), "--no-progress"])
     return out, results
 
 
@@ -60,18 +47,18 @@ def test_fsm_precision_writes_its_files(fsm_run):
 
 
 @pytest.mark.slow
-def test_fsm_precision_resumes_from_its_checkpoints(fsm_run, capsys):
+def test_fsm_precision_resumes_from_its_checkpoints(fsm_run, load_benchmark):
     """A second run with the same settings and --out trains nothing more and gives the same model."""
     out, results = fsm_run
     before = cbinterp.load(out / "model").state_dict()
-    again = load_script("fsm_precision").main(["--quick", "--out", str(out), "--no-progress", "--no-neurons"])
+    again = load_benchmark("fsm_precision").main(["--quick", "--out", str(out), "--no-progress", "--no-neurons"])
     after = cbinterp.load(out / "model").state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert again["eval"]["trained"]["loss"] == results["eval"]["trained"]["loss"]
 
 
-def test_fsm_precision_refuses_checkpoints_of_other_settings(tmp_path):
-    script = load_script("fsm_precision")
+def test_fsm_precision_refuses_checkpoints_of_other_settings(tmp_path, load_benchmark):
+    script = load_benchmark("fsm_precision")
     args = script.parse_args(["--quick", "--out", str(tmp_path)])
     script.check_resumable(tmp_path, script.settings_of(args), fresh=False)
     changed = script.settings_of(script.parse_args(["--quick", "--out", str(tmp_path), "--n-codes", "64"]))
@@ -80,15 +67,15 @@ def test_fsm_precision_refuses_checkpoints_of_other_settings(tmp_path):
     script.check_resumable(tmp_path, changed, fresh=True)  # --fresh starts over
 
 
-def test_fsm_precision_rejects_bad_model_shape():
+def test_fsm_precision_rejects_bad_model_shape(load_benchmark):
     with pytest.raises(SystemExit):
-        load_script("fsm_precision").parse_args(["--d-model", "100", "--n-heads", "3"])
+        load_benchmark("fsm_precision").parse_args(["--d-model", "100", "--n-heads", "3"])
 
 
 @pytest.mark.parametrize("script", ["codebook_speed", "train_speed"])
-def test_speed_benchmarks_quick_write_their_tables(script, tmp_path, capsys):
+def test_speed_benchmarks_quick_write_their_tables(script, tmp_path, capsys, load_benchmark):
     out = tmp_path / f"{script}.json"
-    report = load_script(script).main(["--quick", "--no-reference", "--out", str(out)])
+    report = load_benchmark(script).main(["--quick", "--no-reference", "--out", str(out)])
     assert json.loads(out.read_text())["quick"] is True
     printed = capsys.readouterr().out
     assert "reference" in printed and str(out) in printed
@@ -99,9 +86,9 @@ def test_speed_benchmarks_quick_write_their_tables(script, tmp_path, capsys):
     )
 
 
-def test_cache_speed_quick_writes_its_table(tmp_path, capsys):
+def test_cache_speed_quick_writes_its_table(tmp_path, capsys, load_benchmark):
     out = tmp_path / "cache_speed.json"
-    report = load_script("cache_speed").main(["--quick", "--out", str(out)])
+    report = load_benchmark("cache_speed").main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text())["ratios"] == pytest.approx(report["ratios"])
     assert set(report["seconds"]) == {"plain", "cached", "cached_to_disk"}
     assert all(t > 0 for t in report["seconds"].values())

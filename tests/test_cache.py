@@ -9,7 +9,7 @@ import torch
 
 from cbinterp import CodeCache, attach_codebooks, cache_codes, get_codebooks
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.0.mlp.hook_post"
 

@@ -21,13 +21,7 @@ PROPERTY = settings(max_examples=15, deadline=None)
 MACHINES = [(7, 3, 10, 1), (12, 3, 4, 2), (100, 10, 10, 2), (20, 3, 3, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Torch threads fight the other CPU jobs on this machine; one thread is far faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decode(fsm: FSM, digits) -> int:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -377,21 +374,10 @@ def test_bad_positions_for_the_run_raise_inside_the_hook(cb_model, tokens, hook,
 
 
 # -- the FSM causal benchmark, end to end -------------------------------------------------------------------
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_fsm_intervention_quick_end_to_end(tmp_path):
+def test_fsm_intervention_quick_end_to_end(tmp_path, load_benchmark):
     source, out = tmp_path / "fsm", tmp_path / "intervention"
-    results = load_script("fsm_intervention").main(
+    results = load_benchmark("fsm_intervention").main(
         ["--quick", "--from", str(source), "--out", str(out), "--pairs", "200", "--no-progress"])
     assert (source / "model" / "config.json").is_file()  # trained through fsm_precision.py --quick
     conditions = results["conditions"]

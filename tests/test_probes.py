@@ -12,7 +12,7 @@ import torch
 from cbinterp import attach_codebooks, cache_codes
 from cbinterp.probes import PROBE_COLUMNS, probe, probe_figure, token_positions
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOK = "blocks.0.mlp.hook_post"
 SUB = ["Ja", "nuary", " 20", "24", " B", "ob", "", ","]

@@ -14,7 +14,7 @@ from cbinterp.queries import (
     dead_codes, search_codes, top_tokens,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHARS = [chr(ord("a") + i) for i in range(11)]
 ATTN = "blocks.0.attn.hook_z"  # per-head codebook

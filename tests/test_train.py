@@ -22,13 +22,7 @@ from cbinterp.train import TRAINER_FILE, TrainConfig, lr_factor, make_optimizer,
 FSM_TASK = FSM.random(6, 2, 10, seed=0)  # one-digit states, vocab 11 = the tiny model's d_vocab
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Torch threads fight the other CPU jobs on this machine; one thread is far faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(seed: int = 0):
