@@ -13,11 +13,11 @@ that load from other processes on the machine hits both alike. An empty line or 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 import warnings
+
+from _reference_serve import reply, serve  # beside this script
 
 SHAPES = {
     # name: (input shape, per-code dim given to the layer, number of codebooks)
@@ -94,19 +94,10 @@ def main() -> None:
         "codebook_features_version": _version(),
     }
     if args.serve:
-        reply({"ready": True, **meta})
-        for line in sys.stdin:
-            if not line.strip() or line.strip() == "quit":
-                break
-            reply({"times_s": timed(int(line))})
+        serve(meta, timed)
         return
     times = timed(args.repeats)
     reply({**meta, "median_s": statistics.median(times), "times_s": times})
-
-
-def reply(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 def _version() -> str:

@@ -13,10 +13,10 @@ times N more steps and prints {"times_s": [...]}; "quit" or an empty line ends i
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 import warnings
+
+from _reference_serve import reply, serve  # beside this script
 
 
 def main() -> None:
@@ -78,18 +78,9 @@ def main() -> None:
             "threads": torch.get_num_threads(), "codebook_layers": n_codebooks,
             "parameters": sum(p.numel() for p in model.parameters())}
     if args.serve:
-        reply({"ready": True, **meta})
-        for line in sys.stdin:
-            if not line.strip() or line.strip() == "quit":
-                break
-            reply({"times_s": timed(int(line))})
+        serve(meta, timed)
         return
     reply({**meta, "times_s": timed(5)})
-
-
-def reply(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
