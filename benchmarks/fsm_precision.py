@@ -56,7 +56,9 @@ TARGETS = {"best_mlp_state_code_precision_mean": 0.97, "states_with_own_code": 9
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run for the test suite (overrides the defaults)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "fsm")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/out/fsm (with --quick benchmarks/out/fsm_quick, where "
+                             "fsm_intervention.py --quick looks for it)")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--fresh", action="store_true", help="delete earlier checkpoints under --out instead of resuming")
     parser.add_argument("--compile", action="store_true", help="train through torch.compile")
@@ -82,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.d_model % args.n_heads:
         parser.error(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}.")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # The quick run lives apart from the full one, whose checkpoints would refuse its other settings.
+    args.out = args.out or ROOT / "benchmarks" / "out" / ("fsm_quick" if args.quick else "fsm")
     return args
 
 

@@ -95,3 +95,9 @@ def test_cache_speed_quick_writes_its_table(tmp_path, capsys, load_benchmark):
     # 64 codes fit a byte: one byte per token per codebook slot.
     assert {s["per_codebook_slot_over_k"] for s in report["storage"].values()} == {1.0}
     assert "target cached/plain" in capsys.readouterr().out
+
+
+def test_fsm_precision_quick_and_full_runs_default_to_separate_folders(load_benchmark):
+    script = load_benchmark("fsm_precision")
+    assert script.parse_args([]).out.name == "fsm"
+    assert script.parse_args(["--quick"]).out.name == "fsm_quick"
