@@ -340,3 +340,22 @@ def test_nan_activation_in_training_names_site(model, tokens):
         model.blocks[0].mlp.W_out[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"blocks\.0\.hook_mlp_out"):
         model(tokens)
+
+
+def test_kmeans_init_codebooks_in_forward_order(model, tokens):
+    """Each codebook gets k-means of the input it sees with the codebooks before it in place (and none after)."""
+    from cbinterp import kmeans_init_codebooks
+
+    attach_codebooks(model, ["mlp"], n_codes=4)
+    names = list(get_codebooks(model))
+    reference, again = copy.deepcopy(model), copy.deepcopy(model)
+    kmeans_init_codebooks(model, tokens, iters=3, seed=5)
+    for index, name in enumerate(names):
+        captured = {}
+        ref_cbs = get_codebooks(reference)
+        with codebooks_bypassed(reference, names[index:]):
+            reference.run_with_hooks(tokens, fwd_hooks=[(f"{name}.hook_input", lambda t, hook: captured.setdefault("x", t))])
+        ref_cbs[name].kmeans_init(captured["x"].flatten(0, 1), iters=3, seed=5 + index)
+        assert torch.equal(get_codebooks(model)[name].weight, ref_cbs[name].weight)
+    kmeans_init_codebooks(again, tokens, iters=3, seed=5)  # the same seed gives the same codes
+    assert all(torch.equal(get_codebooks(again)[n].weight, get_codebooks(model)[n].weight) for n in names)

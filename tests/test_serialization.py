@@ -218,3 +218,17 @@ def test_save_rejects_non_hooked_transformer(tmp_path):
 
 def test_public_api():
     assert cbinterp.save is save and cbinterp.load is load
+
+
+def test_recover_dir_puts_back_the_copy_left_aside(tmp_path):
+    from cbinterp.atomic import recover_dir
+
+    target, aside = tmp_path / "ckpt", tmp_path / ".ckpt.old"
+    aside.mkdir()
+    (aside / "f").write_text("last good")
+    recover_dir(target)  # crashed between the renames: only the copy aside exists
+    assert (target / "f").read_text() == "last good" and not aside.exists()
+    aside.mkdir()
+    (aside / "f").write_text("older")
+    recover_dir(target)  # the new copy is in place: the one aside is stale
+    assert (target / "f").read_text() == "last good" and not aside.exists()
