@@ -1,7 +1,7 @@
 """Time forward+backward of the authors' codebook layer (`codebook-features` 0.1.2) and print JSON.
 
 Run by benchmarks/codebook_speed.py with the Python of a separate old-stack virtual environment (see
-../shared/notes/transformerlens.md, "The authors' library"); it only imports and calls that library.
+benchmarks/reference/README.md); it only imports and calls that library.
 
     /tmp/refvenv/bin/python benchmarks/_reference_codebook.py --shape mlp --warmup 3 --repeats 20 --seed 0
 
@@ -54,8 +54,12 @@ def main() -> None:
         # The authors' per-head codebooks: one CodebookLayer of dim // num_codebooks per head, applied to
         # x[:, :, head] for 4-d input (batch, pos, heads, d_head).
         layer = models.GroupCodebookLayer(
-            dim=dim, num_codes=args.n_codes, key="attn", num_codebooks=num_codebooks,
-            snap_fn=models.InnerProductSnapFunction, kcodes=args.k,
+            dim=dim,
+            num_codes=args.n_codes,
+            key="attn",
+            num_codebooks=num_codebooks,
+            snap_fn=models.InnerProductSnapFunction,
+            kcodes=args.k,
         )
     else:
         layer = models.CodebookLayer(dim, args.n_codes, "mlp", snap_fn=models.InnerProductSnapFunction, kcodes=args.k)

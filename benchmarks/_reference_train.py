@@ -1,7 +1,7 @@
 """Time training steps of the FSM codebook model built with the authors' library (`codebook-features` 0.1.2).
 
 Run by benchmarks/train_speed.py with the Python of the old-stack virtual environment (see
-../shared/notes/transformerlens.md, "The authors' library"); it only imports and calls that library.
+benchmarks/reference/README.md); it only imports and calls that library.
 The model matches cbinterp's FSM model: a GPT-NeoX with 4 layers, d_model 128, 4 heads, d_mlp 512, full rotary,
 sequential residual, vocabulary 11; a codebook per attention head (before the output projection) and per MLP,
 1000 codes, k=1, inner-product similarity, aeloss. One step: forward with labels, backward, AdamW step.
@@ -42,18 +42,34 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    base = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads, intermediate_size=args.d_mlp, rotary_pct=1.0, hidden_act="gelu",
-        max_position_embeddings=max(args.seq_len, 128), use_parallel_residual=False,
-    ))
+    base = transformers.GPTNeoXForCausalLM(
+        transformers.GPTNeoXConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.d_model,
+            num_hidden_layers=args.n_layers,
+            num_attention_heads=args.n_heads,
+            intermediate_size=args.d_mlp,
+            rotary_pct=1.0,
+            hidden_act="gelu",
+            max_position_embeddings=max(args.seq_len, 128),
+            use_parallel_residual=False,
+        )
+    )
     config = models.CodebookModelConfig(
-        codebook_type=["group", "vanilla"], num_codebooks=[-1, 1], k_codebook=[1, 1], num_codes=args.n_codes,
-        layers_to_snap="all", similarity_metric="inner_product", codebook_at=["attn_preproj", "mlp"], loss="aeloss",
+        codebook_type=["group", "vanilla"],
+        num_codebooks=[-1, 1],
+        k_codebook=[1, 1],
+        num_codes=args.n_codes,
+        layers_to_snap="all",
+        similarity_metric="inner_product",
+        codebook_at=["attn_preproj", "mlp"],
+        loss="aeloss",
     )
     model = models.wrap_codebook(model_or_path=base, config=config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    tokens = torch.randint(
+        0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
+    ).to(device)
 
     def step() -> None:
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -74,9 +90,13 @@ def main() -> None:
     for _ in range(args.warmup):
         step()
     n_codebooks = sum(len(layers) for layers in model.all_codebooks.values())
-    meta = {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "threads": torch.get_num_threads(), "codebook_layers": n_codebooks,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    meta = {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "codebook_layers": n_codebooks,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     if args.serve:
         serve(meta, timed)
         return

@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE_PYTHON = Path("/tmp/refvenv/bin/python")
-REFERENCE_REQUIREMENTS = ROOT.parent / "shared" / "notes" / "codebook-features-0.1.2.requirements.txt"
+REFERENCE_REQUIREMENTS = Path(__file__).resolve().parent / "reference" / "requirements.txt"
 
 
 def sync(device: torch.device) -> None:
@@ -22,8 +22,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[], Optional[float]]], warmup: int, repeats: int,
-                     device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Optional[float]]], warmup: int, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds per call of each function, one call of each per round in rotating order. A function that returns
     a number (the reference, timed in its own process) reports its own time; the others are timed here."""
     for fn in fns.values():
@@ -33,7 +34,7 @@ def time_interleaved(fns: dict[str, Callable[[], Optional[float]]], warmup: int,
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             own = fns[name]()
             sync(device)
@@ -94,7 +95,9 @@ def setup_reference(python: Path) -> None:
         print(f"creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     print(f"installing codebook-features 0.1.2 and its pinned old stack into {venv} (this takes a few minutes)")
-    subprocess.run([str(venv / "bin" / "pip"), "install", "--no-deps", "-r", str(REFERENCE_REQUIREMENTS)], check=True, cwd=ROOT)
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--no-deps", "-r", str(REFERENCE_REQUIREMENTS)], check=True, cwd=ROOT
+    )
     if not reference_works(python):
         raise SystemExit(f"{python} still cannot import codebook_features.models after installing")
 
@@ -106,8 +109,9 @@ def resolve_reference(args) -> tuple[Optional[Path], str]:
     if args.setup_reference:
         setup_reference(python)
     if not python.exists():
-        return None, (f"skipped: {python} does not exist (run with --setup-reference to build it, or pass "
-                      f"--reference-python)")
+        return None, (
+            f"skipped: {python} does not exist (run with --setup-reference to build it, or pass --reference-python)"
+        )
     if not reference_works(python):
         return None, f"skipped: {python} cannot import codebook_features.models (try --setup-reference)"
     return python, f"codebook-features via {python}"

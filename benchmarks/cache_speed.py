@@ -25,21 +25,30 @@ from typing import Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from cbinterp import attach_codebooks, cache_codes, get_codebooks  # noqa: E402
-from cbinterp.atomic import atomic_file  # noqa: E402
+from cbinterp import attach_codebooks, cache_codes, get_codebooks
+from cbinterp.core.atomic import atomic_file
 
 TARGETS = {"cached_over_plain": 1.10, "bytes_per_token_per_codebook_over_k": 2}
 
 
 def build(args) -> HookedTransformer:
-    cfg = HookedTransformerConfig(n_layers=args.n_layers, d_model=args.d_model, n_heads=4, d_head=args.d_model // 4,
-                                  d_mlp=4 * args.d_model, n_ctx=args.seq_len, d_vocab=11, act_fn="gelu",
-                                  normalization_type="LN", positional_embedding_type="rotary", device=args.device,
-                                  seed=args.seed)
+    cfg = HookedTransformerConfig(
+        n_layers=args.n_layers,
+        d_model=args.d_model,
+        n_heads=4,
+        d_head=args.d_model // 4,
+        d_mlp=4 * args.d_model,
+        n_ctx=args.seq_len,
+        d_vocab=11,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        device=args.device,
+        seed=args.seed,
+    )
     model = HookedTransformer(cfg)
     return attach_codebooks(model, ["attn", "mlp"], n_codes=args.n_codes, k=args.k, seed=args.seed).eval()
 
@@ -60,7 +69,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a tiny run: checks that it works, not a measurement")
     args = parser.parse_args(argv)
     if args.quick:
-        args.docs, args.seq_len, args.batch, args.n_layers, args.d_model, args.n_codes, args.rounds = 16, 16, 8, 1, 32, 64, 1
+        args.docs, args.seq_len, args.batch, args.n_layers, args.d_model, args.n_codes, args.rounds = (
+            16,
+            16,
+            8,
+            1,
+            32,
+            64,
+            1,
+        )
     device = torch.device(args.device)
     model = build(args)
     tokens = torch.randint(0, 11, (args.docs, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
@@ -80,7 +97,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     def on_disk() -> object:
         with tempfile.TemporaryDirectory() as directory:
-            return cache_codes(model, tokens, batch_size=args.batch, directory=Path(directory) / "cache", progress=False)
+            return cache_codes(
+                model, tokens, batch_size=args.batch, directory=Path(directory) / "cache", progress=False
+            )
 
     fns = {"plain": plain, "cached": cached, "cached_to_disk": on_disk}
     plain()  # warm up
@@ -88,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result = None
     for r in range(args.rounds):
         names = list(fns)
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             sync()
             start = time.perf_counter()
             out = fns[name]()
@@ -98,32 +117,59 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 result = out
     medians = {name: statistics.median(t) for name, t in times.items()}
     codebooks = get_codebooks(model)
-    storage = {name: {"bytes_per_token": result.bytes_per_token(name),
-                      "per_codebook_slot_over_k": result.bytes_per_token(name) / (cb.cfg.groups * args.k)}
-               for name, cb in codebooks.items()}
-    ratios = {"cached_over_plain": medians["cached"] / medians["plain"],
-              "cached_to_disk_over_plain": medians["cached_to_disk"] / medians["plain"]}
+    storage = {
+        name: {
+            "bytes_per_token": result.bytes_per_token(name),
+            "per_codebook_slot_over_k": result.bytes_per_token(name) / (cb.cfg.groups * args.k),
+        }
+        for name, cb in codebooks.items()
+    }
+    ratios = {
+        "cached_over_plain": medians["cached"] / medians["plain"],
+        "cached_to_disk_over_plain": medians["cached_to_disk"] / medians["plain"],
+    }
     worst_bytes = max(s["per_codebook_slot_over_k"] for s in storage.values())
 
     n_tokens = args.docs * args.seq_len
     print(f"\n{'variant':<16}{'seconds':>10}{'tokens/s':>12}{'x plain':>9}")
     for name, seconds in medians.items():
         print(f"{name:<16}{seconds:>10.2f}{n_tokens / seconds:>12.0f}{seconds / medians['plain']:>9.2f}")
-    print(f"\n{n_tokens} tokens ({args.docs} x {args.seq_len}), batch {args.batch}, median of {args.rounds} rounds, "
-          f"device {device}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f} at start")
-    print(f"storage: at most {worst_bytes:g} bytes per token per codebook (per head) per k "
-          f"({args.n_codes} codes: {result.storage_dtype(next(iter(codebooks)))})")
+    print(
+        f"\n{n_tokens} tokens ({args.docs} x {args.seq_len}), batch {args.batch}, median of {args.rounds} rounds, "
+        f"device {device}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f} at start"
+    )
+    print(
+        f"storage: at most {worst_bytes:g} bytes per token per codebook (per head) per k "
+        f"({args.n_codes} codes: {result.storage_dtype(next(iter(codebooks)))})"
+    )
     if args.quick:
         print("  (--quick: a tiny run, the ratios say nothing about speed)")
-    print(f"  target cached/plain <= {TARGETS['cached_over_plain']}: {ratios['cached_over_plain']:.2f} "
-          f"{'meets' if ratios['cached_over_plain'] <= TARGETS['cached_over_plain'] else 'MISSES'}; "
-          f"bytes <= 2k: {'meets' if worst_bytes <= 2 else 'MISSES'}")
+    print(
+        f"  target cached/plain <= {TARGETS['cached_over_plain']}: {ratios['cached_over_plain']:.2f} "
+        f"{'meets' if ratios['cached_over_plain'] <= TARGETS['cached_over_plain'] else 'MISSES'}; "
+        f"bytes <= 2k: {'meets' if worst_bytes <= 2 else 'MISSES'}"
+    )
     report = {
-        "benchmark": "cache_speed", "n_tokens": n_tokens, "docs": args.docs, "seq_len": args.seq_len,
-        "batch": args.batch, "n_codes": args.n_codes, "k": args.k, "rounds": args.rounds, "quick": args.quick,
-        "device": str(device), "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-        "platform": platform.platform(), "load_average_start": load_before, "load_average_end": os.getloadavg(),
-        "targets": TARGETS, "seconds": medians, "times_s": times, "ratios": ratios, "storage": storage,
+        "benchmark": "cache_speed",
+        "n_tokens": n_tokens,
+        "docs": args.docs,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "n_codes": args.n_codes,
+        "k": args.k,
+        "rounds": args.rounds,
+        "quick": args.quick,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "load_average_start": load_before,
+        "load_average_end": os.getloadavg(),
+        "targets": TARGETS,
+        "seconds": medians,
+        "times_s": times,
+        "ratios": ratios,
+        "storage": storage,
     }
     with atomic_file(args.out) as tmp:
         tmp.write_text(json.dumps(report, indent=2))

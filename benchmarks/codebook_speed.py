@@ -33,14 +33,17 @@ from typing import Callable, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from cbinterp.atomic import atomic_file  # noqa: E402
-from cbinterp.codebook import Codebook  # noqa: E402
+from cbinterp.core.atomic import atomic_file
+from cbinterp.core.codebook import Codebook
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _speed import (  # noqa: E402
-    DEFAULT_REFERENCE_PYTHON, ReferenceRunner, ms, ratio, resolve_reference, time_interleaved,
+from _speed import (
+    DEFAULT_REFERENCE_PYTHON,
+    ReferenceRunner,
+    ms,
+    ratio,
+    resolve_reference,
+    time_interleaved,
 )
 
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_codebook.py"
@@ -57,8 +60,18 @@ QUICK_SHAPES = {  # a few positions only: checks that everything runs, not a mea
 }
 
 
-def measure(shape: tuple[int, ...], dim: int, groups: int, n_codes: int, k: int, seed: int, warmup: int,
-            repeats: int, device: torch.device, reference: Optional[ReferenceRunner] = None) -> dict[str, list[float]]:
+def measure(
+    shape: tuple[int, ...],
+    dim: int,
+    groups: int,
+    n_codes: int,
+    k: int,
+    seed: int,
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    reference: Optional[ReferenceRunner] = None,
+) -> dict[str, list[float]]:
     torch.manual_seed(seed)
     x = torch.randn(shape, device=device).requires_grad_()
     grad = torch.randn(shape, device=device)
@@ -70,6 +83,7 @@ def measure(shape: tuple[int, ...], dim: int, groups: int, n_codes: int, k: int,
             codebook(x).backward(grad)
             x.grad = None
             codebook.weight.grad = None
+
         return run
 
     # The floor: similarity matmul + top-k on the same data and the same (unit-norm) codes, nothing more.
@@ -99,9 +113,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument("--reference-python", default=None,
-                        help=f"Python of the codebook-features 0.1.2 venv (default: {DEFAULT_REFERENCE_PYTHON} if it exists)")
-    parser.add_argument("--setup-reference", action="store_true", help="build the reference venv first if it is not ready")
+    parser.add_argument(
+        "--reference-python",
+        default=None,
+        help=f"Python of the codebook-features 0.1.2 venv (default: {DEFAULT_REFERENCE_PYTHON} if it exists)",
+    )
+    parser.add_argument(
+        "--setup-reference", action="store_true", help="build the reference venv first if it is not ready"
+    )
     parser.add_argument("--no-reference", action="store_true", help="do not time the authors' library")
     parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test, not a measurement")
     args = parser.parse_args(argv)
@@ -119,20 +138,43 @@ def main(argv: Optional[list[str]] = None) -> dict:
         reference, reference_error = None, None
         if reference_python is not None:
             try:
-                reference = ReferenceRunner([
-                    str(reference_python), str(REFERENCE_SCRIPT), "--serve", "--shape", name, "--n-codes", str(args.n_codes),
-                    "--k", str(args.k), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
-                    "--input-shape", *map(str, shape)])
+                reference = ReferenceRunner(
+                    [
+                        str(reference_python),
+                        str(REFERENCE_SCRIPT),
+                        "--serve",
+                        "--shape",
+                        name,
+                        "--n-codes",
+                        str(args.n_codes),
+                        "--k",
+                        str(args.k),
+                        "--warmup",
+                        str(args.warmup),
+                        "--seed",
+                        str(args.seed),
+                        "--device",
+                        args.device,
+                        "--input-shape",
+                        *map(str, shape),
+                    ]
+                )
             except (RuntimeError, OSError, json.JSONDecodeError) as err:
                 reference_error = str(err)
                 print(f"  reference failed to start: {err}")
         try:
-            times = measure(shape, dim, groups, args.n_codes, args.k, args.seed, args.warmup, args.repeats, device, reference)
+            times = measure(
+                shape, dim, groups, args.n_codes, args.k, args.seed, args.warmup, args.repeats, device, reference
+            )
         finally:
             if reference is not None:
                 reference.close()
         row = {
-            "input_shape": list(shape), "dim": dim, "groups": groups, "n_codes": args.n_codes, "k": args.k,
+            "input_shape": list(shape),
+            "dim": dim,
+            "groups": groups,
+            "n_codes": args.n_codes,
+            "k": args.k,
             **{f"{key}_s": statistics.median(value) for key, value in times.items()},
             **{f"{key}_min_s": min(value) for key, value in times.items()},
             "times_s": times,
@@ -147,13 +189,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
         row["ours_ln_over_reference"] = ratio(row["ours_ln_s"], row.get("reference_s"))
         results[name] = row
 
-    header = ["shape", "input", "ours ms", "ours+LN ms", "floor ms", "reference ms", "ours/floor", "ours/reference", "ours+LN/reference"]
+    header = [
+        "shape",
+        "input",
+        "ours ms",
+        "ours+LN ms",
+        "floor ms",
+        "reference ms",
+        "ours/floor",
+        "ours/reference",
+        "ours+LN/reference",
+    ]
     rows = []
     for name, row in results.items():
         fmt = lambda r: "-" if r is None else f"{r:.2f}"
-        rows.append([name, "x".join(map(str, row["input_shape"])), ms(row["ours_s"]), ms(row["ours_ln_s"]), ms(row["floor_s"]),
-                     ms(row.get("reference_s")), fmt(row["ours_over_floor"]), fmt(row["ours_over_reference"]),
-                     fmt(row["ours_ln_over_reference"])])
+        rows.append(
+            [
+                name,
+                "x".join(map(str, row["input_shape"])),
+                ms(row["ours_s"]),
+                ms(row["ours_ln_s"]),
+                ms(row["floor_s"]),
+                ms(row.get("reference_s")),
+                fmt(row["ours_over_floor"]),
+                fmt(row["ours_over_reference"]),
+                fmt(row["ours_ln_over_reference"]),
+            ]
+        )
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     print()
@@ -161,15 +223,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(line(["-" * w for w in widths]))
     for r in rows:
         print(line(r))
-    print(f"\ntargets: ours/floor <= {TARGETS['ours_over_floor']}, ours/reference <= {TARGETS['ours_over_reference']}; "
-          f"median of {args.repeats} steps after {args.warmup} warmup, device {device}, {torch.get_num_threads()} threads, "
-          f"load average {load_before[0]:.2f} at start")
+    print(
+        f"\ntargets: ours/floor <= {TARGETS['ours_over_floor']}, ours/reference <= {TARGETS['ours_over_reference']}; "
+        f"median of {args.repeats} steps after {args.warmup} warmup, device {device}, {torch.get_num_threads()} "
+        "threads, "
+        f"load average {load_before[0]:.2f} at start"
+    )
     if args.quick:
         print("  (--quick: tiny inputs, the ratios below say nothing about speed)")
     for name, row in results.items():
         for key, target in TARGETS.items():
             if row[key] is not None:
-                print(f"  {name} {key.replace('_over_', '/')}: {row[key]:.2f} {'meets' if row[key] <= target else 'MISSES'} <= {target}")
+                print(
+                    f"  {name} {key.replace('_over_', '/')}: {row[key]:.2f} "
+                    f"{'meets' if row[key] <= target else 'MISSES'} <= {target}"
+                )
 
     report = {
         "benchmark": "codebook_speed",

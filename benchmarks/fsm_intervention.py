@@ -37,12 +37,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import cbinterp  # noqa: E402
-from cbinterp.atomic import atomic_file  # noqa: E402
-from cbinterp.fsm import FSM  # noqa: E402
-from cbinterp.interventions import intervene, replace_codes  # noqa: E402
+import cbinterp
+from cbinterp.core.atomic import atomic_file
+from cbinterp.core.interventions import intervene, replace_codes
+from cbinterp.tasks.fsm import FSM
 
 #: The issue's target: with all MLP codebooks swapped, this share of predictions are valid successors of b.
 TARGET = {"condition": "all_mlp", "metric": "success_b", "value": 0.9}
@@ -51,12 +50,25 @@ BATCH = 256
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="source", type=Path, default=None,
-                        help="fsm_precision.py's --out (default benchmarks/out/fsm, with --quick benchmarks/out/fsm_quick)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default benchmarks/out/fsm_intervention (with --quick benchmarks/out/fsm_intervention_quick)")
-    parser.add_argument("--pairs", type=int, default=None, help="number of (a, b) state pairs (default 1000, 400 with --quick)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled walks (the model's own seed is fsm_precision's)")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        default=None,
+        help="fsm_precision.py's --out (default benchmarks/out/fsm, with --quick benchmarks/out/fsm_quick)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default benchmarks/out/fsm_intervention (with --quick benchmarks/out/fsm_intervention_quick)",
+    )
+    parser.add_argument(
+        "--pairs", type=int, default=None, help="number of (a, b) state pairs (default 1000, 400 with --quick)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampled walks (the model's own seed is fsm_precision's)"
+    )
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--quick", action="store_true", help="the quick model and fewer pairs (the test suite)")
     parser.add_argument("--train", action="store_true", help="run fsm_precision.py into --from first (it resumes)")
@@ -86,7 +98,10 @@ def ensure_model(args: argparse.Namespace) -> None:
     present = (args.source / "model" / "config.json").is_file() and (args.source / "fsm.json").is_file()
     if present and not args.train:
         return
-    print(f"{'training' if not present else 'resuming'} the FSM model into {args.source} with fsm_precision.py", flush=True)
+    print(
+        f"{'training' if not present else 'resuming'} the FSM model into {args.source} with fsm_precision.py",
+        flush=True,
+    )
     argv = ["--out", str(args.source), "--device", args.device]
     argv += ["--quick"] if args.quick else []
     argv += ["--no-progress"] if args.no_progress else []
@@ -124,8 +139,9 @@ def jsd_bits(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_next_state(model, fsm: FSM, tokens_a: torch.Tensor, tokens_b: torch.Tensor,
-                      codes_b: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+def decode_next_state(
+    model, fsm: FSM, tokens_a: torch.Tensor, tokens_b: torch.Tensor, codes_b: dict[str, torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Greedy next state after `tokens_a`, with the codebooks in `codes_b` given b's codes at a's last digit.
 
     Returns the state decoded with each appended position patched with the codes of b's run with the same digits
@@ -141,7 +157,9 @@ def decode_next_state(model, fsm: FSM, tokens_a: torch.Tensor, tokens_b: torch.T
         if follow_b and digits.shape[1] and codes_b:
             _, cache = model.run_with_cache(torch.cat([tokens_b, digits], dim=1), names_filter=wanted.__contains__)
             new = list(range(last + 1, last + 1 + digits.shape[1]))
-            hooks += [replace_codes(model, name, cache[f"{name}.hook_codes"][:, new], positions=new) for name in codes_b]
+            hooks += [
+                replace_codes(model, name, cache[f"{name}.hook_codes"][:, new], positions=new) for name in codes_b
+            ]
         with intervene(model, hooks):
             return model(torch.cat([tokens_a, digits], dim=1))[:, -1, : fsm.base].float()
 
@@ -161,8 +179,15 @@ def run_conditions(model, fsm: FSM, groups: list[dict], conditions: dict[str, li
     of a, of b but not a (appended positions patched too), of b with a's last digit patched only, whose first digit
     begins a successor of b; and both JSDs."""
     code_names = {f"{name}.hook_codes" for name in cbinterp.get_codebooks(model)}
-    metrics = ("success_b", "success_a", "success_b_not_a", "success_b_original_only", "first_digit_b",
-               "jsd_patched_b", "jsd_patched_a")
+    metrics = (
+        "success_b",
+        "success_a",
+        "success_b_not_a",
+        "success_b_original_only",
+        "first_digit_b",
+        "jsd_patched_b",
+        "jsd_patched_a",
+    )
     # starts[s, d]: some successor of state s begins with digit d
     starts = np.zeros((fsm.n_states, fsm.base), dtype=bool)
     np.put_along_axis(starts, fsm.state_digits(fsm.successors)[..., 0], True, axis=1)
@@ -218,9 +243,17 @@ def run(args: argparse.Namespace) -> dict:
     if max_states < 1:
         raise SystemExit(f"The model's context ({model.cfg.n_ctx}) is too short for a state and its successor.")
     groups = sample_pairs(fsm, args.pairs, max_states, np.random.default_rng(args.seed))
-    settings = {"from": str(args.source), "pairs": args.pairs, "seed": args.seed, "device": args.device,
-                "quick": args.quick, "max_states": max_states, "n_states": fsm.n_states, "n_edges": fsm.n_edges,
-                "appended_positions": "patched with b's codes there (success_b); success_b_original_only: not patched"}
+    settings = {
+        "from": str(args.source),
+        "pairs": args.pairs,
+        "seed": args.seed,
+        "device": args.device,
+        "quick": args.quick,
+        "max_states": max_states,
+        "n_states": fsm.n_states,
+        "n_edges": fsm.n_edges,
+        "appended_positions": "patched with b's codes there (success_b); success_b_original_only: not patched",
+    }
     print("settings:", json.dumps(settings), flush=True)
 
     layer_conditions = {f"mlp_layer_{_layer(name)}": [name] for name in mlp}
@@ -234,7 +267,11 @@ def run(args: argparse.Namespace) -> dict:
     if best_layer is None or f"mlp_layer_{best_layer}" not in per_layer:
         best = max(per_layer, key=lambda name: per_layer[name]["success_b"])
         best_layer, best_from = int(best.removeprefix("mlp_layer_")), "highest swap success"
-    results_by_condition = {"all_mlp": measured.pop("all_mlp"), "best_mlp": per_layer[f"mlp_layer_{best_layer}"], **measured}
+    results_by_condition = {
+        "all_mlp": measured.pop("all_mlp"),
+        "best_mlp": per_layer[f"mlp_layer_{best_layer}"],
+        **measured,
+    }
     value = results_by_condition[TARGET["condition"]][TARGET["metric"]]
     target = {**TARGET, "measured": value, "met": value >= TARGET["value"]}
     results = {
@@ -249,8 +286,9 @@ def run(args: argparse.Namespace) -> dict:
     report(results)
     with atomic_file(args.out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1))
-    figure = success_figure(results, title=f"FSM ({fsm.n_states} states): swapping state a's codes for state b's "
-                                           f"({args.pairs} pairs)")
+    figure = success_figure(
+        results, title=f"FSM ({fsm.n_states} states): swapping state a's codes for state b's ({args.pairs} pairs)"
+    )
     with atomic_file(args.out / "figure.html") as tmp:
         figure.write_html(tmp, include_plotlyjs="cdn")
     print(f"wrote {args.out}/results.json, figure.html", flush=True)
@@ -262,19 +300,29 @@ def _layer(name: str) -> int:
 
 
 def report(results: dict) -> None:
-    print(f"\n{'condition':<16}{'successor of b':>15}{'of a':>7}{'b not a':>9}{'b, last digit only':>20}"
-          f"{'1st digit b':>13}{'JSD(p, b)':>11}{'JSD(p, a)':>11}")
+    print(
+        f"\n{'condition':<16}{'successor of b':>15}{'of a':>7}{'b not a':>9}{'b, last digit only':>20}"
+        f"{'1st digit b':>13}{'JSD(p, b)':>11}{'JSD(p, a)':>11}"
+    )
     rows = dict(results["conditions"]) | results["per_mlp_layer"]
     for name, row in rows.items():
         label = f"best_mlp (L{results['best_mlp_layer']})" if name == "best_mlp" else name
-        print(f"{label:<16}{row['success_b']:>15.3f}{row['success_a']:>7.3f}{row['success_b_not_a']:>9.3f}"
-              f"{row['success_b_original_only']:>20.3f}{row['first_digit_b']:>13.3f}{row['jsd_patched_b']:>11.3f}"
-              f"{row['jsd_patched_a']:>11.3f}")
-    print(f"best MLP layer {results['best_mlp_layer']} (from {results['best_mlp_layer_from']}). Successor columns: "
-          f"share of pairs whose predicted next state is a valid successor; appended positions patched with b's codes "
-          f"there, except 'b, last digit only'; '1st digit b': the first digit begins a successor of b. JSD in bits, of the patched first-digit distribution to b's and a's own.")
+        print(
+            f"{label:<16}{row['success_b']:>15.3f}{row['success_a']:>7.3f}{row['success_b_not_a']:>9.3f}"
+            f"{row['success_b_original_only']:>20.3f}{row['first_digit_b']:>13.3f}{row['jsd_patched_b']:>11.3f}"
+            f"{row['jsd_patched_a']:>11.3f}"
+        )
+    print(
+        f"best MLP layer {results['best_mlp_layer']} (from {results['best_mlp_layer_from']}). Successor columns: "
+        f"share of pairs whose predicted next state is a valid successor; appended positions patched with b's codes "
+        "there, except 'b, last digit only'; '1st digit b': the first digit begins a successor of b. JSD in bits, "
+        "of the patched first-digit distribution to b's and a's own."
+    )
     t = results["target"]
-    print(f"target: {t['condition']} {t['metric']} >= {t['value']}: {t['measured']:.3f} {'met' if t['met'] else 'NOT MET'}")
+    print(
+        f"target: {t['condition']} {t['metric']} >= {t['value']}: {t['measured']:.3f} "
+        f"{'met' if t['met'] else 'NOT MET'}"
+    )
 
 
 def success_figure(results: dict, title: str):
@@ -283,11 +331,17 @@ def success_figure(results: dict, title: str):
     rows = dict(results["conditions"]) | results["per_mlp_layer"]
     labels = [f"best_mlp (L{results['best_mlp_layer']})" if n == "best_mlp" else n for n in rows]
     fig = go.Figure()
-    for metric, name in (("success_b", "valid successor of b"), ("success_a", "valid successor of a"),
-                         ("success_b_not_a", "of b, not of a"), ("success_b_original_only", "of b, a's last digit patched only")):
+    for metric, name in (
+        ("success_b", "valid successor of b"),
+        ("success_a", "valid successor of a"),
+        ("success_b_not_a", "of b, not of a"),
+        ("success_b_original_only", "of b, a's last digit patched only"),
+    ):
         fig.add_trace(go.Bar(x=labels, y=[row[metric] for row in rows.values()], name=name))
     fig.add_hline(y=TARGET["value"], line_dash="dot", annotation_text=f"target ({TARGET['condition']})")
-    fig.update_layout(title=title, barmode="group", height=450, width=900, yaxis=dict(range=[0, 1.02], title="share of pairs"))
+    fig.update_layout(
+        title=title, barmode="group", height=450, width=900, yaxis=dict(range=[0, 1.02], title="share of pairs")
+    )
     return fig
 
 

@@ -24,30 +24,59 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-import cbinterp  # noqa: E402
-from cbinterp.atomic import atomic_file, recover_dir  # noqa: E402
-from cbinterp.attach import kmeans_init_codebooks  # noqa: E402
-from cbinterp.fsm import FSM, transition_accuracy  # noqa: E402
-from cbinterp.fsm_analysis import (  # noqa: E402
-    MLP_NEURONS, SITE_OUTPUTS, collect_fsm_activations, fsm_code_table, summarize_state_codes,
+import cbinterp
+from cbinterp.core.atomic import atomic_file, recover_dir
+from cbinterp.core.attach import kmeans_init_codebooks
+from cbinterp.core.train import TRAINER_FILE, TrainConfig, train
+from cbinterp.tasks.fsm import FSM, transition_accuracy
+from cbinterp.tasks.fsm_analysis import (
+    MLP_NEURONS,
+    SITE_OUTPUTS,
+    collect_fsm_activations,
+    fsm_code_table,
+    summarize_state_codes,
 )
-from cbinterp.plots import code_vs_neuron_figure  # noqa: E402
-from cbinterp.train import TRAINER_FILE, TrainConfig, train  # noqa: E402
+from cbinterp.viz.plots import code_vs_neuron_figure
 
 DEFAULTS = dict(
-    n_states=100, n_edges=10, base=10, seed=0,
-    n_layers=4, d_model=128, n_heads=4, d_mlp=512,
-    n_codes=1000, k=1, codebook_loss="vqvae",
-    batch=64, seq_len=64, warm_steps=1000, warm_lr=3e-3, codebook_steps=800, codebook_lr=1e-3,
-    kmeans_sequences=512, eval_positions=200_000, min_fires=20,
+    n_states=100,
+    n_edges=10,
+    base=10,
+    seed=0,
+    n_layers=4,
+    d_model=128,
+    n_heads=4,
+    d_mlp=512,
+    n_codes=1000,
+    k=1,
+    codebook_loss="vqvae",
+    batch=64,
+    seq_len=64,
+    warm_steps=1000,
+    warm_lr=3e-3,
+    codebook_steps=800,
+    codebook_lr=1e-3,
+    kmeans_sequences=512,
+    eval_positions=200_000,
+    min_fires=20,
 )
 QUICK = dict(
-    n_states=20, n_edges=4, n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_codes=200,
-    batch=64, seq_len=32, warm_steps=200, codebook_steps=120, kmeans_sequences=256, eval_positions=30_000,
+    n_states=20,
+    n_edges=4,
+    n_layers=2,
+    d_model=64,
+    n_heads=4,
+    d_mlp=256,
+    n_codes=200,
+    batch=64,
+    seq_len=32,
+    warm_steps=200,
+    codebook_steps=120,
+    kmeans_sequences=256,
+    eval_positions=30_000,
 )
 #: The issue's targets for the default run (printed beside the results; the quick run has its own in the tests).
 TARGETS = {"best_mlp_state_code_precision_mean": 0.97, "states_with_own_code": 90, "transition_accuracy": 0.64}
@@ -56,11 +85,17 @@ TARGETS = {"best_mlp_state_code_precision_mean": 0.97, "states_with_own_code": 9
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small run for the test suite (overrides the defaults)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="default benchmarks/out/fsm (with --quick benchmarks/out/fsm_quick, where "
-                             "fsm_intervention.py --quick looks for it)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default benchmarks/out/fsm (with --quick benchmarks/out/fsm_quick, where "
+        "fsm_intervention.py --quick looks for it)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    parser.add_argument("--fresh", action="store_true", help="delete earlier checkpoints under --out instead of resuming")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete earlier checkpoints under --out instead of resuming"
+    )
     parser.add_argument("--compile", action="store_true", help="train through torch.compile")
     parser.add_argument("--no-neurons", action="store_true", help="skip the neuron baselines (faster)")
     parser.add_argument("--no-progress", action="store_true")
@@ -96,9 +131,18 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 def build_model(args: argparse.Namespace, fsm: FSM) -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads, d_head=args.d_model // args.n_heads,
-        d_mlp=args.d_mlp, n_ctx=args.seq_len, d_vocab=fsm.vocab_size, act_fn="gelu", normalization_type="LN",
-        positional_embedding_type="rotary", device=args.device, seed=args.seed,
+        n_layers=args.n_layers,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        d_head=args.d_model // args.n_heads,
+        d_mlp=args.d_mlp,
+        n_ctx=args.seq_len,
+        d_vocab=fsm.vocab_size,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        device=args.device,
+        seed=args.seed,
     )
     return HookedTransformer(cfg)
 
@@ -124,9 +168,15 @@ def check_resumable(out: Path, settings: dict, fresh: bool) -> None:
 
 def train_phase(model, fsm, args, name: str, steps: int, lr: float, data_seed: int, **extra) -> list[float]:
     cfg = TrainConfig(
-        steps=steps, lr=lr, warmup_steps=min(50, steps // 10), checkpoint_every=50,
-        checkpoint_dir=str(args.out / "checkpoints" / name), compile=args.compile, seed=args.seed,
-        progress=not args.no_progress, **extra,
+        steps=steps,
+        lr=lr,
+        warmup_steps=min(50, steps // 10),
+        checkpoint_every=50,
+        checkpoint_dir=str(args.out / "checkpoints" / name),
+        compile=args.compile,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **extra,
     )
     result = train(model, fsm.token_batches(args.batch, args.seq_len, seed=data_seed), cfg)
     return result.losses
@@ -150,29 +200,44 @@ def run(args: argparse.Namespace) -> dict:
     timings["warm_start_s"] = time.perf_counter() - start
     print(f"without codebooks: {fmt(no_codebook)}", flush=True)
 
-    cbinterp.attach_codebooks(model, sites=["attn", "mlp"], n_codes=args.n_codes, k=args.k, seed=args.seed,
-                              loss=args.codebook_loss)
-    if not (recover_dir(args.out / "checkpoints" / "codebooks") / TRAINER_FILE).exists():  # a resumed run loads its codes
+    cbinterp.attach_codebooks(
+        model, sites=["attn", "mlp"], n_codes=args.n_codes, k=args.k, seed=args.seed, loss=args.codebook_loss
+    )
+    if not (
+        recover_dir(args.out / "checkpoints" / "codebooks") / TRAINER_FILE
+    ).exists():  # a resumed run loads its codes
         kmeans_tokens = fsm.sample(args.kmeans_sequences, args.seq_len, seed=[args.seed, 2]).tokens
         kmeans_init_codebooks(model, kmeans_tokens, seed=args.seed)
     at_init = evaluate_model(model, fsm, val, args, cut_states=[1, 5, 10])
     print(f"codebooks after k-means, before training: {fmt(at_init)}", flush=True)
-    cb_losses = train_phase(model, fsm, args, "codebooks", args.codebook_steps, args.codebook_lr, data_seed=args.seed + 1)
+    cb_losses = train_phase(
+        model, fsm, args, "codebooks", args.codebook_steps, args.codebook_lr, data_seed=args.seed + 1
+    )
     trained = evaluate_model(model, fsm, val, args)
     timings["training_s"] = time.perf_counter() - start
     print(f"with codebooks, trained end to end: {fmt(trained)}", flush=True)
     cbinterp.save(model, args.out / "model", extra={"benchmark": "fsm_precision", "settings": settings})
 
-    acts = collect_fsm_activations(model, fsm, n_positions=args.eval_positions, seq_len=args.seq_len,
-                                   seed=args.seed + 1000, progress=not args.no_progress)
-    table = fsm_code_table(model, fsm, acts, min_fires=args.min_fires, neuron_kinds=() if args.no_neurons else ("state",))
+    acts = collect_fsm_activations(
+        model,
+        fsm,
+        n_positions=args.eval_positions,
+        seq_len=args.seq_len,
+        seed=args.seed + 1000,
+        progress=not args.no_progress,
+    )
+    table = fsm_code_table(
+        model, fsm, acts, min_fires=args.min_fires, neuron_kinds=() if args.no_neurons else ("state",)
+    )
     summary = summarize_state_codes(table, fsm)
     timings["total_s"] = time.perf_counter() - start
 
     mlp = summary[summary["site"] == "mlp"]
     if mlp.empty:
-        raise SystemExit(f"No MLP code fired {args.min_fires} times on {args.eval_positions} positions: train longer "
-                         f"(--warm-steps, --codebook-steps) or evaluate more positions (--eval-positions).")
+        raise SystemExit(
+            f"No MLP code fired {args.min_fires} times on {args.eval_positions} positions: train longer "
+            f"(--warm-steps, --codebook-steps) or evaluate more positions (--eval-positions)."
+        )
     best = mlp.sort_values(["state_code_precision_mean", "states_with_own_code"], ascending=False).iloc[0]
     best_layer = int(best["layer"])
     headline = {
@@ -225,25 +290,40 @@ def evaluate_model(model, fsm: FSM, val, args, cut_states=None) -> dict:
 
 
 def fmt(result: dict) -> str:
-    return (f"loss {result['loss']:.4f} (optimal {result['optimal_loss']:.4f}), transition accuracy "
-            f"{result['transition_accuracy']:.3f}, first transition {result['first_transition_accuracy']:.3f}")
+    return (
+        f"loss {result['loss']:.4f} (optimal {result['optimal_loss']:.4f}), transition accuracy "
+        f"{result['transition_accuracy']:.3f}, first transition {result['first_transition_accuracy']:.3f}"
+    )
 
 
 def report(summary, headline: dict, trained: dict, no_codebook: dict, timings: dict, args) -> None:
     import pandas as pd
 
-    columns = ["codebook", "head", "codes_used", "state_codes", "state_plus_digit_codes", "states_with_own_code",
-               "state_code_precision_mean", "state_code_precision_median"]
+    columns = [
+        "codebook",
+        "head",
+        "codes_used",
+        "state_codes",
+        "state_plus_digit_codes",
+        "states_with_own_code",
+        "state_code_precision_mean",
+        "state_code_precision_median",
+    ]
     columns += [c for c in summary.columns if c.startswith(("mlp_neurons", "site_outputs"))]
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
         print("\nPer codebook (attention codebooks per head); neuron columns: best neuron at each state code's recall")
         print(summary[columns].to_string(index=False))
-    print(f"\ntransition accuracy {trained['transition_accuracy']:.3f} with codebooks, "
-          f"{no_codebook['transition_accuracy']:.3f} without (paper: 0.64 and 0.97)")
-    print(f"best MLP layer {headline['best_mlp_layer']}: {headline['states_with_own_code']} of {args.n_states} states "
-          f"have a code of their own (precision >= 0.9); state codes' precision mean "
-          f"{headline['best_mlp_state_code_precision_mean']:.3f}, median {headline['best_mlp_state_code_precision_median']:.3f} "
-          f"(paper: 0.971)")
+    print(
+        f"\ntransition accuracy {trained['transition_accuracy']:.3f} with codebooks, "
+        f"{no_codebook['transition_accuracy']:.3f} without (paper: 0.64 and 0.97)"
+    )
+    print(
+        f"best MLP layer {headline['best_mlp_layer']}: {headline['states_with_own_code']} of {args.n_states} states "
+        f"have a code of their own (precision >= 0.9); state codes' precision mean "
+        f"{headline['best_mlp_state_code_precision_mean']:.3f}, median "
+        f"{headline['best_mlp_state_code_precision_median']:.3f} "
+        f"(paper: 0.971)"
+    )
     for neuron_set in (MLP_NEURONS, SITE_OUTPUTS):
         key = f"best_mlp_layer_{neuron_set}_precision_mean"
         if key in headline:

@@ -28,14 +28,12 @@ from typing import Callable, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved  # noqa: E402
-from cbinterp import attach_codebooks  # noqa: E402
-from cbinterp.atomic import atomic_file  # noqa: E402
+from cbinterp import attach_codebooks
+from cbinterp.core.atomic import atomic_file
 
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_train.py"
 TARGET_OVER_REFERENCE = 2.0  # tokens/s of ours over the reference's
@@ -44,9 +42,18 @@ MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_mlp=512, vocab=11)
 
 def build(args, codebooks: bool) -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=MODEL["n_layers"], d_model=MODEL["d_model"], n_heads=MODEL["n_heads"],
-        d_head=MODEL["d_model"] // MODEL["n_heads"], d_mlp=MODEL["d_mlp"], n_ctx=args.seq_len, d_vocab=MODEL["vocab"],
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", device=args.device, seed=args.seed,
+        n_layers=MODEL["n_layers"],
+        d_model=MODEL["d_model"],
+        n_heads=MODEL["n_heads"],
+        d_head=MODEL["d_model"] // MODEL["n_heads"],
+        d_mlp=MODEL["d_mlp"],
+        n_ctx=args.seq_len,
+        d_vocab=MODEL["vocab"],
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        device=args.device,
+        seed=args.seed,
     )
     model = HookedTransformer(cfg)
     if codebooks:
@@ -80,7 +87,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--reference-python", default=None, help=f"default: {DEFAULT_REFERENCE_PYTHON} if it exists")
     parser.add_argument("--setup-reference", action="store_true", help="build the reference venv first if needed")
     parser.add_argument("--no-reference", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="tiny batches, no compile: a smoke test, not a measurement")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny batches, no compile: a smoke test, not a measurement"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.seq_len, args.n_codes, args.warmup, args.repeats, args.no_compile = 4, 16, 64, 1, 2, True
@@ -110,11 +119,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"reference: {reference_note}", flush=True)
     reference = None
     if reference_python is not None:
-        reference = ReferenceRunner([
-            str(reference_python), str(REFERENCE_SCRIPT), "--serve", "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-            "--n-codes", str(args.n_codes), "--warmup", str(args.warmup), "--seed", str(args.seed), "--device", args.device,
-            *[f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()],
-        ])
+        reference = ReferenceRunner(
+            [
+                str(reference_python),
+                str(REFERENCE_SCRIPT),
+                "--serve",
+                "--batch",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq_len),
+                "--n-codes",
+                str(args.n_codes),
+                "--warmup",
+                str(args.warmup),
+                "--seed",
+                str(args.seed),
+                "--device",
+                args.device,
+                *[f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()],
+            ]
+        )
         fns["reference"] = reference.step
     try:
         times = time_interleaved(fns, args.warmup, args.repeats, device)
@@ -123,8 +147,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             reference.close()
 
     n_tokens = args.batch * args.seq_len
-    rows = {name: {"median_s": statistics.median(t), "min_s": min(t), "tokens_per_s": n_tokens / statistics.median(t),
-                   "times_s": t} for name, t in times.items()}
+    rows = {
+        name: {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "tokens_per_s": n_tokens / statistics.median(t),
+            "times_s": t,
+        }
+        for name, t in times.items()
+    }
     ref_tps = rows.get("reference", {}).get("tokens_per_s")
     for row in rows.values():
         row["over_reference"] = None if ref_tps is None else row["tokens_per_s"] / ref_tps
@@ -133,23 +164,44 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for name, row in rows.items():
         over = "-" if row["over_reference"] is None else f"{row['over_reference']:.2f}"
         print(f"{name:<20}{row['median_s'] * 1e3:>10.0f}{row['tokens_per_s']:>12.0f}{over:>13}")
-    print(f"\nbatch {args.batch} x {args.seq_len} tokens, median of {args.repeats} steps after {args.warmup} warmup, "
-          f"device {device}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f} at start")
+    print(
+        f"\nbatch {args.batch} x {args.seq_len} tokens, median of {args.repeats} steps after {args.warmup} warmup, "
+        f"device {device}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f} at start"
+    )
     if args.quick:
         print("  (--quick: tiny batches, the numbers say nothing about speed)")
     elif ref_tps is not None:
-        best = max((n for n in rows if n.startswith("ours") and n != "ours_no_codebooks"), key=lambda n: rows[n]["tokens_per_s"])
+        best = max(
+            (n for n in rows if n.startswith("ours") and n != "ours_no_codebooks"),
+            key=lambda n: rows[n]["tokens_per_s"],
+        )
         verdict = "meets" if rows[best]["over_reference"] >= TARGET_OVER_REFERENCE else "MISSES"
-        print(f"  target: >= {TARGET_OVER_REFERENCE}x the reference's tokens/s; best ({best}) {rows[best]['over_reference']:.2f}x {verdict}")
+        print(
+            f"  target: >= {TARGET_OVER_REFERENCE}x the reference's tokens/s; best ({best}) "
+            f"{rows[best]['over_reference']:.2f}x {verdict}"
+        )
 
     report = {
-        "benchmark": "train_speed", "model": MODEL, "batch": args.batch, "seq_len": args.seq_len, "n_codes": args.n_codes,
-        "device": str(device), "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "load_average_start": load_before,
-        "load_average_end": os.getloadavg(), "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
-        "compile_s": compile_s, "reference": reference_note,
+        "benchmark": "train_speed",
+        "model": MODEL,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "n_codes": args.n_codes,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_start": load_before,
+        "load_average_end": os.getloadavg(),
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "compile_s": compile_s,
+        "reference": reference_note,
         "reference_meta": None if reference is None else reference.meta,
-        "target_over_reference": TARGET_OVER_REFERENCE, "results": rows,
+        "target_over_reference": TARGET_OVER_REFERENCE,
+        "results": rows,
     }
     with atomic_file(args.out) as tmp:
         tmp.write_text(json.dumps(report, indent=2))

@@ -1,25 +1,7 @@
 """cbinterp: codebook features for TransformerLens models."""
 
-from cbinterp.attach import (
-    SITE_HOOKS,
-    attach_codebooks,
-    codebooks_bypassed,
-    detach_codebooks,
-    get_codebooks,
-    kmeans_init_codebooks,
-)
-from cbinterp.cache import CodeCache, cache_codes
-from cbinterp.codebook import Codebook, CodebookConfig
-from cbinterp.interventions import (
-    ablate_codes,
-    force_codes,
-    generate_with_codes,
-    intervene,
-    replace_codes,
-    steering_hooks,
-)
-from cbinterp.probes import probe, probe_figure, token_positions
-from cbinterp.queries import (
+from cbinterp.codecache.features import token_positions
+from cbinterp.codecache.queries import (
     code_contexts,
     code_fires,
     code_frequencies,
@@ -27,11 +9,31 @@ from cbinterp.queries import (
     codes_for_token,
     cooccurrence,
     dead_codes,
-    search_codes,
     top_tokens,
 )
-from cbinterp.serialization import load, save
-from cbinterp.views import CodeContextView, context_view
+from cbinterp.codecache.store import CodeCache, cache_codes
+from cbinterp.core.attach import (
+    SITE_HOOKS,
+    attach_codebooks,
+    codebooks_bypassed,
+    detach_codebooks,
+    get_codebooks,
+    kmeans_init_codebooks,
+)
+from cbinterp.core.codebook import Codebook, CodebookConfig
+from cbinterp.core.interventions import (
+    ablate_codes,
+    force_codes,
+    generate_with_codes,
+    intervene,
+    replace_codes,
+    steering_hooks,
+)
+from cbinterp.core.io import load, save
+from cbinterp.core.train import TrainConfig, TrainResult, train
+from cbinterp.metrics.probes import probe, search_codes
+from cbinterp.viz.html import CodeContextView, context_view
+from cbinterp.viz.plots import probe_figure
 
 __all__ = [
     "CodeContextView",
@@ -66,5 +68,8 @@ __all__ = [
     "steering_hooks",
     "token_positions",
     "top_tokens",
+    "train",
+    "TrainConfig",
+    "TrainResult",
 ]
 __version__ = "0.1.0"

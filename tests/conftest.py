@@ -12,8 +12,16 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 TINY = dict(
-    n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=11, n_ctx=16,
-    normalization_type="LN", positional_embedding_type="rotary", act_fn="gelu",
+    n_layers=2,
+    d_model=32,
+    n_heads=4,
+    d_head=8,
+    d_mlp=64,
+    d_vocab=11,
+    n_ctx=16,
+    normalization_type="LN",
+    positional_embedding_type="rotary",
+    act_fn="gelu",
 )
 
 
@@ -50,6 +58,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load_benchmark(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as when run as `python benchmarks/<name>.py`: helpers sit beside it
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cbinterp
-from cbinterp.fsm import FSM
+from cbinterp.tasks.fsm import FSM
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,9 @@ def test_speed_benchmarks_quick_write_their_tables(script, tmp_path, capsys, loa
     assert "reference" in printed and str(out) in printed
     rows = report["results"]
     assert rows and all(
-        all(t > 0 for t in row["times_s"]) if isinstance(row["times_s"], list) else all(t > 0 for ts in row["times_s"].values() for t in ts)
+        all(t > 0 for t in row["times_s"])
+        if isinstance(row["times_s"], list)
+        else all(t > 0 for ts in row["times_s"].values() for t in ts)
         for row in rows.values()
     )
 

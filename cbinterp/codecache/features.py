@@ -1,0 +1,93 @@
+"""Regex features over the decoded text of a `CodeCache` (or token tensor), mapped to token masks.
+
+A feature is a regular expression over the text of each document, decoded by concatenating per-token strings
+(`token_strings[token_id]`). Each match's character span is mapped to the tokens it covers: a token is covered
+when its character span `[start, end)` overlaps the match's; a match that starts or ends inside a sub-word token
+covers that token; zero-length tokens cover nothing; zero-length matches are ignored. `which` picks the first,
+the last or any covered token of every match.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["doc_token_indices", "token_positions"]
+
+_WHICH = ("first", "last", "any")
+
+
+def _flat_tokens(cache_or_tokens) -> tuple[Tensor, Tensor, Tensor]:
+    """(tokens, doc, pos) flattened, int64 on the CPU."""
+    if isinstance(cache_or_tokens, Tensor):
+        t = cache_or_tokens.long().cpu()
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2:
+            raise ValueError(f"tokens must be (seq,) or (n_docs, seq), got shape {tuple(cache_or_tokens.shape)}.")
+        n, s = t.shape
+        return t.reshape(-1), torch.arange(n).repeat_interleave(s), torch.arange(s).repeat(n)
+    return cache_or_tokens.tokens.cpu(), cache_or_tokens.doc.cpu(), cache_or_tokens.pos.cpu()
+
+
+def doc_token_indices(doc: Tensor, pos: Tensor) -> list[tuple[int, np.ndarray]]:
+    """For each document id (ascending), the flat token indices of its tokens in position order."""
+    doc_np, pos_np = doc.cpu().numpy(), pos.cpu().numpy()
+    order = np.lexsort((pos_np, doc_np))
+    if len(order) == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(doc_np[order])) + 1
+    return [(int(doc_np[g[0]]), g) for g in np.split(order, cuts)]
+
+
+def _decode(ids: np.ndarray, token_strings: Sequence[str]) -> tuple[str, np.ndarray, np.ndarray]:
+    pieces = []
+    for i in ids:
+        if not 0 <= int(i) < len(token_strings):
+            raise ValueError(f"token id {int(i)} has no string: token_strings has {len(token_strings)} entries.")
+        pieces.append(str(token_strings[int(i)]))
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    return "".join(pieces), starts, ends
+
+
+def token_positions(
+    cache_or_tokens, token_strings: Sequence[str], pattern: Union[str, "re.Pattern"], which: str = "any"
+) -> Tensor:
+    """Bool mask `(n_tokens,)` of the tokens covered by matches of `pattern` in each decoded document.
+
+    Args:
+        cache_or_tokens: a `CodeCache` (the mask follows its token order) or token ids `(n_docs, seq)` / `(seq,)`
+            (the mask is over the flattened ids, document by document).
+        token_strings: one string per vocabulary id, e.g. `[tok.decode([i]) for i in range(vocab)]`.
+        pattern: a regex (str or compiled), searched with `finditer` over each document's text.
+        which: "first", "last" or "any" covered token of each match.
+    """
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}.")
+    regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+    tokens, doc, pos = _flat_tokens(cache_or_tokens)
+    tok_np = tokens.numpy()
+    mask = np.zeros(len(tok_np), dtype=bool)
+    for _, idx in doc_token_indices(doc, pos):
+        text, starts, ends = _decode(tok_np[idx], token_strings)
+        nonempty = ends > starts
+        for m in regex.finditer(text):
+            a, b = m.span()
+            if b <= a:
+                continue
+            covered = np.flatnonzero(nonempty & (starts < b) & (ends > a))
+            if len(covered) == 0:
+                continue
+            if which == "any":
+                mask[idx[covered]] = True
+            elif which == "first":
+                mask[idx[covered[0]]] = True
+            else:
+                mask[idx[covered[-1]]] = True
+    return torch.from_numpy(mask)

@@ -1,0 +1,187 @@
+"""Everyday queries on a `CodeCache`: how often codes fire, where, on which tokens, and with which other codes.
+
+A code fires at a token when it is among that token's top-k code ids (a code listed twice counts once; -1 is no
+code). For a per-head codebook (`codes(name)` of shape `(n_tokens, heads, k)`), `head=None` pools the heads:
+`code_frequencies`/`dead_codes`/`codes_for_token` count (token, head) pairs, while the per-token masks of
+`code_fires`, `code_contexts`, `top_tokens` and `cooccurrence` mean "fires in any head". `search_codes` scores
+every (codebook, head, code) separately.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from cbinterp.codecache.features import doc_token_indices
+from cbinterp.core.codes import dedupe_codes
+
+__all__ = [
+    "code_contexts",
+    "code_fires",
+    "code_frequencies",
+    "codes_at",
+    "codes_for_token",
+    "cooccurrence",
+    "dead_codes",
+    "top_tokens",
+]
+
+
+def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
+    """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` when head is None."""
+    codes = cache.codes(name)
+    if codes.dim() == 2:
+        if head not in (None, 0):
+            raise ValueError(f"Codebook {name!r} has no heads; use head=None (or 0), got {head}.")
+        return codes
+    if head is None:
+        return codes
+    n_heads = codes.shape[1]
+    if not -n_heads <= int(head) < n_heads:
+        raise ValueError(f"head {head} out of range for codebook {name!r} with {n_heads} heads.")
+    return codes[:, int(head)]
+
+
+def _check_code(cache, name: str, code: int) -> int:
+    n = cache.n_codes(name)
+    if not 0 <= int(code) < n:
+        raise ValueError(f"code {code} out of range for codebook {name!r} with {n} codes.")
+    return int(code)
+
+
+def code_frequencies(cache, name: str, head: Optional[int] = None) -> Tensor:
+    """Int64 `(n_codes,)`: how many tokens each code fires at (per-head codebook with head=None: (token, head)
+    pairs, summed over heads)."""
+    codes = _head_codes(cache, name, head)
+    rows = dedupe_codes(codes.reshape(-1, codes.shape[-1])).reshape(-1)
+    rows = rows[rows >= 0]
+    return torch.bincount(rows, minlength=cache.n_codes(name))[: cache.n_codes(name)]
+
+
+def dead_codes(cache, name: str, head: Optional[int] = None) -> Tensor:
+    """Int64 ids of the codes that never fire (in `head`, or in any head when None)."""
+    return torch.nonzero(code_frequencies(cache, name, head) == 0).flatten()
+
+
+def code_fires(cache, name: str, code: int, head: Optional[int] = None) -> Tensor:
+    """Bool `(n_tokens,)`: where `code` fires (in `head`, or in any head when None)."""
+    code = _check_code(cache, name, code)
+    codes = _head_codes(cache, name, head)
+    hit = codes == code
+    return hit.reshape(hit.shape[0], -1).any(dim=1)
+
+
+def codes_for_token(cache, name: str, token_id: int, head: Optional[int] = None) -> pd.DataFrame:
+    """The codes that fire on occurrences of `token_id`: columns `code`, `count` (occurrences on which it fires;
+    (occurrence, head) pairs for head=None on a per-head codebook) and `share` (count / occurrences of the token),
+    most frequent first (ties: lower code)."""
+    at = cache.tokens == int(token_id)
+    n_occ = int(at.sum())
+    codes = _head_codes(cache, name, head)[at]
+    rows = dedupe_codes(codes.reshape(-1, codes.shape[-1])).reshape(-1)
+    counts = torch.bincount(rows[rows >= 0], minlength=cache.n_codes(name)).numpy()
+    ids = np.flatnonzero(counts)
+    order = np.lexsort((ids, -counts[ids]))
+    ids = ids[order].astype(np.int64)
+    return pd.DataFrame({"code": ids, "count": counts[ids].astype(np.int64), "share": counts[ids] / max(n_occ, 1)})
+
+
+def cooccurrence(
+    cache,
+    name_a: str,
+    code_a: int,
+    name_b: str,
+    code_b: int,
+    head_a: Optional[int] = None,
+    head_b: Optional[int] = None,
+) -> dict:
+    """Tokens at which code_a fires (`n_a`), code_b fires (`n_b`), both (`n_both`), and `jaccard` =
+    n_both / (n_a + n_b - n_both) (0.0 when neither fires)."""
+    a = code_fires(cache, name_a, code_a, head_a)
+    b = code_fires(cache, name_b, code_b, head_b)
+    n_a, n_b, n_both = int(a.sum()), int(b.sum()), int((a & b).sum())
+    union = n_a + n_b - n_both
+    return {"n_a": n_a, "n_b": n_b, "n_both": n_both, "jaccard": n_both / union if union else 0.0}
+
+
+def _doc_layout(cache):
+    """Flat index -> (its doc's sorted flat indices, rank within the doc)."""
+    groups = [idx for _, idx in doc_token_indices(cache.doc, cache.pos)]
+    group_of = np.empty(len(cache.doc), dtype=np.int64)
+    rank = np.empty(len(cache.doc), dtype=np.int64)
+    for g, idx in enumerate(groups):
+        group_of[idx] = g
+        rank[idx] = np.arange(len(idx))
+    return groups, group_of, rank
+
+
+def code_contexts(
+    cache,
+    name: str,
+    code: int,
+    token_strings: Sequence[str],
+    window: int = 5,
+    head: Optional[int] = None,
+    max_examples: Optional[int] = 20,
+) -> list[dict]:
+    """Up to `max_examples` places where `code` fires, in cache order: dicts with `doc`, `pos`, `left` (text of
+    the up to `window` preceding tokens of the same document), `token` (the token's text) and `right` (the up to
+    `window` following tokens)."""
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}.")
+    where = torch.nonzero(code_fires(cache, name, code, head)).flatten().numpy()
+    if max_examples is not None:
+        where = where[: int(max_examples)]
+    if len(where) == 0:
+        return []
+    groups, group_of, rank = _doc_layout(cache)
+    tokens, doc, pos = cache.tokens.numpy(), cache.doc.numpy(), cache.pos.numpy()
+
+    def text(idx):
+        return "".join(str(token_strings[int(t)]) for t in tokens[idx])
+
+    out = []
+    for i in where:
+        g, r = groups[group_of[i]], rank[i]
+        out.append(
+            {
+                "doc": int(doc[i]),
+                "pos": int(pos[i]),
+                "left": text(g[max(r - window, 0) : r]),
+                "token": text([i]),
+                "right": text(g[r + 1 : r + 1 + window]),
+            }
+        )
+    return out
+
+
+def top_tokens(cache, name: str, code: int, head: Optional[int] = None, n: int = 10) -> pd.DataFrame:
+    """The `n` tokens on which `code` fires most often: columns `token` (id), `count` and `share`
+    (count / tokens at which the code fires); ties: lower token id first."""
+    fires = code_fires(cache, name, code, head)
+    toks = cache.tokens[fires]
+    if len(toks) == 0:
+        return pd.DataFrame(
+            {
+                "token": pd.Series(dtype=np.int64),
+                "count": pd.Series(dtype=np.int64),
+                "share": pd.Series(dtype=np.float64),
+            }
+        )
+    counts = torch.bincount(toks).numpy()
+    ids = np.flatnonzero(counts)
+    ids = ids[np.lexsort((ids, -counts[ids]))][: int(n)].astype(np.int64)
+    return pd.DataFrame({"token": ids, "count": counts[ids].astype(np.int64), "share": counts[ids] / len(toks)})
+
+
+def codes_at(cache, doc: int, pos: int) -> dict[str, Tensor]:
+    """Every codebook's code ids at token (`doc`, `pos`): `(k,)` or `(heads, k)` per codebook name."""
+    hit = torch.nonzero((cache.doc == int(doc)) & (cache.pos == int(pos))).flatten()
+    if len(hit) == 0:
+        raise KeyError(f"No token at doc {doc}, pos {pos} in this cache.")
+    i = int(hit[0])
+    return {name: cache.codes(name)[i] for name in cache.codebook_names}

@@ -1,0 +1,1 @@
+"""Core: the codebook hook point, attaching it to a HookedTransformer, interventions, training and saving."""

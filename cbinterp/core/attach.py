@@ -1,0 +1,260 @@
+"""Attach codebooks to a HookedTransformer at hook names, find them, bypass them, and take them off again."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from functools import partial
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import Slice
+
+from cbinterp.core.codebook import Codebook, CodebookConfig
+from cbinterp.core.naming import CODES_HOOK, CODES_SUFFIX, INPUT_HOOK, INPUT_SUFFIX, did_you_mean
+
+#: Site aliases and the hook name each stands for in every selected layer.
+SITE_HOOKS = {
+    "attn": "blocks.{layer}.attn.hook_z",
+    "mlp": "blocks.{layer}.hook_mlp_out",
+    "resid": "blocks.{layer}.hook_resid_post",
+}
+
+PerSite = Union[int, Mapping[str, int]]
+
+
+def require_hooked_transformer(model) -> HookedTransformer:
+    if not isinstance(model, HookedTransformer):
+        raise TypeError(
+            f"cbinterp needs a transformer_lens.HookedTransformer, got {type(model).__name__}. "
+            "Build or load the model with HookedTransformer (transformer-lens>=3.9,<4); TransformerBridge is not "
+            "supported."
+        )
+    return model
+
+
+def get_codebooks(model: HookedTransformer) -> dict[str, Codebook]:
+    """Every codebook in the model, by the hook name it sits at, in forward order."""
+    require_hooked_transformer(model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, Codebook)}
+
+
+def resolve_sites(
+    model: HookedTransformer,
+    sites: Union[str, Sequence[str]],
+    layers: Optional[Sequence[int]] = None,
+) -> list[tuple[str, str]]:
+    """Expand site aliases ("attn", "mlp", "resid"), `{layer}` templates and hook names into
+    `(site, hook_name)` pairs, checking that each exists."""
+    if isinstance(sites, str):
+        sites = [sites]
+    n_layers = model.cfg.n_layers
+    if layers is None:
+        layers = range(n_layers)
+    layers = list(layers)
+    for layer in layers:
+        if not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise ValueError(f"Layer {layer!r} is out of range: this model has layers 0..{n_layers - 1}.")
+    pairs = []
+    for site in sites:
+        template = SITE_HOOKS.get(site, site)
+        names = [template.format(layer=l) for l in layers] if "{layer}" in template else [template]
+        for name in names:
+            module = model.mod_dict.get(name)
+            if not isinstance(module, HookPoint) or name.endswith((CODES_SUFFIX, INPUT_SUFFIX)):
+                raise ValueError(
+                    f"Unknown hook site {site!r} (hook name {name!r}). Use one of {sorted(SITE_HOOKS)} or a hook name "
+                    f"of the model{did_you_mean(name, model.hook_dict)} `model.hook_dict` lists them all."
+                )
+            pairs.append((site, name))
+    return pairs
+
+
+def _per_site(value: PerSite, site: str, hook_name: str, what: str) -> int:
+    if isinstance(value, Mapping):
+        for key in (hook_name, site):
+            if key in value:
+                return value[key]
+        raise ValueError(f"No {what} given for site {site!r} ({hook_name}); add it to the {what} mapping.")
+    return value
+
+
+def _activation_shapes(model: HookedTransformer, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Trailing (non batch, non position) shape of each hook's activation, read off a one-token forward pass."""
+    shapes = {}
+
+    def record(tensor, hook):
+        shapes[hook.name] = tuple(tensor.shape[2:])
+
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
+    with torch.no_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[(n, record) for n in names])
+    return shapes
+
+
+def attach_codebooks(
+    model: HookedTransformer,
+    sites: Union[str, Sequence[str]] = ("attn", "mlp"),
+    n_codes: PerSite = 1000,
+    k: PerSite = 1,
+    layers: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    **codebook_kwargs,
+) -> HookedTransformer:
+    """Insert codebooks into `model` in place at the given sites and return it.
+
+    Args:
+        sites: "attn" (one codebook per head at `blocks.{l}.attn.hook_z`), "mlp" (`blocks.{l}.hook_mlp_out`),
+            "resid" (`blocks.{l}.hook_resid_post`), hook names, or hook-name templates with `{layer}`.
+        n_codes, k: an int for every site, or a mapping from site alias or hook name to int.
+        layers: which layers the aliases and templates expand to (default: all).
+        seed: codebook i gets seed `seed + i`.
+        codebook_kwargs: further `Codebook` settings (similarity, normalize_input, loss, dead_after, ...).
+    """
+    require_hooked_transformer(model)
+    pairs = resolve_sites(model, sites, layers)
+    existing = get_codebooks(model)
+    names = [name for _, name in pairs]
+    for name in names:
+        if name in existing:
+            raise ValueError(f"{name} already has a codebook; call detach_codebooks(model, [{name!r}]) first.")
+        hook_point = model.hook_dict[name]
+        if hook_point.fwd_hooks or hook_point.bwd_hooks:
+            raise ValueError(
+                f"{name} has hooks attached; remove them (model.reset_hooks()) before attaching a codebook."
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"A hook site is listed twice in {list(sites)}.")
+    shapes = _activation_shapes(model, names)
+    user_groups = codebook_kwargs.pop("groups", None)
+    new_codebooks = []
+    for site_index, (site, name) in enumerate(pairs):
+        shape = shapes[name]
+        if len(shape) == 1:
+            groups, dim = 1, shape[0]
+        elif len(shape) == 2:
+            groups, dim = shape
+        else:
+            raise ValueError(
+                f"Cannot quantize {name}: its activation has per-position shape {shape}; expected (dim,) or (heads, "
+                "dim)."
+            )
+        if user_groups is not None and user_groups != groups:
+            raise ValueError(
+                f"groups={user_groups} does not match {name}, which has {groups} "
+                f"{'heads' if groups > 1 else 'group'} of size {dim}; leave groups out to take it from the model."
+            )
+        cfg = CodebookConfig(
+            dim=dim,
+            groups=groups,
+            n_codes=_per_site(n_codes, site, name, "n_codes"),
+            k=_per_site(k, site, name, "k"),
+            seed=seed + site_index,
+            **codebook_kwargs,
+        )
+        new_codebooks.append((name, Codebook.from_config(cfg, device=model.cfg.device, dtype=model.cfg.dtype)))
+    # Insert only once every site's codebook is built, so that a bad argument leaves the model untouched.
+    for name, codebook in new_codebooks:
+        insert_codebook(model, name, codebook, setup=False)
+    _finish(model)
+    return model
+
+
+def insert_codebook(model: HookedTransformer, hook_name: str, codebook: Codebook, setup: bool = True) -> None:
+    """Put `codebook` in place of the hook point `hook_name` (low level; `attach_codebooks` checks its input)."""
+    parent_name, _, attr = hook_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, codebook)
+    if setup:
+        _finish(model)
+
+
+def detach_codebooks(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> HookedTransformer:
+    """Remove codebooks (all, or those at `names`) and restore plain hook points; returns the model."""
+    codebooks = get_codebooks(model)
+    names = list(codebooks) if names is None else list(names)
+    for name in names:
+        if name not in codebooks:
+            raise ValueError(f"No codebook at {name!r}; codebooks are at {list(codebooks)}.")
+        insert_codebook(model, name, HookPoint(), setup=False)
+    _finish(model)
+    return model
+
+
+@contextlib.contextmanager
+def codebooks_bypassed(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> Iterator[HookedTransformer]:
+    """Run the model with its codebooks (all, or those at `names`) passing activations through unchanged."""
+    codebooks = get_codebooks(model)
+    chosen = [codebooks[n] for n in (codebooks if names is None else names)]
+    previous = [cb.bypass for cb in chosen]
+    for cb in chosen:
+        cb.bypass = True
+    try:
+        yield model
+    finally:
+        for cb, was in zip(chosen, previous):
+            cb.bypass = was
+
+
+def _finish(model: HookedTransformer) -> None:
+    model.setup()
+    grouped = {f"{n}.{sub}" for n, cb in get_codebooks(model).items() if cb.grouped for sub in (CODES_HOOK, INPUT_HOOK)}
+    if grouped:
+        model.get_caching_hooks = partial(_get_caching_hooks_with_head_axis, model, grouped)
+    else:
+        model.__dict__.pop("get_caching_hooks", None)
+
+
+def _get_caching_hooks_with_head_axis(model: HookedTransformer, head_axis_names: set[str], *args, **kwargs):
+    """`get_caching_hooks` that slices `pos_slice` along the position axis (-3) of per-head codebook tensors.
+
+    TransformerLens picks the position axis by the hook name's ending; `...hook_z.hook_codes` is
+    `(batch, pos, head, k)`, so without this it would slice the head axis.
+    """
+    bound = inspect.signature(HookedTransformer.get_caching_hooks).bind(model, *args, **kwargs)
+    bound.apply_defaults()
+    params = dict(bound.arguments)
+    params.pop("self")
+    pos_slice = params["pos_slice"]
+    cache, fwd, bwd = HookedTransformer.get_caching_hooks(model, **params)
+    if pos_slice is None:
+        return cache, fwd, bwd
+    _, plain_fwd, plain_bwd = HookedTransformer.get_caching_hooks(
+        model, **{**params, "pos_slice": None, "cache": cache}
+    )
+    slice_ = Slice.unwrap(pos_slice)
+
+    def save_then_slice(save, suffix, tensor, hook):
+        save(tensor, hook)
+        key = hook.name + suffix
+        if cache[key].dim() >= 3:
+            cache[key] = slice_.apply(cache[key], dim=-3)
+
+    def patched(hooks, plain_hooks, suffix):
+        return [
+            (name, partial(save_then_slice, plain, suffix) if name in head_axis_names else hook)
+            for (name, hook), (_, plain) in zip(hooks, plain_hooks)
+        ]
+
+    return cache, patched(fwd, plain_fwd, ""), patched(bwd, plain_bwd, "_grad")
+
+
+@torch.no_grad()
+def kmeans_init_codebooks(model: HookedTransformer, tokens: torch.Tensor, iters: int = 10, seed: int = 0) -> None:
+    """Initialise every codebook to k-means centroids of its input on `tokens`, in forward order: each
+    codebook sees the activations produced with the codebooks before it already in place."""
+    codebooks = get_codebooks(model)
+    tokens = tokens.to(model.cfg.device)
+    for index, (name, codebook) in enumerate(codebooks.items()):
+        later = list(codebooks)[index:]
+        captured = {}
+
+        def grab(tensor, hook):
+            captured["x"] = tensor  # noqa: B023 (used within this iteration)
+
+        with codebooks_bypassed(model, later):
+            model.run_with_hooks(tokens, fwd_hooks=[(name + INPUT_SUFFIX, grab)])
+        x = captured["x"]
+        codebook.kmeans_init(x.reshape(-1, *x.shape[2:]), iters=iters, seed=seed + index)

@@ -1,0 +1,417 @@
+"""The codebook layer: a top-k vector-quantization bottleneck that is itself a TransformerLens hook point."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+Similarity = Literal["inner_product", "cosine", "euclidean"]
+LossKind = Literal["aeloss", "vqvae"]
+SIMILARITIES = ("inner_product", "cosine", "euclidean")
+LOSSES = ("aeloss", "vqvae")
+
+
+@dataclasses.dataclass
+class CodebookConfig:
+    """Everything needed to rebuild a `Codebook` (saved as JSON beside the weights)."""
+
+    dim: int
+    n_codes: int
+    k: int = 1
+    groups: int = 1
+    similarity: Similarity = "inner_product"
+    normalize_input: bool = False
+    loss: LossKind = "aeloss"
+    recon_weight: float = 1.0
+    beta: float = 0.25
+    dead_after: Optional[int] = None
+    dead_check_every: int = 50
+    replace_noise: float = 0.01
+    init_std: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        for field in ("dim", "n_codes", "k", "groups"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Codebook {field} must be a positive int, got {value!r}.")
+        if self.k > self.n_codes:
+            raise ValueError(
+                f"k={self.k} is larger than n_codes={self.n_codes}: a codebook cannot select more codes "
+                f"than it has. Use k <= n_codes."
+            )
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"Unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown codebook loss {self.loss!r}; choose one of {LOSSES}.")
+        if self.dead_after is not None and self.dead_after < 1:
+            raise ValueError(f"dead_after must be None or >= 1 step, got {self.dead_after}.")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Outputs `q`; the input gets the straight-through gradient, the codes the reconstruction gradient too.
+
+    Backward: dL/dx = g + commit * 2(x - q)/n and dL/dq = g + recon * 2(q - x)/n, where g is the
+    downstream gradient and n the number of elements: exactly the gradients of
+    `downstream(q) + recon * mse(q, x.detach()) + commit * mse(x, q.detach())` with x passed straight through.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor, recon: float, commit: float) -> Tensor:
+        ctx.save_for_backward(x, q)
+        ctx.recon, ctx.commit = recon, commit
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, q = ctx.saved_tensors
+        if ctx.commit == 0 and ctx.recon == 0:
+            return grad_out, grad_out, None, None
+        scale = 2.0 / x.numel()
+        diff = q - x
+        # torch.add(a, b, alpha=s) is a + s * b in one pass
+        grad_x = grad_out if ctx.commit == 0 else torch.add(grad_out, diff, alpha=-ctx.commit * scale)
+        grad_q = grad_out if ctx.recon == 0 else torch.add(grad_out, diff, alpha=ctx.recon * scale)
+        return grad_x, grad_q, None, None
+
+
+class Codebook(HookPoint):
+    """A learned codebook that replaces an activation with the sum of its top-k most similar code vectors.
+
+    It is a `HookPoint`: placed at a hook name of a HookedTransformer, hooks on that name see the quantized
+    activation. Nested hook points expose its internals: `hook_input` (the activation before quantization)
+    and `hook_codes` (the selected code ids, int64 `(..., k)` or `(..., groups, k)`). A hook that rewrites
+    `hook_codes` changes the output to the sum of the rewritten codes; an id of -1 means "no code".
+
+    Args:
+        dim: size of the activation's last dimension.
+        n_codes: number of code vectors (per group).
+        k: number of codes summed at each position.
+        groups: number of independent codebooks; `groups > 1` takes input `(..., groups, dim)`.
+        similarity: "inner_product" (x.c / |c|), "cosine", or "euclidean" (negative distance).
+        normalize_input: layer-normalise (no affine) the activation before scoring it.
+        loss: "aeloss" trains codes on |x - q|^2; "vqvae" adds a commitment term (weight `beta`) on the input.
+        recon_weight: weight of the reconstruction (mean squared error) loss for the codes.
+        dead_after: during training, re-initialise codes unused for this many steps from recent inputs.
+        init_std: standard deviation of the random initial codes.
+        seed: seed of the initial codes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_codes: int,
+        k: int = 1,
+        groups: int = 1,
+        similarity: Similarity = "inner_product",
+        normalize_input: bool = False,
+        loss: LossKind = "aeloss",
+        recon_weight: float = 1.0,
+        beta: float = 0.25,
+        dead_after: Optional[int] = None,
+        dead_check_every: int = 50,
+        replace_noise: float = 0.01,
+        init_std: float = 1.0,
+        seed: int = 0,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        self.cfg = CodebookConfig(
+            dim=dim,
+            n_codes=n_codes,
+            k=k,
+            groups=groups,
+            similarity=similarity,
+            normalize_input=normalize_input,
+            loss=loss,
+            recon_weight=recon_weight,
+            beta=beta,
+            dead_after=dead_after,
+            dead_check_every=dead_check_every,
+            replace_noise=replace_noise,
+            init_std=init_std,
+            seed=seed,
+        )
+        self.cfg.validate()
+        generator = torch.Generator().manual_seed(seed)
+        init = torch.randn(groups, n_codes, dim, generator=generator) * init_std
+        self.weight = nn.Parameter(init.to(device=device, dtype=dtype))
+        # Usage statistics; persistent so that a resumed run continues identically.
+        self.register_buffer("counts", torch.zeros(groups, n_codes, dtype=torch.long, device=device))
+        self.register_buffer("steps_since_used", torch.zeros(groups, n_codes, dtype=torch.long, device=device))
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("last_mse", torch.zeros((), device=device), persistent=False)
+        self.bypass = False
+        self.track_usage = True
+        self.check_finite = True
+        self.hook_input = HookPoint()
+        self.hook_codes = HookPoint()
+
+    @classmethod
+    def from_config(cls, cfg: CodebookConfig, device=None, dtype=None) -> "Codebook":
+        return cls(**dataclasses.asdict(cfg), device=device, dtype=dtype)
+
+    # -- convenience views -------------------------------------------------------------------------------
+    @property
+    def grouped(self) -> bool:
+        return self.cfg.groups > 1
+
+    @property
+    def n_codes(self) -> int:
+        return self.cfg.n_codes
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"name={self.name!r}, dim={c.dim}, n_codes={c.n_codes}, k={c.k}, groups={c.groups}, "
+            f"similarity={c.similarity!r}"
+        )
+
+    def __repr__(self) -> str:  # HookPoint overrides nn.Module's repr; restore the module tree view
+        return nn.Module.__repr__(self)
+
+    # -- the quantizer -----------------------------------------------------------------------------------
+    def _as_groups(self, x: Tensor) -> Float[Tensor, "*batch groups dim"]:
+        c = self.cfg
+        if self.grouped:
+            if x.dim() < 2 or x.shape[-2:] != (c.groups, c.dim):
+                raise ValueError(
+                    f"Codebook {self.name or ''} expects input (..., groups={c.groups}, dim={c.dim}) but got "
+                    f"shape {tuple(x.shape)}; groups must match the number of heads and dim the head size."
+                )
+            return x
+        if x.shape[-1] != c.dim:
+            raise ValueError(
+                f"Codebook {self.name or ''} expects input (..., dim={c.dim}) but got shape {tuple(x.shape)}; "
+                f"build it with dim={x.shape[-1]} or feed it the activation it was made for."
+            )
+        return x.unsqueeze(-2)
+
+    def scores(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch n_codes"]:
+        """The similarity of every code to `x` (`(..., groups, n_codes)` for grouped codebooks)."""
+        xg = self._as_groups(x)
+        s = self._scores(xg, exact=True)
+        return s if self.grouped else s.squeeze(-2)
+
+    #: The top-k search goes through the scores in blocks of about this many elements (8 MB of float32), one
+    #: group at a time: a block stays in cache instead of a whole (tokens, groups, n_codes) tensor going to memory.
+    _chunk_scores = 1 << 21
+
+    def _prepare(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The input as scored, flattened to (n, groups, dim); the codes as scored (groups, n_codes, dim); and for
+        euclidean the per-code term |c|^2 (None otherwise): scores are x.c, or 2x.c - |c|^2 for euclidean."""
+        c = self.cfg
+        w = self.weight.detach()
+        if c.normalize_input:
+            xg = F.layer_norm(xg, (c.dim,))
+        if c.similarity == "inner_product":
+            w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        elif c.similarity == "cosine":
+            w = F.normalize(w, dim=-1)
+            xg = F.normalize(xg, dim=-1)
+        # -|x-c|^2 = 2x.c - |c|^2 - |x|^2; |x|^2 does not change the ranking, so the top-k skips it.
+        bias = w.pow(2).sum(-1) if c.similarity == "euclidean" else None
+        return xg.reshape(-1, c.groups, c.dim), w, bias
+
+    @staticmethod
+    def _block_scores(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+        scores = x @ w.T
+        return scores if bias is None else scores.mul_(2).sub_(bias)
+
+    def _scores(
+        self, xg: Float[Tensor, "*batch groups dim"], exact: bool = False
+    ) -> Float[Tensor, "*batch groups n_codes"]:
+        c = self.cfg
+        lead = xg.shape[:-2]
+        flat, w, bias = self._prepare(xg)
+        dots = torch.stack(
+            [self._block_scores(flat[:, g], w[g], None if bias is None else bias[g]) for g in range(c.groups)], dim=1
+        )
+        if exact and bias is not None:
+            dots = -(flat.pow(2).sum(-1, keepdim=True) - dots).clamp_min(0).sqrt()
+        return dots.reshape(*lead, c.groups, c.n_codes)
+
+    def encode(self, x: Float[Tensor, "*batch dim"]) -> Int[Tensor, "*batch k"]:
+        """The ids of the top-k codes for `x` (`(..., groups, k)` for grouped codebooks), best first."""
+        with torch.no_grad():
+            xg = self._as_groups(x)
+            codes = self._encode(xg)
+        return codes if self.grouped else codes.squeeze(-2)
+
+    def _encode(self, xg: Tensor) -> Tensor:
+        c = self.cfg
+        lead = xg.shape[:-2]
+        flat, w, bias = self._prepare(xg)
+        n = flat.shape[0]
+        codes = torch.empty(n, c.groups, c.k, dtype=torch.long, device=flat.device)
+        rows = max(1, self._chunk_scores // c.n_codes)
+        for g in range(c.groups):
+            w_g, bias_g = w[g], None if bias is None else bias[g]
+            for start in range(0, n, rows):
+                scores = self._block_scores(flat[start : start + rows, g], w_g, bias_g)
+                if c.k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
+                    codes[start : start + rows, g] = scores.max(dim=-1, keepdim=True).indices
+                else:
+                    codes[start : start + rows, g] = scores.topk(c.k, dim=-1).indices
+        return codes.reshape(*lead, c.groups, c.k)
+
+    def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
+        """The sum of the code vectors named by `codes`; an id of -1 contributes zero."""
+        if self.grouped:
+            return self._decode(codes, allow_empty)
+        return self._decode(codes.unsqueeze(-2), allow_empty).squeeze(-2)
+
+    def _decode(self, codes: Int[Tensor, "*batch groups k"], check: bool) -> Float[Tensor, "*batch groups dim"]:
+        c = self.cfg
+        if codes.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Code ids must be an integer tensor, got {codes.dtype}.")
+        if codes.dim() < 2 or codes.shape[-2] != c.groups:
+            raise ValueError(
+                f"Codes for {self.name or 'this codebook'} need a groups axis of size {c.groups}, got shape "
+                f"{tuple(codes.shape)}."
+            )
+        flat_weight = self.weight.reshape(c.groups * c.n_codes, c.dim)
+        if not check and c.k == 1:  # the common case: one code per group, gathered without a k axis to sum
+            ids = codes[..., 0]
+            if c.groups > 1:
+                ids = ids + torch.arange(c.groups, device=codes.device) * c.n_codes
+            return F.embedding(ids, flat_weight)
+        offsets = torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
+        if not check:
+            return F.embedding(codes + offsets, flat_weight).sum(-2)
+        if bool(((codes < -1) | (codes >= c.n_codes)).any()):
+            bad = codes[(codes < -1) | (codes >= c.n_codes)][0].item()
+            raise ValueError(
+                f"Code id {bad} is out of range for {self.name or 'this codebook'} with {c.n_codes} codes; "
+                f"ids must be in [0, {c.n_codes - 1}], or -1 for no code."
+            )
+        present = codes >= 0
+        vectors = F.embedding(torch.where(present, codes, 0) + offsets, flat_weight)
+        return (vectors * present.unsqueeze(-1).to(vectors.dtype)).sum(-2)
+
+    def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
+        x = self.hook_input(x)
+        if self.bypass:
+            return x
+        xg = self._as_groups(x)
+        if self.training and self.cfg.dead_after is not None:
+            self._maybe_replace_dead(xg)
+        with torch.no_grad():
+            codes = self._encode(xg)
+        codes = self.hook_codes(codes if self.grouped else codes.squeeze(-2))
+        codes_g = codes if self.grouped else codes.unsqueeze(-2)
+        hooked = len(self.hook_codes._forward_hooks) > 0
+        q = self._decode(codes_g, check=hooked)
+        q_out = q if self.grouped else q.squeeze(-2)
+        if self.track_usage:
+            self._update_usage(x, q_out, codes_g, may_be_empty=hooked)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            recon = self.cfg.recon_weight
+            commit = self.cfg.beta if self.cfg.loss == "vqvae" else 0.0
+            return _StraightThrough.apply(x, q_out, recon, commit)
+        return q_out
+
+    @torch.no_grad()
+    def _update_usage(self, x: Tensor, q: Tensor, codes: Tensor, may_be_empty: bool = True) -> None:
+        c = self.cfg
+        mse = F.mse_loss(x.detach().float(), q.detach().float())  # one fused pass, no temporaries
+        self.last_mse.copy_(mse)
+        # The check syncs the device and breaks a torch.compile graph; compiled, `train` names the site instead.
+        if self.training and self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(mse)):
+            raise FloatingPointError(
+                f"Non-finite activations or codes at codebook {self.name!r} (reconstruction MSE is {mse.item()}). "
+                f"Lower the learning rate, clip gradients, or check the input at this site."
+            )
+        flat = codes if c.groups == 1 else codes + torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
+        flat = flat[codes >= 0] if may_be_empty else flat.flatten()  # -1 (no code) only comes from hooks
+        batch_counts = torch.bincount(flat, minlength=c.groups * c.n_codes).view(c.groups, c.n_codes)
+        self.counts += batch_counts
+        if self.training:
+            self.train_steps += 1
+            self.steps_since_used += 1
+            self.steps_since_used.masked_fill_(batch_counts > 0, 0)
+
+    @torch.no_grad()
+    def _maybe_replace_dead(self, xg: Tensor) -> None:
+        c = self.cfg
+        if int(self.train_steps) % c.dead_check_every != 0 or int(self.train_steps) == 0:
+            return
+        self.replace_dead_codes(xg, min_steps=c.dead_after)
+
+    @torch.no_grad()
+    def replace_dead_codes(self, x: Float[Tensor, "*batch dim"], min_steps: Optional[int] = None) -> int:
+        """Re-initialise codes unused for `min_steps` training steps (default: all never used since the
+        last reset) from random rows of `x` plus small noise. Returns how many codes were replaced."""
+        c = self.cfg
+        xg = x if x.shape[-2:] == (c.groups, c.dim) and self.grouped else self._as_groups(x)
+        rows = xg.reshape(-1, c.groups, c.dim).detach()
+        dead = self.steps_since_used >= min_steps if min_steps is not None else self.counts == 0
+        replaced = 0
+        for g in range(c.groups):
+            idx = dead[g].nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            pick = torch.randint(0, rows.shape[0], (idx.numel(),), device=rows.device)
+            new = rows[pick, g].to(self.weight.dtype)
+            noise = torch.randn_like(new) * new.std().clamp_min(1e-6) * c.replace_noise
+            self.weight[g, idx] = new + noise
+            self.steps_since_used[g, idx] = 0
+            replaced += idx.numel()
+        return replaced
+
+    # -- statistics --------------------------------------------------------------------------------------
+    def reset_usage(self) -> None:
+        """Zero the firing counts (the dead-code step counters are kept)."""
+        self.counts.zero_()
+
+    @property
+    def n_dead(self) -> int:
+        """Number of codes that have not fired since the last `reset_usage()`."""
+        return int((self.counts == 0).sum())
+
+    def usage(self) -> dict:
+        """Firing counts, dead-code count and last reconstruction MSE, as plain Python values."""
+        return {
+            "counts": self.counts.cpu() if self.grouped else self.counts[0].cpu(),
+            "n_dead": self.n_dead,
+            "mse": float(self.last_mse),
+        }
+
+    # -- initialisation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def kmeans_init(self, x: Float[Tensor, "*batch dim"], iters: int = 10, seed: int = 0) -> None:
+        """Set the codes to k-means centroids of the activations `x`.
+
+        Lloyd iterations under the codebook's own similarity: each point goes to the code this codebook
+        would select for it, and each code moves to the mean of its points, so the centroids reconstruct
+        the activations the way the forward pass will use them. Codes left empty are re-seeded from random points.
+        """
+        c = self.cfg
+        xg = self._as_groups(x).reshape(-1, c.groups, c.dim).to(self.weight.dtype)
+        n = xg.shape[0]
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+
+        def random_points(count: int) -> Tensor:
+            rows = torch.randint(0, n, (c.groups, count), generator=generator).to(xg.device)
+            return xg[rows, torch.arange(c.groups, device=xg.device).unsqueeze(1)]
+
+        self.weight.copy_(random_points(c.n_codes))
+        offsets = torch.arange(c.groups, device=xg.device) * c.n_codes
+        for _ in range(iters):
+            assign = (self._encode(xg)[..., 0] + offsets).flatten()  # (n * groups,)
+            sums = torch.zeros(c.groups * c.n_codes, c.dim, dtype=xg.dtype, device=xg.device)
+            sums.index_add_(0, assign, xg.reshape(-1, c.dim))
+            sizes = torch.bincount(assign, minlength=c.groups * c.n_codes).unsqueeze(1)
+            centroids = torch.where(sizes > 0, sums / sizes.clamp_min(1), random_points(c.n_codes).reshape(-1, c.dim))
+            self.weight.copy_(centroids.view(c.groups, c.n_codes, c.dim))

@@ -1,0 +1,273 @@
+"""The TokFSM task: sequences from a random finite state machine, each state written as base-`base` digits."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from cbinterp.core.atomic import atomic_file
+
+
+@dataclasses.dataclass(frozen=True)
+class FSMBatch:
+    """Token sequences with, at every position, what the machine was doing there (-1 where not applicable)."""
+
+    tokens: Int[Tensor, "batch pos"]
+    state_at: Int[Tensor, "batch pos"]  # the state whose last digit is read here
+    state_in_progress: Int[Tensor, "batch pos"]  # the state whose digits are being read here
+    digit_index: Int[Tensor, "batch pos"]  # which digit of that state sits here
+    prev_state: Int[Tensor, "batch pos"]  # the last complete state before this position
+
+
+class FSM:
+    """A random finite state machine with uniform transitions over `n_edges` distinct successors per state.
+
+    Tokens 0..base-1 are digits, token `base` is BOS; a state s is written as its `digits` base-`base` digits,
+    most significant first.
+    """
+
+    def __init__(self, n_states: int, n_edges: int, base: int, seed: int, successors: np.ndarray):
+        successors = np.asarray(successors, dtype=np.int64)
+        if successors.shape != (n_states, n_edges):
+            raise ValueError(
+                f"successors must have shape (n_states={n_states}, n_edges={n_edges}), got {successors.shape}."
+            )
+        if successors.min() < 0 or successors.max() >= n_states:
+            raise ValueError("successors holds a state id outside [0, n_states).")
+        self.n_states, self.n_edges, self.base, self.seed = n_states, n_edges, base, seed
+        self.successors = successors
+        self.digits = max(1, math.ceil(math.log(n_states, base) - 1e-9))
+        self.bos = base
+        self.vocab_size = base + 1
+        self._succ_mask = np.zeros((n_states, n_states), dtype=bool)
+        np.put_along_axis(self._succ_mask, successors, True, axis=1)
+
+    @classmethod
+    def random(cls, n_states: int = 100, n_edges: int = 10, base: int = 10, seed: int = 0) -> "FSM":
+        """A machine whose every state has `n_edges` distinct successors drawn uniformly (self-loops allowed)."""
+        if n_states < 1 or base < 2:
+            raise ValueError(f"Need n_states >= 1 and base >= 2, got n_states={n_states}, base={base}.")
+        if not 1 <= n_edges <= n_states:
+            raise ValueError(f"n_edges must be in [1, n_states={n_states}], got {n_edges}.")
+        rng = np.random.default_rng(seed)
+        successors = np.argsort(rng.random((n_states, n_states)), axis=1)[:, :n_edges]
+        return cls(n_states, n_edges, base, seed, np.sort(successors, axis=1))
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "n_states": self.n_states,
+            "n_edges": self.n_edges,
+            "base": self.base,
+            "seed": self.seed,
+            "successors": self.successors.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FSM":
+        missing = {"n_states", "n_edges", "base", "seed", "successors"} - set(data)
+        if missing:
+            raise ValueError(f"FSM JSON lacks the keys {sorted(missing)}.")
+        return cls(data["n_states"], data["n_edges"], data["base"], data["seed"], np.array(data["successors"]))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FSM":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # -- tokens ------------------------------------------------------------------------------------------
+    def state_digits(self, states: np.ndarray | Tensor) -> np.ndarray:
+        """Digits of each state, most significant first: shape `states.shape + (digits,)`."""
+        states = np.asarray(states)
+        powers = self.base ** np.arange(self.digits - 1, -1, -1)
+        return (states[..., None] // powers) % self.base
+
+    def is_successor(self, state: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        """Whether `nxt` is a valid successor of `state` (elementwise; out-of-range ids count as invalid)."""
+        state, nxt = np.asarray(state), np.asarray(nxt)
+        ok = (nxt >= 0) & (nxt < self.n_states) & (state >= 0) & (state < self.n_states)
+        return ok & self._succ_mask[np.clip(state, 0, self.n_states - 1), np.clip(nxt, 0, self.n_states - 1)]
+
+    def sample_states(self, batch: int, n_steps: int, rng: np.random.Generator) -> np.ndarray:
+        """Random walks `(batch, n_steps)` from uniformly drawn start states."""
+        states = np.empty((batch, n_steps), dtype=np.int64)
+        states[:, 0] = rng.integers(0, self.n_states, batch)
+        edges = rng.integers(0, self.n_edges, (batch, n_steps))
+        for t in range(1, n_steps):  # a Markov chain: vectorised over the batch, sequential in time
+            states[:, t] = self.successors[states[:, t - 1], edges[:, t]]
+        return states
+
+    def sample(self, batch: int, seq_len: int, seed: int | np.random.Generator = 0) -> FSMBatch:
+        """`batch` sequences of `seq_len` tokens: BOS, then a random walk's states digit by digit (the last state
+        may be cut off)."""
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2 (BOS and one digit), got {seq_len}.")
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        n_steps = math.ceil((seq_len - 1) / self.digits)
+        states = self.sample_states(batch, n_steps, rng)
+        body = self.state_digits(states).reshape(batch, -1)[:, : seq_len - 1]
+        tokens = np.concatenate([np.full((batch, 1), self.bos), body], axis=1)
+        pos = np.arange(seq_len - 1)
+        digit_index = np.concatenate([[-1], pos % self.digits])
+        step = pos // self.digits
+        in_progress = np.concatenate([np.full((batch, 1), -1), states[:, step]], axis=1)
+        is_last = digit_index == self.digits - 1
+        state_at = np.where(is_last[None], in_progress, -1)
+        prev_step = np.concatenate([[-1], step - 1])
+        prev = np.where(prev_step[None] >= 0, states[:, np.clip(prev_step, 0, None)], -1)
+        prev_state = np.where(is_last[None], in_progress, prev)
+        as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.long)
+        return FSMBatch(
+            as_t(tokens),
+            as_t(state_at),
+            as_t(in_progress),
+            as_t(np.broadcast_to(digit_index, tokens.shape)),
+            as_t(prev_state),
+        )
+
+    def token_batches(self, batch: int, seq_len: int, seed: int = 0):
+        """A step-indexed batch function for `cbinterp.train`: `fn(step)` gives the same tokens for the same step."""
+
+        def batch_at(step: int) -> Tensor:
+            return self.sample(batch, seq_len, np.random.default_rng([seed, step])).tokens
+
+        return batch_at
+
+    # -- features ----------------------------------------------------------------------------------------
+    @property
+    def prefix_width(self) -> int:
+        """Number of distinct partial states (the first 1..digits-1 digits of a state): base for two digits."""
+        return sum(self.base**j for j in range(1, self.digits))
+
+    def _prefix_ids(self, data: FSMBatch) -> tuple[Tensor, Tensor]:
+        """(inside, prefix): where a state is being read but not yet complete, and which digits were read so
+        far, numbered 0..prefix_width-1 (one-digit prefixes first, then two-digit ones, ...)."""
+        inside = (data.digit_index >= 0) & (data.digit_index < self.digits - 1)
+        digits = torch.as_tensor(self.state_digits(data.state_in_progress.clamp_min(0).numpy()))
+        value = torch.zeros_like(data.tokens)
+        offset = torch.zeros_like(data.tokens)
+        for j in range(self.digits - 1):
+            read = data.digit_index >= j
+            value = torch.where(read, value * self.base + digits[..., j], value)
+            if j:
+                offset = torch.where(read, offset + self.base**j, offset)
+        return inside, offset + value
+
+    def state_plus_digit(self, data: FSMBatch) -> Int[Tensor, "batch pos"]:
+        """Feature id of "state s, then the next state's digits so far" at positions inside the next state
+        (all but its last digit), else -1. For two-digit states the id is `s * base + first digit`."""
+        inside, prefix = self._prefix_ids(data)
+        return torch.where(inside & (data.prev_state >= 0), data.prev_state * self.prefix_width + prefix, -1)
+
+    def n_features(self) -> int:
+        """Number of features in `feature_labels`."""
+        return self.n_states + (self.n_states + 1) * self.prefix_width
+
+    def feature_labels(self, data: FSMBatch) -> Int[Tensor, "batch pos"]:
+        """One feature id per position (-1 for none, i.e. BOS), the paper's FSM features in one label space.
+
+        Ids `0..n_states-1`: "state s", true where the last digit of s is read. Then
+        `n_states + s * prefix_width + prefix`: "state s followed by digits p", true inside the next state
+        (`state_plus_digit`); the first state of a sequence, which follows no state, counts as following a
+        pseudo-state `s = n_states`, "start".
+        """
+        inside, prefix = self._prefix_ids(data)
+        source = torch.where(data.prev_state >= 0, data.prev_state, self.n_states)
+        following = self.n_states + source * self.prefix_width + prefix
+        return torch.where(data.state_at >= 0, data.state_at, torch.where(inside, following, -1))
+
+    def feature_names(self) -> list[str]:
+        """Readable names of the `feature_labels` ids: "state 42", "state 42 > 7" (the next state begins with
+        7) and "start > 7" (the first state begins with 7)."""
+        sep = "" if self.base <= 10 else ","
+        prefixes = [
+            sep.join(map(str, p))
+            for length in range(1, self.digits)
+            for p in itertools.product(range(self.base), repeat=length)
+        ]
+        sources = [f"state {s}" for s in range(self.n_states)] + ["start"]
+        return [f"state {s}" for s in range(self.n_states)] + [f"{src} > {p}" for src in sources for p in prefixes]
+
+    # -- the best possible loss ---------------------------------------------------------------------------
+    def optimal_loss(self, data: FSMBatch) -> float:
+        """Cross-entropy (nats/token) of the Bayes-optimal predictor that knows the machine, on `data`'s
+        next-token targets, the same positions `HookedTransformer(..., return_type="loss")` averages."""
+        ent = self._next_token_entropy(data)
+        return float(ent[:, :-1].mean())
+
+    def _next_token_entropy(self, data: FSMBatch) -> np.ndarray:
+        """Entropy of the next token at every position, given the true history."""
+        d, base = self.digits, self.base
+        # table[j][source + 1, prefix]: entropy of digit j of the next state, given its first j digits
+        # (as a number) and the state it leaves (-1: the start, drawn uniformly).
+        candidates = [self.state_digits(np.arange(self.n_states))] + list(self.state_digits(self.successors))
+        table = [np.zeros((self.n_states + 1, base**j)) for j in range(d)]
+        for src, cands in enumerate(candidates):
+            for j in range(d):
+                prefixes = (cands[:, :j] * base ** np.arange(j - 1, -1, -1)).sum(1) if j else np.zeros(len(cands), int)
+                for prefix in np.unique(prefixes):
+                    probs = np.bincount(cands[prefixes == prefix, j], minlength=base) / (prefixes == prefix).sum()
+                    probs = probs[probs > 0]
+                    table[j][src, prefix] = -(probs * np.log(probs)).sum()
+        di, prev = data.digit_index.numpy(), data.prev_state.numpy()
+        n_known = np.where((di == d - 1) | (di == -1), 0, di + 1)
+        digits = self.state_digits(np.clip(data.state_in_progress.numpy(), 0, None))
+        ent = np.zeros(di.shape)
+        for j in range(d):
+            prefix = (digits[..., :j] * base ** np.arange(j - 1, -1, -1)).sum(-1) if j else np.zeros(di.shape, int)
+            ent = np.where(n_known == j, table[j][prev + 1, prefix], ent)
+        return ent
+
+
+@torch.no_grad()
+def transition_accuracy(
+    model,
+    fsm: FSM,
+    n_sequences: int = 256,
+    seq_len: int = 64,
+    cut_states: Optional[Sequence[int]] = None,
+    seed: int = 12345,
+    batch_size: int = 256,
+) -> dict:
+    """How often the model's greedily decoded next state (digit by digit) is a valid successor.
+
+    Prefixes end right after a complete state; `cut_states` says after how many states (default: every
+    count that fits in `seq_len`). Returns the overall rate, the first-transition rate (after one state)
+    and the rate per cut.
+    """
+    device = next(model.parameters()).device
+    max_states = (seq_len - 1) // fsm.digits - 1
+    cuts = list(cut_states) if cut_states is not None else list(range(1, max_states + 1))
+    data = fsm.sample(n_sequences, 1 + (max(cuts) + 1) * fsm.digits, seed)
+    per_cut = {}
+    for cut in cuts:
+        end = 1 + cut * fsm.digits
+        correct = []
+        for start in range(0, n_sequences, batch_size):
+            prefix = data.tokens[start : start + batch_size, :end].to(device)
+            for _ in range(fsm.digits):
+                next_digit = model(prefix)[:, -1, : fsm.base].argmax(-1, keepdim=True)
+                prefix = torch.cat([prefix, next_digit], dim=1)
+            guess = prefix[:, end:].cpu().numpy()
+            predicted = (guess * fsm.base ** np.arange(fsm.digits - 1, -1, -1)).sum(-1)
+            current = data.state_at[start : start + batch_size, end - 1].numpy()
+            correct.append(fsm.is_successor(current, predicted))
+        per_cut[cut] = float(np.concatenate(correct).mean())
+    return {
+        "transition_accuracy": float(np.mean(list(per_cut.values()))),
+        "first_transition_accuracy": per_cut.get(1, float("nan")) if 1 in per_cut else None,
+        "per_cut": per_cut,
+    }

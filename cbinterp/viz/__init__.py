@@ -1,0 +1,1 @@
+"""Figures (plotly) and HTML views of codes."""

@@ -1,0 +1,141 @@
+"""Plotly figures for code-versus-neuron comparisons."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+_NEURON_PREFIX = "neuron_precision_"
+_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+
+
+def code_vs_neuron_figure(
+    table: pd.DataFrame, summary: pd.DataFrame, title: str = "Code vs neuron precision", kind: str = "state"
+) -> go.Figure:
+    """Left: mean precision of each codebook's `kind` codes beside the best neurons' at the same recall.
+    Right: per MLP codebook, the distribution of those precisions (one box per code set and neuron set).
+
+    Args:
+        table: one row per code, as from `fsm_code_table` (columns `codebook`, `head`, `site`, `kind`,
+            `precision`, and `neuron_precision_<set>` per neuron set).
+        summary: per codebook and head, as from `summarize_state_codes`.
+    """
+    neuron_sets = [c.removeprefix(_NEURON_PREFIX) for c in table.columns if c.startswith(_NEURON_PREFIX)]
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.6, 0.4],
+        subplot_titles=(f"mean precision of {kind} codes, per codebook", f"{kind} codes of the MLP codebooks"),
+    )
+    labels = [
+        f"L{row.layer} {row.site}" + (f" h{row.head}" if row.site == "attn" else "") for row in summary.itertuples()
+    ]
+    fig.add_trace(
+        go.Bar(
+            x=labels, y=summary["state_code_precision_mean"], name="codes", marker_color=_COLORS[0], legendgroup="codes"
+        ),
+        row=1,
+        col=1,
+    )
+    for i, neuron_set in enumerate(neuron_sets, start=1):
+        column = f"{neuron_set}_precision_mean"
+        if column in summary:
+            fig.add_trace(
+                go.Bar(
+                    x=labels,
+                    y=summary[column],
+                    name=f"best neuron ({neuron_set})",
+                    marker_color=_COLORS[i % len(_COLORS)],
+                    legendgroup=neuron_set,
+                ),
+                row=1,
+                col=1,
+            )
+    rows = table[(table["site"] == "mlp") & (table["kind"] == kind)]
+    layer = rows["layer"].astype(str).radd("L")
+    fig.add_trace(
+        go.Box(
+            x=layer, y=rows["precision"], name="codes", marker_color=_COLORS[0], legendgroup="codes", showlegend=False
+        ),
+        row=1,
+        col=2,
+    )
+    for i, neuron_set in enumerate(neuron_sets, start=1):
+        fig.add_trace(
+            go.Box(
+                x=layer,
+                y=rows[_NEURON_PREFIX + neuron_set],
+                name=f"best neuron ({neuron_set})",
+                marker_color=_COLORS[i % len(_COLORS)],
+                legendgroup=neuron_set,
+                showlegend=False,
+            ),
+            row=1,
+            col=2,
+        )
+    fig.update_layout(title=title, barmode="group", boxmode="group", height=480, width=1200)
+    fig.update_yaxes(title_text="precision", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    return fig
+
+
+def code_frequency_figure(cache, name: str, head=None, title: str | None = None) -> go.Figure:
+    """How often each code of one codebook fires in a `CodeCache`, most frequent first (log scale)."""
+    from cbinterp.codecache.queries import code_frequencies
+
+    counts = code_frequencies(cache, name, head=head).sort(descending=True).values
+    fig = go.Figure(go.Bar(y=counts.tolist(), marker_color=_COLORS[0]))
+    dead = int((counts == 0).sum())
+    fig.update_layout(
+        title=title or f"{name}{'' if head is None else f' head {head}'}: code frequency ({dead} never fire)",
+        xaxis_title="code rank",
+        yaxis_title="fires",
+        yaxis_type="log",
+        height=380,
+        width=800,
+    )
+    return fig
+
+
+def precision_recall_figure(
+    table: pd.DataFrame, label: str = "feature", title: str = "codes as classifiers"
+) -> go.Figure:
+    """Precision against recall, one point per row of a code table (`probe`, `search_codes`, `code_feature_table`),
+    coloured by `label` when that column is present."""
+    fig = go.Figure()
+    groups = table.groupby(label, sort=False) if label in table.columns else [("codes", table)]
+    for key, rows in groups:
+        text = (
+            [f"{r.codebook} code {r.code}" for r in rows.itertuples()]
+            if {"codebook", "code"} <= set(rows.columns)
+            else None
+        )
+        fig.add_trace(go.Scatter(x=rows["recall"], y=rows["precision"], mode="markers", name=str(key), text=text))
+    fig.update_layout(
+        title=title,
+        xaxis_title="recall",
+        yaxis_title="precision",
+        height=420,
+        width=700,
+        xaxis_range=[0, 1.02],
+        yaxis_range=[0, 1.02],
+    )
+    return fig
+
+
+def probe_figure(table: pd.DataFrame, title: str = "Regex probes: best code vs best neuron"):
+    """Grouped bars per feature: the best code's precision (max over codebooks/heads) beside the best neuron's
+    precision at that code's recall (`best_neuron_precision`, when present)."""
+    fig = go.Figure()
+    if table.empty:
+        fig.update_layout(title=title)
+        return fig
+    idx = table.groupby("feature_name", sort=False)["precision"].idxmax()
+    top = table.loc[idx.to_numpy()]
+    label = [f"{r.feature_name} ({r.codebook}/h{r.head}/c{r.code})" for r in top.itertuples()]
+    fig.add_bar(name="best code", x=list(top["feature_name"]), y=list(top["precision"]), hovertext=label)
+    if "best_neuron_precision" in top.columns:
+        fig.add_bar(name="best neuron", x=list(top["feature_name"]), y=list(top["best_neuron_precision"]))
+    fig.update_layout(title=title, barmode="group", yaxis_title="precision", yaxis_range=[0, 1.05])
+    return fig

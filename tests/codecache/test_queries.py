@@ -1,0 +1,146 @@
+"""Tests for cbinterp.codecache.queries, checked by brute force on a tiny cache."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cbinterp import attach_codebooks, cache_codes
+from cbinterp.codecache.queries import (
+    code_contexts,
+    code_fires,
+    code_frequencies,
+    codes_at,
+    codes_for_token,
+    cooccurrence,
+    dead_codes,
+    top_tokens,
+)
+from cbinterp.metrics.probes import SEARCH_COLUMNS, search_codes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHARS = [chr(ord("a") + i) for i in range(11)]
+ATTN = "blocks.0.attn.hook_z"  # per-head codebook
+
+
+@pytest.fixture(scope="module")
+def cache(_base_model):
+    model = attach_codebooks(copy.deepcopy(_base_model), ["attn", "mlp"], n_codes=8, k=2)
+    docs = torch.randint(0, 11, (5, 7), generator=torch.Generator().manual_seed(2))
+    return cache_codes(model, docs, batch_size=5, progress=False)
+
+
+def per_head(cache, name):
+    codes = cache.codes(name)
+    return [(None, codes)] if codes.dim() == 2 else [(None, codes)] + [(h, codes[:, h]) for h in range(codes.shape[1])]
+
+
+def test_frequencies_and_dead(cache):
+    for name in cache.codebook_names:
+        for head, codes in per_head(cache, name):
+            rows = codes.reshape(-1, codes.shape[-1])
+            want = torch.tensor([sum(int(c in set(r.tolist())) for r in rows) for c in range(cache.n_codes(name))])
+            freq = code_frequencies(cache, name, head)
+            assert freq.dtype == torch.int64 and torch.equal(freq, want)
+            assert torch.equal(dead_codes(cache, name, head), torch.nonzero(want == 0).flatten())
+    with pytest.raises(ValueError):
+        code_frequencies(cache, ATTN, head=99)
+
+
+def test_codes_for_token_top_tokens_cooccurrence(cache):
+    names = cache.codebook_names
+    mlp = [n for n in names if n != ATTN][0]
+    codes, toks = cache.codes(mlp), cache.tokens
+    tid = int(toks[0])
+    table = codes_for_token(cache, mlp, tid)
+    occ = codes[toks == tid]
+    for row in table.itertuples():
+        count = int((occ == row.code).any(-1).sum())
+        assert row.count == count and row.share == pytest.approx(count / len(occ))
+    assert int(table["count"].sum()) == sum(len(set(r.tolist()) - {-1}) for r in occ)
+    assert (np.diff(table["count"].to_numpy()) <= 0).all()
+
+    c = int(codes[0, 0])
+    fires = (codes == c).any(-1)
+    tt = top_tokens(cache, mlp, c, n=3)
+    counts = torch.bincount(toks[fires], minlength=11)
+    assert len(tt) <= 3 and tt["count"].iloc[0] == counts.max()
+    for row in tt.itertuples():
+        assert counts[row.token] == row.count and row.share == pytest.approx(row.count / int(fires.sum()))
+
+    a2 = int(cache.codes(ATTN)[0, 1, 0])
+    b = code_fires(cache, ATTN, a2)
+    assert torch.equal(b, (cache.codes(ATTN) == a2).flatten(1).any(1))
+    co = cooccurrence(cache, mlp, c, ATTN, a2)
+    n_both = int((fires & b).sum())
+    assert co == {
+        "n_a": int(fires.sum()),
+        "n_b": int(b.sum()),
+        "n_both": n_both,
+        "jaccard": pytest.approx(n_both / int((fires | b).sum())),
+    }
+    assert cooccurrence(cache, mlp, c, mlp, c)["jaccard"] == 1.0
+
+
+def test_contexts_and_codes_at(cache):
+    name = cache.codebook_names[-1]
+    codes = cache.codes(name)
+    c = int(codes[3, 0])
+    ctx = code_contexts(cache, name, c, CHARS, window=2, max_examples=4)
+    fires = torch.nonzero((codes == c).any(-1)).flatten()[:4]
+    assert len(ctx) == len(fires)
+    docs = cache.tokens.reshape(5, 7)
+    for ex, i in zip(ctx, fires.tolist()):
+        d, p = i // 7, i % 7
+        text = "".join(CHARS[t] for t in docs[d].tolist())
+        assert (ex["doc"], ex["pos"]) == (d, p)
+        assert ex["left"] == text[max(p - 2, 0) : p] and ex["token"] == text[p] and ex["right"] == text[p + 1 : p + 3]
+    at = codes_at(cache, 2, 4)
+    assert set(at) == set(cache.codebook_names)
+    for n in cache.codebook_names:
+        assert torch.equal(at[n], cache.codes(n)[2 * 7 + 4])
+    with pytest.raises(KeyError):
+        codes_at(cache, 9, 0)
+
+
+def test_search_codes(cache):
+    mask = cache.tokens == 3
+    by_regex = search_codes(cache, "d", CHARS)
+    by_mask = search_codes(cache, mask)
+    assert list(by_mask.columns) == SEARCH_COLUMNS
+    assert by_regex.equals(by_mask)
+    # brute force over every codebook/head/code
+    want = []
+    for name in cache.codebook_names:
+        codes = cache.codes(name)
+        heads = [codes] if codes.dim() == 2 else list(codes.unbind(1))
+        for h, hc in enumerate(heads):
+            for c in range(cache.n_codes(name)):
+                f = (hc == c).any(-1)
+                tp, n = int((f & mask).sum()), int(f.sum())
+                if tp:
+                    want.append((name, h, c, tp / n, tp / int(mask.sum()), 2 * tp / (n + int(mask.sum()))))
+    assert len(by_mask) == len(want)
+    got = {(r.codebook, r.head, r.code): (r.precision, r.recall, r.f1) for r in by_mask.itertuples()}
+    for name, h, c, p, r, f1 in want:
+        assert got[(name, h, c)] == pytest.approx((p, r, f1))
+    assert (np.diff(by_mask["f1"].to_numpy()) <= 1e-12).all()
+    by_p = search_codes(cache, mask, rank_by="precision")
+    assert by_p["precision"].iloc[0] == max(w[3] for w in want)
+    with pytest.raises(ValueError):
+        search_codes(cache, "d")
+    with pytest.raises(ValueError):
+        search_codes(cache, mask, rank_by="auc")
+
+
+def test_search_codes_edge_cases(cache):
+    empty = search_codes(cache, torch.zeros(cache.n_tokens, dtype=torch.bool))
+    assert list(empty.columns) == SEARCH_COLUMNS and empty.empty
+    with pytest.raises(ValueError):
+        search_codes(cache, torch.ones(3, dtype=torch.bool))
+    strict = search_codes(cache, cache.tokens == 3, min_fires=4)
+    assert (strict["n_fires"] >= 4).all()

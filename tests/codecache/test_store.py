@@ -1,0 +1,205 @@
+"""Tests for cbinterp.codecache.store: caching code ids over a data set, in memory and on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cbinterp import CodeCache, attach_codebooks, cache_codes, get_codebooks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOOK = "blocks.0.mlp.hook_post"
+
+
+@pytest.fixture
+def cb_model(model):
+    return attach_codebooks(model, ["attn", "mlp"], n_codes=16)
+
+
+@pytest.fixture
+def docs():
+    return torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(3))
+
+
+def direct_codes(model, docs):
+    names = [f"{n}.hook_codes" for n in get_codebooks(model)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(docs, names_filter=lambda n: n in names or n == HOOK)
+    return cache
+
+
+def assert_same(a: CodeCache, b: CodeCache):
+    assert a.codebook_names == b.codebook_names
+    assert a.n_tokens == b.n_tokens
+    for name in a.codebook_names:
+        assert torch.equal(a.codes(name), b.codes(name))
+    for attr in ("tokens", "doc", "pos"):
+        assert torch.equal(getattr(a, attr), getattr(b, attr))
+    for hook in a.meta["hooks"]:
+        assert torch.equal(a.activations(hook), b.activations(hook))
+
+
+def test_codes_match_run_with_cache(cb_model, docs):
+    cache = cache_codes(cb_model, docs, batch_size=2, hooks=[HOOK], progress=False)
+    direct = direct_codes(cb_model, docs)
+    n, seq = docs.shape
+    assert cache.n_tokens == n * seq
+    for name in get_codebooks(cb_model):
+        expected = direct[f"{name}.hook_codes"]
+        got = cache.codes(name)
+        assert got.dtype == torch.int64
+        assert got.shape == (n * seq, *expected.shape[2:])
+        assert torch.equal(got, expected.reshape(n * seq, *expected.shape[2:]))
+    assert cache.codes("blocks.0.attn.hook_z").shape == (n * seq, 4, 1)  # per-head codebook
+    assert torch.equal(cache.tokens, docs.reshape(-1))
+    assert torch.equal(cache.doc, torch.arange(n).repeat_interleave(seq))
+    assert torch.equal(cache.pos, torch.arange(seq).repeat(n))
+    # each token's id is found back from its coordinates
+    assert torch.equal(docs[cache.doc, cache.pos], cache.tokens)
+    act = cache.activations(HOOK)
+    assert act.dtype == torch.float16 and act.shape == (n * seq, 64)
+    torch.testing.assert_close(act.float(), direct[HOOK].reshape(n * seq, 64), atol=1e-2, rtol=1e-2)
+
+
+def test_smallest_dtype(cb_model, make_tiny_model, docs):
+    small = cache_codes(cb_model, docs[:2], progress=False)
+    assert small._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint8
+    assert small.storage_dtype("blocks.0.hook_mlp_out") == torch.uint8
+    assert small.bytes_per_token("blocks.0.hook_mlp_out") == 1
+    assert small.bytes_per_token("blocks.0.attn.hook_z") == 4  # 4 heads, k=1, one byte each
+    big_model = attach_codebooks(make_tiny_model(seed=1), ["mlp"], n_codes=1000, layers=[0])
+    big = cache_codes(big_model, docs[:2], progress=False)
+    assert big._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint16
+    assert big.bytes_per_token("blocks.0.hook_mlp_out") == 2
+    assert big.n_codes("blocks.0.hook_mlp_out") == 1000
+    direct = direct_codes(big_model, docs[:2])["blocks.0.hook_mlp_out.hook_codes"]
+    assert torch.equal(big.codes("blocks.0.hook_mlp_out"), direct.reshape(-1, 1))
+
+
+def test_iterable_equals_tensor(cb_model, docs):
+    a = cache_codes(cb_model, docs, batch_size=2, hooks=[HOOK], progress=False)
+    b = cache_codes(cb_model, iter([docs[:3], docs[3:]]), batch_size=2, hooks=[HOOK], progress=False)
+    assert_same(a, b)
+
+
+def test_directory_roundtrip(cb_model, docs, tmp_path):
+    memory = cache_codes(cb_model, docs, batch_size=2, hooks=[HOOK], progress=False)
+    on_disk = cache_codes(
+        cb_model, docs, batch_size=2, hooks=[HOOK], directory=tmp_path / "c", chunk_tokens=10, progress=False
+    )
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    assert meta["n_tokens"] == docs.numel() and meta["n_docs"] == docs.shape[0]
+    assert meta["model"]["d_vocab"] == 11 and meta["hooks"] == [HOOK]
+    assert meta["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] == 16
+    assert len(meta["chunks"]) == 3  # 12-token batches, chunks of >= 10 tokens
+    for chunk in meta["chunks"]:
+        assert (tmp_path / "c" / chunk["file"]).exists()
+    assert not list((tmp_path / "c").glob(".*.tmp"))
+    assert_same(memory, on_disk)
+    reopened = CodeCache.open(tmp_path / "c")
+    assert_same(memory, reopened)
+    reopened.check_model(cb_model)
+
+
+def test_resume_after_interruption(cb_model, docs, tmp_path):
+    full = cache_codes(
+        cb_model, docs, batch_size=1, hooks=[HOOK], directory=tmp_path / "full", chunk_tokens=6, progress=False
+    )
+
+    def interrupted():
+        yield docs[:2]
+        yield docs[2:3]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache_codes(
+            cb_model,
+            interrupted(),
+            batch_size=1,
+            hooks=[HOOK],
+            directory=tmp_path / "part",
+            chunk_tokens=6,
+            progress=False,
+        )
+    partial = CodeCache.open(tmp_path / "part")
+    assert partial.n_docs == 3 and partial.n_tokens == 18
+    resumed = cache_codes(
+        cb_model, docs, batch_size=2, hooks=[HOOK], directory=tmp_path / "part", chunk_tokens=6, progress=False
+    )
+    assert_same(full, resumed)
+    assert resumed.n_docs == docs.shape[0]
+    pairs = torch.stack([resumed.doc, resumed.pos], 1)
+    assert pairs.unique(dim=0).shape[0] == pairs.shape[0]  # no duplicate documents
+    # running again over the same data adds nothing
+    again = cache_codes(cb_model, docs, directory=tmp_path / "part", hooks=[HOOK], progress=False)
+    assert_same(full, again)
+
+
+def test_resume_mid_chunk_drops_unfinished(cb_model, docs, tmp_path):
+    def interrupted():
+        yield docs[:3]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache_codes(cb_model, interrupted(), batch_size=1, directory=tmp_path / "c", chunk_tokens=12, progress=False)
+    assert CodeCache.open(tmp_path / "c").n_docs == 2  # the third document's chunk was not finished
+    resumed = cache_codes(cb_model, docs, batch_size=2, directory=tmp_path / "c", chunk_tokens=12, progress=False)
+    assert_same(cache_codes(cb_model, docs, progress=False), resumed)
+
+
+def test_mismatched_model_raises(cb_model, model, make_tiny_model, docs, tmp_path):
+    cache_codes(cb_model, docs, directory=tmp_path / "c", progress=False)
+    other = attach_codebooks(make_tiny_model(seed=0), ["attn", "mlp"], n_codes=32)
+    with pytest.raises(ValueError, match="different model"):
+        cache_codes(other, docs, directory=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="n_codes"):
+        CodeCache.open(tmp_path / "c").check_model(other)
+    vocab = attach_codebooks(make_tiny_model(d_vocab=13), ["attn", "mlp"], n_codes=16)
+    with pytest.raises(ValueError, match="d_vocab"):
+        CodeCache.open(tmp_path / "c").check_model(vocab)
+
+
+def test_unknown_hook_raises(cb_model, docs):
+    with pytest.raises(ValueError, match="blocks.0.mlp.hook_post"):
+        cache_codes(cb_model, docs, hooks=["blocks.0.mlp.hook_pots"], progress=False)
+
+
+def test_empty_input_raises(cb_model):
+    with pytest.raises(ValueError, match="no tokens"):
+        cache_codes(cb_model, torch.zeros(0, 5, dtype=torch.long), progress=False)
+    with pytest.raises(ValueError, match="no tokens"):
+        cache_codes(cb_model, [], progress=False)
+
+
+def test_model_not_moved_and_progress(cb_model, docs, capsys):
+    device = next(cb_model.parameters()).device
+    cache_codes(cb_model, docs, batch_size=2, progress=True)
+    assert next(cb_model.parameters()).device == device
+
+
+def test_code_dtype_boundaries_round_trip():
+    from cbinterp.codecache.store import code_dtype
+
+    for n_codes, dtype in [
+        (1, torch.uint8),
+        (256, torch.uint8),
+        (257, torch.uint16),
+        (65536, torch.uint16),
+        (65537, torch.int32),
+    ]:
+        assert code_dtype(n_codes) == dtype
+        ids = torch.tensor([0, n_codes - 1])
+        assert torch.equal(ids.to(dtype).long(), ids)  # the largest id survives storage and widening
+
+
+def test_tokenizer_name_is_recorded_and_checked(cb_model, docs, tmp_path):
+    cache = cache_codes(cb_model, docs[:2], directory=tmp_path / "c", tokenizer_name="char-97", progress=False)
+    assert cache.meta["model"]["tokenizer_name"] == "char-97"
+    CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="char-97")
+    with pytest.raises(ValueError, match="tokenizer_name"):
+        CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="gpt2")
+    with pytest.raises(ValueError, match="different model"):
+        cache_codes(cb_model, docs, directory=tmp_path / "c", tokenizer_name="gpt2", progress=False)

@@ -1,0 +1,242 @@
+"""Saving and loading models with codebooks: round trips, atomic writes, and clear errors on bad files."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import cbinterp
+from cbinterp import attach_codebooks, get_codebooks, load, save
+from cbinterp.core import io as serialization
+from cbinterp.core.io import CONFIG_FILE, WEIGHTS_FILE, read_config, sha256_of
+
+
+@pytest.fixture
+def cb_model(model, tokens):
+    """(`model` itself, with codebooks added.) A tiny model with codebooks that has taken one training step (so the
+    usage buffers are not zero)."""
+    attach_codebooks(
+        model,
+        sites=["attn", "mlp"],
+        n_codes={"attn": 12, "mlp": 17},
+        k={"attn": 1, "mlp": 2},
+        similarity="cosine",
+        dead_after=4,
+        seed=3,
+    )
+    model.train()
+    model(tokens, return_type="loss").backward()
+    return model.eval()
+
+
+def leftovers(directory):
+    """Temporary or backup entries a save may leave beside its target."""
+    return [p.name for p in directory.iterdir() if p.name.startswith(".")]
+
+
+def test_round_trip(cb_model, tokens, tmp_path):
+    path = tmp_path / "ckpt"
+    assert save(cb_model, path, extra={"note": "hello", "steps": 1}) == path
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    loaded = load(path, device="cpu")
+    assert not loaded.training
+    assert str(loaded.cfg.device) == "cpu"
+    assert loaded.cfg.to_dict()["d_model"] == cb_model.cfg.d_model
+    assert torch.equal(loaded(tokens), cb_model(tokens))
+    _, cache = cb_model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_codes"))
+    _, cache2 = loaded.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_codes"))
+    assert cache.keys() == cache2.keys() and len(cache) == 4
+    for name in cache.keys():
+        assert torch.equal(cache[name], cache2[name]), name
+    before, after = get_codebooks(cb_model), get_codebooks(loaded)
+    assert list(before) == list(after)
+    for name in before:
+        assert before[name].cfg == after[name].cfg
+        assert torch.equal(before[name].weight, after[name].weight)
+        assert torch.equal(before[name].counts, after[name].counts) and int(after[name].counts.sum()) > 0
+        assert torch.equal(before[name].train_steps, after[name].train_steps)
+    assert read_config(path)["extra"] == {"note": "hello", "steps": 1}
+    # the pos_slice handling of per-head codes comes back with the codebooks
+    _, sliced = loaded.run_with_cache(tokens, pos_slice=slice(0, 2), names_filter=lambda n: n.endswith("hook_codes"))
+    assert torch.equal(sliced["blocks.0.attn.hook_z.hook_codes"], cache["blocks.0.attn.hook_z.hook_codes"][:, :2])
+
+
+def test_round_trip_without_codebooks(model, tokens, tmp_path):
+    save(model, tmp_path / "plain")
+    loaded = load(tmp_path / "plain", device="cpu")
+    assert get_codebooks(loaded) == {}
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_config_is_plain_json(cb_model, tmp_path):
+    save(cb_model, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert config["format"] == "cbinterp-model"
+    assert config["model_config"]["dtype"] == "float32"
+    assert "device" not in config["model_config"]
+    assert config["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] == 17
+    assert config["codebooks"]["blocks.0.attn.hook_z"]["groups"] == 4
+    assert config["weights_sha256"] == sha256_of(tmp_path / "ckpt" / WEIGHTS_FILE)
+
+
+def test_overwrite_replaces_checkpoint(cb_model, _base_model, tokens, tmp_path):
+    path = tmp_path / "ckpt"
+    save(cb_model, path)
+    other = attach_codebooks(copy.deepcopy(_base_model), sites="mlp", n_codes=5)
+    save(other, path)
+    loaded = load(path, device="cpu")
+    assert list(get_codebooks(loaded)) == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
+    assert torch.equal(loaded(tokens), other(tokens))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("target", ["save_file", "sha256_of"])
+def test_failed_save_keeps_previous_checkpoint(cb_model, _base_model, tokens, tmp_path, monkeypatch, target):
+    path = tmp_path / "ckpt"
+    save(cb_model, path)
+    expected = cb_model(tokens)
+    other = attach_codebooks(copy.deepcopy(_base_model), sites="mlp", n_codes=5)
+
+    def boom(*args, **kwargs):
+        if target == "save_file":  # write part of a file, then fail, as a full disk would
+            (args[1]).write_bytes(b"\0" * 100)
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(serialization, target, boom)
+        with pytest.raises(OSError, match="disk full"):
+            save(other, path)
+    assert leftovers(tmp_path) == []
+    loaded = load(path, device="cpu")
+    assert torch.equal(loaded(tokens), expected)
+    assert list(get_codebooks(loaded)) == list(get_codebooks(cb_model))
+
+
+def test_failed_first_save_leaves_nothing(cb_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(serialization, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("no space")))
+    with pytest.raises(OSError):
+        save(cb_model, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- bad files ------------------------------------------------------------------------------------------
+@pytest.fixture
+def saved(cb_model, tmp_path):
+    path = tmp_path / "ckpt"
+    save(cb_model, path)
+    return path
+
+
+def _rewrite_weights(path, state):
+    """Replace the weights file and update the checksum so that only the content is wrong."""
+    save_file(state, path / WEIGHTS_FILE)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["weights_sha256"] = sha256_of(path / WEIGHTS_FILE)
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
+        load(tmp_path / "nowhere")
+
+
+def test_missing_weights(saved):
+    (saved / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="No weights"):
+        load(saved)
+
+
+def test_truncated_weights(saved):
+    data = (saved / WEIGHTS_FILE).read_bytes()
+    (saved / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated, corrupt"):
+        load(saved)
+
+
+def test_flipped_byte_in_weights(saved):
+    data = bytearray((saved / WEIGHTS_FILE).read_bytes())
+    data[-5] ^= 0xFF
+    (saved / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum differs"):
+        load(saved)
+
+
+def test_garbage_weights_with_matching_checksum(saved):
+    (saved / WEIGHTS_FILE).write_bytes(b"this is not a safetensors file at all")
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["weights_sha256"] = sha256_of(saved / WEIGHTS_FILE)
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Corrupt weights file"):
+        load(saved)
+
+
+@pytest.mark.parametrize("content", ["", "{not json", '{"format": "cbinterp-model", "version": 1'])
+def test_corrupt_config(saved, content):
+    (saved / CONFIG_FILE).write_text(content)
+    with pytest.raises(ValueError, match="Corrupt cbinterp config"):
+        load(saved)
+
+
+def test_wrong_format_and_newer_version(saved):
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    (saved / CONFIG_FILE).write_text(json.dumps({**config, "format": "something-else"}))
+    with pytest.raises(ValueError, match="not a cbinterp model config"):
+        load(saved)
+    (saved / CONFIG_FILE).write_text(json.dumps({**config, "version": 99}))
+    with pytest.raises(ValueError, match="newer cbinterp"):
+        load(saved)
+
+
+def test_weights_from_another_save(saved, tmp_path, make_tiny_model):
+    other = tmp_path / "other"
+    save(attach_codebooks(make_tiny_model(seed=1), sites=["attn", "mlp"], n_codes={"attn": 12, "mlp": 17}, k=1), other)
+    (saved / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ValueError, match="does not match its config"):
+        load(saved)
+
+
+def test_weights_with_missing_or_extra_tensors(saved):
+    state = load_file(saved / WEIGHTS_FILE)
+    state.pop("blocks.0.hook_mlp_out.weight")
+    state["blocks.9.mystery"] = torch.zeros(2)
+    _rewrite_weights(saved, state)
+    with pytest.raises(ValueError, match=r"do not match the model.*blocks\.0\.hook_mlp_out\.weight"):
+        load(saved)
+
+
+def test_config_describing_other_codebooks(saved):
+    """The config says 30 codes where the weights hold 17: a clear error, not a silent partial load."""
+    config = json.loads((saved / CONFIG_FILE).read_text())
+    config["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] = 30
+    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"blocks\.0\.hook_mlp_out\.weight"):
+        load(saved)
+
+
+def test_save_rejects_non_hooked_transformer(tmp_path):
+    with pytest.raises(TypeError, match="HookedTransformer"):
+        save(nn.Linear(2, 2), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_public_api():
+    assert cbinterp.save is save and cbinterp.load is load
+
+
+def test_recover_dir_puts_back_the_copy_left_aside(tmp_path):
+    from cbinterp.core.atomic import recover_dir
+
+    target, aside = tmp_path / "ckpt", tmp_path / ".ckpt.old"
+    aside.mkdir()
+    (aside / "f").write_text("last good")
+    recover_dir(target)  # crashed between the renames: only the copy aside exists
+    assert (target / "f").read_text() == "last good" and not aside.exists()
+    aside.mkdir()
+    (aside / "f").write_text("older")
+    recover_dir(target)  # the new copy is in place: the one aside is stale
+    assert (target / "f").read_text() == "last good" and not aside.exists()
