@@ -20,20 +20,18 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
 from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from cbinterp import attach_codebooks
 from cbinterp.core.atomic import atomic_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_train.py"
 TARGET_OVER_REFERENCE = 2.0  # tokens/s of ours over the reference's

@@ -158,7 +158,7 @@ def attach_codebooks(
     # Insert only once every site's codebook is built, so that a bad argument leaves the model untouched.
     for name, codebook in new_codebooks:
         insert_codebook(model, name, codebook, setup=False)
-    _finish(model)
+    refresh_hooks(model)
     return model
 
 
@@ -168,7 +168,7 @@ def insert_codebook(model: HookedTransformer, hook_name: str, codebook: Codebook
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, codebook)
     if setup:
-        _finish(model)
+        refresh_hooks(model)
 
 
 def detach_codebooks(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> HookedTransformer:
@@ -179,7 +179,7 @@ def detach_codebooks(model: HookedTransformer, names: Optional[Sequence[str]] = 
         if name not in codebooks:
             raise ValueError(f"No codebook at {name!r}; codebooks are at {list(codebooks)}.")
         insert_codebook(model, name, HookPoint(), setup=False)
-    _finish(model)
+    refresh_hooks(model)
     return model
 
 
@@ -198,7 +198,8 @@ def codebooks_bypassed(model: HookedTransformer, names: Optional[Sequence[str]] 
             cb.bypass = was
 
 
-def _finish(model: HookedTransformer) -> None:
+def refresh_hooks(model: HookedTransformer) -> None:
+    """Rebuild the hook registry after codebooks were inserted or removed (and keep per-head code axes intact)."""
     model.setup()
     grouped = {f"{n}.{sub}" for n, cb in get_codebooks(model).items() if cb.grouped for sub in (CODES_HOOK, INPUT_HOOK)}
     if grouped:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from cbinterp.core.atomic import atomic_dir
-from cbinterp.core.attach import _finish, get_codebooks, insert_codebook, require_hooked_transformer
+from cbinterp.core.attach import get_codebooks, insert_codebook, refresh_hooks, require_hooked_transformer
 from cbinterp.core.codebook import Codebook, CodebookConfig
 
 CONFIG_FILE = "config.json"
@@ -124,7 +124,7 @@ def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -
     for name, cb_config in config["codebooks"].items():
         codebook = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
         insert_codebook(model, name, codebook, setup=False)
-    _finish(model)
+    refresh_hooks(model)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches: the config describes other codebooks or another model
