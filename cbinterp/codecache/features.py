@@ -1,10 +1,10 @@
 """Regex features over the decoded text of a `CodeCache` (or token tensor), mapped to token masks.
 
-A feature is a regular expression over the text of each document, decoded by concatenating per-token strings
-(`token_strings[token_id]`). Each match's character span is mapped to the tokens it covers: a token is covered
-when its character span `[start, end)` overlaps the match's; a match that starts or ends inside a sub-word token
-covers that token; zero-length tokens cover nothing; zero-length matches are ignored. `which` picks the first,
-the last or any covered token of every match.
+A feature is a regular expression over the text of each document, decoded through a `Vocabulary` (per-token
+strings, or for a byte-level tokenizer the document's bytes decoded as a whole). Each match's character span is
+mapped to the tokens it covers: a token is covered when its character span `[start, end)` overlaps the match's;
+a match that starts or ends inside a sub-word token covers that token; zero-length tokens cover nothing;
+zero-length matches are ignored. `which` picks the first, the last or any covered token of every match.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from cbinterp.codecache.vocab import Vocabulary
+
+#: Anything `Vocabulary` accepts: a tokenizer, a Vocabulary, or per-id strings or bytes.
+VocabularyLike = Union[Vocabulary, Sequence[str], Sequence[bytes], object]
 
 __all__ = ["doc_token_indices", "token_positions"]
 
@@ -44,27 +49,16 @@ def doc_token_indices(doc: Tensor, pos: Tensor) -> list[tuple[int, np.ndarray]]:
     return [(int(doc_np[g[0]]), g) for g in np.split(order, cuts)]
 
 
-def _decode(ids: np.ndarray, token_strings: Sequence[str]) -> tuple[str, np.ndarray, np.ndarray]:
-    pieces = []
-    for i in ids:
-        if not 0 <= int(i) < len(token_strings):
-            raise ValueError(f"token id {int(i)} has no string: token_strings has {len(token_strings)} entries.")
-        pieces.append(str(token_strings[int(i)]))
-    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    return "".join(pieces), starts, ends
-
-
 def token_positions(
-    cache_or_tokens, token_strings: Sequence[str], pattern: Union[str, "re.Pattern"], which: str = "any"
+    cache_or_tokens, token_strings: VocabularyLike, pattern: Union[str, "re.Pattern"], which: str = "any"
 ) -> Tensor:
     """Bool mask `(n_tokens,)` of the tokens covered by matches of `pattern` in each decoded document.
 
     Args:
         cache_or_tokens: a `CodeCache` (the mask follows its token order) or token ids `(n_docs, seq)` / `(seq,)`
             (the mask is over the flattened ids, document by document).
-        token_strings: one string per vocabulary id, e.g. `[tok.decode([i]) for i in range(vocab)]`.
+        token_strings: how ids read as text: a tokenizer (exact character spans for byte-level BPE), a
+            `Vocabulary`, or one string (or bytes) per vocabulary id, e.g. `[tok.decode([i]) for i in range(n)]`.
         pattern: a regex (str or compiled), searched with `finditer` over each document's text.
         which: "first", "last" or "any" covered token of each match.
     """
@@ -72,10 +66,11 @@ def token_positions(
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}.")
     regex = re.compile(pattern) if isinstance(pattern, str) else pattern
     tokens, doc, pos = _flat_tokens(cache_or_tokens)
+    vocab = Vocabulary(token_strings)
     tok_np = tokens.numpy()
     mask = np.zeros(len(tok_np), dtype=bool)
     for _, idx in doc_token_indices(doc, pos):
-        text, starts, ends = _decode(tok_np[idx], token_strings)
+        text, starts, ends = vocab.spans(tok_np[idx])
         nonempty = ends > starts
         for m in regex.finditer(text):
             a, b = m.span()

@@ -125,8 +125,8 @@ def precision_recall_figure(
 
 
 def probe_figure(table: pd.DataFrame, title: str = "Regex probes: best code vs best neuron"):
-    """Grouped bars per feature: the best code's precision (max over codebooks/heads) beside the best neuron's
-    precision at that code's recall (`best_neuron_precision`, when present)."""
+    """Grouped bars per feature: the best code's precision (max over codebooks/heads), labelled with its recall,
+    beside the best neuron's precision at that code's recall (`best_neuron_precision`, when present)."""
     fig = go.Figure()
     if table.empty:
         fig.update_layout(title=title)
@@ -134,7 +134,8 @@ def probe_figure(table: pd.DataFrame, title: str = "Regex probes: best code vs b
     idx = table.groupby("feature_name", sort=False)["precision"].idxmax()
     top = table.loc[idx.to_numpy()]
     label = [f"{r.feature_name} ({r.codebook}/h{r.head}/c{r.code})" for r in top.itertuples()]
-    fig.add_bar(name="best code", x=list(top["feature_name"]), y=list(top["precision"]), hovertext=label)
+    recall = [f"recall {r:.2f}" for r in top["recall"]]
+    fig.add_bar(name="best code", x=list(top["feature_name"]), y=list(top["precision"]), hovertext=label, text=recall)
     if "best_neuron_precision" in top.columns:
         fig.add_bar(name="best neuron", x=list(top["feature_name"]), y=list(top["best_neuron_precision"]))
     fig.update_layout(title=title, barmode="group", yaxis_title="precision", yaxis_range=[0, 1.05])

@@ -143,3 +143,53 @@ def test_probe_no_match_warns_and_drops(cache):
     assert list(empty.columns[: len(PROBE_COLUMNS)]) == PROBE_COLUMNS
     assert "best_neuron_precision" in empty.columns
     assert len(probe_figure(empty).data) == 0
+
+
+def _ranking_cache():
+    """One document of 300 tokens, 200 of them "a"; code 1 fires once (on an "a"), code 2 on 150 "a" + 10 others,
+    code 3 on every token."""
+    tokens = torch.tensor([0] * 200 + [1] * 100)
+    codes = torch.full((300, 3), -1, dtype=torch.long)  # k = 3, -1 = no code
+    codes[:, 0] = 3
+    codes[0, 1] = 1
+    codes[1:151, 2] = 2
+    codes[200:210, 2] = 2
+    return SimpleNamespace(
+        tokens=tokens,
+        doc=torch.zeros(300, dtype=torch.long),
+        pos=torch.arange(300),
+        n_tokens=300,
+        codebook_names=["cb"],
+        hook_names=[],
+        codes=lambda name: codes,
+        n_codes=lambda name: 4,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, code",
+    [
+        ({}, 2),  # the paper's search: recall > 1%, then precision
+        ({"min_recall": 0.0}, 1),  # without a recall floor a single precise firing wins
+        ({"rank_by": "recall"}, 3),
+        ({"rank_by": "f1"}, 2),
+        ({"min_fires": 200}, 3),
+    ],
+)
+def test_probe_ranking_and_recall_floor(kwargs, code):
+    table = probe(_ranking_cache(), {"a": "a"}, CHARS, neurons=False, **kwargs)
+    assert len(table) == 1 and table.iloc[0].code == code
+    row = table.iloc[0]
+    assert row.f1 == pytest.approx(2 * row.tp / (row.n_fires + row.n_feature))
+
+
+def test_probe_and_search_reject_bad_rankings(cache):
+    for bad in ({"rank_by": "auc"}, {"min_recall": 1.5}, {"min_fires": 0}, {"min_fires": 2.5}):
+        with pytest.raises(ValueError):
+            probe(cache, {"tok_c": "c"}, CHARS, **bad)
+
+
+def test_probe_figure_shows_recall():
+    table = probe(_ranking_cache(), {"a": "a"}, CHARS, neurons=False)
+    fig = probe_figure(table)
+    assert "recall 0.75" in fig.data[0].text[0]
