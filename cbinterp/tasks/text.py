@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 from jaxtyping import Bool, Int
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -220,8 +221,6 @@ def train_bpe_tokenizer(
     save/load round trip in a temporary folder and is named by its content (``tokenizer_fingerprint``);
     `attach_tokenizer` works with either.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if vocab_size < 257:
         raise ValueError(f"vocab_size must be >= 257 (256 byte symbols plus {END_OF_TEXT}), got {vocab_size}.")
     docs = iter_texts(texts, text_column)
