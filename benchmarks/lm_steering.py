@@ -1,0 +1,387 @@
+"""Topic steering of a codebook language model: force topic codes during generation, count topic mentions.
+
+    python benchmarks/lm_steering.py                      # the shipped DEFAULT_MODEL, every topic
+    python benchmarks/lm_steering.py --model PATH --quick # a few short samples (tests)
+
+Topic codes are found from data, on held-out half A only (text the model never trained on, and not the text the
+samples are judged by): for every codebook and head, the code that best detects the topic's words (the regex of
+`cbinterp.tasks.lm_features.TOPICS`) by the paper's search — recall > 1% on half A, most precise. Steering forces,
+in every codebook, each head's topic code in `--n-slots` of its k slots (`generate_with_codes`: from the prompt's
+last position on, at every generated position; the codebook keeps its own best k - n_slots codes). Samples: every
+prompt x seed x row, temperature 1, `--new-tokens` new tokens, with the same seeds for the unsteered and every
+steered condition. A sample "mentions the topic" when its continuation (prompt excluded) matches the topic regex.
+
+Also measured: the baseline (no-codebook) model's mean per-token loss on the continuations, and the share of
+samples that are one word repeated (`is_repetitive`); a repetitive sample never counts as a mention in the
+headline rate. Writes `results.json` (settings, per-topic rates, codes, all samples) and `figure.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _lm_common import (  # noqa: E402
+    OUT,
+    Timer,
+    baseline_name,
+    default_model,
+    heldout_halves,
+    load_model,
+    save_figure,
+    set_threads,
+    take_chars,
+    write_json,
+)
+
+from cbinterp.codecache.documents import cache_documents  # noqa: E402
+from cbinterp.codecache.features import token_positions  # noqa: E402
+from cbinterp.codecache.vocab import Vocabulary  # noqa: E402
+from cbinterp.core.attach import codebooks_bypassed, get_codebooks  # noqa: E402
+from cbinterp.core.interventions import generate_with_codes  # noqa: E402
+from cbinterp.metrics.probes import _ranked, _scored  # noqa: E402
+from cbinterp.metrics.tables import code_feature_table  # noqa: E402
+from cbinterp.tasks.lm_features import TOPICS, is_repetitive, mentions_topic, topic_regex  # noqa: E402
+from cbinterp.tasks.text import tokenize_documents  # noqa: E402
+
+#: Neutral openings: no topic word, and varied (narrative, expository, dialogue).
+PROMPTS = [
+    "The",
+    "It was",
+    "In the",
+    "She said that",
+    "There was a",
+    "After a while,",
+    "He looked at",
+    "This is",
+]
+PAPER = {
+    "tinystories_one_code": {"dragon": [0.025, 0.65], "fire": [0.025, 1.0], "flower": [0.0, 0.9]},
+    "wikitext_all_codes": {"football": [0.075, 0.95]},
+    "note": "Tamkin et al. 2023, Table 4/5: share of samples mentioning the topic, unsteered -> steered",
+}
+TARGET = {"unsteered_below": 0.10, "steered_at_least": 0.60, "topics": 5}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="pretrained name or model folder (default: DEFAULT_MODEL)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="no-codebook LM (name or folder) that scores the samples' loss (default: the registry's baseline; "
+        "'bypass' = the codebook model with its codebooks bypassed)",
+    )
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="two topics, few short samples (for tests)")
+    p.add_argument("--topics", nargs="*", default=None, help=f"default: all of {list(TOPICS)}")
+    p.add_argument("--n-prompts", type=int, default=len(PROMPTS))
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--rows", type=int, default=2, help="samples per (prompt, seed) generate call")
+    p.add_argument("--new-tokens", type=int, default=100)
+    p.add_argument("--n-slots", type=int, default=None, help="slots of k the topic code takes (default: k / 2)")
+    p.add_argument("--min-recall", type=float, default=0.01)
+    p.add_argument("--min-fires", type=int, default=5, help="a topic code must fire this often on half A")
+    p.add_argument("--max-chars", type=int, default=None, help="characters of half A to find codes on")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    args.model = args.model or default_model()
+    if args.out is None:
+        args.out = OUT / ("lm_steering_quick" if args.quick else "lm_steering")
+    if args.quick:
+        args.topics = args.topics or ["war", "religion"]
+        args.n_prompts, args.seeds, args.rows, args.new_tokens = min(args.n_prompts, 2), args.seeds[:1], 2, 12
+        args.max_chars = args.max_chars or 20000
+    args.topics = args.topics or list(TOPICS)
+    for t in args.topics:
+        topic_regex(t)  # KeyError lists the known topics
+    return args
+
+
+def topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires: int) -> dict:
+    """Per codebook, per head: the code most precise for the topic's words on `cache` (recall > min_recall)."""
+    mask = token_positions(cache, tokenizer, TOPICS[topic])
+    codes = {name: cache.codes(name) for name in cache.codebook_names}
+    n_codes = {name: cache.n_codes(name) for name in cache.codebook_names}
+    table = code_feature_table(codes, mask[:, None], n_codes, features_per_code=None)
+    ranked = _ranked(_scored(table, min_recall, min_fires), "precision", first=("codebook", "head"))
+    best = ranked.drop_duplicates(["codebook", "head"], keep="first")
+    out = {}
+    for name in cache.codebook_names:
+        heads = codes[name].shape[1] if codes[name].dim() == 3 else 1
+        rows = best[best["codebook"] == name].set_index("head")
+        picks = []
+        for h in range(heads):
+            if h in rows.index:
+                r = rows.loc[h]
+                picks.append(
+                    {
+                        "head": h,
+                        "code": int(r["code"]),
+                        "precision": float(r["precision"]),
+                        "recall": float(r["recall"]),
+                        "n_fires": int(r["n_fires"]),
+                    }
+                )
+            else:
+                picks.append(None)
+        out[name] = {"grouped": codes[name].dim() == 3, "heads": picks, "n_topic_tokens": int(mask.sum())}
+    return out
+
+
+def steering_codes(found: dict) -> dict:
+    """`generate_with_codes`' mapping: codebook -> ids (`(heads, 1)` for a per-head codebook: each head its own
+    topic code). `generate_with_codes` forces every head of a codebook, so a codebook with a head that has no topic
+    code on half A is left out."""
+    out = {}
+    for name, info in found.items():
+        picks = info["heads"]
+        if any(p is None for p in picks):
+            continue
+        ids = torch.tensor([[p["code"]] for p in picks]) if info["grouped"] else torch.tensor([picks[0]["code"]])
+        out[name] = ids
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts, seeds, rows, new_tokens, codes=None, n_slots=None):
+    """Samples for every prompt x seed (each a batch of `rows`): list of dicts with prompt, seed, token ids."""
+    samples = []
+    for p_index, prompt in enumerate(prompts):
+        tokens = model.to_tokens(prompt).expand(rows, -1)
+        for seed in seeds:
+            torch.manual_seed(1_000 * seed + p_index)
+            kwargs = dict(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, stop_at_eos=True, verbose=False)
+            if codes:
+                out = generate_with_codes(model, tokens, codes, n_slots=n_slots, **kwargs)
+            else:
+                out = model.generate(tokens, **kwargs)
+            for r in range(rows):
+                samples.append(
+                    {"prompt": prompt, "seed": seed, "row": r, "ids": out[r].tolist(), "prompt_len": tokens.shape[1]}
+                )
+    return samples
+
+
+def continuation(sample, eos: int) -> list[int]:
+    """The generated ids up to (and including) the first end-of-text."""
+    ids = sample["ids"][sample["prompt_len"] :]
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@torch.no_grad()
+def baseline_loss(baseline, samples, eos: int, bypass: bool) -> tuple[float, list[float]]:
+    """Mean per-token loss (nats) of the continuations under the baseline, token-weighted; and per sample."""
+    total, count, per_sample = 0.0, 0, []
+    for s in samples:
+        cont = continuation(s, eos)
+        if not cont:
+            per_sample.append(float("nan"))
+            continue
+        ids = torch.tensor(s["ids"][: s["prompt_len"]] + cont)[None]
+        if bypass:
+            with codebooks_bypassed(baseline):
+                logits = baseline(ids)
+        else:
+            logits = baseline(ids)
+        logp = F.log_softmax(logits[0, :-1].float(), dim=-1)
+        nll = -logp.gather(1, ids[0, 1:, None])[:, 0][s["prompt_len"] - 1 :]
+        total += float(nll.sum())
+        count += nll.numel()
+        per_sample.append(float(nll.mean()))
+    return (total / count if count else float("nan")), per_sample
+
+
+def judge(samples, topic: str, vocab, eos: int) -> dict:
+    regex = topic_regex(topic)
+    texts = [vocab.text(continuation(s, eos)) for s in samples]
+    mention = np.array([mentions_topic(t, regex) for t in texts])
+    repetitive = np.array([is_repetitive(t) for t in texts])
+    return {
+        "n": len(texts),
+        "rate": float(mention.mean()),
+        "rate_excluding_repetitive": float((mention & ~repetitive).mean()),
+        "repetitive_share": float(repetitive.mean()),
+        "texts": texts,
+        "mention": mention.tolist(),
+        "repetitive": repetitive.tolist(),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    timer = Timer()
+    model = load_model(args.model)
+    tokenizer = model.tokenizer
+    eos = tokenizer.eos_token_id
+    vocab = Vocabulary(tokenizer)
+    bypass = False
+    base_label = args.baseline or baseline_name() or "bypass"
+    if base_label == "bypass":
+        baseline, bypass = model, True
+    else:
+        baseline = load_model(base_label)
+        if get_codebooks(baseline):
+            raise SystemExit(f"--baseline {base_label} has codebooks; give the no-codebook baseline LM (or 'bypass').")
+    half_a, _ = heldout_halves(args.model)
+    texts_a = take_chars(half_a, args.max_chars)
+    docs = tokenize_documents(texts_a, tokenizer, model.cfg.n_ctx, model)
+    cache = cache_documents(model, docs, batch_size=16)
+    timer.mark("cache")
+    k = {name: cb.k for name, cb in get_codebooks(model).items()}
+    n_slots = args.n_slots or max(1, min(k.values()) // 2)
+    found = {t: topic_codes(cache, t, tokenizer, args.min_recall, args.min_fires) for t in args.topics}
+    timer.mark("find_codes")
+    prompts = PROMPTS[: args.n_prompts]
+    unsteered = generate(model, prompts, args.seeds, args.rows, args.new_tokens)
+    un_loss, un_loss_each = baseline_loss(baseline, unsteered, eos, bypass)
+    timer.mark("generate_unsteered")
+    per_topic = {}
+    for topic in args.topics:
+        codes = steering_codes(found[topic])
+        base = judge(unsteered, topic, vocab, eos)
+        entry = {
+            "unsteered": {key: base[key] for key in ("n", "rate", "rate_excluding_repetitive", "repetitive_share")},
+            "codes": found[topic],
+            "steered_codebooks": sorted(codes),
+        }
+        if not codes:
+            entry["steered"] = None
+            per_topic[topic] = entry
+            print(f"{topic}: no codebook has a topic code on half A; not steered")
+            continue
+        samples = generate(model, prompts, args.seeds, args.rows, args.new_tokens, codes, {c: n_slots for c in codes})
+        steer = judge(samples, topic, vocab, eos)
+        loss, loss_each = baseline_loss(baseline, samples, eos, bypass)
+        entry["steered"] = {key: steer[key] for key in ("n", "rate", "rate_excluding_repetitive", "repetitive_share")}
+        entry["steered"]["baseline_loss"] = loss
+        entry["steered"]["mean_new_tokens"] = float(np.mean([len(continuation(s, eos)) for s in samples]))
+        entry["unsteered"]["baseline_loss"] = un_loss
+        entry["met"] = bool(
+            base["rate"] < TARGET["unsteered_below"]
+            and steer["rate_excluding_repetitive"] >= TARGET["steered_at_least"]
+        )
+        entry["samples"] = [
+            {"prompt": s["prompt"], "seed": s["seed"], "text": t, "mention": m, "repetitive": r, "loss": lo}
+            for s, t, m, r, lo in zip(samples, steer["texts"], steer["mention"], steer["repetitive"], loss_each)
+        ]
+        per_topic[topic] = entry
+        timer.mark(f"steer_{topic}")
+        print_topic(topic, entry, steer)
+    met = [t for t, e in per_topic.items() if e.get("met")]
+    headline = {
+        "topics": len(args.topics),
+        "topics_meeting_target": met,
+        "n_meeting_target": len(met),
+        "target": TARGET,
+        "meets_target": len(met) >= TARGET["topics"],
+        "unsteered_baseline_loss": un_loss,
+        "unsteered_repetitive_share": judge(unsteered, args.topics[0], vocab, eos)["repetitive_share"],
+        "n_slots": n_slots,
+        "k": k,
+        "samples_per_condition": len(unsteered),
+    }
+    print_table(per_topic, headline, base_label)
+    fig = steering_figure(per_topic, f"Topic steering ({args.model}), n={len(unsteered)} samples per condition")
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures = save_figure(fig, args.out, "figure")
+    results = {
+        "settings": {
+            "model": str(args.model),
+            "baseline": base_label,
+            "quick": args.quick,
+            "prompts": prompts,
+            "seeds": args.seeds,
+            "rows_per_call": args.rows,
+            "new_tokens": args.new_tokens,
+            "temperature": 1.0,
+            "n_slots": n_slots,
+            "min_recall": args.min_recall,
+            "min_fires": args.min_fires,
+            "code_search_tokens": cache.n_tokens,
+            "topics": {t: TOPICS[t] for t in args.topics},
+        },
+        "headline": headline,
+        "paper": PAPER,
+        "topics": per_topic,
+        "unsteered_samples": [
+            {"prompt": s["prompt"], "seed": s["seed"], "text": vocab.text(continuation(s, eos)), "loss": lo}
+            for s, lo in zip(unsteered, un_loss_each)
+        ],
+        "files": {"figure": figures},
+        "timings_s": timer.marks,
+    }
+    write_json(args.out / "results.json", results)
+    print(f"wrote {args.out / 'results.json'}, {', '.join(figures)}")
+    return results
+
+
+def print_topic(topic, entry, steer) -> None:
+    s = entry["steered"]
+    print(
+        f"\n== {topic}: unsteered {entry['unsteered']['rate']:.0%} -> steered {s['rate']:.0%} "
+        f"({s['rate_excluding_repetitive']:.0%} without repetitive samples; {s['repetitive_share']:.0%} repetitive); "
+        f"codebooks {len(entry['steered_codebooks'])}"
+    )
+    for text, mention in list(zip(steer["texts"], steer["mention"]))[:3]:
+        print(f"   [{'x' if mention else ' '}] {text[:160]!r}")
+
+
+def print_table(per_topic, headline, base_label) -> None:
+    print(
+        f"\nShare of samples mentioning the topic (n = {headline['samples_per_condition']} per condition); "
+        f"steered = n_slots {headline['n_slots']} of k {sorted(set(headline['k'].values()))} in every codebook; "
+        f"loss = {base_label} per token"
+    )
+    head = (
+        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'steered*':>8} {'repet.':>7} {'loss un':>8} "
+        f"{'loss st':>8}  target"
+    )
+    print(head)
+    print("-" * len(head))
+    for topic, e in per_topic.items():
+        s = e.get("steered")
+        if s is None:
+            print(f"{topic:<10} {e['unsteered']['rate']:>9.0%}  (no topic code)")
+            continue
+        print(
+            f"{topic:<10} {e['unsteered']['rate']:>9.0%} {s['rate']:>8.0%} {s['rate_excluding_repetitive']:>8.0%} "
+            f"{s['repetitive_share']:>7.0%} {e['unsteered']['baseline_loss']:>8.2f} {s['baseline_loss']:>8.2f}  "
+            f"{'met' if e['met'] else '-'}"
+        )
+    print("-" * len(head))
+    print(
+        "steered* = mentions in samples that are not one word repeated (the headline rate). Target: unsteered < 10% "
+        f"and steered* >= 60% on >= 5 topics: {headline['n_meeting_target']} met "
+        f"({', '.join(headline['topics_meeting_target'])})"
+    )
+
+
+def steering_figure(per_topic, title):
+    import plotly.graph_objects as go
+
+    topics = [t for t, e in per_topic.items() if e.get("steered")]
+    fig = go.Figure()
+    fig.add_bar(name="unsteered", x=topics, y=[per_topic[t]["unsteered"]["rate"] for t in topics])
+    fig.add_bar(
+        name="steered (repetitive samples excluded)",
+        x=topics,
+        y=[per_topic[t]["steered"]["rate_excluding_repetitive"] for t in topics],
+        text=[f"loss {per_topic[t]['steered']['baseline_loss']:.2f}" for t in topics],
+    )
+    fig.update_layout(
+        title=title, barmode="group", yaxis_title="share of samples mentioning the topic", yaxis_range=[0, 1.05]
+    )
+    return fig
+
+
+if __name__ == "__main__":
+    main()
