@@ -86,19 +86,20 @@ def heldout_halves(name_or_path: Optional[str]):
 
 
 def take_chars(docs, max_chars: Optional[int]):
-    """The first documents (in the order given) up to about `max_chars` characters (all when None); the last
-    document is cut. Keeps every source represented by cycling through sources."""
+    """Texts of `docs` (all when `max_chars` is None), else about `max_chars` characters taken round-robin over the
+    sources, at most a quarter of a source's share from any one document, so that every source is represented."""
     if max_chars is None:
         return [d.text for d in docs]
     by_source: dict[str, list] = {}
     for d in docs:
         by_source.setdefault(d.source, []).append(d)
+    piece = max(500, max_chars // (4 * len(by_source)))
     out, total = [], 0
     queues = [list(v) for v in by_source.values()]
     while total < max_chars and any(queues):
         for q in queues:
             if q and total < max_chars:
-                text = q.pop(0).text[: max_chars - total]
+                text = q.pop(0).text[: min(piece, max_chars - total)]
                 out.append(text)
                 total += len(text)
     return out
