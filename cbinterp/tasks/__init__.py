@@ -1,0 +1,1 @@
+"""Task data for experiments: the shipped English corpus and its splits."""
