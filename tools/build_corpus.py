@@ -919,6 +919,30 @@ def print_table(manifest: dict, results: list[SourceResult]) -> bool:
     return ok
 
 
+def check_against(rebuilt: dict, shipped_dir: Path) -> list[str]:
+    """What differs between a rebuild's manifest and the shipped folder; empty when the hashes agree."""
+    shipped_path, shipped_file = shipped_dir / MANIFEST_FILE, shipped_dir / CORPUS_FILE
+    shipped = json.loads(shipped_path.read_text(encoding="utf-8")) if shipped_path.exists() else {}
+    file_sha = _sha256(shipped_file) if shipped_file.exists() else None
+    print(f"check: rebuilt      {rebuilt['sha256']}\n       manifest     {shipped.get('sha256')}\n"
+          f"       shipped file {file_sha}")
+    problems = []
+    if not shipped:
+        problems.append(f"{shipped_path} is missing")
+    if file_sha is None:
+        problems.append(f"{shipped_file} is missing")
+    elif file_sha != shipped.get("sha256"):
+        problems.append(f"{shipped_file} does not match the sha256 in {shipped_path}")
+    if shipped and rebuilt["sha256"] != shipped.get("sha256"):
+        if rebuilt["sha256"] == file_sha:
+            problems.append(f"the shipped file equals the rebuild; the hash in {shipped_path} is wrong")
+        elif rebuilt["jsonl_sha256"] == shipped.get("jsonl_sha256"):
+            problems.append("the rebuild has the same documents but other xz bytes (another xz library?)")
+        else:
+            problems.append("the rebuilt documents differ from the manifest's")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -936,17 +960,10 @@ def main(argv: list[str] | None = None) -> int:
         manifest, results = build(out_dir, downloads, tmp_path / "work")
         counts_ok = print_table(manifest, results)
         if args.check:
-            shipped_path = args.out / MANIFEST_FILE
-            shipped = json.loads(shipped_path.read_text(encoding="utf-8")) if shipped_path.exists() else {}
-            shipped_file = args.out / CORPUS_FILE
-            file_sha = _sha256(shipped_file) if shipped_file.exists() else None
-            print(f"check: rebuilt {manifest['sha256']}\n       manifest {shipped.get('sha256')}\n"
-                  f"       shipped file {file_sha}")
-            if manifest["sha256"] != shipped.get("sha256") or file_sha != shipped.get("sha256"):
-                if manifest["jsonl_sha256"] == shipped.get("jsonl_sha256"):
-                    print("check FAILED: same documents, different compressed bytes (another xz library?)")
-                else:
-                    print("check FAILED: the rebuilt corpus differs from the manifest")
+            problems = check_against(manifest, args.out)
+            for problem in problems:
+                print(f"check FAILED: {problem}")
+            if problems:
                 return 1
             print(f"check OK ({time.monotonic() - started:.0f} s)")
             return 0
