@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import importlib.util
 import json
 import lzma
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -274,3 +278,74 @@ def test_loader_reads_a_small_valid_corpus(tmp_path):
     with pytest.raises(ValueError, match=r"known sources: \['a', 'b'\]"):
         load_corpus(sources=["brown"], corpus_dir=tmp_path)
     assert corpus_stats(corpus_dir=tmp_path)["total"]["documents"] == 8
+
+
+# --- the rebuild tool's pieces (tools/build_corpus.py), on small inputs -------------------------------------------
+
+@pytest.fixture(scope="module")
+def tool():
+    """tools/build_corpus.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("build_corpus", REPO / "tools" / "build_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look the module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_tool_detokenizes_brown_tokens(tool):
+    words = ["``", "Only", "a", "handful", "''", ",", "the", "jury", "said", ",", "``", "came", "(", "as",
+             "expected", ")", "from", "Mr.", "Pye", "''", ".", "He", "is", "4'", "10''", "''", "tall", "--",
+             "the", "'", "Met", "'", "said", "Jr.", "."]
+    assert tool.detokenize(words) == ('"Only a handful," the jury said, "came (as expected) from Mr. Pye." '
+                                      "He is 4' 10\" tall -- the 'Met' said Jr.")
+    raw = "\n\n\tThe/at jury/nn said/vbd ./.\nIt/pps left/vbd ./.\n\n\tNext/ap one/cd ./.\nHeading/nn-hl\n"
+    assert tool.brown_file_text(raw) == "The jury said. It left.\nNext one.\nHeading"
+
+
+def test_tool_strips_wiki_markup(tool):
+    markup = ("{{Infobox person|name=X|image=[[File:X.jpg|thumb|A [[nested]] caption]]}}\n"
+              "'''Ada''' was a [[mathematician|mathematical]] [[writer]]s<ref>Cite {{cite book|t=Y}}</ref> "
+              "born in {{convert|5|km|mi}} of [[London]].<ref name=a/> (; {{IPA|/x/}})\n"
+              "{| class=wikitable\n|-\n| cell || cell\n|}\n"
+              "== Life ==\nShe wrote [http://example.org notes] &ndash; many.<!-- hidden -->\n"
+              "* A list item\n[[Category:People]]\n== References ==\n* Some book\n")
+    text = tool.wiki_to_text(markup)
+    assert text == "Ada was a mathematical writers born in 5 km of London. (/x/)\nLife\nShe wrote notes – many.\n" \
+                   "A list item"
+
+
+def test_tool_reads_r_lazyload_databases(tool, tmp_path):
+    def i32(*values):
+        return struct.pack(f">{len(values)}i", *values)
+
+    def chars(text):
+        raw = text.encode()
+        return i32(9 | 1 << 15, len(raw)) + raw  # CHARSXP marked UTF-8
+
+    def strings(items):
+        return i32(16, len(items)) + b"".join(i32(9, -1) if s is None else chars(s) for s in items)
+
+    def names(items):  # attribute pairlist: names = items
+        return i32(2 | 1 << 10) + i32(1) + chars("names") + strings(items) + i32(254)
+
+    header = b"X\n" + i32(3, 0x40201, 0x30500, 5) + b"UTF-8"  # format 3 with its native-encoding field
+    payload = header + strings(["Chapter 1", "", "It was a — café.", None])
+    record = struct.pack(">I", len(payload)) + zlib.compress(payload)
+    variables = i32(19 | 1 << 9, 1) + i32(13, 2, 0, len(record)) + names(["novel"])
+    index = header + i32(19 | 1 << 9, 3) + variables + i32(19, 0) + i32(10, 1, 1) + names(
+        ["variables", "references", "compressed"])
+    (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(index))
+    (tmp_path / "Rdata.rdb").write_bytes(record)
+    assert tool.read_r_lazyload(tmp_path) == {"novel": ["Chapter 1", "", "It was a — café.", None]}
+
+
+def test_tool_check_reports_mismatches(tool, tmp_path, manifest, capsys):
+    shutil.copytree(corpus.CORPUS_DIR, tmp_path / "ok")
+    assert tool.check_against(manifest, tmp_path / "ok") == []
+    other = {**manifest, "sha256": "0" * 64}
+    assert tool.check_against(other, tmp_path / "ok") == [
+        "the rebuild has the same documents but other xz bytes (another xz library?)"]
+    changed = {**other, "jsonl_sha256": "1" * 64}
+    assert tool.check_against(changed, tmp_path / "ok") == ["the rebuilt documents differ from the manifest's"]
+    assert any("missing" in p for p in tool.check_against(manifest, tmp_path / "nowhere"))
