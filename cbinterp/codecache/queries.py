@@ -9,14 +9,15 @@ every (codebook, head, code) separately.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from cbinterp.codecache.features import doc_token_indices
+from cbinterp.codecache.features import VocabularyLike, doc_token_indices
+from cbinterp.codecache.vocab import Vocabulary
 from cbinterp.core.codes import dedupe_codes
 
 __all__ = [
@@ -119,31 +120,45 @@ def _doc_layout(cache):
     return groups, group_of, rank
 
 
+#: How `code_contexts` picks the firings it shows.
+SAMPLES = ("random", "first")
+
+
 def code_contexts(
     cache,
     name: str,
     code: int,
-    token_strings: Sequence[str],
-    window: int = 5,
+    token_strings: VocabularyLike,
+    window: int = 20,
     head: Optional[int] = None,
     max_examples: Optional[int] = 20,
+    sample: str = "random",
+    seed: int = 0,
 ) -> list[dict]:
     """Up to `max_examples` places where `code` fires, in cache order: dicts with `doc`, `pos`, `left` (text of
     the up to `window` preceding tokens of the same document), `token` (the token's text) and `right` (the up to
-    `window` following tokens)."""
+    `window` following tokens).
+
+    `sample="random"` (default) shows a seeded uniform sample of all firings, so the contexts represent the code
+    rather than the first documents of the cache; `"first"` takes the first firings in cache order. Texts are
+    decoded through a `Vocabulary` (`token_strings` may be a tokenizer), each piece as a whole.
+    """
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}.")
+    if sample not in SAMPLES:
+        raise ValueError(f"sample must be one of {SAMPLES}, got {sample!r}.")
     where = torch.nonzero(code_fires(cache, name, code, head)).flatten().numpy()
-    if max_examples is not None:
-        where = where[: int(max_examples)]
+    if max_examples is not None and len(where) > int(max_examples):
+        if sample == "first":
+            where = where[: int(max_examples)]
+        else:
+            pick = np.random.default_rng(seed).choice(len(where), size=int(max_examples), replace=False)
+            where = where[np.sort(pick)]
     if len(where) == 0:
         return []
+    vocab = Vocabulary(token_strings)
     groups, group_of, rank = _doc_layout(cache)
     tokens, doc, pos = cache.tokens.numpy(), cache.doc.numpy(), cache.pos.numpy()
-
-    def text(idx):
-        return "".join(str(token_strings[int(t)]) for t in tokens[idx])
-
     out = []
     for i in where:
         g, r = groups[group_of[i]], rank[i]
@@ -151,9 +166,9 @@ def code_contexts(
             {
                 "doc": int(doc[i]),
                 "pos": int(pos[i]),
-                "left": text(g[max(r - window, 0) : r]),
-                "token": text([i]),
-                "right": text(g[r + 1 : r + 1 + window]),
+                "left": vocab.text(tokens[g[max(r - window, 0) : r]]),
+                "token": vocab.text(tokens[[i]]),
+                "right": vocab.text(tokens[g[r + 1 : r + 1 + window]]),
             }
         )
     return out

@@ -8,6 +8,7 @@ from functools import partial
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import Slice
@@ -243,19 +244,50 @@ def _get_caching_hooks_with_head_axis(model: HookedTransformer, head_axis_names:
 
 
 @torch.no_grad()
-def kmeans_init_codebooks(model: HookedTransformer, tokens: torch.Tensor, iters: int = 10, seed: int = 0) -> None:
+def kmeans_init_codebooks(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    iters: int = 10,
+    seed: int = 0,
+    *,
+    sample_size: Optional[int] = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> None:
     """Initialise every codebook to k-means centroids of its input on `tokens`, in forward order: each
-    codebook sees the activations produced with the codebooks before it already in place."""
+    codebook sees the activations produced with the codebooks before it already in place.
+
+    Args:
+        tokens: `(batch, pos)` token ids; the activations at all their positions are the k-means data.
+        sample_size: use at most this many positions per codebook (a uniform sample, seeded by `seed`), which
+            bounds the time and memory of the Lloyd iterations.
+        batch_size: sequences per forward pass while the activations are collected.
+        progress: show a progress bar over the codebooks.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if sample_size is not None and sample_size < 1:
+        raise ValueError(f"sample_size must be None (all positions) or >= 1, got {sample_size}.")
     codebooks = get_codebooks(model)
-    tokens = tokens.to(model.cfg.device)
-    for index, (name, codebook) in enumerate(codebooks.items()):
-        later = list(codebooks)[index:]
-        captured = {}
+    if not codebooks:
+        raise ValueError("The model has no codebooks to initialise; attach some with attach_codebooks first.")
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (batch, pos) token ids, got shape {tuple(tokens.shape)}.")
+    bar = tqdm(codebooks.items(), desc="k-means init", disable=not progress, dynamic_ncols=True)
+    for index, (name, codebook) in enumerate(bar):
+        parts = []
 
         def grab(tensor, hook):
-            captured["x"] = tensor  # noqa: B023 (used within this iteration)
+            parts.append(tensor.reshape(-1, *tensor.shape[2:]))  # noqa: B023 (used within this iteration)
 
-        with codebooks_bypassed(model, later):
-            model.run_with_hooks(tokens, fwd_hooks=[(name + INPUT_SUFFIX, grab)])
-        x = captured["x"]
-        codebook.kmeans_init(x.reshape(-1, *x.shape[2:]), iters=iters, seed=seed + index)
+        with codebooks_bypassed(model, list(codebooks)[index:]):
+            for start in range(0, tokens.shape[0], batch_size):
+                batch = tokens[start : start + batch_size].to(model.cfg.device)
+                model.run_with_hooks(batch, fwd_hooks=[(name + INPUT_SUFFIX, grab)])
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if sample_size is not None and x.shape[0] > sample_size:
+            generator = torch.Generator().manual_seed(seed + index)
+            rows = torch.randperm(x.shape[0], generator=generator)[:sample_size].sort().values
+            x = x[rows.to(x.device)]
+        codebook.kmeans_init(x, iters=iters, seed=seed + index)

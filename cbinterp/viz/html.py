@@ -1,4 +1,7 @@
-"""Notebook views: a code's contexts as HTML, the firing token in bold blue as in the paper's figures."""
+"""Notebook views: a code's contexts as HTML, as in the paper's figures.
+
+One context per line, aligned on the firing token (bold blue), with the preceding text right-aligned before it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,18 @@ import html
 import os
 from typing import Optional, Sequence
 
-from cbinterp.codecache.queries import code_contexts
+from cbinterp.codecache.features import VocabularyLike
+from cbinterp.codecache.queries import code_contexts, code_fires
 from cbinterp.core.atomic import atomic_file
 
-_STYLE = "font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.5"
+_STYLE = "font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.25"
 _TOKEN_STYLE = "font-weight: bold; color: #1f4fd8"
+_CELL = "white-space: pre; overflow: hidden; max-width: 48em; padding: 0"
+
+
+def _one_line(text: str) -> str:
+    # a context is one line, so newlines inside it show as a visible mark
+    return text.replace("\r\n", "\n").replace("\n", "\u21b5")
 
 
 class CodeContextView:
@@ -26,14 +36,17 @@ class CodeContextView:
     def _rows(self) -> str:
         if not self.contexts:
             return "<p><em>The code does not fire in this cache.</em></p>"
-        lines = []
+        rows = []
         for c in self.contexts:
             where = html.escape(f"doc {c['doc']}, pos {c['pos']}")
-            lines.append(
-                f'<div title="{where}">{html.escape(c["left"])}'
-                f'<span style="{_TOKEN_STYLE}">{html.escape(c["token"])}</span>{html.escape(c["right"])}</div>'
+            left, token, right = (html.escape(_one_line(c[key])) for key in ("left", "token", "right"))
+            rows.append(
+                f'<tr title="{where}"><td style="{_CELL}; text-align: right; direction: rtl">'
+                f"<bdi>{left}</bdi></td>"
+                f'<td style="{_CELL}"><span style="{_TOKEN_STYLE}">{token}</span></td>'
+                f'<td style="{_CELL}; text-align: left">{right}</td></tr>'
             )
-        return "\n".join(lines)
+        return '<table style="border-collapse: collapse">\n' + "\n".join(rows) + "\n</table>"
 
     def _repr_html_(self) -> str:
         return f'<div style="{_STYLE}"><h4>{html.escape(self.title)}</h4>\n{self._rows()}\n</div>'
@@ -55,12 +68,18 @@ def context_view(
     cache,
     name: str,
     code: int,
-    token_strings: Sequence[str],
-    window: int = 8,
+    token_strings: VocabularyLike,
+    window: int = 20,
     head: Optional[int] = None,
     max_examples: int = 30,
+    sample: str = "random",
+    seed: int = 0,
 ) -> CodeContextView:
-    """A `CodeContextView` of where `code` of codebook `name` (and `head`) fires in `cache`."""
-    contexts = code_contexts(cache, name, code, token_strings, window=window, head=head, max_examples=max_examples)
+    """A `CodeContextView` of where `code` of codebook `name` (and `head`) fires in `cache`: a seeded sample of
+    `max_examples` firings (see `code_contexts`), titled with how many of all firings are shown."""
+    contexts = code_contexts(
+        cache, name, code, token_strings, window=window, head=head, max_examples=max_examples, sample=sample, seed=seed
+    )
+    n_fires = int(code_fires(cache, name, code, head).sum())
     label = f"{name}" + (f" head {head}" if head is not None else "") + f", code {code}"
-    return CodeContextView(f"{label}: {len(contexts)} contexts", contexts)
+    return CodeContextView(f"{label}: {len(contexts)} of {n_fires} firings shown", contexts)

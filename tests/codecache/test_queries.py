@@ -90,7 +90,7 @@ def test_contexts_and_codes_at(cache):
     name = cache.codebook_names[-1]
     codes = cache.codes(name)
     c = int(codes[3, 0])
-    ctx = code_contexts(cache, name, c, CHARS, window=2, max_examples=4)
+    ctx = code_contexts(cache, name, c, CHARS, window=2, max_examples=4, sample="first")
     fires = torch.nonzero((codes == c).any(-1)).flatten()[:4]
     assert len(ctx) == len(fires)
     docs = cache.tokens.reshape(5, 7)
@@ -105,6 +105,26 @@ def test_contexts_and_codes_at(cache):
         assert torch.equal(at[n], cache.codes(n)[2 * 7 + 4])
     with pytest.raises(KeyError):
         codes_at(cache, 9, 0)
+
+
+def test_contexts_sample_the_firings(cache):
+    name = cache.codebook_names[-1]
+    codes = cache.codes(name)
+    c = int(torch.bincount(codes[:, 0]).argmax())  # the most frequent code
+    fires = torch.nonzero((codes == c).any(-1)).flatten().tolist()
+    assert len(fires) > 4
+    where = [d * 7 + p for d, p in ((x["doc"], x["pos"]) for x in code_contexts(cache, name, c, CHARS, max_examples=4))]
+    assert len(where) == 4 and set(where) <= set(fires) and where == sorted(where)
+    again = [(x["doc"], x["pos"]) for x in code_contexts(cache, name, c, CHARS, max_examples=4)]
+    assert again == [(i // 7, i % 7) for i in where]  # seeded
+    seeds = {
+        tuple((x["doc"], x["pos"]) for x in code_contexts(cache, name, c, CHARS, max_examples=4, seed=s))
+        for s in range(8)
+    }
+    assert len(seeds) > 1  # not always the same firings (a first-N sample would be)
+    assert len(code_contexts(cache, name, c, CHARS, max_examples=None)) == len(fires)
+    with pytest.raises(ValueError, match="sample"):
+        code_contexts(cache, name, c, CHARS, sample="best")
 
 
 def test_search_codes(cache):

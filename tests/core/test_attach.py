@@ -381,3 +381,29 @@ def test_kmeans_init_codebooks_in_forward_order(model, tokens):
         assert torch.equal(get_codebooks(model)[name].weight, ref_cbs[name].weight)
     kmeans_init_codebooks(again, tokens, iters=3, seed=5)  # the same seed gives the same codes
     assert all(torch.equal(get_codebooks(again)[n].weight, get_codebooks(model)[n].weight) for n in names)
+
+
+def test_kmeans_init_codebooks_batches_and_samples(model, tokens):
+    from cbinterp import kmeans_init_codebooks
+
+    attach_codebooks(model, ["attn", "mlp"], n_codes=4)
+    batched, sampled, sampled_again = (copy.deepcopy(model) for _ in range(3))
+    kmeans_init_codebooks(model, tokens, iters=3, progress=False)
+    kmeans_init_codebooks(batched, tokens, iters=3, batch_size=1, progress=False)
+    for name, cb in get_codebooks(model).items():  # batching the forward pass does not change the data
+        torch.testing.assert_close(get_codebooks(batched)[name].weight, cb.weight)
+    kmeans_init_codebooks(sampled, tokens, iters=3, sample_size=5, progress=False)
+    kmeans_init_codebooks(sampled_again, tokens, iters=3, sample_size=5, progress=False)
+    for name, cb in get_codebooks(sampled).items():
+        assert torch.equal(get_codebooks(sampled_again)[name].weight, cb.weight)  # the sample is seeded
+    assert any(
+        not torch.allclose(get_codebooks(sampled)[n].weight, cb.weight) for n, cb in get_codebooks(model).items()
+    )
+    with pytest.raises(ValueError, match="batch_size"):
+        kmeans_init_codebooks(model, tokens, batch_size=0)
+    with pytest.raises(ValueError, match="sample_size"):
+        kmeans_init_codebooks(model, tokens, sample_size=0)
+    with pytest.raises(ValueError, match=r"\(batch, pos\)"):
+        kmeans_init_codebooks(model, tokens[0])
+    with pytest.raises(ValueError, match="no codebooks"):
+        kmeans_init_codebooks(detach_codebooks(model), tokens)

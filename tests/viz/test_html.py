@@ -15,6 +15,9 @@ def test_view_escapes_and_highlights(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "a &lt; b &amp; " in page and "code &lt;7&gt;" in page
     assert 'font-weight: bold; color: #1f4fd8">&lt;script&gt;</span>' in page
+    assert page.count("<tr") == 1 and "text-align: right" in page  # one aligned row per context
+    multi = CodeContextView("t", [{"doc": 0, "pos": 1, "left": "a\nb", "token": "c", "right": "d"}])._repr_html_()
+    assert "a\u21b5b" in multi  # a context stays on one line
     view.save(tmp_path / "view.html")
     saved = (tmp_path / "view.html").read_text(encoding="utf-8")
     assert saved.startswith("<!DOCTYPE html>") and page in saved
@@ -29,7 +32,10 @@ def test_context_view_from_a_cache(make_tiny_model):
     code = int(cache.codes("blocks.0.hook_mlp_out")[0, 0])
     view = context_view(cache, "blocks.0.hook_mlp_out", code, strings, window=2, max_examples=100)
     n_fires = int(code_fires(cache, "blocks.0.hook_mlp_out", code).sum())
-    assert len(view.contexts) == n_fires and f"{n_fires} contexts" in view.title
+    assert len(view.contexts) == n_fires and f"{n_fires} of {n_fires} firings shown" in view.title
+    few = context_view(cache, "blocks.0.hook_mlp_out", code, strings, window=2, max_examples=2)
+    assert len(few.contexts) == min(2, n_fires) and f"{len(few.contexts)} of {n_fires} firings" in few.title
+    view = context_view(cache, "blocks.0.hook_mlp_out", code, strings, window=2, max_examples=100, sample="first")
     first = view.contexts[0]
     assert first["token"] == strings[int(tokens[0, 0])] and first["left"] == ""
     assert view._repr_html_().count("<span") == n_fires
