@@ -50,8 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--fresh", action="store_true", help="delete earlier checkpoints under --out first")
     parser.add_argument("--ship", action="store_true", help=f"copy (b) and (a) into {MODELS_DIR.relative_to(ROOT)}")
-    parser.add_argument("--corpus", choices=["english", "toytext"], default="english",
-                        help="english: the shipped corpus (cbinterp.tasks.corpus); toytext: generated, for development")  # fmt: skip
+    parser.add_argument(
+        "--corpus",
+        choices=["english", "toytext"],
+        default="english",
+        help="english: the shipped corpus (cbinterp.tasks.corpus); toytext: generated, for development",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
     group = parser.add_argument_group("recipe (defaults: LMRecipe.paper(), or .quick() with --quick)")
@@ -64,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         elif field.type == "bool":
             group.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
     args = parser.parse_args(argv)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(LMRecipe) if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(LMRecipe) if getattr(args, f.name) is not None
+    }
     try:
         args.recipe = (LMRecipe.quick if args.quick else LMRecipe.paper)(**overrides)
     except ValueError as err:
@@ -86,7 +92,11 @@ def load_texts(args) -> tuple[list[str], list[str], dict]:
 
         docs = generate_corpus(2000 if args.quick else 40_000, seed=0)
         cut = len(docs) * 19 // 20
-        return docs[:cut], docs[cut:], {"name": "toytext", "n_documents": len(docs), "heldout_documents": len(docs) - cut}
+        return (
+            docs[:cut],
+            docs[cut:],
+            {"name": "toytext", "n_documents": len(docs), "heldout_documents": len(docs) - cut},
+        )
     try:
         from cbinterp.tasks import corpus as corpus_module
     except ImportError as err:
@@ -168,7 +178,11 @@ def run(args) -> dict:
     load_s = time.perf_counter() - mark
     command = "python benchmarks/lm_train.py" + "".join(f" {a}" for a in args.argv)
     suffix = "-quick" if args.quick else ("" if args.corpus == "english" else f"-{args.corpus}")
-    names = {"codebook": DEFAULT_MODEL + suffix, "baseline": BASELINE_MODEL + suffix, "finetuned": "english-finetuned" + suffix}
+    names = {
+        "codebook": DEFAULT_MODEL + suffix,
+        "baseline": BASELINE_MODEL + suffix,
+        "finetuned": "english-finetuned" + suffix,
+    }
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     card_extra = {"corpus": corpus, "command": command, "created": created, "paper": PAPER}
     results = run_lm(
@@ -198,14 +212,15 @@ def run(args) -> dict:
 
 def report(results: dict) -> None:
     ev, phases = results["eval"], results["phases"]
+    base = phases["baseline"]["steps"]
     rows = [
-        ("(a) baseline", ev["baseline"], phases["baseline"]["steps"], None),
-        ("(b) codebooks", ev["codebook"], phases["baseline"]["steps"] + phases["codebook"]["steps"], PAPER["codebook_loss"]),
+        ("(a) baseline", ev["baseline"], base, None),
+        ("(b) codebooks", ev["codebook"], base + phases["codebook"]["steps"], PAPER["codebook_loss"]),
         ("(b) codebooks bypassed", ev["codebook_bypassed"], None, None),
-        ("(c) fine-tuned baseline", ev["finetuned"], phases["baseline"]["steps"] + phases["finetuned"]["steps"],
-         PAPER["finetuned_loss"]),
-    ]  # fmt: skip
-    print(f"\nHeld-out ({ev['baseline']['n_tokens']:,} predicted tokens)   loss nats/token   accuracy   steps   paper loss")
+        ("(c) fine-tuned baseline", ev["finetuned"], base + phases["finetuned"]["steps"], PAPER["finetuned_loss"]),
+    ]
+    print(f"\nHeld-out, {ev['baseline']['n_tokens']:,} predicted tokens (paper: TinyStories, another data set)")
+    print(f"  {'model':<28} {'loss nats/tok':>13} {'accuracy':>10} {'steps':>7}   paper loss")
     for label, e, steps, paper in rows:
         print(
             f"  {label:<28} {e['loss']:>10.4f} {e['accuracy']:>13.4f} {steps if steps is not None else '':>7}"

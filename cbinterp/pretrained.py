@@ -69,7 +69,9 @@ def pretrained_path(name_or_path: PathLike) -> Path:
             f"lm_train.py writes under <out>/codebook, <out>/baseline, <out>/finetuned), or a codebook/ subfolder."
         )
     known = ", ".join(shipped) or "none (the package was installed without its model assets)"
-    raise ValueError(f"Unknown pretrained model {str(name_or_path)!r}. Shipped models: {known}. A folder path also works.")
+    raise ValueError(
+        f"Unknown pretrained model {str(name_or_path)!r}. Shipped models: {known}. A folder path also works."
+    )
 
 
 def pretrained_card(name_or_path: PathLike = DEFAULT_MODEL) -> dict[str, Any]:

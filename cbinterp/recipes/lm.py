@@ -209,7 +209,7 @@ class LMRecipe:
 
 
 def default_device() -> str:
-    """"cuda" when a GPU is present, else "cpu"."""
+    """ "cuda" when a GPU is present, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -294,13 +294,13 @@ def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "n seq_
 
 
 def add_codebooks(
-    model: HookedTransformer, recipe: LMRecipe, init_tokens: Optional[Tensor] = None
+    model: HookedTransformer, recipe: LMRecipe, init_tokens: Optional[Tensor] = None, progress: bool = False
 ) -> HookedTransformer:
     """Attach the recipe's codebooks; with `init_tokens`, initialise them by k-means on their inputs there."""
     attach_codebooks(model, sites=list(recipe.sites), n_codes=recipe.n_codes, k=recipe.k, seed=recipe.seed,
                      loss=recipe.loss)  # fmt: skip
     if init_tokens is not None:
-        kmeans_init_codebooks(model, init_tokens, iters=recipe.kmeans_iters, seed=recipe.seed)
+        kmeans_init_codebooks(model, init_tokens, iters=recipe.kmeans_iters, seed=recipe.seed, progress=progress)
         if recipe.kmeans_mean_of_k and recipe.k > 1:
             with torch.no_grad():
                 for codebook in get_codebooks(model).values():
@@ -324,7 +324,7 @@ def train_codebook_model(
     checkpoint is resumed: it holds the codes), then train end to end for `recipe.codebook_steps` on the batches
     after (a)'s. `on_init(model)` is called after initialisation, before training (e.g. to evaluate it)."""
     resuming = _has_checkpoint(checkpoint_dir)
-    add_codebooks(model, recipe, None if resuming else kmeans_tokens(batches, recipe))
+    add_codebooks(model, recipe, None if resuming else kmeans_tokens(batches, recipe), progress=progress)
     if on_init is not None and not resuming:
         on_init(model)
     cfg = train_config(recipe, "codebook", checkpoint_dir, progress)
@@ -426,13 +426,14 @@ def _phase_record(result: TrainResult, recipe: LMRecipe, wall_s: float, steps_to
         "tokens_per_s": (new_steps * recipe.tokens_per_step / wall_s) if new_steps and wall_s > 0 else None,
         "final_train_loss": sum(result.losses[-20:]) / max(1, len(result.losses[-20:])) if result.losses else None,
         "train_losses_every_10": result.losses[::10],
+        "trained_by_earlier_run": False,
     }
 
 
 def _kept_record(path: Path, record: dict) -> dict:
     """The record of a phase finished by an earlier run (its timing), else `record`, which is stored."""
     if record["steps_this_run"] == 0 and path.exists():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) | {"trained_by_earlier_run": True}
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1))
     return record
@@ -612,4 +613,3 @@ _DESCRIPTIONS = {
 
 def _lineage(phase: str) -> tuple[str, ...]:
     return ("baseline",) if phase == "baseline" else ("baseline", phase)
-
