@@ -97,7 +97,7 @@ def _activation_shapes(model: HookedTransformer, names: list[str]) -> dict[str, 
 
 def attach_codebooks(
     model: HookedTransformer,
-    sites: Union[str, Sequence[str]] = ("attn", "mlp"),
+    sites: Union[str, Sequence[str], Mapping[str, Codebook]] = ("attn", "mlp"),
     n_codes: PerSite = 1000,
     k: PerSite = 1,
     layers: Optional[Sequence[int]] = None,
@@ -108,26 +108,20 @@ def attach_codebooks(
 
     Args:
         sites: "attn" (one codebook per head at `blocks.{l}.attn.hook_z`), "mlp" (`blocks.{l}.hook_mlp_out`),
-            "resid" (`blocks.{l}.hook_resid_post`), hook names, or hook-name templates with `{layer}`.
+            "resid" (`blocks.{l}.hook_resid_post`), hook names, or hook-name templates with `{layer}`; or a
+            mapping from hook name to an existing `Codebook` (e.g. one trained in another instance of the same
+            architecture, or loaded with `load_codebook`), attached as it is (moved to the model's device).
         n_codes, k: an int for every site, or a mapping from site alias or hook name to int.
         layers: which layers the aliases and templates expand to (default: all).
         seed: codebook i gets seed `seed + i`.
         codebook_kwargs: further `Codebook` settings (similarity, normalize_input, loss, dead_after, ...).
     """
     require_hooked_transformer(model)
+    if isinstance(sites, Mapping):
+        return _attach_existing(model, sites)
     pairs = resolve_sites(model, sites, layers)
-    existing = get_codebooks(model)
     names = [name for _, name in pairs]
-    for name in names:
-        if name in existing:
-            raise ValueError(f"{name} already has a codebook; call detach_codebooks(model, [{name!r}]) first.")
-        hook_point = model.hook_dict[name]
-        if hook_point.fwd_hooks or hook_point.bwd_hooks:
-            raise ValueError(
-                f"{name} has hooks attached; remove them (model.reset_hooks()) before attaching a codebook."
-            )
-    if len(set(names)) != len(names):
-        raise ValueError(f"A hook site is listed twice in {list(sites)}.")
+    _check_free(model, names, sites)
     shapes = _activation_shapes(model, names)
     user_groups = codebook_kwargs.pop("groups", None)
     new_codebooks = []
@@ -158,6 +152,49 @@ def attach_codebooks(
         new_codebooks.append((name, Codebook.from_config(cfg, device=model.cfg.device, dtype=model.cfg.dtype)))
     # Insert only once every site's codebook is built, so that a bad argument leaves the model untouched.
     for name, codebook in new_codebooks:
+        insert_codebook(model, name, codebook, setup=False)
+    refresh_hooks(model)
+    return model
+
+
+def _check_free(model: HookedTransformer, names: list[str], sites) -> None:
+    """Every name is a hook site without a codebook or hooks, listed once."""
+    existing = get_codebooks(model)
+    for name in names:
+        if name in existing:
+            raise ValueError(f"{name} already has a codebook; call detach_codebooks(model, [{name!r}]) first.")
+        hook_point = model.hook_dict[name]
+        if hook_point.fwd_hooks or hook_point.bwd_hooks:
+            raise ValueError(
+                f"{name} has hooks attached; remove them (model.reset_hooks()) before attaching a codebook."
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"A hook site is listed twice in {list(sites)}.")
+
+
+def _attach_existing(model: HookedTransformer, codebooks: Mapping[str, Codebook]) -> HookedTransformer:
+    """Attach given `Codebook` objects at hook names, after checking that each fits its activation."""
+    if not codebooks:
+        raise ValueError("No codebooks given: the mapping from hook name to Codebook is empty.")
+    for name, codebook in codebooks.items():
+        if not isinstance(codebook, Codebook):
+            raise TypeError(f"The value for {name!r} is a {type(codebook).__name__}, not a Codebook.")
+    names = [name for _, name in resolve_sites(model, list(codebooks))]
+    _check_free(model, names, list(codebooks))
+    shapes = _activation_shapes(model, names)
+    placed = []
+    for name, codebook in zip(names, codebooks.values()):
+        c = codebook.cfg
+        want = (c.dim,) if c.groups == 1 else (c.groups, c.dim)
+        if tuple(shapes[name]) != want:
+            raise ValueError(
+                f"The codebook for {name} takes activations of per-position shape {want}, but {name} has "
+                f"{tuple(shapes[name])}; attach it at a site of the architecture it was trained in."
+            )
+        if any(other is codebook for _, other in placed):
+            raise ValueError(f"The same Codebook object is given for two sites ({name} among them); copy it first.")
+        placed.append((name, codebook.to(device=model.cfg.device, dtype=model.cfg.dtype)))
+    for name, codebook in placed:
         insert_codebook(model, name, codebook, setup=False)
     refresh_hooks(model)
     return model

@@ -407,3 +407,30 @@ def test_kmeans_init_codebooks_batches_and_samples(model, tokens):
         kmeans_init_codebooks(model, tokens[0])
     with pytest.raises(ValueError, match="no codebooks"):
         kmeans_init_codebooks(detach_codebooks(model), tokens)
+
+
+def test_attach_existing_codebooks_by_hook_name(model, make_tiny_model, tokens):
+    attach_codebooks(model, ["attn", "mlp"], n_codes=6, k=2, layers=[0])
+    other = make_tiny_model(seed=0)
+    given = {name: copy.deepcopy(cb) for name, cb in get_codebooks(model).items()}
+    assert attach_codebooks(other, given) is other
+    assert list(get_codebooks(other)) == list(given)
+    for name, cb in get_codebooks(other).items():
+        assert cb is given[name]
+    _, mine = model.run_with_cache(tokens)
+    _, theirs = other.run_with_cache(tokens)
+    for name in given:  # same weights in the same architecture: the same codes
+        assert torch.equal(mine[f"{name}.hook_codes"], theirs[f"{name}.hook_codes"])
+    fresh = make_tiny_model(seed=0)
+    mlp = given["blocks.0.hook_mlp_out"]
+    with pytest.raises(ValueError, match=r"per-position shape .*hook_z"):
+        attach_codebooks(fresh, {"blocks.0.attn.hook_z": copy.deepcopy(mlp)})
+    with pytest.raises(TypeError, match="not a Codebook"):
+        attach_codebooks(fresh, {"blocks.0.hook_mlp_out": torch.nn.Linear(2, 2)})
+    with pytest.raises(ValueError, match="already has a codebook"):
+        attach_codebooks(other, {"blocks.0.hook_mlp_out": copy.deepcopy(mlp)})
+    with pytest.raises(ValueError, match="Unknown hook site"):
+        attach_codebooks(fresh, {"blocks.0.hook_mlp_ot": copy.deepcopy(mlp)})
+    with pytest.raises(ValueError, match="same Codebook object"):
+        attach_codebooks(fresh, {"blocks.0.hook_mlp_out": mlp, "blocks.1.hook_mlp_out": mlp})
+    assert get_codebooks(fresh) == {}  # a refused call leaves the model untouched
