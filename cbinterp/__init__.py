@@ -32,6 +32,7 @@ from cbinterp.core.interventions import (
 from cbinterp.core.io import load, save
 from cbinterp.core.train import TrainConfig, TrainResult, train
 from cbinterp.metrics.probes import probe, search_codes
+from cbinterp.pretrained import list_pretrained, load_pretrained
 from cbinterp.viz.html import CodeContextView, context_view
 from cbinterp.viz.plots import probe_figure
 
@@ -59,7 +60,9 @@ __all__ = [
     "get_codebooks",
     "intervene",
     "kmeans_init_codebooks",
+    "list_pretrained",
     "load",
+    "load_pretrained",
     "probe",
     "probe_figure",
     "replace_codes",

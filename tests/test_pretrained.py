@@ -1,0 +1,84 @@
+"""Shipped language models: listed, loaded by name offline, their cards' numbers reproduce; bad names and paths."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import cbinterp
+from cbinterp import pretrained
+from cbinterp.pretrained import BASELINE_MODEL, DEFAULT_MODEL, list_pretrained, load_pretrained, pretrained_card
+
+shipped = pytest.mark.skipif(DEFAULT_MODEL not in list_pretrained(), reason="the model assets are not installed")
+
+
+def test_unknown_name_lists_the_known_ones(tmp_path, monkeypatch):
+    for name in ("alpha", "beta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "card.json").write_text(json.dumps({"name": name}))
+    monkeypatch.setattr(pretrained, "MODELS_DIR", tmp_path)
+    assert set(list_pretrained()) == {"alpha", "beta"}
+    with pytest.raises(ValueError, match="Unknown pretrained model 'gamma'.*alpha, beta"):
+        load_pretrained("gamma")
+
+
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        load_pretrained(tmp_path)
+
+
+def test_exported_from_the_package():
+    assert cbinterp.load_pretrained is load_pretrained and cbinterp.list_pretrained is list_pretrained
+
+
+@shipped
+def test_shipped_models_are_listed_with_their_cards():
+    listed = list_pretrained()
+    assert {DEFAULT_MODEL, BASELINE_MODEL} <= set(listed)
+    assert listed[DEFAULT_MODEL]["has_codebooks"] and not listed[BASELINE_MODEL]["has_codebooks"]
+    card = pretrained_card(DEFAULT_MODEL)
+    assert card["name"] == DEFAULT_MODEL and card["corpus"]["name"] == "english" and len(card["corpus"]["sha256"]) == 64
+    assert card["heldout"]["loss"] > 0 and card["heldout_bypassed"]["loss"] > 0 and card["command"]
+
+
+@pytest.fixture(scope="module")
+def model(one_thread):
+    return load_pretrained(DEFAULT_MODEL, device="cpu")
+
+
+@shipped
+def test_shipped_model_loads_by_name_offline(model):
+    text = "In March 1805 the king's army crossed the river, said Mr. Darcy; naïve café."
+    tokens = model.to_tokens(text)
+    assert int(tokens[0, 0]) == model.tokenizer.bos_token_id
+    assert model.to_string(tokens[0, 1:]) == text
+    out = model.generate("The war", max_new_tokens=8, do_sample=False, verbose=False)
+    assert out.startswith("The war") and len(out) > len("The war")
+    codebooks = cbinterp.get_codebooks(model)
+    assert codebooks and all(name.endswith("attn.hook_z") for name in codebooks)
+
+
+@shipped
+def test_shipped_model_reproduces_its_cards_check(model):
+    from cbinterp.pretrained import heldout_documents
+    from cbinterp.recipes.lm import evaluate, heldout_sequences
+
+    card = pretrained_card(DEFAULT_MODEL)
+    docs = heldout_documents(DEFAULT_MODEL)
+    assert [d.id for d in docs[:8]] == card["corpus"]["heldout_ids_first"]
+    check = card["check"]
+    rows = heldout_sequences([d.text for d in docs[: check["n_documents"]]], model.tokenizer, card["recipe"]["seq_len"])
+    again = evaluate(model, rows, count_codes=False)
+    assert again["loss"] == pytest.approx(check["loss"], abs=2e-3)
+    assert again["accuracy"] == pytest.approx(check["accuracy"], abs=2e-3)
+
+
+@shipped
+def test_baseline_loads_without_codebooks():
+    baseline = load_pretrained(BASELINE_MODEL, device="cpu")
+    assert not cbinterp.get_codebooks(baseline)
+    assert baseline.cfg.d_vocab == load_pretrained(DEFAULT_MODEL, device="cpu").cfg.d_vocab
