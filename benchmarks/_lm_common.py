@@ -12,75 +12,39 @@ from typing import Optional
 
 import torch
 
-import cbinterp
-from cbinterp.tasks.text import attach_tokenizer, load_tokenizer
-
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def default_model() -> Optional[str]:
-    """`cbinterp.pretrained.DEFAULT_MODEL`, or None where the pretrained registry is not installed."""
-    try:
-        from cbinterp.pretrained import DEFAULT_MODEL
-    except ImportError:
-        return None
+def default_model() -> str:
+    """The shipped codebook LM's name (`cbinterp.pretrained.DEFAULT_MODEL`)."""
+    from cbinterp.pretrained import DEFAULT_MODEL
+
     return DEFAULT_MODEL
 
 
-def baseline_name() -> Optional[str]:
-    """The registry's name of the no-codebook baseline LM, when it has one."""
-    try:
-        import cbinterp.pretrained as pretrained
-    except ImportError:
-        return None
-    for attr in ("BASELINE_MODEL", "DEFAULT_BASELINE", "BASELINE"):
-        if isinstance(getattr(pretrained, attr, None), str):
-            return getattr(pretrained, attr)
-    return None
+def baseline_name() -> str:
+    """The shipped no-codebook baseline LM's name (`cbinterp.pretrained.BASELINE_MODEL`)."""
+    from cbinterp.pretrained import BASELINE_MODEL
+
+    return BASELINE_MODEL
 
 
-def _load_folder(path: Path):
-    """A model folder: `model/` (cbinterp.save) + `tokenizer/`, or a cbinterp.save folder with `tokenizer/` in it."""
-    model_dir = path / "model" if (path / "model").is_dir() else path
-    model = cbinterp.load(model_dir, device="cpu")
-    for tok_dir in (path / "tokenizer", model_dir / "tokenizer"):
-        if (tok_dir / "tokenizer.json").is_file():
-            attach_tokenizer(model, load_tokenizer(tok_dir))
-            break
-    else:
-        raise FileNotFoundError(f"No tokenizer/ folder beside the model at {path}.")
-    return model.eval()
-
-
-def load_model(name_or_path: Optional[str]):
-    """A HookedTransformer with its tokenizer, by pretrained name (`cbinterp.pretrained.load_pretrained`) or folder."""
-    if name_or_path is None:
-        raise SystemExit("No --model given and cbinterp.pretrained is not available: pass a model folder.")
-    path = Path(name_or_path)
-    if path.is_dir():
-        try:
-            from cbinterp.pretrained import load_pretrained
-
-            return load_pretrained(str(path)).eval()
-        except (ImportError, FileNotFoundError, ValueError, KeyError):
-            return _load_folder(path)
+def load_model(name_or_path: str):
+    """A HookedTransformer with its tokenizer, on the CPU, by shipped name or folder (`load_pretrained`)."""
     from cbinterp.pretrained import load_pretrained
 
-    return load_pretrained(name_or_path).eval()
+    return load_pretrained(name_or_path, device="cpu").eval()
 
 
-def heldout_halves(name_or_path: Optional[str]):
-    """The held-out documents (never trained on), as the two halves of `split_halves`: (choose half A, score B)."""
+def heldout_halves(name_or_path: str):
+    """The held-out documents the model never trained on (`heldout_documents`; the corpus' held-out split for a
+    folder without a card), as the two halves of `split_halves`: (choose half A, score half B)."""
+    from cbinterp.pretrained import heldout_documents
     from cbinterp.tasks.corpus import load_corpus, split_halves
 
-    docs = None
     try:
-        from cbinterp.pretrained import heldout_documents
-
         docs = heldout_documents(name_or_path)
-    except (ImportError, FileNotFoundError, ValueError, KeyError, TypeError):
-        docs = None
-    if not docs or not hasattr(docs[0], "source"):  # plain strings carry no id/source to split by
+    except FileNotFoundError:  # a model folder without card.json (e.g. the tests' tiny model)
         docs = load_corpus(split="heldout")
     return split_halves(docs)
 

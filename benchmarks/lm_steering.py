@@ -49,7 +49,7 @@ from cbinterp.core.interventions import generate_with_codes  # noqa: E402
 from cbinterp.metrics.probes import _ranked, _scored  # noqa: E402
 from cbinterp.metrics.tables import code_feature_table  # noqa: E402
 from cbinterp.tasks.lm_features import TOPICS, is_repetitive, mentions_topic, topic_regex  # noqa: E402
-from cbinterp.tasks.text import tokenize_documents  # noqa: E402
+from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint  # noqa: E402
 
 #: Neutral openings: no topic word, and varied (narrative, expository, dialogue).
 PROMPTS = [
@@ -103,6 +103,18 @@ def parse_args(argv=None):
     for t in args.topics:
         topic_regex(t)  # KeyError lists the known topics
     return args
+
+
+def default_baseline(model: str) -> str:
+    """The shipped baseline for the shipped model; `<run>/baseline` for a `lm_train.py` run's codebook model; else
+    "bypass" (the codebook model with its codebooks bypassed)."""
+    if model == default_model():
+        return baseline_name()
+    path = Path(model)
+    for candidate in (path / "baseline", path.parent / "baseline"):
+        if (candidate / "model").is_dir():
+            return str(candidate)
+    return "bypass"
 
 
 def topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires: int) -> dict:
@@ -224,13 +236,15 @@ def main(argv=None) -> dict:
     eos = tokenizer.eos_token_id
     vocab = Vocabulary(tokenizer)
     bypass = False
-    base_label = args.baseline or baseline_name() or "bypass"
+    base_label = args.baseline or default_baseline(args.model)
     if base_label == "bypass":
         baseline, bypass = model, True
     else:
         baseline = load_model(base_label)
         if get_codebooks(baseline):
             raise SystemExit(f"--baseline {base_label} has codebooks; give the no-codebook baseline LM (or 'bypass').")
+        if tokenizer_fingerprint(baseline.tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise SystemExit(f"--baseline {base_label} has another tokenizer than --model {args.model}.")
     half_a, _ = heldout_halves(args.model)
     texts_a = take_chars(half_a, args.max_chars)
     docs = tokenize_documents(texts_a, tokenizer, model.cfg.n_ctx, model)
