@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,22 +47,13 @@ from cbinterp.codecache.features import token_positions  # noqa: E402
 from cbinterp.codecache.vocab import Vocabulary  # noqa: E402
 from cbinterp.core.attach import codebooks_bypassed, get_codebooks  # noqa: E402
 from cbinterp.core.interventions import generate_with_codes  # noqa: E402
-from cbinterp.metrics.probes import _ranked, _scored  # noqa: E402
-from cbinterp.metrics.tables import code_feature_table  # noqa: E402
+from cbinterp.metrics.steering import steering_codes, topic_codes  # noqa: E402
 from cbinterp.tasks.lm_features import TOPICS, is_repetitive, mentions_topic, topic_regex  # noqa: E402
 from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint  # noqa: E402
 
-#: Neutral openings: no topic word, and varied (narrative, expository, dialogue).
-PROMPTS = [
-    "The",
-    "It was",
-    "In the",
-    "She said that",
-    "There was a",
-    "After a while,",
-    "He looked at",
-    "This is",
-]
+#: Neutral openings without a topic word. One word each, so that they tokenize to the same length and every seed's
+#: samples of all prompts come from one batched generate call.
+PROMPTS = ["The", "It", "He", "She", "In", "When", "There", "After"]
 PAPER = {
     "tinystories_one_code": {"dragon": [0.025, 0.65], "fire": [0.025, 1.0], "flower": [0.0, 0.9]},
     "wikitext_all_codes": {"football": [0.075, 0.95]},
@@ -86,7 +78,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--rows", type=int, default=2, help="samples per (prompt, seed) generate call")
     p.add_argument("--new-tokens", type=int, default=100)
-    p.add_argument("--n-slots", type=int, default=None, help="slots of k the topic code takes (default: k / 2)")
+    p.add_argument(
+        "--n-slots",
+        type=int,
+        nargs="*",
+        default=None,
+        help="strengths to try: slots of k the topic code takes (default: 1, k/2, k); one is chosen per topic on the "
+        "dev seeds",
+    )
+    p.add_argument("--dev-seeds", type=int, nargs="*", default=[100], help="seeds that choose the strength")
     p.add_argument("--min-recall", type=float, default=0.01)
     p.add_argument("--min-fires", type=int, default=5, help="a topic code must fire this often on half A")
     p.add_argument("--max-chars", type=int, default=None, help="characters of half A to find codes on")
@@ -98,6 +98,7 @@ def parse_args(argv=None):
     if args.quick:
         args.topics = args.topics or ["war", "religion"]
         args.n_prompts, args.seeds, args.rows, args.new_tokens = min(args.n_prompts, 2), args.seeds[:1], 2, 12
+        args.dev_seeds = args.dev_seeds[:1]
         args.max_chars = args.max_chars or 20000
     args.topics = args.topics or list(TOPICS)
     for t in args.topics:
@@ -117,68 +118,37 @@ def default_baseline(model: str) -> str:
     return "bypass"
 
 
-def topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires: int) -> dict:
-    """Per codebook, per head: the code most precise for the topic's words on `cache` (recall > min_recall)."""
+def find_topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires: int) -> dict:
+    """`topic_codes` for one topic on half A, as JSON-able rows, and the codes to force."""
     mask = token_positions(cache, tokenizer, TOPICS[topic])
-    codes = {name: cache.codes(name) for name in cache.codebook_names}
-    n_codes = {name: cache.n_codes(name) for name in cache.codebook_names}
-    table = code_feature_table(codes, mask[:, None], n_codes, features_per_code=None)
-    ranked = _ranked(_scored(table, min_recall, min_fires), "precision", first=("codebook", "head"))
-    best = ranked.drop_duplicates(["codebook", "head"], keep="first")
-    out = {}
-    for name in cache.codebook_names:
-        heads = codes[name].shape[1] if codes[name].dim() == 3 else 1
-        rows = best[best["codebook"] == name].set_index("head")
-        picks = []
-        for h in range(heads):
-            if h in rows.index:
-                r = rows.loc[h]
-                picks.append(
-                    {
-                        "head": h,
-                        "code": int(r["code"]),
-                        "precision": float(r["precision"]),
-                        "recall": float(r["recall"]),
-                        "n_fires": int(r["n_fires"]),
-                    }
-                )
-            else:
-                picks.append(None)
-        out[name] = {"grouped": codes[name].dim() == 3, "heads": picks, "n_topic_tokens": int(mask.sum())}
-    return out
-
-
-def steering_codes(found: dict) -> dict:
-    """`generate_with_codes`' mapping: codebook -> ids (`(heads, 1)` for a per-head codebook: each head its own
-    topic code). `generate_with_codes` forces every head of a codebook, so a codebook with a head that has no topic
-    code on half A is left out."""
-    out = {}
-    for name, info in found.items():
-        picks = info["heads"]
-        if any(p is None for p in picks):
-            continue
-        ids = torch.tensor([[p["code"]] for p in picks]) if info["grouped"] else torch.tensor([picks[0]["code"]])
-        out[name] = ids
-    return out
+    table = topic_codes(cache, mask, min_recall=min_recall, min_fires=min_fires)
+    rows = table[["codebook", "head", "code", "n_fires", "precision", "recall"]].to_dict(orient="records")
+    return {"n_topic_tokens": int(mask.sum()), "per_head": rows, "force": steering_codes(table, cache)}
 
 
 @torch.no_grad()
 def generate(model, prompts, seeds, rows, new_tokens, codes=None, n_slots=None):
-    """Samples for every prompt x seed (each a batch of `rows`): list of dicts with prompt, seed, token ids."""
+    """`rows` samples of every prompt for every seed: dicts with prompt, seed, ids (prompt + new tokens) and
+    prompt_len. Prompts of the same token length share one generate call per seed (seeded by the seed and the
+    length), so a condition costs a few calls whatever the number of prompts."""
+    groups: dict[int, list[tuple[str, Tensor]]] = {}
+    for prompt in prompts:
+        ids = model.to_tokens(prompt)[0]
+        groups.setdefault(len(ids), []).append((prompt, ids))
     samples = []
-    for p_index, prompt in enumerate(prompts):
-        tokens = model.to_tokens(prompt).expand(rows, -1)
-        for seed in seeds:
-            torch.manual_seed(1_000 * seed + p_index)
-            kwargs = dict(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, stop_at_eos=True, verbose=False)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, stop_at_eos=True, verbose=False)
+    for seed in seeds:
+        for length, members in sorted(groups.items()):
+            tokens = torch.stack([ids for _, ids in members]).repeat_interleave(rows, dim=0)
+            torch.manual_seed(1_000 * seed + length)
             if codes:
                 out = generate_with_codes(model, tokens, codes, n_slots=n_slots, **kwargs)
             else:
                 out = model.generate(tokens, **kwargs)
-            for r in range(rows):
-                samples.append(
-                    {"prompt": prompt, "seed": seed, "row": r, "ids": out[r].tolist(), "prompt_len": tokens.shape[1]}
-                )
+            for i, (prompt, _) in enumerate(members):
+                for r in range(rows):
+                    ids = out[i * rows + r].tolist()
+                    samples.append({"prompt": prompt, "seed": seed, "row": r, "ids": ids, "prompt_len": length})
     return samples
 
 
@@ -190,24 +160,28 @@ def continuation(sample, eos: int) -> list[int]:
 
 @torch.no_grad()
 def baseline_loss(baseline, samples, eos: int, bypass: bool) -> tuple[float, list[float]]:
-    """Mean per-token loss (nats) of the continuations under the baseline, token-weighted; and per sample."""
-    total, count, per_sample = 0.0, 0, []
-    for s in samples:
-        cont = continuation(s, eos)
-        if not cont:
-            per_sample.append(float("nan"))
-            continue
-        ids = torch.tensor(s["ids"][: s["prompt_len"]] + cont)[None]
+    """The baseline's mean per-token loss (nats) on the continuations (up to and including the first end-of-text),
+    token-weighted over all samples; and each sample's mean (NaN for an empty continuation)."""
+    total, count = 0.0, 0
+    per_sample = [float("nan")] * len(samples)
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        shapes.setdefault((s["prompt_len"], len(s["ids"])), []).append(i)
+    for (prompt_len, _), members in shapes.items():
+        ids = torch.tensor([samples[i]["ids"] for i in members])
         if bypass:
             with codebooks_bypassed(baseline):
                 logits = baseline(ids)
         else:
             logits = baseline(ids)
-        logp = F.log_softmax(logits[0, :-1].float(), dim=-1)
-        nll = -logp.gather(1, ids[0, 1:, None])[:, 0][s["prompt_len"] - 1 :]
-        total += float(nll.sum())
-        count += nll.numel()
-        per_sample.append(float(nll.mean()))
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0][:, prompt_len - 1 :]  # predictions of the new tokens
+        for row, i in enumerate(members):
+            n = len(continuation(samples[i], eos))
+            if n:
+                total += float(nll[row, :n].sum())
+                count += n
+                per_sample[i] = float(nll[row, :n].mean())
     return (total / count if count else float("nan")), per_sample
 
 
@@ -225,6 +199,17 @@ def judge(samples, topic: str, vocab, eos: int) -> dict:
         "mention": mention.tolist(),
         "repetitive": repetitive.tolist(),
     }
+
+
+def summary(samples, topic, vocab, eos, baseline, bypass) -> tuple[dict, dict]:
+    """(JSON-able rates and loss of a condition, the judged texts)."""
+    judged = judge(samples, topic, vocab, eos)
+    loss, each = baseline_loss(baseline, samples, eos, bypass)
+    out = {key: judged[key] for key in ("n", "rate", "rate_excluding_repetitive", "repetitive_share")}
+    out["baseline_loss"] = loss
+    out["mean_new_tokens"] = float(np.mean([len(continuation(x, eos)) for x in samples])) if samples else 0.0
+    judged["loss"] = each
+    return out, judged
 
 
 def main(argv=None) -> dict:
@@ -251,57 +236,67 @@ def main(argv=None) -> dict:
     cache = cache_documents(model, docs, batch_size=16)
     timer.mark("cache")
     k = {name: cb.k for name, cb in get_codebooks(model).items()}
-    n_slots = args.n_slots or max(1, min(k.values()) // 2)
-    found = {t: topic_codes(cache, t, tokenizer, args.min_recall, args.min_fires) for t in args.topics}
+    k_min = min(k.values())
+    strengths = sorted({min(max(1, n), k_min) for n in (args.n_slots or [1, k_min // 2, k_min])})
+    found = {t: find_topic_codes(cache, t, tokenizer, args.min_recall, args.min_fires) for t in args.topics}
     timer.mark("find_codes")
     prompts = PROMPTS[: args.n_prompts]
-    unsteered = generate(model, prompts, args.seeds, args.rows, args.new_tokens)
-    un_loss, un_loss_each = baseline_loss(baseline, unsteered, eos, bypass)
+    longest = max(len(model.to_tokens(p)[0]) for p in prompts)
+    new_tokens = min(args.new_tokens, model.cfg.n_ctx - longest)  # prompt + continuation must fit the context
+    gen = dict(prompts=prompts, rows=args.rows, new_tokens=new_tokens)
+    dev = dict(prompts=prompts, rows=args.rows, new_tokens=new_tokens)
+    unsteered = generate(model, seeds=args.seeds, **gen)
     timer.mark("generate_unsteered")
     per_topic = {}
     for topic in args.topics:
-        codes = steering_codes(found[topic])
-        base = judge(unsteered, topic, vocab, eos)
+        codes = found[topic]["force"]
+        un, _ = summary(unsteered, topic, vocab, eos, baseline, bypass)
         entry = {
-            "unsteered": {key: base[key] for key in ("n", "rate", "rate_excluding_repetitive", "repetitive_share")},
-            "codes": found[topic],
+            "unsteered": un,
+            "codes": {key: found[topic][key] for key in ("n_topic_tokens", "per_head")},
             "steered_codebooks": sorted(codes),
+            "steered": None,
+            "met": False,
         }
+        per_topic[topic] = entry
         if not codes:
-            entry["steered"] = None
-            per_topic[topic] = entry
             print(f"{topic}: no codebook has a topic code on half A; not steered")
             continue
-        samples = generate(model, prompts, args.seeds, args.rows, args.new_tokens, codes, {c: n_slots for c in codes})
-        steer = judge(samples, topic, vocab, eos)
-        loss, loss_each = baseline_loss(baseline, samples, eos, bypass)
-        entry["steered"] = {key: steer[key] for key in ("n", "rate", "rate_excluding_repetitive", "repetitive_share")}
-        entry["steered"]["baseline_loss"] = loss
-        entry["steered"]["mean_new_tokens"] = float(np.mean([len(continuation(s, eos)) for s in samples]))
-        entry["unsteered"]["baseline_loss"] = un_loss
+        # the strength: chosen on the dev seeds (other samples than those scored below)
+        sweep = {}
+        for n in strengths:
+            samples = generate(model, seeds=args.dev_seeds, codes=codes, n_slots={c: n for c in codes}, **dev)
+            sweep[n], _ = summary(samples, topic, vocab, eos, baseline, bypass)
+        chosen = max(strengths, key=lambda n: (sweep[n]["rate_excluding_repetitive"], -n))
+        entry["dev_sweep"] = {str(n): v for n, v in sweep.items()}
+        entry["n_slots"] = chosen
+        samples = generate(model, seeds=args.seeds, codes=codes, n_slots={c: chosen for c in codes}, **gen)
+        entry["steered"], judged = summary(samples, topic, vocab, eos, baseline, bypass)
         entry["met"] = bool(
-            base["rate"] < TARGET["unsteered_below"]
-            and steer["rate_excluding_repetitive"] >= TARGET["steered_at_least"]
+            un["rate"] < TARGET["unsteered_below"]
+            and entry["steered"]["rate_excluding_repetitive"] >= TARGET["steered_at_least"]
         )
         entry["samples"] = [
-            {"prompt": s["prompt"], "seed": s["seed"], "text": t, "mention": m, "repetitive": r, "loss": lo}
-            for s, t, m, r, lo in zip(samples, steer["texts"], steer["mention"], steer["repetitive"], loss_each)
+            {"prompt": x["prompt"], "seed": x["seed"], "text": t, "mention": m, "repetitive": r, "loss": lo}
+            for x, t, m, r, lo in zip(samples, judged["texts"], judged["mention"], judged["repetitive"], judged["loss"])
         ]
-        per_topic[topic] = entry
         timer.mark(f"steer_{topic}")
-        print_topic(topic, entry, steer)
+        print_topic(topic, entry, judged)
     met = [t for t, e in per_topic.items() if e.get("met")]
+    un_all, un_judged = summary(unsteered, args.topics[0], vocab, eos, baseline, bypass)
     headline = {
         "topics": len(args.topics),
         "topics_meeting_target": met,
         "n_meeting_target": len(met),
         "target": TARGET,
         "meets_target": len(met) >= TARGET["topics"],
-        "unsteered_baseline_loss": un_loss,
-        "unsteered_repetitive_share": judge(unsteered, args.topics[0], vocab, eos)["repetitive_share"],
-        "n_slots": n_slots,
+        "unsteered_baseline_loss": un_all["baseline_loss"],
+        "unsteered_repetitive_share": un_all["repetitive_share"],
+        "strengths_tried": strengths,
         "k": k,
         "samples_per_condition": len(unsteered),
+        "dev_samples_per_condition": len(prompts) * len(args.dev_seeds) * args.rows,
+        "new_tokens": new_tokens,
     }
     print_table(per_topic, headline, base_label)
     fig = steering_figure(per_topic, f"Topic steering ({args.model}), n={len(unsteered)} samples per condition")
@@ -314,10 +309,13 @@ def main(argv=None) -> dict:
             "quick": args.quick,
             "prompts": prompts,
             "seeds": args.seeds,
-            "rows_per_call": args.rows,
-            "new_tokens": args.new_tokens,
+            "dev_seeds": args.dev_seeds,
+            "rows_per_prompt_and_seed": args.rows,
+            "new_tokens": new_tokens,
             "temperature": 1.0,
-            "n_slots": n_slots,
+            "strengths_tried": strengths,
+            "strength_rule": "per topic, the n_slots with the highest dev-seed rate excluding repetitive samples "
+            "(ties: fewer slots); scored on the other seeds",
             "min_recall": args.min_recall,
             "min_fires": args.min_fires,
             "code_search_tokens": cache.n_tokens,
@@ -327,8 +325,8 @@ def main(argv=None) -> dict:
         "paper": PAPER,
         "topics": per_topic,
         "unsteered_samples": [
-            {"prompt": s["prompt"], "seed": s["seed"], "text": vocab.text(continuation(s, eos)), "loss": lo}
-            for s, lo in zip(unsteered, un_loss_each)
+            {"prompt": x["prompt"], "seed": x["seed"], "text": t, "loss": lo}
+            for x, t, lo in zip(unsteered, un_judged["texts"], un_judged["loss"])
         ],
         "files": {"figure": figures},
         "timings_s": timer.marks,
@@ -343,7 +341,8 @@ def print_topic(topic, entry, steer) -> None:
     print(
         f"\n== {topic}: unsteered {entry['unsteered']['rate']:.0%} -> steered {s['rate']:.0%} "
         f"({s['rate_excluding_repetitive']:.0%} without repetitive samples; {s['repetitive_share']:.0%} repetitive); "
-        f"codebooks {len(entry['steered_codebooks'])}"
+        f"n_slots {entry['n_slots']} in {len(entry['steered_codebooks'])} codebook(s); dev sweep "
+        + ", ".join(f"{n}: {v['rate_excluding_repetitive']:.0%}" for n, v in entry["dev_sweep"].items())
     )
     for text, mention in list(zip(steer["texts"], steer["mention"]))[:3]:
         print(f"   [{'x' if mention else ' '}] {text[:160]!r}")
@@ -352,11 +351,11 @@ def print_topic(topic, entry, steer) -> None:
 def print_table(per_topic, headline, base_label) -> None:
     print(
         f"\nShare of samples mentioning the topic (n = {headline['samples_per_condition']} per condition); "
-        f"steered = n_slots {headline['n_slots']} of k {sorted(set(headline['k'].values()))} in every codebook; "
-        f"loss = {base_label} per token"
+        f"steered = the topic code of every head in n_slots of k={sorted(set(headline['k'].values()))} slots (chosen "
+        f"per topic on dev seeds from {headline['strengths_tried']}); loss = {base_label}, nats per new token"
     )
     head = (
-        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'steered*':>8} {'repet.':>7} {'loss un':>8} "
+        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'steered*':>8} {'repet.':>7} {'n_slots':>7} {'loss un':>8} "
         f"{'loss st':>8}  target"
     )
     print(head)
@@ -368,10 +367,12 @@ def print_table(per_topic, headline, base_label) -> None:
             continue
         print(
             f"{topic:<10} {e['unsteered']['rate']:>9.0%} {s['rate']:>8.0%} {s['rate_excluding_repetitive']:>8.0%} "
-            f"{s['repetitive_share']:>7.0%} {e['unsteered']['baseline_loss']:>8.2f} {s['baseline_loss']:>8.2f}  "
+            f"{s['repetitive_share']:>7.0%} {e['n_slots']:>7} {e['unsteered']['baseline_loss']:>8.2f} "
+            f"{s['baseline_loss']:>8.2f}  "
             f"{'met' if e['met'] else '-'}"
         )
     print("-" * len(head))
+    print(f"unsteered samples: {headline['unsteered_repetitive_share']:.0%} repetitive")
     print(
         "steered* = mentions in samples that are not one word repeated (the headline rate). Target: unsteered < 10% "
         f"and steered* >= 60% on >= 5 topics: {headline['n_meeting_target']} met "

@@ -13,7 +13,12 @@ TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name, expect", [("fsm.ipynb", "transition accuracy"), ("analysis.ipynb", "loss with codebooks")]
+    "name, expect",
+    [
+        ("fsm.ipynb", "transition accuracy"),
+        ("analysis.ipynb", "loss with codebooks"),
+        ("language_model.ipynb", "mean held-out precision"),
+    ],
 )
 def test_tutorial_runs_top_to_bottom(name, expect, monkeypatch):
     monkeypatch.setenv("CBINTERP_TUTORIAL_TRAIN", "1")  # train the small model, whatever benchmarks/out holds
