@@ -133,6 +133,7 @@ def main(argv=None) -> dict:
     code_p, neuron_p = mean("precision_b"), mean("neuron_best_precision_b")
     headline = {
         "n_features": int(len(scored)),
+        "features_excluded": sorted(set(FEATURES) - set(scored["feature_name"])),
         "code_precision_b_mean": code_p,
         "code_recall_b_mean": mean("recall_b"),
         "neuron_precision_b_mean": neuron_p,
@@ -232,6 +233,12 @@ def print_table(table, headline, weak) -> None:
         f"in-sample on A (what probe() would report): codes {h['code_precision_a_mean']:.3f}, "
         f"neurons {h['neuron_precision_a_mean']:.3f}"
     )
+    sets = [
+        f"{s} {h[f'neuron_{s}_precision_b_mean']:.3f}"
+        for s in ("mlp_hidden", "codebook_input")
+        if f"neuron_{s}_precision_b_mean" in h
+    ]
+    print(f"neurons on B by set: {', '.join(sets)}; features left out of the means: {h['features_excluded'] or 'none'}")
     for w in weak:
         print(
             f"  the best code of {w['feature']!r} has held-out precision {w['precision_b']:.2f}: "
