@@ -54,6 +54,11 @@ from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint  # noq
 #: Neutral openings without a topic word. One word each, so that they tokenize to the same length and every seed's
 #: samples of all prompts come from one batched generate call.
 PROMPTS = ["The", "It", "He", "She", "In", "When", "There", "After"]
+#: Which tokens a topic code must detect: the topic words themselves, or the token just before one (a code that
+#: fires where the model is about to write a topic word).
+TARGETS = ("word", "before_word")
+
+
 PAPER = {
     "tinystories_one_code": {"dragon": [0.025, 0.65], "fire": [0.025, 1.0], "flower": [0.0, 0.9]},
     "wikitext_all_codes": {"football": [0.075, 0.95]},
@@ -87,6 +92,13 @@ def parse_args(argv=None):
         "dev seeds",
     )
     p.add_argument("--dev-seeds", type=int, nargs="*", default=[100], help="seeds that choose the strength")
+    p.add_argument(
+        "--targets",
+        nargs="*",
+        default=list(TARGETS),
+        choices=TARGETS,
+        help="which topic codes to try: those of the topic words, of the token before one (chosen on the dev seeds)",
+    )
     p.add_argument("--min-recall", type=float, default=0.01)
     p.add_argument("--min-fires", type=int, default=5, help="a topic code must fire this often on half A")
     p.add_argument("--max-chars", type=int, default=None, help="characters of half A to find codes on")
@@ -118,12 +130,24 @@ def default_baseline(model: str) -> str:
     return "bypass"
 
 
+def before(mask: Tensor, cache) -> Tensor:
+    """The tokens whose next token (in the same document) is in `mask`."""
+    doc, pos = cache.doc, cache.pos
+    out = torch.zeros_like(mask)
+    same = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+    out[:-1] = mask[1:] & same
+    return out
+
+
 def find_topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires: int) -> dict:
-    """`topic_codes` for one topic on half A, as JSON-able rows, and the codes to force."""
-    mask = token_positions(cache, tokenizer, TOPICS[topic])
-    table = topic_codes(cache, mask, min_recall=min_recall, min_fires=min_fires)
-    rows = table[["codebook", "head", "code", "n_fires", "precision", "recall"]].to_dict(orient="records")
-    return {"n_topic_tokens": int(mask.sum()), "per_head": rows, "force": steering_codes(table, cache)}
+    """Per target (`TARGETS`): `topic_codes` for one topic on half A as JSON-able rows, and the codes to force."""
+    words = token_positions(cache, tokenizer, TOPICS[topic])
+    out = {"n_topic_tokens": int(words.sum())}
+    for target, mask in (("word", words), ("before_word", before(words, cache))):
+        table = topic_codes(cache, mask, min_recall=min_recall, min_fires=min_fires)
+        rows = table[["codebook", "head", "code", "n_fires", "precision", "recall"]].to_dict(orient="records")
+        out[target] = {"per_head": rows, "force": steering_codes(table, cache)}
+    return out
 
 
 @torch.no_grad()
@@ -249,27 +273,32 @@ def main(argv=None) -> dict:
     timer.mark("generate_unsteered")
     per_topic = {}
     for topic in args.topics:
-        codes = found[topic]["force"]
         un, _ = summary(unsteered, topic, vocab, eos, baseline, bypass)
         entry = {
             "unsteered": un,
-            "codes": {key: found[topic][key] for key in ("n_topic_tokens", "per_head")},
-            "steered_codebooks": sorted(codes),
+            "codes": {
+                "n_topic_tokens": found[topic]["n_topic_tokens"],
+                **{t: found[topic][t]["per_head"] for t in args.targets},
+            },
+            "steered_codebooks": [],
             "steered": None,
             "met": False,
         }
         per_topic[topic] = entry
-        if not codes:
+        candidates = [(t, n) for t in args.targets if found[topic][t]["force"] for n in strengths]
+        if not candidates:
             print(f"{topic}: no codebook has a topic code on half A; not steered")
             continue
-        # the strength: chosen on the dev seeds (other samples than those scored below)
+        # which codes (target) and how strong (n_slots): chosen on the dev seeds, other samples than those scored
         sweep = {}
-        for n in strengths:
+        for target, n in candidates:
+            codes = found[topic][target]["force"]
             samples = generate(model, seeds=args.dev_seeds, codes=codes, n_slots={c: n for c in codes}, **dev)
-            sweep[n], _ = summary(samples, topic, vocab, eos, baseline, bypass)
-        chosen = max(strengths, key=lambda n: (sweep[n]["rate_excluding_repetitive"], -n))
-        entry["dev_sweep"] = {str(n): v for n, v in sweep.items()}
-        entry["n_slots"] = chosen
+            sweep[(target, n)], _ = summary(samples, topic, vocab, eos, baseline, bypass)
+        target, chosen = max(candidates, key=lambda c: (sweep[c]["rate_excluding_repetitive"], -c[1]))
+        codes = found[topic][target]["force"]
+        entry["dev_sweep"] = {f"{t}/{n}": v for (t, n), v in sweep.items()}
+        entry["target"], entry["n_slots"], entry["steered_codebooks"] = target, chosen, sorted(codes)
         samples = generate(model, seeds=args.seeds, codes=codes, n_slots={c: chosen for c in codes}, **gen)
         entry["steered"], judged = summary(samples, topic, vocab, eos, baseline, bypass)
         entry["met"] = bool(
@@ -293,6 +322,7 @@ def main(argv=None) -> dict:
         "unsteered_baseline_loss": un_all["baseline_loss"],
         "unsteered_repetitive_share": un_all["repetitive_share"],
         "strengths_tried": strengths,
+        "targets_tried": args.targets,
         "k": k,
         "samples_per_condition": len(unsteered),
         "dev_samples_per_condition": len(prompts) * len(args.dev_seeds) * args.rows,
@@ -314,8 +344,9 @@ def main(argv=None) -> dict:
             "new_tokens": new_tokens,
             "temperature": 1.0,
             "strengths_tried": strengths,
-            "strength_rule": "per topic, the n_slots with the highest dev-seed rate excluding repetitive samples "
-            "(ties: fewer slots); scored on the other seeds",
+            "targets_tried": args.targets,
+            "strength_rule": "per topic, the (target, n_slots) with the highest dev-seed rate excluding repetitive "
+            "samples (ties: fewer slots); scored on the other seeds",
             "min_recall": args.min_recall,
             "min_fires": args.min_fires,
             "code_search_tokens": cache.n_tokens,
@@ -341,7 +372,8 @@ def print_topic(topic, entry, steer) -> None:
     print(
         f"\n== {topic}: unsteered {entry['unsteered']['rate']:.0%} -> steered {s['rate']:.0%} "
         f"({s['rate_excluding_repetitive']:.0%} without repetitive samples; {s['repetitive_share']:.0%} repetitive); "
-        f"n_slots {entry['n_slots']} in {len(entry['steered_codebooks'])} codebook(s); dev sweep "
+        f"codes of the {entry['target']!r} tokens in n_slots {entry['n_slots']} of {len(entry['steered_codebooks'])} "
+        "codebook(s); dev sweep "
         + ", ".join(f"{n}: {v['rate_excluding_repetitive']:.0%}" for n, v in entry["dev_sweep"].items())
     )
     for text, mention in list(zip(steer["texts"], steer["mention"]))[:3]:
@@ -351,11 +383,12 @@ def print_topic(topic, entry, steer) -> None:
 def print_table(per_topic, headline, base_label) -> None:
     print(
         f"\nShare of samples mentioning the topic (n = {headline['samples_per_condition']} per condition); "
-        f"steered = the topic code of every head in n_slots of k={sorted(set(headline['k'].values()))} slots (chosen "
-        f"per topic on dev seeds from {headline['strengths_tried']}); loss = {base_label}, nats per new token"
+        f"steered = the topic code of every head in n_slots of k={sorted(set(headline['k'].values()))} slots; codes "
+        f"(of the topic 'word' or the token 'before_word') and n_slots ({headline['strengths_tried']}) chosen per "
+        f"topic on dev seeds; loss = {base_label}, nats per new token"
     )
     head = (
-        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'steered*':>8} {'repet.':>7} {'n_slots':>7} {'loss un':>8} "
+        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'steered*':>8} {'repet.':>7} {'codes':>18} {'loss un':>8} "
         f"{'loss st':>8}  target"
     )
     print(head)
@@ -367,7 +400,8 @@ def print_table(per_topic, headline, base_label) -> None:
             continue
         print(
             f"{topic:<10} {e['unsteered']['rate']:>9.0%} {s['rate']:>8.0%} {s['rate_excluding_repetitive']:>8.0%} "
-            f"{s['repetitive_share']:>7.0%} {e['n_slots']:>7} {e['unsteered']['baseline_loss']:>8.2f} "
+            f"{s['repetitive_share']:>7.0%} {e['target'] + ' x' + str(e['n_slots']):>18} "
+            f"{e['unsteered']['baseline_loss']:>8.2f} "
             f"{s['baseline_loss']:>8.2f}  "
             f"{'met' if e['met'] else '-'}"
         )
