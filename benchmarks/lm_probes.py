@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--min-recall", type=float, default=0.01, help="the paper's recall floor (default 1%%)")
     p.add_argument("--min-fires", type=int, default=1, help="codes must fire this often on half A")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more fight on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.model = args.model or default_model()

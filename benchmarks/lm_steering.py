@@ -3,17 +3,19 @@
     python benchmarks/lm_steering.py                      # the shipped DEFAULT_MODEL, every topic
     python benchmarks/lm_steering.py --model PATH --quick # a few short samples (tests)
 
-Topic codes are found from data, on held-out half A only (text the model never trained on, and not the text the
-samples are judged by): for every codebook and head, the code that best detects the topic's words (the regex of
-`cbinterp.tasks.lm_features.TOPICS`) by the paper's search — recall > 1% on half A, most precise. Steering forces,
-in every codebook, each head's topic code in `--n-slots` of its k slots (`generate_with_codes`: from the prompt's
-last position on, at every generated position; the codebook keeps its own best k - n_slots codes). Samples: every
-prompt x seed x row, temperature 1, `--new-tokens` new tokens, with the same seeds for the unsteered and every
+Topic codes are found from data, on held-out half A only (text the model never trained on): for every codebook and
+head, the code that best detects the topic's words (the regex of `cbinterp.tasks.lm_features.TOPICS`), or the token
+just before a topic word, by the paper's search (recall > 1% on half A, most precise). Steering forces, in every
+codebook, each head's topic code in n_slots of its k slots (`generate_with_codes`: from the prompt's last position
+on, at every generated position; the codebook keeps its own best k - n_slots codes). Which codes (word / before_word)
+and how many slots are chosen per topic on dev seeds, and the chosen setting is scored on other seeds. Samples:
+every prompt x seed x row, temperature 1, `--new-tokens` new tokens, the same seeds for the unsteered and every
 steered condition. A sample "mentions the topic" when its continuation (prompt excluded) matches the topic regex.
 
-Also measured: the baseline (no-codebook) model's mean per-token loss on the continuations, and the share of
-samples that are one word repeated (`is_repetitive`); a repetitive sample never counts as a mention in the
-headline rate. Writes `results.json` (settings, per-topic rates, codes, all samples) and `figure.html`.
+Steered text must still be text: the baseline (no-codebook) model's per-token loss on every continuation is
+measured, and a sample is "readable" when it is not one word repeated (`is_repetitive`) and its loss is at most
+the 95th percentile of the unsteered samples' losses. The headline rate counts readable samples that mention the
+topic. Writes `results.json` (settings, per-topic rates, codes, the dev sweep, all samples) and `figure.html`.
 """
 
 from __future__ import annotations
@@ -81,16 +83,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="two topics, few short samples (for tests)")
     p.add_argument("--topics", nargs="*", default=None, help=f"default: all of {list(TOPICS)}")
     p.add_argument("--n-prompts", type=int, default=len(PROMPTS))
-    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--rows", type=int, default=2, help="samples per (prompt, seed) generate call")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--rows", type=int, default=3, help="samples per prompt and seed (dev seeds: 2)")
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument(
         "--n-slots",
         type=int,
         nargs="*",
         default=None,
-        help="strengths to try: slots of k the topic code takes (default: 1, k/2, k); one is chosen per topic on the "
-        "dev seeds",
+        help="strengths to try: slots of k the topic code takes (default: 1, 2, k/2, k); one is chosen per "
+        "topic on the dev seeds",
     )
     p.add_argument("--dev-seeds", type=int, nargs="*", default=[100], help="seeds that choose the strength")
     p.add_argument(
@@ -103,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--min-recall", type=float, default=0.01)
     p.add_argument("--min-fires", type=int, default=5, help="a topic code must fire this often on half A")
     p.add_argument("--max-chars", type=int, default=None, help="characters of half A to find codes on")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more fight on a shared CPU)")
     args = p.parse_args(argv)
     args.model = args.model or default_model()
     if args.out is None:
@@ -226,14 +228,23 @@ def judge(samples, topic: str, vocab, eos: int) -> dict:
     }
 
 
-def summary(samples, topic, vocab, eos, baseline, bypass) -> tuple[dict, dict]:
-    """(JSON-able rates and loss of a condition, the judged texts)."""
+def summary(samples, topic, vocab, eos, baseline, bypass, loss_cap: float) -> tuple[dict, dict]:
+    """(JSON-able rates and loss of a condition, the judged texts). A sample is "readable" when it is not one word
+    repeated and the baseline's mean loss on it is at most `loss_cap` (the 95th percentile of the unsteered
+    samples'); `rate_readable`, the headline rate, counts the readable samples that mention the topic."""
     judged = judge(samples, topic, vocab, eos)
     loss, each = baseline_loss(baseline, samples, eos, bypass)
+    each_np = np.array(each, dtype=np.float64)
+    high = ~(each_np <= loss_cap)  # NaN (empty continuation) counts as unreadable
+    readable = ~np.array(judged["repetitive"], dtype=bool) & ~high
+    mention = np.array(judged["mention"], dtype=bool)
     out = {key: judged[key] for key in ("n", "rate", "rate_excluding_repetitive", "repetitive_share")}
+    out["rate_readable"] = float((mention & readable).mean()) if len(samples) else 0.0
+    out["high_loss_share"] = float(high.mean()) if len(samples) else 0.0
     out["baseline_loss"] = loss
     out["mean_new_tokens"] = float(np.mean([len(continuation(x, eos)) for x in samples])) if samples else 0.0
     judged["loss"] = each
+    judged["readable"] = readable.tolist()
     return out, judged
 
 
@@ -262,19 +273,22 @@ def main(argv=None) -> dict:
     timer.mark("cache")
     k = {name: cb.k for name, cb in get_codebooks(model).items()}
     k_min = min(k.values())
-    strengths = sorted({min(max(1, n), k_min) for n in (args.n_slots or [1, k_min // 2, k_min])})
+    default = [1, 2, k_min // 2, k_min]
+    strengths = sorted({min(max(1, n), k_min) for n in (args.n_slots or default)})
     found = {t: find_topic_codes(cache, t, tokenizer, args.min_recall, args.min_fires) for t in args.topics}
     timer.mark("find_codes")
     prompts = PROMPTS[: args.n_prompts]
     longest = max(len(model.to_tokens(p)[0]) for p in prompts)
     new_tokens = min(args.new_tokens, model.cfg.n_ctx - longest)  # prompt + continuation must fit the context
     gen = dict(prompts=prompts, rows=args.rows, new_tokens=new_tokens)
-    dev = dict(prompts=prompts, rows=args.rows, new_tokens=new_tokens)
+    dev = dict(prompts=prompts, rows=min(args.rows, 2), new_tokens=new_tokens)
     unsteered = generate(model, seeds=args.seeds, **gen)
+    _, unsteered_losses = baseline_loss(baseline, unsteered, eos, bypass)
+    loss_cap = float(np.nanquantile(np.array(unsteered_losses, dtype=np.float64), 0.95))
     timer.mark("generate_unsteered")
     per_topic = {}
     for topic in args.topics:
-        un, _ = summary(unsteered, topic, vocab, eos, baseline, bypass)
+        un, _ = summary(unsteered, topic, vocab, eos, baseline, bypass, loss_cap)
         entry = {
             "unsteered": un,
             "codes": {
@@ -295,16 +309,15 @@ def main(argv=None) -> dict:
         for target, n in candidates:
             codes = found[topic][target]["force"]
             samples = generate(model, seeds=args.dev_seeds, codes=codes, n_slots={c: n for c in codes}, **dev)
-            sweep[(target, n)], _ = summary(samples, topic, vocab, eos, baseline, bypass)
-        target, chosen = max(candidates, key=lambda c: (sweep[c]["rate_excluding_repetitive"], -c[1]))
+            sweep[(target, n)], _ = summary(samples, topic, vocab, eos, baseline, bypass, loss_cap)
+        target, chosen = max(candidates, key=lambda c: (sweep[c]["rate_readable"], -c[1]))
         codes = found[topic][target]["force"]
         entry["dev_sweep"] = {f"{t}/{n}": v for (t, n), v in sweep.items()}
         entry["target"], entry["n_slots"], entry["steered_codebooks"] = target, chosen, sorted(codes)
         samples = generate(model, seeds=args.seeds, codes=codes, n_slots={c: chosen for c in codes}, **gen)
-        entry["steered"], judged = summary(samples, topic, vocab, eos, baseline, bypass)
+        entry["steered"], judged = summary(samples, topic, vocab, eos, baseline, bypass, loss_cap)
         entry["met"] = bool(
-            un["rate"] < TARGET["unsteered_below"]
-            and entry["steered"]["rate_excluding_repetitive"] >= TARGET["steered_at_least"]
+            un["rate"] < TARGET["unsteered_below"] and entry["steered"]["rate_readable"] >= TARGET["steered_at_least"]
         )
         entry["samples"] = [
             {"prompt": x["prompt"], "seed": x["seed"], "text": t, "mention": m, "repetitive": r, "loss": lo}
@@ -313,7 +326,7 @@ def main(argv=None) -> dict:
         timer.mark(f"steer_{topic}")
         print_topic(topic, entry, judged)
     met = [t for t, e in per_topic.items() if e.get("met")]
-    un_all, un_judged = summary(unsteered, args.topics[0], vocab, eos, baseline, bypass)
+    un_all, un_judged = summary(unsteered, args.topics[0], vocab, eos, baseline, bypass, loss_cap)
     headline = {
         "topics": len(args.topics),
         "topics_meeting_target": met,
@@ -322,11 +335,12 @@ def main(argv=None) -> dict:
         "meets_target": len(met) >= TARGET["topics"],
         "unsteered_baseline_loss": un_all["baseline_loss"],
         "unsteered_repetitive_share": un_all["repetitive_share"],
+        "loss_cap": loss_cap,
         "strengths_tried": strengths,
         "targets_tried": args.targets,
         "k": k,
         "samples_per_condition": len(unsteered),
-        "dev_samples_per_condition": len(prompts) * len(args.dev_seeds) * args.rows,
+        "dev_samples_per_condition": len(prompts) * len(args.dev_seeds) * min(args.rows, 2),
         "new_tokens": new_tokens,
     }
     print_table(per_topic, headline, base_label)
@@ -346,8 +360,10 @@ def main(argv=None) -> dict:
             "temperature": 1.0,
             "strengths_tried": strengths,
             "targets_tried": args.targets,
-            "strength_rule": "per topic, the (target, n_slots) with the highest dev-seed rate excluding repetitive "
-            "samples (ties: fewer slots); scored on the other seeds",
+            "strength_rule": "per topic, the (target, n_slots) with the highest dev-seed readable rate (ties: fewer "
+            "slots); scored on the other seeds",
+            "readable": "not one word repeated, and baseline per-token loss <= the 95th percentile of the unsteered "
+            "samples' (loss_cap)",
             "min_recall": args.min_recall,
             "min_fires": args.min_fires,
             "code_search_tokens": cache.n_tokens,
@@ -371,14 +387,14 @@ def main(argv=None) -> dict:
 def print_topic(topic, entry, steer) -> None:
     s = entry["steered"]
     print(
-        f"\n== {topic}: unsteered {entry['unsteered']['rate']:.0%} -> steered {s['rate']:.0%} "
-        f"({s['rate_excluding_repetitive']:.0%} without repetitive samples; {s['repetitive_share']:.0%} repetitive); "
-        f"codes of the {entry['target']!r} tokens in n_slots {entry['n_slots']} of {len(entry['steered_codebooks'])} "
-        "codebook(s); dev sweep "
-        + ", ".join(f"{n}: {v['rate_excluding_repetitive']:.0%}" for n, v in entry["dev_sweep"].items())
+        f"\n== {topic}: unsteered {entry['unsteered']['rate']:.0%} -> steered {s['rate']:.0%}, readable "
+        f"{s['rate_readable']:.0%} ({s['repetitive_share']:.0%} repetitive, {s['high_loss_share']:.0%} above the loss "
+        f"cap); codes of the {entry['target']!r} tokens in {entry['n_slots']} slot(s) of "
+        f"{len(entry['steered_codebooks'])} codebook(s); dev sweep (readable rate) "
+        + ", ".join(f"{n}: {v['rate_readable']:.0%}" for n, v in entry["dev_sweep"].items())
     )
-    for text, mention in list(zip(steer["texts"], steer["mention"]))[:3]:
-        print(f"   [{'x' if mention else ' '}] {text[:160]!r}")
+    for text, mention, readable in list(zip(steer["texts"], steer["mention"], steer["readable"]))[:3]:
+        print(f"   [{'x' if mention else ' '}{'' if readable else ' unreadable'}] {text[:160]!r}")
 
 
 def print_table(per_topic, headline, base_label) -> None:
@@ -389,8 +405,8 @@ def print_table(per_topic, headline, base_label) -> None:
         f"topic on dev seeds; loss = {base_label}, nats per new token"
     )
     head = (
-        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'steered*':>8} {'repet.':>7} {'codes':>18} {'loss un':>8} "
-        f"{'loss st':>8}  target"
+        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'readable':>8} {'repet.':>7} {'>cap':>5} {'codes':>18} "
+        f"{'loss un':>8} {'loss st':>8}  target"
     )
     print(head)
     print("-" * len(head))
@@ -400,18 +416,19 @@ def print_table(per_topic, headline, base_label) -> None:
             print(f"{topic:<10} {e['unsteered']['rate']:>9.0%}  (no topic code)")
             continue
         print(
-            f"{topic:<10} {e['unsteered']['rate']:>9.0%} {s['rate']:>8.0%} {s['rate_excluding_repetitive']:>8.0%} "
-            f"{s['repetitive_share']:>7.0%} {e['target'] + ' x' + str(e['n_slots']):>18} "
-            f"{e['unsteered']['baseline_loss']:>8.2f} "
-            f"{s['baseline_loss']:>8.2f}  "
-            f"{'met' if e['met'] else '-'}"
+            f"{topic:<10} {e['unsteered']['rate']:>9.0%} {s['rate']:>8.0%} {s['rate_readable']:>8.0%} "
+            f"{s['repetitive_share']:>7.0%} {s['high_loss_share']:>5.0%} {e['target'] + ' x' + str(e['n_slots']):>18} "
+            f"{e['unsteered']['baseline_loss']:>8.2f} {s['baseline_loss']:>8.2f}  {'met' if e['met'] else '-'}"
         )
     print("-" * len(head))
-    print(f"unsteered samples: {headline['unsteered_repetitive_share']:.0%} repetitive")
     print(
-        "steered* = mentions in samples that are not one word repeated (the headline rate). Target: unsteered < 10% "
-        f"and steered* >= 60% on >= 5 topics: {headline['n_meeting_target']} met "
-        f"({', '.join(headline['topics_meeting_target'])})"
+        f"unsteered samples: {headline['unsteered_repetitive_share']:.0%} repetitive; loss cap (95th percentile of "
+        f"their per-sample loss) {headline['loss_cap']:.2f}"
+    )
+    print(
+        "readable = mentions in samples that are not one word repeated and whose baseline loss is within the cap "
+        f"(the headline rate). Target: unsteered < 10% and readable >= 60% on >= 5 topics: "
+        f"{headline['n_meeting_target']} met ({', '.join(headline['topics_meeting_target'])})"
     )
 
 
@@ -422,9 +439,9 @@ def steering_figure(per_topic, title):
     fig = go.Figure()
     fig.add_bar(name="unsteered", x=topics, y=[per_topic[t]["unsteered"]["rate"] for t in topics])
     fig.add_bar(
-        name="steered (repetitive samples excluded)",
+        name="steered (readable samples only)",
         x=topics,
-        y=[per_topic[t]["steered"]["rate_excluding_repetitive"] for t in topics],
+        y=[per_topic[t]["steered"]["rate_readable"] for t in topics],
         text=[f"loss {per_topic[t]['steered']['baseline_loss']:.2f}" for t in topics],
     )
     fig.update_layout(

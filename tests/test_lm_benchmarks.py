@@ -87,7 +87,12 @@ def test_lm_steering_quick(tiny_lm, tmp_path, load_benchmark, capsys):
         entry = results["topics"][topic]
         assert entry["unsteered"]["n"] == 4
         if entry["steered"] is not None:
-            assert 0.0 <= entry["steered"]["rate_excluding_repetitive"] <= entry["steered"]["rate"] <= 1.0
+            steered = entry["steered"]
+            assert 0.0 <= steered["rate_readable"] <= steered["rate_excluding_repetitive"] <= steered["rate"] <= 1.0
+            assert (
+                entry["target"] in ("word", "before_word")
+                and entry["n_slots"] in results["headline"]["strengths_tried"]
+            )
             assert entry["steered"]["baseline_loss"] > 0
             assert len(entry["samples"]) == 4
     assert "plotly" in (tmp_path / "figure.html").read_text()
