@@ -95,13 +95,13 @@ class LMRecipe:
     seq_len: int = 128
     batch_size: int = 32
     # (a)
-    base_steps: int = 3000
+    base_steps: int = 1200
     base_lr: float = 3e-3
     base_warmup: int = 100
     # (b) and (c)
-    codebook_steps: int = 800
+    codebook_steps: int = 400
     codebook_lr: float = 1e-3
-    codebook_warmup: int = 50
+    codebook_warmup: int = 40
     # codebooks
     sites: tuple[str, ...] = ("attn",)
     n_codes: int = 1024
