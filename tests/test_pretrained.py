@@ -13,8 +13,6 @@ import cbinterp
 from cbinterp import pretrained
 from cbinterp.pretrained import BASELINE_MODEL, DEFAULT_MODEL, list_pretrained, load_pretrained, pretrained_card
 
-shipped = pytest.mark.skipif(DEFAULT_MODEL not in list_pretrained(), reason="the model assets are not installed")
-
 
 def test_unknown_name_lists_the_known_ones(tmp_path, monkeypatch):
     for name in ("alpha", "beta"):
@@ -35,7 +33,6 @@ def test_exported_from_the_package():
     assert cbinterp.load_pretrained is load_pretrained and cbinterp.list_pretrained is list_pretrained
 
 
-@shipped
 def test_shipped_models_are_listed_with_their_cards():
     listed = list_pretrained()
     assert {DEFAULT_MODEL, BASELINE_MODEL} <= set(listed)
@@ -50,7 +47,6 @@ def model(one_thread):
     return load_pretrained(DEFAULT_MODEL, device="cpu")
 
 
-@shipped
 def test_shipped_model_loads_by_name_offline(model):
     text = "In March 1805 the king's army crossed the river, said Mr. Darcy; naïve café."
     tokens = model.to_tokens(text)
@@ -62,7 +58,6 @@ def test_shipped_model_loads_by_name_offline(model):
     assert codebooks and all(name.endswith("attn.hook_z") for name in codebooks)
 
 
-@shipped
 def test_shipped_model_reproduces_its_cards_check(model):
     from cbinterp.pretrained import heldout_documents
     from cbinterp.recipes.lm import evaluate, heldout_sequences
@@ -77,7 +72,6 @@ def test_shipped_model_reproduces_its_cards_check(model):
     assert again["accuracy"] == pytest.approx(check["accuracy"], abs=2e-3)
 
 
-@shipped
 def test_baseline_loads_without_codebooks():
     baseline = load_pretrained(BASELINE_MODEL, device="cpu")
     assert not cbinterp.get_codebooks(baseline)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import platform
 import time
 from functools import partial
@@ -95,13 +96,13 @@ class LMRecipe:
     seq_len: int = 128
     batch_size: int = 32
     # (a)
-    base_steps: int = 3000
+    base_steps: int = 600
     base_lr: float = 3e-3
-    base_warmup: int = 100
+    base_warmup: int = 60
     # (b) and (c)
-    codebook_steps: int = 800
+    codebook_steps: int = 250
     codebook_lr: float = 1e-3
-    codebook_warmup: int = 50
+    codebook_warmup: int = 25
     # codebooks
     sites: tuple[str, ...] = ("attn",)
     n_codes: int = 1024
@@ -525,6 +526,7 @@ def run_lm(
         log(f"phase ({'abc'[PHASES.index(phase)]}) {phase}: {train_config(recipe, phase).steps} steps")
         result = fn(phase_model, batches, recipe, checkpoint_dir=ckpt / phase, progress=progress, **kwargs)
         record = _phase_record(result, recipe, time.perf_counter() - mark, result.steps)
+        record["load_average_1min_at_end"] = os.getloadavg()[0]  # other jobs on the machine slow the run down
         phases[phase] = _kept_record(ckpt / f"{phase}.json", record)
         timings[f"{phase}_train_s"] = time.perf_counter() - mark
         rate = phases[phase]["tokens_per_s"]
