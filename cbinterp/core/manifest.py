@@ -22,6 +22,11 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+
+class ResumeWarning(UserWarning):
+    """`train` or `cache_codes` continues what an earlier run left (the message says from where)."""
+
+
 MANIFEST_FILE = "cbinterp.json"
 VERSION = 2
 MODEL = "cbinterp-model"

@@ -31,6 +31,7 @@ from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, recover_dir
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer, training_codebooks
 from cbinterp.core.io import MODEL_FILES, WEIGHTS_FILE, load_weights, model_description, read_config, write_model
+from cbinterp.core.manifest import ResumeWarning
 
 Batches = Union[Callable[[int], Tensor], Iterable[Tensor], Tensor]
 TRAINER_FILE = "trainer.json"
@@ -39,10 +40,6 @@ CHECKPOINT_FILES = (*MODEL_FILES, TRAINER_TENSORS, TRAINER_FILE)
 
 #: TrainConfig fields that do not change what training computes (display, bookkeeping): not checked on resume.
 NOT_CHECKED_ON_RESUME = ("progress", "log_every", "eval_every", "checkpoint_every", "checkpoint_dir", "compile")
-
-
-class ResumeWarning(UserWarning):
-    """`train` continues from a checkpoint (the message says from where, and whether anything is left to do)."""
 
 
 def _is_int(value) -> bool:
