@@ -17,6 +17,25 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform tells (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, directory: bool = False) -> None:
+    """Mode 0o666 (0o777 for a folder) less the umask: some writers (safetensors) create their files 0o600."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
@@ -86,6 +105,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _apply_umask(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -115,6 +135,7 @@ def atomic_dir(path: str | os.PathLike, check: Optional[Callable[[Path], None]] 
             if entry.is_file():
                 with open(entry, "rb") as f:
                     os.fsync(f.fileno())
+                _apply_umask(entry)
         fsync_dir(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
