@@ -28,7 +28,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -219,7 +220,9 @@ class _Writer:
             return
         name = f"chunk_{len(self.meta['chunks']):06d}.safetensors"
         with atomic_file(self.directory / name) as tmp:
-            save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp))
+            # serialised here and written to our own temporary: safetensors' save_file makes a temporary of its
+            # own (".tmpXXXXXX") beside the target, which a killed writer would leave in the cache folder
+            tmp.write_bytes(save_tensors({k: v.contiguous() for k, v in merged.items()}))
             entry = mf.file_entry(tmp)
         self.meta["chunks"].append({"file": name, "n_tokens": n_tokens, "n_docs": n_docs})
         self.meta["files"][name] = entry
