@@ -242,6 +242,15 @@ def test_resume_refuses_what_would_mix_two_runs(checkpointed, change, match):
         train(model, change.get("data", batch_fn()), cfg(checkpoint_dir=str(ckpt), **settings))
 
 
+def test_resume_may_skip_codebook_initialisation(checkpointed):
+    """The checkpoint's codebooks replace the initial ones, so a resumed run may skip e.g. k-means (fsm_precision)."""
+    build, ckpt = checkpointed
+    model = build()
+    with torch.no_grad():
+        get_codebooks(model)["blocks.0.hook_mlp_out"].weight.mul_(3.0)
+    assert train(model, batch_fn(), cfg(steps=4, checkpoint_dir=str(ckpt))).resumed_from == 2
+
+
 def test_resume_is_announced(checkpointed):
     build, ckpt = checkpointed
     with pytest.warns(ResumeWarning, match=r"step 2 of 4"):

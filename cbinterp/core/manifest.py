@@ -218,10 +218,14 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 of every parameter (name, dtype, shape and values): the weights that decide a result."""
+def weights_fingerprint(module: torch.nn.Module, skip: Sequence[str] = ()) -> str:
+    """sha256 of every parameter (name, dtype, shape and values) but those named in `skip`: the weights that decide
+    a result."""
     digest = hashlib.sha256()
+    skip = set(skip)
     for name, p in sorted(module.named_parameters(), key=lambda item: item[0]):
+        if name in skip:
+            continue
         digest.update(name.encode())
         update_with_tensor(digest, p)
     return digest.hexdigest()

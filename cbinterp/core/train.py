@@ -273,6 +273,12 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     return config, state, manifest
 
 
+def base_fingerprint(model: HookedTransformer) -> str:
+    """Fingerprint of the model's own weights, codebooks left out: a resumed run may skip its codebook initialisation
+    (e.g. k-means), since the checkpoint's codebooks replace it, but not start from another model."""
+    return mf.weights_fingerprint(model, skip=[f"{name}.weight" for name in get_codebooks(model)])
+
+
 def _diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -308,8 +314,8 @@ def _check_fits(path: Path, config: dict, state: dict, model: HookedTransformer,
     if init not in (state.get("init_weights"), state.get("weights")):
         raise ValueError(
             f"Checkpoint {path} does not fit this model: the run it holds started from other weights than this "
-            "model's (weights fingerprints differ). Build the model as for that run, use another checkpoint_dir, or "
-            "resume=False to start over."
+            "model's (fingerprints of the weights outside the codebooks differ). Build the model as for that run, use "
+            "another checkpoint_dir, or resume=False to start over."
         )
     if state["step"] > cfg.steps:
         raise ValueError(f"Cannot resume from {path}: it is at step {state['step']}, beyond steps={cfg.steps}.")
@@ -476,7 +482,7 @@ def train(
     device = next(model.parameters()).device
     with _restored_requires_grad(model):
         optimizer = make_optimizer(model, cfg)
-        init_weights = mf.weights_fingerprint(model)
+        init_weights = base_fingerprint(model)
         step, losses, evals, resumed_from, first_batch = 0, [], [], None, None
         if resume and ckpt is not None and is_checkpoint(ckpt):
             config, state, _ = read_checkpoint(ckpt)
@@ -562,7 +568,7 @@ def _loop(model, data, cfg, optimizer, step, losses, evals, eval_fn, ckpt, init_
                     losses,
                     settings=_settings(cfg),
                     init_weights=init_weights,
-                    weights=mf.weights_fingerprint(model),
+                    weights=base_fingerprint(model),
                     data=data.record(first_batch, last),
                 )
     finally:

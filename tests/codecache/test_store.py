@@ -181,9 +181,7 @@ def test_model_not_moved_and_progress(cb_model, docs, capsys):
 
 
 def test_code_dtype_boundaries_round_trip():
-    from cbinterp.codecache.store import code_dtype
-
-    from cbinterp.codecache.store import _read_codes, _stored_codes
+    from cbinterp.codecache.store import _read_codes, _stored_codes, code_dtype
 
     for n_codes, dtype in [
         (1, torch.uint8),
