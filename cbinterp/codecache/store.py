@@ -466,7 +466,7 @@ def cache_codes(
             f"Resumed the code cache at {path}: {skip} documents were already cached (checked to be the same), "
             f"{meta['n_docs'] - skip} added.",
             ResumeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if path is not None:
         return CodeCache.open(path)
