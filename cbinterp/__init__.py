@@ -16,6 +16,7 @@ from cbinterp.core.attach import (
     SITE_HOOKS,
     attach_codebooks,
     codebooks_bypassed,
+    counting_usage,
     detach_codebooks,
     get_codebooks,
     kmeans_init_codebooks,
@@ -30,6 +31,7 @@ from cbinterp.core.interventions import (
     steering_hooks,
 )
 from cbinterp.core.io import load, save
+from cbinterp.core.manifest import ResumeWarning
 from cbinterp.core.train import TrainConfig, TrainResult, train
 from cbinterp.metrics.probes import probe, search_codes
 from cbinterp.viz.html import CodeContextView, context_view
@@ -49,6 +51,7 @@ __all__ = [
     "code_fires",
     "code_frequencies",
     "codebooks_bypassed",
+    "counting_usage",
     "codes_at",
     "codes_for_token",
     "cooccurrence",
@@ -63,6 +66,7 @@ __all__ = [
     "probe",
     "probe_figure",
     "replace_codes",
+    "ResumeWarning",
     "save",
     "search_codes",
     "steering_hooks",

@@ -9,6 +9,7 @@ every (codebook, head, code) separately.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -32,6 +33,20 @@ __all__ = [
 ]
 
 
+def _as_index(value, what: str) -> int:
+    """`value` as an int when it is one (Python, numpy or a 0-d integer tensor); never truncated: 2.7 is refused."""
+    if (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and not value.dtype.is_floating_point
+        and value.dtype != torch.bool
+    ):
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__}).")
+
+
 def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
     """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` when head is None."""
     codes = cache.codes(name)
@@ -41,6 +56,7 @@ def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
         return codes
     if head is None:
         return codes
+    head = _as_index(head, "head")
     n_heads = codes.shape[1]
     if not -n_heads <= int(head) < n_heads:
         raise ValueError(f"head {head} out of range for codebook {name!r} with {n_heads} heads.")
@@ -49,9 +65,10 @@ def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
 
 def _check_code(cache, name: str, code: int) -> int:
     n = cache.n_codes(name)
-    if not 0 <= int(code) < n:
+    code = _as_index(code, "code")
+    if not 0 <= code < n:
         raise ValueError(f"code {code} out of range for codebook {name!r} with {n} codes.")
-    return int(code)
+    return code
 
 
 def code_frequencies(cache, name: str, head: Optional[int] = None) -> Tensor:

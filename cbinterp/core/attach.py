@@ -51,6 +51,9 @@ def resolve_sites(
     `(site, hook_name)` pairs, checking that each exists."""
     if isinstance(sites, str):
         sites = [sites]
+    sites = list(sites)
+    if not sites:
+        raise ValueError(f"No sites given: name at least one of {sorted(SITE_HOOKS)}, a hook name or a template.")
     n_layers = model.cfg.n_layers
     if layers is None:
         layers = range(n_layers)
@@ -65,9 +68,16 @@ def resolve_sites(
         for name in names:
             module = model.mod_dict.get(name)
             if not isinstance(module, HookPoint) or name.endswith((CODES_SUFFIX, INPUT_SUFFIX)):
+                # suggest only names that would be accepted: never a codebook's own hooks (nor the name refused)
+                valid = [n for n in model.hook_dict if not n.endswith((CODES_SUFFIX, INPUT_SUFFIX))]
+                inner = (
+                    " It is a codebook's own hook point; codebooks sit at the hook names themselves."
+                    if name.endswith((CODES_SUFFIX, INPUT_SUFFIX))
+                    else ""
+                )
                 raise ValueError(
-                    f"Unknown hook site {site!r} (hook name {name!r}). Use one of {sorted(SITE_HOOKS)} or a hook name "
-                    f"of the model{did_you_mean(name, model.hook_dict)} `model.hook_dict` lists them all."
+                    f"Unknown hook site {site!r} (hook name {name!r}).{inner} Use one of {sorted(SITE_HOOKS)} or a "
+                    f"hook name of the model{did_you_mean(name, valid)} `model.hook_dict` lists them all."
                 )
             pairs.append((site, name))
     return pairs
@@ -234,6 +244,37 @@ def codebooks_bypassed(model: HookedTransformer, names: Optional[Sequence[str]] 
     finally:
         for cb, was in zip(chosen, previous):
             cb.bypass = was
+
+
+@contextlib.contextmanager
+def training_codebooks(model: HookedTransformer, on: bool = True) -> Iterator[HookedTransformer]:
+    """Mark the forwards inside as training steps of the codebooks (what `train` does for its steps): only then
+    are the training statistics updated and dead codes replaced. Restores the previous state on exit."""
+    chosen = list(get_codebooks(model).values())
+    previous = [cb.in_train_loop for cb in chosen]
+    for cb in chosen:
+        cb.in_train_loop = on
+    try:
+        yield model
+    finally:
+        for cb, was in zip(chosen, previous):
+            cb.in_train_loop = was
+
+
+@contextlib.contextmanager
+def counting_usage(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> Iterator[HookedTransformer]:
+    """Count code usage (`Codebook.counts`, `n_dead`, `dead_codes`) in the forwards inside, for the codebooks at
+    `names` (default all). Outside it (and outside `train`), forwards leave the counts alone."""
+    codebooks = get_codebooks(model)
+    chosen = [codebooks[n] for n in (codebooks if names is None else names)]
+    previous = [cb.track_usage for cb in chosen]
+    for cb in chosen:
+        cb.track_usage = True
+    try:
+        yield model
+    finally:
+        for cb, was in zip(chosen, previous):
+            cb.track_usage = was
 
 
 def refresh_hooks(model: HookedTransformer) -> None:

@@ -90,7 +90,7 @@ def test_directory_roundtrip(cb_model, docs, tmp_path):
     on_disk = cache_codes(
         cb_model, docs, batch_size=2, hooks=[HOOK], directory=tmp_path / "c", chunk_tokens=10, progress=False
     )
-    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "c" / "cbinterp.json").read_text())
     assert meta["n_tokens"] == docs.numel() and meta["n_docs"] == docs.shape[0]
     assert meta["model"]["d_vocab"] == 11 and meta["hooks"] == [HOOK]
     assert meta["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] == 16
@@ -181,18 +181,19 @@ def test_model_not_moved_and_progress(cb_model, docs, capsys):
 
 
 def test_code_dtype_boundaries_round_trip():
-    from cbinterp.codecache.store import code_dtype
+    from cbinterp.codecache.store import _read_codes, _stored_codes, code_dtype
 
     for n_codes, dtype in [
         (1, torch.uint8),
-        (256, torch.uint8),
-        (257, torch.uint16),
-        (65536, torch.uint16),
-        (65537, torch.int32),
+        (255, torch.uint8),
+        (256, torch.uint16),  # 255 is a real code here, so "no code" needs another value
+        (65535, torch.uint16),
+        (65536, torch.int32),
     ]:
         assert code_dtype(n_codes) == dtype
-        ids = torch.tensor([0, n_codes - 1])
-        assert torch.equal(ids.to(dtype).long(), ids)  # the largest id survives storage and widening
+        ids = torch.tensor([0, n_codes - 1, -1], dtype=torch.int32)
+        # the largest id and "no code" both survive storage and widening
+        assert torch.equal(_read_codes(_stored_codes(ids, dtype), n_codes), ids.long())
 
 
 def test_tokenizer_name_is_recorded_and_checked(cb_model, docs, tmp_path):

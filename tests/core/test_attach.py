@@ -285,9 +285,12 @@ def test_detach_restores_bit_identical_outputs(model, tokens):
 
 
 def test_training_step_updates_codebooks(model, tokens):
+    from cbinterp.core.attach import training_codebooks
+
     attached(model, k=1)
     model.train()
-    loss = model(tokens, return_type="loss")
+    with training_codebooks(model):
+        loss = model(tokens, return_type="loss")
     loss.backward()
     for name, cb in get_codebooks(model).items():
         assert cb.weight.grad is not None and cb.weight.grad.abs().sum() > 0, name
