@@ -23,6 +23,7 @@ from cbinterp.core.atomic import atomic_dir, recover_dir
 from cbinterp.core.attach import get_codebooks, insert_codebook, refresh_hooks, require_hooked_transformer
 from cbinterp.core.codebook import Codebook, CodebookConfig
 from cbinterp.core.manifest import MANIFEST_FILE, sha256_of
+from cbinterp.core.tokenizer import attach_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -67,20 +68,31 @@ def model_description(model: HookedTransformer) -> dict:
     )
 
 
-def write_model(model: HookedTransformer, directory: Path, extra: Optional[dict] = None) -> list[str]:
+def write_model(
+    model: HookedTransformer, directory: Path, extra: Optional[dict] = None, with_tokenizer: bool = False
+) -> list[str]:
     """Write the weights and config files of `model` into an existing `directory` (not atomic by itself, no
-    marker); returns the names of the files written."""
+    marker), with its tokenizer's files when `with_tokenizer` and one is attached; returns the names written."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE)
     config = {"format": FORMAT, "version": VERSION, **model_description(model), "extra": extra or {}}
+    names = list(MODEL_FILES)
+    tokenizer = getattr(model, "tokenizer", None)
+    if with_tokenizer and tokenizer is not None:
+        before = {p.name for p in directory.iterdir()}
+        tokenizer.save_pretrained(str(directory))
+        files = sorted({p.name for p in directory.iterdir()} - before)
+        config["tokenizer"] = {"files": files, "fingerprint": tokenizer_fingerprint(tokenizer)}
+        names += files
     mf.write_json(directory / CONFIG_FILE, config)
-    return list(MODEL_FILES)
+    return names
 
 
 def save(model: HookedTransformer, path: str | os.PathLike, extra: Optional[dict] = None) -> Path:
     """Write `model` (with its codebooks) to the directory `path`, atomically. Returns the path.
 
-    `extra` is any JSON-serialisable metadata kept in the config (e.g. how the model was trained). Only a previous
+    `extra` is any JSON-serialisable metadata kept in the config (e.g. how the model was trained). An attached
+    tokenizer (`model.tokenizer`) is saved beside the weights, and `load` attaches it again. Only a previous
     cbinterp model or checkpoint (holding nothing but its own files) or an empty folder is ever replaced; anything
     else at `path` is refused with FileExistsError.
     """
@@ -88,7 +100,7 @@ def save(model: HookedTransformer, path: str | os.PathLike, extra: Optional[dict
     path = Path(path)
     check = lambda p: mf.check_replaceable(p, (mf.MODEL, mf.CHECKPOINT), "cbinterp model")
     with atomic_dir(path, check=check) as tmp:
-        names = write_model(model, tmp, extra)
+        names = write_model(model, tmp, extra, with_tokenizer=True)
         mf.write_manifest(tmp, mf.MODEL, names, hasher=sha256_of)
     return path
 
@@ -174,10 +186,15 @@ def load_weights(model: HookedTransformer, weights_path: Path) -> None:
 def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -> HookedTransformer:
     """Rebuild a model saved with `save` (or the model of a `train` checkpoint), on `device` (default: the config's
     default, CUDA when present). Every file is checked against its recorded sha256 first; a save that was killed
-    between its two renames is recovered."""
+    between its two renames is recovered. A saved tokenizer is attached (`model.to_tokens` etc. work offline)."""
     path = Path(path)
     recover_dir(path)
     config = read_config(path)
     model = build_model(config, path, device)
     load_weights(model, path / WEIGHTS_FILE)
+    if config.get("tokenizer"):
+        tokenizer = load_tokenizer(path)
+        if tokenizer_fingerprint(tokenizer) != config["tokenizer"].get("fingerprint"):
+            raise ValueError(f"The tokenizer saved in {path} is not the one its config records. Re-save the model.")
+        attach_tokenizer(model, tokenizer)
     return model.eval()

@@ -260,3 +260,38 @@ def test_recover_dir_puts_back_the_copy_left_aside(tmp_path):
     (aside / "f").write_text("older")
     recover_dir(target)  # the new copy is in place: the one aside is stale
     assert (target / "f").read_text() == "last good" and not aside.exists()
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from cbinterp.tasks.text import train_bpe_tokenizer
+    from cbinterp.tasks.toytext import generate_corpus
+
+    return train_bpe_tokenizer(generate_corpus(40, seed=1), vocab_size=300)
+
+
+def test_tokenizer_is_saved_with_the_model_and_attached_on_load(make_tiny_model, bpe, tmp_path):
+    from cbinterp.tasks.text import attach_tokenizer
+
+    m = attach_codebooks(make_tiny_model(seed=0, d_vocab=len(bpe)), ["mlp"], n_codes=8)
+    attach_tokenizer(m, bpe)
+    save(m, tmp_path / "m")
+    config = read_config(tmp_path / "m")
+    files = config["tokenizer"]["files"]
+    assert "tokenizer.json" in files
+    listed = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())["files"]
+    assert set(files) <= set(listed)  # every tokenizer file is checksummed
+    back = load(tmp_path / "m")
+    text = "The king sat."
+    assert torch.equal(back.to_tokens(text), m.to_tokens(text))
+    assert back.to_string(back.to_tokens(text, prepend_bos=False)[0]) == text
+    assert back.generate(text, max_new_tokens=3, verbose=False, do_sample=False).startswith(text)
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="checksum"):
+        load(tmp_path / "m")
+
+
+def test_no_tokenizer_no_tokenizer_files(cb_model, tmp_path):
+    save(cb_model, tmp_path / "m")
+    assert "tokenizer" not in read_config(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE])
