@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from functools import partial
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import ContextManager, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -232,49 +232,47 @@ def detach_codebooks(model: HookedTransformer, names: Optional[Sequence[str]] = 
 
 
 @contextlib.contextmanager
-def codebooks_bypassed(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> Iterator[HookedTransformer]:
-    """Run the model with its codebooks (all, or those at `names`) passing activations through unchanged."""
+def _codebooks_set(model: HookedTransformer, attr: str, value: bool, names: Optional[Sequence[str]] = None):
+    """Set a run-time flag of the codebooks (all, or those at `names`) inside the block, and restore it after."""
     codebooks = get_codebooks(model)
+    if names is not None:
+        unknown = [n for n in names if n not in codebooks]
+        if unknown:
+            raise ValueError(f"No codebook at {unknown[0]!r}{did_you_mean(unknown[0], codebooks)}")
     chosen = [codebooks[n] for n in (codebooks if names is None else names)]
-    previous = [cb.bypass for cb in chosen]
+    previous = [getattr(cb, attr) for cb in chosen]
     for cb in chosen:
-        cb.bypass = True
+        setattr(cb, attr, value)
     try:
         yield model
     finally:
         for cb, was in zip(chosen, previous):
-            cb.bypass = was
+            setattr(cb, attr, was)
 
 
-@contextlib.contextmanager
-def training_codebooks(model: HookedTransformer, on: bool = True) -> Iterator[HookedTransformer]:
+def codebooks_bypassed(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> ContextManager:
+    """Run the model with its codebooks (all, or those at `names`) passing activations through unchanged, and
+    computing no codes."""
+    return _codebooks_set(model, "bypass", True, names)
+
+
+def codebooks_observed(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> ContextManager:
+    """Run the model with its codebooks (all, or those at `names`) observing only: codes are computed and show in
+    `hook_codes` and caches, but each activation passes through unchanged, so the outputs are the plain model's
+    (what `use_error_term=True` gives SAELens users). Rewriting codes in this mode changes nothing downstream."""
+    return _codebooks_set(model, "observe_only", True, names)
+
+
+def training_codebooks(model: HookedTransformer, on: bool = True) -> ContextManager:
     """Mark the forwards inside as training steps of the codebooks (what `train` does for its steps): only then
     are the training statistics updated and dead codes replaced. Restores the previous state on exit."""
-    chosen = list(get_codebooks(model).values())
-    previous = [cb.in_train_loop for cb in chosen]
-    for cb in chosen:
-        cb.in_train_loop = on
-    try:
-        yield model
-    finally:
-        for cb, was in zip(chosen, previous):
-            cb.in_train_loop = was
+    return _codebooks_set(model, "in_train_loop", on)
 
 
-@contextlib.contextmanager
-def counting_usage(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> Iterator[HookedTransformer]:
+def counting_usage(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> ContextManager:
     """Count code usage (`Codebook.counts`, `n_dead`, `dead_codes`) in the forwards inside, for the codebooks at
     `names` (default all). Outside it (and outside `train`), forwards leave the counts alone."""
-    codebooks = get_codebooks(model)
-    chosen = [codebooks[n] for n in (codebooks if names is None else names)]
-    previous = [cb.track_usage for cb in chosen]
-    for cb in chosen:
-        cb.track_usage = True
-    try:
-        yield model
-    finally:
-        for cb, was in zip(chosen, previous):
-            cb.track_usage = was
+    return _codebooks_set(model, "track_usage", True, names)
 
 
 def refresh_hooks(model: HookedTransformer) -> None:

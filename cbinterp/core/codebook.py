@@ -140,6 +140,8 @@ class Codebook(HookPoint):
     activation. Nested hook points expose its internals: `hook_input` (the activation before quantization)
     and `hook_codes` (the selected code ids, int64 `(..., k)` or `(..., groups, k)`). A hook that rewrites
     `hook_codes` changes the output to the sum of the rewritten codes; an id of -1 means "no code".
+    With `observe_only` set (see `codebooks_observed`) the codes are computed and exposed as usual but the
+    activation passes through unchanged, so the model's outputs are those of the model without codebooks.
 
     `Codebook(dim, n_codes, **options)` builds `CodebookConfig(dim=dim, n_codes=n_codes, **options)`: the config
     dataclass is the single list of settings (documented there), and an unknown option is a TypeError.
@@ -174,6 +176,8 @@ class Codebook(HookPoint):
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("last_mse", torch.zeros((), device=device), persistent=False)
         self.bypass = False
+        #: Compute and expose the codes (hook_codes, caches) but pass the activation through unchanged.
+        self.observe_only = False
         #: Count code usage (`counts`) in every forward; off by default, so that analysis forwards change nothing.
         self.track_usage = False
         #: Set only by `train` (through `training_codebooks`) for its training steps: only then do forwards update
@@ -361,6 +365,8 @@ class Codebook(HookPoint):
         q_out = q if self.grouped else q.squeeze(-2)
         if self.counting or self.training:  # train mode alone only checks for non-finite values
             self._update_usage(x, q_out, codes_g)
+        if self.observe_only:
+            return x  # observed, not applied: what follows sees the activation itself
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             recon = self.cfg.recon_weight
             commit = self.cfg.beta if self.cfg.loss == "vqvae" else 0.0
