@@ -31,7 +31,7 @@ from cbinterp.core.interventions import (
     replace_codes,
     steering_hooks,
 )
-from cbinterp.core.io import load, save
+from cbinterp.core.io import load, load_codebook, load_codebooks, save, save_codebook, save_codebooks
 from cbinterp.core.manifest import ResumeWarning
 from cbinterp.core.train import TrainConfig, TrainResult, train
 from cbinterp.metrics.probes import probe, search_codes
@@ -65,11 +65,15 @@ __all__ = [
     "intervene",
     "kmeans_init_codebooks",
     "load",
+    "load_codebook",
+    "load_codebooks",
     "probe",
     "probe_figure",
     "replace_codes",
     "ResumeWarning",
     "save",
+    "save_codebook",
+    "save_codebooks",
     "search_codes",
     "steering_hooks",
     "token_positions",

@@ -31,7 +31,20 @@ FORMAT = mf.MODEL
 VERSION = mf.VERSION
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
-__all__ = ["load", "save", "read_config", "write_model", "sha256_of", "CONFIG_FILE", "WEIGHTS_FILE", "MANIFEST_FILE"]
+__all__ = [
+    "load",
+    "save",
+    "load_codebook",
+    "load_codebooks",
+    "save_codebook",
+    "save_codebooks",
+    "read_config",
+    "write_model",
+    "sha256_of",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "MANIFEST_FILE",
+]
 
 
 def model_config_to_dict(cfg: HookedTransformerConfig) -> dict:
@@ -198,3 +211,76 @@ def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -
             raise ValueError(f"The tokenizer saved in {path} is not the one its config records. Re-save the model.")
         attach_tokenizer(model, tokenizer)
     return model.eval()
+
+
+# -- codebooks on their own ----------------------------------------------------------------------------------------
+CODEBOOK_CONFIG = "codebook.json"
+CODEBOOK_WEIGHTS = "codebook.safetensors"
+
+
+def save_codebook(codebook: Codebook, path: str | os.PathLike, hook_name: Optional[str] = None) -> Path:
+    """Write one codebook (its `CodebookConfig` as JSON beside its weights and usage buffers) to the folder `path`,
+    atomically; `hook_name` (default: where it is attached) is recorded so `load_codebooks` can place it again."""
+    if not isinstance(codebook, Codebook):
+        raise TypeError(f"save_codebook needs a Codebook, got {type(codebook).__name__}.")
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in codebook.state_dict().items()}
+    config = {
+        "format": mf.CODEBOOK,
+        "version": VERSION,
+        "config": dataclasses.asdict(codebook.cfg),
+        "hook_name": hook_name or getattr(codebook, "name", None),
+    }
+    check = lambda p: mf.check_replaceable(p, (mf.CODEBOOK,), "cbinterp codebook")
+    with atomic_dir(path, check=check) as tmp:
+        save_file(state, tmp / CODEBOOK_WEIGHTS)
+        mf.write_json(tmp / CODEBOOK_CONFIG, json.loads(json.dumps(config)))
+        mf.write_manifest(tmp, mf.CODEBOOK, [CODEBOOK_CONFIG, CODEBOOK_WEIGHTS], hasher=sha256_of)
+    return path
+
+
+def load_codebook(path: str | os.PathLike, device: Optional[str | torch.device] = None) -> Codebook:
+    """A codebook saved with `save_codebook`, checked against its recorded checksums, on `device`."""
+    return _read_codebook(Path(path), device)[0]
+
+
+def _read_codebook(path: Path, device) -> tuple[Codebook, Optional[str]]:
+    recover_dir(path)
+    mf.verify_dir(path, (mf.CODEBOOK,), "cbinterp codebook")
+    config = _read_json(path / CODEBOOK_CONFIG, "codebook")
+    try:
+        codebook = Codebook.from_config(CodebookConfig(**config["config"]), device=device)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"Damaged codebook config {path / CODEBOOK_CONFIG}: {err}. Save the codebook again.") from err
+    try:
+        codebook.load_state_dict(load_file(path / CODEBOOK_WEIGHTS, device=str(device or "cpu")))
+    except (SafetensorError, RuntimeError) as err:
+        raise ValueError(f"The weights in {path / CODEBOOK_WEIGHTS} do not fit its config: {err}.") from err
+    return codebook, config.get("hook_name")
+
+
+def save_codebooks(model: HookedTransformer, directory: str | os.PathLike) -> Path:
+    """Every codebook of `model` with `save_codebook`, one folder each, named by its hook name, in `directory`."""
+    require_hooked_transformer(model)
+    codebooks = get_codebooks(model)
+    if not codebooks:
+        raise ValueError("The model has no codebooks to save; attach some with attach_codebooks first.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, codebook in codebooks.items():
+        save_codebook(codebook, directory / name, hook_name=name)
+    return directory
+
+
+def load_codebooks(directory: str | os.PathLike, device: Optional[str | torch.device] = None) -> dict[str, Codebook]:
+    """The codebooks `save_codebooks` wrote, keyed by hook name: attach them to another instance of the same
+    architecture with `attach_codebooks(model, load_codebooks(directory))`."""
+    directory = Path(directory)
+    folders = sorted(p for p in directory.iterdir() if (p / mf.MANIFEST_FILE).is_file()) if directory.is_dir() else []
+    if not folders:
+        raise FileNotFoundError(f"No saved codebooks in {directory}; write them with save_codebooks(model, directory).")
+    out = {}
+    for folder in folders:
+        codebook, hook_name = _read_codebook(folder, device)
+        out[hook_name or folder.name] = codebook
+    return out

@@ -2,7 +2,7 @@
 
 A cbinterp folder holds `cbinterp.json` (the marker and manifest)::
 
-    {"format": "cbinterp-model" | "cbinterp-checkpoint" | "cbinterp-code-cache",
+    {"format": "cbinterp-model" | "cbinterp-checkpoint" | "cbinterp-code-cache" | "cbinterp-codebook",
      "version": 2,
      "files": {"<name>": {"sha256": "<hex>", "bytes": <size>}, ...},
      ...}                                   # anything else the kind of folder records (a code cache's metadata)
@@ -32,7 +32,8 @@ VERSION = 2
 MODEL = "cbinterp-model"
 CHECKPOINT = "cbinterp-checkpoint"
 CODE_CACHE = "cbinterp-code-cache"
-KINDS = (MODEL, CHECKPOINT, CODE_CACHE)
+CODEBOOK = "cbinterp-codebook"
+KINDS = (MODEL, CHECKPOINT, CODE_CACHE, CODEBOOK)
 
 #: Files of a version-1 model or checkpoint (before the marker file existed): config.json says "cbinterp-model".
 LEGACY_FILES = ("config.json", "model.safetensors", "trainer.pt")

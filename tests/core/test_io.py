@@ -295,3 +295,35 @@ def test_no_tokenizer_no_tokenizer_files(cb_model, tmp_path):
     save(cb_model, tmp_path / "m")
     assert "tokenizer" not in read_config(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE])
+
+
+def test_codebooks_saved_on_their_own_attach_to_another_instance(cb_model, make_tiny_model, tokens, tmp_path):
+    from cbinterp import load_codebook, load_codebooks, save_codebook, save_codebooks
+
+    save_codebooks(cb_model, tmp_path / "cbs")
+    assert sorted(p.name for p in (tmp_path / "cbs").iterdir()) == sorted(get_codebooks(cb_model))
+    loaded = load_codebooks(tmp_path / "cbs")
+    assert set(loaded) == set(get_codebooks(cb_model))
+    other = attach_codebooks(make_tiny_model(seed=0), loaded)
+    _, a = cb_model.run_with_cache(tokens)
+    _, b = other.run_with_cache(tokens)
+    for name, cb in get_codebooks(cb_model).items():
+        assert torch.equal(get_codebooks(other)[name].weight, cb.weight)
+        assert torch.equal(get_codebooks(other)[name].counts, cb.counts)  # usage buffers travel too
+        assert torch.equal(a[f"{name}.hook_codes"], b[f"{name}.hook_codes"])
+    one = next(iter(get_codebooks(cb_model).values()))
+    save_codebook(one, tmp_path / "one")
+    assert load_codebook(tmp_path / "one").cfg == one.cfg
+    weights = tmp_path / "one" / "codebook.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="checksum"):
+        load_codebook(tmp_path / "one")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        save_codebook(one, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(FileNotFoundError, match="No saved codebooks"):
+        load_codebooks(tmp_path / "mine")
+    with pytest.raises(TypeError):
+        save_codebook(torch.nn.Linear(2, 2), tmp_path / "x")
