@@ -146,12 +146,15 @@ def _check_hooks(model: HookedTransformer, hooks: Sequence[str]) -> list[str]:
     return hooks
 
 
-def _batches(tokens_or_iterable, batch_size: int) -> tuple[Iterator[Tensor], Optional[int]]:
-    """Batches of at most batch_size documents, and the number of documents if known."""
+def _batches(
+    tokens_or_iterable, batch_size: int, mask: Optional[Tensor] = None
+) -> tuple[Iterator[tuple[Tensor, Optional[Tensor]]], Optional[int]]:
+    """(tokens, mask) batches of at most batch_size documents, and the number of documents if known. Items of an
+    iterable are token tensors or `(tokens, mask)` pairs; a mask is bool of the tokens' shape (True = real)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
-    def split(t) -> Iterator[Tensor]:
+    def split(t, m) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
         t = torch.as_tensor(t)
         if t.dim() == 1:
             t = t.unsqueeze(0)
@@ -159,16 +162,26 @@ def _batches(tokens_or_iterable, batch_size: int) -> tuple[Iterator[Tensor], Opt
             raise ValueError(
                 f"Expected an int tensor of token ids of shape (n_docs, seq), got {t.dtype} {tuple(t.shape)}."
             )
+        if m is not None:
+            m = torch.as_tensor(m)
+            m = m.unsqueeze(0) if m.dim() == 1 else m
+            if m.dtype != torch.bool or m.shape != t.shape:
+                raise ValueError(
+                    f"mask must be a bool tensor of the tokens' shape {tuple(t.shape)} (True where a token is real, "
+                    f"False on padding), got {m.dtype} {tuple(m.shape)}."
+                )
         for start in range(0, t.shape[0], batch_size):
-            yield t[start : start + batch_size]
+            yield t[start : start + batch_size], (None if m is None else m[start : start + batch_size])
 
     if isinstance(tokens_or_iterable, Tensor):
         t = tokens_or_iterable
-        return split(t), (t.shape[0] if t.dim() == 2 else 1)
+        return split(t, mask), (t.shape[0] if t.dim() == 2 else 1)
+    if mask is not None:
+        raise ValueError("mask= goes with a token tensor; give an iterable's masks as (tokens, mask) pairs instead.")
 
     def gen():
-        for batch in tokens_or_iterable:
-            yield from split(batch)
+        for item in tokens_or_iterable:
+            yield from split(*item) if isinstance(item, (tuple, list)) and len(item) == 2 else split(item, None)
 
     return gen(), None
 
@@ -315,6 +328,7 @@ def cache_codes(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
     tokenizer_name: Optional[str] = None,
+    mask: Optional[Tensor] = None,
 ) -> "CodeCache":
     """Run `model` over documents and record every codebook's code ids for every token.
 
@@ -328,6 +342,10 @@ def cache_codes(
         progress: show a tqdm progress bar.
         tokenizer_name: recorded with the model's metadata when the tokenizer is not the model's own
             (`model.tokenizer`), so that a cache resumed or checked with another tokenizer is refused.
+        mask: bool `(n_docs, seq)` beside a token tensor, False on padding (e.g. `tokenize_documents(...).mask`);
+            for an iterable, give `(tokens, mask)` pairs. Masked positions are run through the model (they sit
+            after the real tokens, so they change nothing before them) but not cached: they count in no
+            statistic, and `pos` keeps every real token's place in its row.
 
     Returns a `CodeCache`. Documents are numbered in input order from 0; `doc`/`pos` give each token's place.
     """
@@ -365,7 +383,7 @@ def cache_codes(
     device = model.cfg.device
     n_ctx = model.cfg.n_ctx
     writer = _Writer(path, meta, chunk_tokens)
-    batches, total = _batches(tokens_or_iterable, batch_size)
+    batches, total = _batches(tokens_or_iterable, batch_size, mask)
     doc_index = 0  # documents seen so far in the input (including skipped ones)
     seen_tokens = 0
     chain = EMPTY_CHAIN  # fingerprint of the input's documents so far
@@ -382,15 +400,20 @@ def cache_codes(
                 "this one to start over."
             )
 
-    def land(arrays: dict[str, Tensor], n_docs: int, event, after: str, seq: int) -> None:
+    def land(arrays: dict[str, Tensor], n_docs: int, event, after: str, seq: int, keep: Optional[Tensor]) -> None:
         if event is not None:
             event.synchronize()
+        if keep is not None:  # only now: on CUDA the host copies are complete after the event
+            flat = keep.reshape(-1).cpu()
+            arrays = {key: value[flat] for key, value in arrays.items()}
         for key in [k for k in arrays if k.startswith("codes/")]:
             arrays[key] = _stored_codes(arrays[key], dtypes[key.removeprefix("codes/")])
         writer.add(arrays, n_docs, after, seq)
 
     try:
-        for batch in batches:
+        for batch, keep in batches:
+            if keep is not None:  # the fingerprint covers what is cached: padding reads as -1 whatever its id
+                batch = batch.masked_fill(~keep.to(batch.device), -1)
             n, seq = batch.shape
             if seq > n_ctx:
                 raise ValueError(
@@ -410,6 +433,7 @@ def cache_codes(
                     bar.update(n)
                     continue
                 batch, first = batch[done:], skip
+                keep = None if keep is None else keep[done:]
                 n = batch.shape[0]
             chain = _chain_docs(chain, batch)
             if seq == 0:
@@ -419,7 +443,8 @@ def cache_codes(
                 writer.add(None, n, chain, seq)
                 bar.update(n)
                 continue
-            _, cache = model.run_with_cache(batch.to(device), names_filter=lambda name: name in wanted)
+            run = batch if keep is None else batch.clamp_min(0)  # padding is run as token 0 and then dropped
+            _, cache = model.run_with_cache(run.to(device), names_filter=lambda name: name in wanted)
             arrays = {
                 "tokens": batch.reshape(-1).to(torch.int32).cpu(),
                 "doc": (torch.arange(first, first + n, dtype=torch.int32).unsqueeze(1).expand(n, seq)).reshape(-1),
@@ -441,7 +466,7 @@ def cache_codes(
             previous, pending = pending, None  # cleared first: a failed landing must not be retried after a gap
             if previous is not None:
                 land(*previous)
-            pending = (arrays, n, event, chain, seq)
+            pending = (arrays, n, event, chain, seq, keep)
             bar.update(n)
         previous, pending = pending, None
         if previous is not None:

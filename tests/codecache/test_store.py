@@ -204,3 +204,39 @@ def test_tokenizer_name_is_recorded_and_checked(cb_model, docs, tmp_path):
         CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="gpt2")
     with pytest.raises(ValueError, match="different model"):
         cache_codes(cb_model, docs, directory=tmp_path / "c", tokenizer_name="gpt2", progress=False)
+
+
+def test_padding_mask_drops_padded_positions(make_tiny_model, tmp_path):
+    from cbinterp import code_frequencies
+
+    model = attach_codebooks(make_tiny_model(seed=0), ["attn", "mlp"], n_codes=8, k=2)
+    lengths = [5, 3, 6]
+    docs = [torch.randint(0, 11, (n,), generator=torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]
+    padded = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for i, d in enumerate(docs):
+        padded[i, : len(d)] = d
+        padded[i, len(d) :] = 7  # a real token id used as padding: only the mask says it is padding
+        mask[i, : len(d)] = True
+    cached = cache_codes(model, padded, mask=mask, progress=False)
+    alone = cache_codes(model, [d[None] for d in docs], batch_size=1, progress=False)  # no padding at all
+    assert cached.n_tokens == alone.n_tokens == sum(lengths)
+    assert torch.equal(cached.tokens, alone.tokens) and torch.equal(cached.pos, alone.pos)
+    assert torch.equal(cached.doc, alone.doc)
+    for name in cached.codebook_names:  # right padding changes nothing before it in a causal model
+        assert torch.equal(cached.codes(name), alone.codes(name))
+        assert int(code_frequencies(cached, name).sum()) <= sum(lengths) * 2 * (
+            4 if cached.codes(name).dim() == 3 else 1
+        )
+    pairs = cache_codes(model, [(padded[:2], mask[:2]), (padded[2:], mask[2:])], progress=False)
+    assert torch.equal(pairs.tokens, cached.tokens)
+    on_disk = cache_codes(model, padded, mask=mask, directory=tmp_path / "c", progress=False)
+    assert torch.equal(on_disk.tokens, cached.tokens)
+    other = mask.clone()
+    other[0, 4] = False
+    with pytest.raises(ValueError, match="differ"):
+        cache_codes(model, padded, mask=other, directory=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        cache_codes(model, padded, mask=mask.long(), progress=False)
+    with pytest.raises(ValueError, match="pairs"):
+        cache_codes(model, [padded], mask=mask, progress=False)
