@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -34,12 +35,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from cbinterp.codecache.vocab import Vocabulary
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import _pid_alive, atomic_file
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer
 from cbinterp.core.codes import NO_CODE
 from cbinterp.core.manifest import ResumeWarning
 from cbinterp.core.naming import CODES_SUFFIX, codes_hook_name, did_you_mean
+from cbinterp.core.tokenizer import load_tokenizer
 
 FORMAT_NAME = mf.CODE_CACHE
 FORMAT_VERSION = mf.VERSION
@@ -121,6 +124,19 @@ def _model_meta(model: HookedTransformer, tokenizer_name: Optional[str] = None) 
             or (getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None),
         },
     }
+
+
+def _tokenizer_only(stored: dict, current: dict) -> Optional[str]:
+    """The message when the model matches and only the recorded tokenizer name differs (e.g. one was forgotten)."""
+    a, b = dict(stored.get("model") or {}), dict(current.get("model") or {})
+    old, new = a.pop("tokenizer_name", None), b.pop("tokenizer_name", None)
+    if a != b or stored.get("codebooks") != current.get("codebooks") or old == new:
+        return None
+    hint = f" pass tokenizer_name={old!r} if it is the same tokenizer," if old is not None else ""
+    return (
+        f"the model matches but the cache records the tokenizer {old!r} and this call {new!r}:{hint} or use the "
+        "tokenizer the cache was made with"
+    )
 
 
 def _describe_mismatch(stored: dict, current: dict) -> str:
@@ -301,6 +317,9 @@ def _open_for_writing(path: Path, meta: dict, identity: dict, hooks: list[str]) 
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot resume the code cache at {path}: {err}") from err
     if {k: old.get(k) for k in identity} != identity:
+        tokenizer_only = _tokenizer_only(old, identity)
+        if tokenizer_only:
+            raise ValueError(f"Cannot resume the code cache at {path}: {tokenizer_only}.")
         raise ValueError(
             f"The cache at {path} was made with a different model: {_describe_mismatch(old, identity)}. "
             f"Use another directory, or delete this one to start over."
@@ -318,6 +337,29 @@ def _open_for_writing(path: Path, meta: dict, identity: dict, hooks: list[str]) 
     return old
 
 
+def _checked_strings(token_strings: Sequence[str], d_vocab: int) -> list[str]:
+    strings = list(token_strings)
+    if isinstance(token_strings, str) or not all(isinstance(t, str) for t in strings):
+        raise TypeError("token_strings must be a sequence of str, one per token id.")
+    if len(strings) < d_vocab:
+        raise ValueError(f"token_strings has {len(strings)} entries but the model has d_vocab={d_vocab} token ids.")
+    return strings
+
+
+def _store_tokenizer(path: Path, meta: dict, tokenizer) -> None:
+    """Keep the tokenizer's files in the cache folder, listed and checksummed like every other file."""
+    with tempfile.TemporaryDirectory(prefix="cbinterp-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            with atomic_file(path / name) as target:
+                target.write_bytes((Path(tmp) / name).read_bytes())
+    meta["tokenizer_files"] = names
+    for name in names:
+        meta["files"][name] = mf.file_entry(path / name)
+    _write_meta(path, meta)
+
+
 @torch.no_grad()
 def cache_codes(
     model: HookedTransformer,
@@ -329,6 +371,7 @@ def cache_codes(
     progress: bool = True,
     tokenizer_name: Optional[str] = None,
     mask: Optional[Tensor] = None,
+    token_strings: Optional[Sequence[str]] = None,
 ) -> "CodeCache":
     """Run `model` over documents and record every codebook's code ids for every token.
 
@@ -346,6 +389,9 @@ def cache_codes(
             for an iterable, give `(tokens, mask)` pairs. Masked positions are run through the model (they sit
             after the real tokens, so they change nothing before them) but not cached: they count in no
             statistic, and `pos` keeps every real token's place in its row.
+        token_strings: one string per token id, kept in the cache as its text, for models without a tokenizer
+            (e.g. the FSM's digits). Otherwise the model's tokenizer is kept (its files, on disk), so queries,
+            probes and views read the cache's text without being told how.
 
     Returns a `CodeCache`. Documents are numbered in input order from 0; `doc`/`pos` give each token's place.
     """
@@ -370,10 +416,15 @@ def cache_codes(
         "data_sha256": EMPTY_CHAIN,
         "seq_lens": [],
     }
+    tokenizer = getattr(model, "tokenizer", None) if token_strings is None else None
+    if token_strings is not None:
+        meta["token_strings"] = _checked_strings(token_strings, model.cfg.d_vocab)
     path = None
     if directory is not None:
         path = Path(directory)
         meta = _open_for_writing(path, meta, identity, hooks)
+        if tokenizer is not None and not meta.get("tokenizer_files"):
+            _store_tokenizer(path, meta, tokenizer)
 
     skip = meta["n_docs"]
     resumed = skip > 0
@@ -495,7 +546,7 @@ def cache_codes(
         )
     if path is not None:
         return CodeCache.open(path)
-    return CodeCache(meta, arrays=_concat(writer.kept))
+    return CodeCache(meta, arrays=_concat(writer.kept), tokenizer=tokenizer)
 
 
 def _to_host(t: Tensor) -> Tensor:
@@ -520,10 +571,38 @@ class CodeCache:
     loaded into memory on first access (all chunks concatenated).
     """
 
-    def __init__(self, meta: dict, arrays: Optional[dict[str, Tensor]] = None, directory: Optional[Path] = None):
+    def __init__(
+        self,
+        meta: dict,
+        arrays: Optional[dict[str, Tensor]] = None,
+        directory: Optional[Path] = None,
+        tokenizer=None,
+    ):
         self.meta = meta
         self.directory = directory
         self._arrays = arrays
+        self._tokenizer = tokenizer
+        self._vocabulary: Optional[Vocabulary] = None
+
+    # -- text ----------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The tokenizer the cache was made with (kept from the model), or None."""
+        if self._tokenizer is None and self.meta.get("tokenizer_files") and self.directory is not None:
+            for name in self.meta["tokenizer_files"]:
+                mf.verify_file(self.directory, self.meta, name, "code cache")
+            self._tokenizer = load_tokenizer(self.directory)
+        return self._tokenizer
+
+    @property
+    def vocabulary(self) -> Optional[Vocabulary]:
+        """How the cached token ids read as text (from the tokenizer or the stored token strings), or None."""
+        if self._vocabulary is None:
+            if self.tokenizer is not None:
+                self._vocabulary = Vocabulary(self.tokenizer)
+            elif self.meta.get("token_strings"):
+                self._vocabulary = Vocabulary(self.meta["token_strings"])
+        return self._vocabulary
 
     @classmethod
     def open(cls, directory: Union[str, os.PathLike]) -> "CodeCache":
@@ -625,6 +704,9 @@ class CodeCache:
         current = _model_meta(require_hooked_transformer(model), tokenizer_name)
         stored = {k: self.meta.get(k) for k in current}
         if stored != current:
+            tokenizer_only = _tokenizer_only(stored, current)
+            if tokenizer_only:
+                raise ValueError(f"This cache does not match: {tokenizer_only}.")
             raise ValueError(f"This cache was made with a different model: {_describe_mismatch(stored, current)}.")
         recorded = self.meta.get("weights_sha256")
         if weights and recorded is not None and recorded != mf.weights_fingerprint(model):

@@ -202,8 +202,12 @@ def test_tokenizer_name_is_recorded_and_checked(cb_model, docs, tmp_path):
     CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="char-97")
     with pytest.raises(ValueError, match="tokenizer_name"):
         CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="gpt2")
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ValueError, match="records the tokenizer 'char-97' and this call 'gpt2'"):
         cache_codes(cb_model, docs, directory=tmp_path / "c", tokenizer_name="gpt2", progress=False)
+    # forgetting tokenizer_name= is told as such, not as "a different model"
+    with pytest.raises(ValueError, match=r"pass tokenizer_name='char-97'") as err:
+        CodeCache.open(tmp_path / "c").check_model(cb_model)
+    assert "different model" not in str(err.value)
 
 
 def test_padding_mask_drops_padded_positions(make_tiny_model, tmp_path):
@@ -240,3 +244,46 @@ def test_padding_mask_drops_padded_positions(make_tiny_model, tmp_path):
         cache_codes(model, padded, mask=mask.long(), progress=False)
     with pytest.raises(ValueError, match="pairs"):
         cache_codes(model, [padded], mask=mask, progress=False)
+
+
+def test_the_cache_knows_its_text(make_tiny_model, tmp_path):
+    from cbinterp import code_contexts, context_view, probe, search_codes, token_positions, top_tokens
+    from cbinterp.tasks.text import attach_tokenizer, train_bpe_tokenizer
+    from cbinterp.tasks.toytext import generate_corpus
+
+    texts = generate_corpus(30, seed=2)
+    bpe = train_bpe_tokenizer(texts, vocab_size=300)
+    model = attach_codebooks(make_tiny_model(seed=0, d_vocab=len(bpe), n_ctx=32), ["mlp"], n_codes=8, k=2)
+    attach_tokenizer(model, bpe)
+    tokens = model.to_tokens(texts[:6], padding_side="right")[:, :32]
+    in_memory = cache_codes(model, tokens, progress=False)
+    on_disk = cache_codes(model, tokens, directory=tmp_path / "c", progress=False)
+    reopened = CodeCache.open(tmp_path / "c")
+    assert reopened.tokenizer is not None and reopened.meta["tokenizer_files"]
+    assert set(reopened.meta["tokenizer_files"]) <= set(reopened.meta["files"])  # checksummed
+    for cache in (in_memory, on_disk, reopened):
+        assert cache.vocabulary is not None
+        explicit = token_positions(cache, bpe, r"[A-Z]\w+")
+        assert torch.equal(token_positions(cache, r"[A-Z]\w+"), explicit) and explicit.any()
+        name = cache.codebook_names[0]
+        code = int(cache.codes(name)[3, 0])
+        assert code_contexts(cache, name, code) == code_contexts(cache, name, code, bpe)
+        assert context_view(cache, name, code).contexts
+        top = top_tokens(cache, name, code)
+        assert list(top.columns) == ["token", "text", "count", "share"]
+        assert top["text"].tolist() == [bpe.decode([int(i)]) for i in top["token"]]
+        assert len(search_codes(cache, r"[A-Z]\w+")) > 0
+        assert len(probe(cache, {"capital": r"[A-Z]\w+"}, neurons=False)) > 0
+    # a model without a tokenizer: token strings kept in the cache, or a clear error
+    plain = attach_codebooks(make_tiny_model(seed=0), ["mlp"], n_codes=8)
+    digits = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    strings = [str(i) for i in range(11)]
+    kept = cache_codes(plain, digits, token_strings=strings, directory=tmp_path / "d", progress=False)
+    assert torch.equal(token_positions(CodeCache.open(tmp_path / "d"), "7"), digits.reshape(-1) == 7)
+    assert torch.equal(token_positions(kept, "7"), digits.reshape(-1) == 7)
+    bare = cache_codes(plain, digits, progress=False)
+    assert bare.vocabulary is None and "text" not in top_tokens(bare, bare.codebook_names[0], 0).columns
+    with pytest.raises(ValueError, match="token_strings"):
+        token_positions(bare, "7")
+    with pytest.raises(ValueError, match="d_vocab"):
+        cache_codes(plain, digits, token_strings=strings[:5], progress=False)
