@@ -52,8 +52,24 @@ def _is_real(value) -> bool:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Settings of `train`, all checked on construction. `codebook_lr` / `codebook_weight_decay` default to the
-    model's when None. `batch_size` is only for a bare token tensor as data (seeded shuffled batches of it)."""
+    """Settings of `train`, all checked on construction.
+
+    Attributes:
+        steps: optimizer steps in all (a resumed run continues to this count).
+        lr, weight_decay, betas: AdamW settings of the model's own weights.
+        codebook_lr, codebook_weight_decay: the same for the codebooks (None: the model's).
+        grad_clip: clip the global gradient norm to this (None: no clipping).
+        warmup_steps: linear warmup from 0 to lr over this many steps.
+        schedule: after warmup, "cosine" (decay to `min_lr_ratio * lr` at `steps`) or "constant".
+        freeze_model: train the codebooks only; the model's `requires_grad` flags are restored afterwards.
+        compile: run the forward through `torch.compile` (about 50 s to compile on CPU).
+        eval_every: call `eval_fn(model, step)` every this many steps (0: only at the end).
+        checkpoint_every, checkpoint_dir: write a resumable checkpoint there every this many steps and at the end.
+        log_every: steps between progress-bar updates (display only: it changes no statistic).
+        seed: seeds torch, numpy and Python's `random` at the start (the same seed gives the same run).
+        progress: show a tqdm progress bar.
+        batch_size: only for a bare token tensor as data: seeded shuffled batches of this many rows.
+    """
 
     steps: int
     lr: float = 1e-3
