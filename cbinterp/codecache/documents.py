@@ -50,7 +50,7 @@ def subset_cache(
     meta = {k: v for k, v in cache.meta.items() if k != "chunks"}
     meta["n_tokens"] = int(keep.sum())
     meta["n_docs"] = int(torch.unique(arrays["doc"]).numel())
-    return CodeCache(meta, arrays=arrays)
+    return CodeCache(meta, arrays=arrays, tokenizer=cache.tokenizer)
 
 
 def text_token_mask(mask: Bool[Tensor, "rows seq"]) -> Bool[Tensor, "rows seq"]:
