@@ -76,6 +76,8 @@ def measure(
     grad = torch.randn(shape, device=device)
     plain = Codebook(dim, n_codes, k=k, groups=groups, seed=seed, device=device).train()
     with_ln = Codebook(dim, n_codes, k=k, groups=groups, seed=seed, normalize_input=True, device=device).train()
+    for cb in (plain, with_ln):
+        cb.in_train_loop = True  # a training step as inside `train`: usage statistics on
 
     def step(codebook: Codebook) -> Callable[[], None]:
         def run() -> None:

@@ -16,6 +16,8 @@ from cbinterp.core.attach import (
     SITE_HOOKS,
     attach_codebooks,
     codebooks_bypassed,
+    codebooks_observed,
+    counting_usage,
     detach_codebooks,
     get_codebooks,
     kmeans_init_codebooks,
@@ -29,7 +31,8 @@ from cbinterp.core.interventions import (
     replace_codes,
     steering_hooks,
 )
-from cbinterp.core.io import load, save
+from cbinterp.core.io import load, load_codebook, load_codebooks, save, save_codebook, save_codebooks
+from cbinterp.core.manifest import ResumeWarning
 from cbinterp.core.train import TrainConfig, TrainResult, train
 from cbinterp.metrics.probes import probe, search_codes
 from cbinterp.pretrained import list_pretrained, load_pretrained
@@ -50,6 +53,8 @@ __all__ = [
     "code_fires",
     "code_frequencies",
     "codebooks_bypassed",
+    "codebooks_observed",
+    "counting_usage",
     "codes_at",
     "codes_for_token",
     "cooccurrence",
@@ -62,11 +67,16 @@ __all__ = [
     "kmeans_init_codebooks",
     "list_pretrained",
     "load",
+    "load_codebook",
+    "load_codebooks",
     "load_pretrained",
     "probe",
     "probe_figure",
     "replace_codes",
+    "ResumeWarning",
     "save",
+    "save_codebook",
+    "save_codebooks",
     "search_codes",
     "steering_hooks",
     "token_positions",

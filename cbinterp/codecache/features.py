@@ -10,13 +10,13 @@ zero-length matches are ignored. `which` picks the first, the last or any covere
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cbinterp.codecache.vocab import Vocabulary
+from cbinterp.codecache.vocab import Vocabulary, vocabulary_of
 
 #: Anything `Vocabulary` accepts: a tokenizer, a Vocabulary, or per-id strings or bytes.
 VocabularyLike = Union[Vocabulary, Sequence[str], Sequence[bytes], object]
@@ -50,7 +50,10 @@ def doc_token_indices(doc: Tensor, pos: Tensor) -> list[tuple[int, np.ndarray]]:
 
 
 def token_positions(
-    cache_or_tokens, token_strings: VocabularyLike, pattern: Union[str, "re.Pattern"], which: str = "any"
+    cache_or_tokens,
+    token_strings: Optional[VocabularyLike] = None,
+    pattern: Union[str, "re.Pattern", None] = None,
+    which: str = "any",
 ) -> Tensor:
     """Bool mask `(n_tokens,)` of the tokens covered by matches of `pattern` in each decoded document.
 
@@ -58,15 +61,20 @@ def token_positions(
         cache_or_tokens: a `CodeCache` (the mask follows its token order) or token ids `(n_docs, seq)` / `(seq,)`
             (the mask is over the flattened ids, document by document).
         token_strings: how ids read as text: a tokenizer (exact character spans for byte-level BPE), a
-            `Vocabulary`, or one string (or bytes) per vocabulary id, e.g. `[tok.decode([i]) for i in range(n)]`.
+            `Vocabulary`, or one string (or bytes) per vocabulary id, e.g. `[tok.decode([i]) for i in range(n)]`;
+            None takes the cache's own. `token_positions(cache, pattern)` does the same.
         pattern: a regex (str or compiled), searched with `finditer` over each document's text.
         which: "first", "last" or "any" covered token of each match.
     """
+    if pattern is None and isinstance(token_strings, (str, re.Pattern)):
+        pattern, token_strings = token_strings, None  # token_positions(cache, pattern)
+    if pattern is None:
+        raise TypeError("token_positions needs a pattern (a regex).")
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}.")
     regex = re.compile(pattern) if isinstance(pattern, str) else pattern
     tokens, doc, pos = _flat_tokens(cache_or_tokens)
-    vocab = Vocabulary(token_strings)
+    vocab = vocabulary_of(cache_or_tokens, token_strings)
     tok_np = tokens.numpy()
     mask = np.zeros(len(tok_np), dtype=bool)
     for _, idx in doc_token_indices(doc, pos):

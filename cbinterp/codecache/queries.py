@@ -9,6 +9,7 @@ every (codebook, head, code) separately.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cbinterp.codecache.features import VocabularyLike, doc_token_indices
-from cbinterp.codecache.vocab import Vocabulary
+from cbinterp.codecache.vocab import vocabulary_of
 from cbinterp.core.codes import dedupe_codes
 
 __all__ = [
@@ -32,6 +33,20 @@ __all__ = [
 ]
 
 
+def _as_index(value, what: str) -> int:
+    """`value` as an int when it is one (Python, numpy or a 0-d integer tensor); never truncated: 2.7 is refused."""
+    if (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and not value.dtype.is_floating_point
+        and value.dtype != torch.bool
+    ):
+        return int(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__}).")
+
+
 def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
     """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` when head is None."""
     codes = cache.codes(name)
@@ -41,6 +56,7 @@ def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
         return codes
     if head is None:
         return codes
+    head = _as_index(head, "head")
     n_heads = codes.shape[1]
     if not -n_heads <= int(head) < n_heads:
         raise ValueError(f"head {head} out of range for codebook {name!r} with {n_heads} heads.")
@@ -49,9 +65,10 @@ def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
 
 def _check_code(cache, name: str, code: int) -> int:
     n = cache.n_codes(name)
-    if not 0 <= int(code) < n:
+    code = _as_index(code, "code")
+    if not 0 <= code < n:
         raise ValueError(f"code {code} out of range for codebook {name!r} with {n} codes.")
-    return int(code)
+    return code
 
 
 def code_frequencies(cache, name: str, head: Optional[int] = None) -> Tensor:
@@ -128,7 +145,7 @@ def code_contexts(
     cache,
     name: str,
     code: int,
-    token_strings: VocabularyLike,
+    token_strings: Optional[VocabularyLike] = None,
     window: int = 20,
     head: Optional[int] = None,
     max_examples: Optional[int] = 20,
@@ -141,7 +158,8 @@ def code_contexts(
 
     `sample="random"` (default) shows a seeded uniform sample of all firings, so the contexts represent the code
     rather than the first documents of the cache; `"first"` takes the first firings in cache order. Texts are
-    decoded through a `Vocabulary` (`token_strings` may be a tokenizer), each piece as a whole.
+    decoded through a `Vocabulary` (`token_strings` may be a tokenizer; None takes the cache's own), each piece
+    as a whole.
     """
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}.")
@@ -156,7 +174,7 @@ def code_contexts(
             where = where[np.sort(pick)]
     if len(where) == 0:
         return []
-    vocab = Vocabulary(token_strings)
+    vocab = vocabulary_of(cache, token_strings)
     groups, group_of, rank = _doc_layout(cache)
     tokens, doc, pos = cache.tokens.numpy(), cache.doc.numpy(), cache.pos.numpy()
     out = []
@@ -174,23 +192,29 @@ def code_contexts(
     return out
 
 
-def top_tokens(cache, name: str, code: int, head: Optional[int] = None, n: int = 10) -> pd.DataFrame:
-    """The `n` tokens on which `code` fires most often: columns `token` (id), `count` and `share`
-    (count / tokens at which the code fires); ties: lower token id first."""
+def top_tokens(
+    cache,
+    name: str,
+    code: int,
+    head: Optional[int] = None,
+    n: int = 10,
+    token_strings: Optional[VocabularyLike] = None,
+) -> pd.DataFrame:
+    """The `n` tokens on which `code` fires most often: columns `token` (id), `text` (when the cache knows its
+    text, or `token_strings` is given), `count` and `share` (count / tokens at which the code fires); ties: lower
+    token id first."""
     fires = code_fires(cache, name, code, head)
     toks = cache.tokens[fires]
-    if len(toks) == 0:
-        return pd.DataFrame(
-            {
-                "token": pd.Series(dtype=np.int64),
-                "count": pd.Series(dtype=np.int64),
-                "share": pd.Series(dtype=np.float64),
-            }
-        )
-    counts = torch.bincount(toks).numpy()
+    counts = torch.bincount(toks).numpy() if len(toks) else np.zeros(0, dtype=np.int64)
     ids = np.flatnonzero(counts)
     ids = ids[np.lexsort((ids, -counts[ids]))][: int(n)].astype(np.int64)
-    return pd.DataFrame({"token": ids, "count": counts[ids].astype(np.int64), "share": counts[ids] / len(toks)})
+    table = {"token": ids}
+    if token_strings is not None or getattr(cache, "vocabulary", None) is not None:
+        vocab = vocabulary_of(cache, token_strings)
+        table["text"] = pd.Series([vocab.text([i]) for i in ids], dtype=object)
+    table["count"] = counts[ids].astype(np.int64)
+    table["share"] = counts[ids] / max(len(toks), 1)
+    return pd.DataFrame(table)
 
 
 def codes_at(cache, doc: int, pos: int) -> dict[str, Tensor]:

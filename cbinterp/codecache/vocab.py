@@ -13,7 +13,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-__all__ = ["Vocabulary", "byte_level_alphabet"]
+__all__ = ["Vocabulary", "byte_level_alphabet", "vocabulary_of"]
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -127,3 +127,17 @@ def _decode_with_map(data: bytes) -> tuple[str, np.ndarray]:
             pending = j + 1
     char_of_byte[pending:] = max(len(chars) - 1, 0)
     return "".join(chars), char_of_byte
+
+
+def vocabulary_of(cache_or_tokens, token_strings=None) -> Vocabulary:
+    """`Vocabulary(token_strings)` when given, else the cache's own (`CodeCache.vocabulary`)."""
+    if token_strings is not None:
+        return Vocabulary(token_strings)
+    vocabulary = getattr(cache_or_tokens, "vocabulary", None)
+    if vocabulary is None:
+        raise ValueError(
+            "No text for these tokens: the cache was made from a model without a tokenizer and without "
+            "token_strings. Pass token_strings= (a tokenizer, or one string per token id), or cache with "
+            "cache_codes(..., token_strings=...)."
+        )
+    return vocabulary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from functools import partial
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import ContextManager, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -51,6 +51,9 @@ def resolve_sites(
     `(site, hook_name)` pairs, checking that each exists."""
     if isinstance(sites, str):
         sites = [sites]
+    sites = list(sites)
+    if not sites:
+        raise ValueError(f"No sites given: name at least one of {sorted(SITE_HOOKS)}, a hook name or a template.")
     n_layers = model.cfg.n_layers
     if layers is None:
         layers = range(n_layers)
@@ -65,9 +68,16 @@ def resolve_sites(
         for name in names:
             module = model.mod_dict.get(name)
             if not isinstance(module, HookPoint) or name.endswith((CODES_SUFFIX, INPUT_SUFFIX)):
+                # suggest only names that would be accepted: never a codebook's own hooks (nor the name refused)
+                valid = [n for n in model.hook_dict if not n.endswith((CODES_SUFFIX, INPUT_SUFFIX))]
+                inner = (
+                    " It is a codebook's own hook point; codebooks sit at the hook names themselves."
+                    if name.endswith((CODES_SUFFIX, INPUT_SUFFIX))
+                    else ""
+                )
                 raise ValueError(
-                    f"Unknown hook site {site!r} (hook name {name!r}). Use one of {sorted(SITE_HOOKS)} or a hook name "
-                    f"of the model{did_you_mean(name, model.hook_dict)} `model.hook_dict` lists them all."
+                    f"Unknown hook site {site!r} (hook name {name!r}).{inner} Use one of {sorted(SITE_HOOKS)} or a "
+                    f"hook name of the model{did_you_mean(name, valid)} `model.hook_dict` lists them all."
                 )
             pairs.append((site, name))
     return pairs
@@ -222,18 +232,47 @@ def detach_codebooks(model: HookedTransformer, names: Optional[Sequence[str]] = 
 
 
 @contextlib.contextmanager
-def codebooks_bypassed(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> Iterator[HookedTransformer]:
-    """Run the model with its codebooks (all, or those at `names`) passing activations through unchanged."""
+def _codebooks_set(model: HookedTransformer, attr: str, value: bool, names: Optional[Sequence[str]] = None):
+    """Set a run-time flag of the codebooks (all, or those at `names`) inside the block, and restore it after."""
     codebooks = get_codebooks(model)
+    if names is not None:
+        unknown = [n for n in names if n not in codebooks]
+        if unknown:
+            raise ValueError(f"No codebook at {unknown[0]!r}{did_you_mean(unknown[0], codebooks)}")
     chosen = [codebooks[n] for n in (codebooks if names is None else names)]
-    previous = [cb.bypass for cb in chosen]
+    previous = [getattr(cb, attr) for cb in chosen]
     for cb in chosen:
-        cb.bypass = True
+        setattr(cb, attr, value)
     try:
         yield model
     finally:
         for cb, was in zip(chosen, previous):
-            cb.bypass = was
+            setattr(cb, attr, was)
+
+
+def codebooks_bypassed(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> ContextManager:
+    """Run the model with its codebooks (all, or those at `names`) passing activations through unchanged, and
+    computing no codes."""
+    return _codebooks_set(model, "bypass", True, names)
+
+
+def codebooks_observed(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> ContextManager:
+    """Run the model with its codebooks (all, or those at `names`) observing only: codes are computed and show in
+    `hook_codes` and caches, but each activation passes through unchanged, so the outputs are the plain model's
+    (what `use_error_term=True` gives SAELens users). Rewriting codes in this mode changes nothing downstream."""
+    return _codebooks_set(model, "observe_only", True, names)
+
+
+def training_codebooks(model: HookedTransformer, on: bool = True) -> ContextManager:
+    """Mark the forwards inside as training steps of the codebooks (what `train` does for its steps): only then
+    are the training statistics updated and dead codes replaced. Restores the previous state on exit."""
+    return _codebooks_set(model, "in_train_loop", on)
+
+
+def counting_usage(model: HookedTransformer, names: Optional[Sequence[str]] = None) -> ContextManager:
+    """Count code usage (`Codebook.counts`, `n_dead`, `dead_codes`) in the forwards inside, for the codebooks at
+    `names` (default all). Outside it (and outside `train`), forwards leave the counts alone."""
+    return _codebooks_set(model, "track_usage", True, names)
 
 
 def refresh_hooks(model: HookedTransformer) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import warnings
 from typing import Literal, Optional
 
 import torch
@@ -10,6 +13,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+
+from cbinterp.core.codes import NO_CODE
+from cbinterp.core.naming import did_you_mean
 
 Similarity = Literal["inner_product", "cosine", "euclidean"]
 LossKind = Literal["aeloss", "vqvae"]
@@ -19,7 +25,24 @@ LOSSES = ("aeloss", "vqvae")
 
 @dataclasses.dataclass
 class CodebookConfig:
-    """Everything needed to rebuild a `Codebook` (saved as JSON beside the weights)."""
+    """Everything needed to rebuild a `Codebook` (saved as JSON beside the weights), checked on construction.
+
+    Fields:
+        dim: size of the activation's last dimension.
+        n_codes: number of code vectors (per group).
+        k: number of codes summed at each position.
+        groups: number of independent codebooks; `groups > 1` takes input `(..., groups, dim)`.
+        similarity: "inner_product" (x.c / |c|), "cosine", or "euclidean" (negative distance).
+        normalize_input: layer-normalise (no affine) the activation before scoring it.
+        loss: "aeloss" trains codes on |x - q|^2; "vqvae" adds a commitment term (weight `beta`) on the input.
+        recon_weight: weight (>= 0) of the reconstruction (mean squared error) loss for the codes.
+        beta: weight (>= 0) of the vqvae commitment loss.
+        dead_after: inside `train`, re-initialise codes unused for this many steps from recent inputs.
+        dead_check_every: how often (training steps, >= 1) dead codes are looked for.
+        replace_noise: relative noise (>= 0) added to a replaced code.
+        init_std: standard deviation (> 0) of the random initial codes.
+        seed: seed of the initial codes.
+    """
 
     dim: int
     n_codes: int
@@ -36,11 +59,16 @@ class CodebookConfig:
     init_std: float = 1.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        for field in ("dim", "n_codes", "k", "groups"):
+        """Check every setting (types and ranges); the one place codebook settings are validated."""
+        for field in ("dim", "n_codes", "k", "groups", "dead_check_every"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"Codebook {field} must be a positive int, got {value!r}.")
+            setattr(self, field, int(value))
         if self.k > self.n_codes:
             raise ValueError(
                 f"k={self.k} is larger than n_codes={self.n_codes}: a codebook cannot select more codes "
@@ -50,8 +78,32 @@ class CodebookConfig:
             raise ValueError(f"Unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}.")
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown codebook loss {self.loss!r}; choose one of {LOSSES}.")
-        if self.dead_after is not None and self.dead_after < 1:
-            raise ValueError(f"dead_after must be None or >= 1 step, got {self.dead_after}.")
+        if not isinstance(self.normalize_input, bool):
+            raise ValueError(f"normalize_input must be True or False, got {self.normalize_input!r}.")
+        if self.dead_after is not None:
+            if not _is_int(self.dead_after) or self.dead_after < 1:
+                raise ValueError(f"dead_after must be None or an int >= 1 (steps), got {self.dead_after!r}.")
+            self.dead_after = int(self.dead_after)
+        for field in ("recon_weight", "beta", "replace_noise", "init_std"):
+            value = getattr(self, field)
+            if not _is_real(value) or value < 0 or (field == "init_std" and value == 0):
+                need = "> 0" if field == "init_std" else ">= 0"
+                raise ValueError(f"Codebook {field} must be a finite number {need}, got {value!r}.")
+            setattr(self, field, float(value))
+        if not _is_int(self.seed):
+            raise ValueError(f"Codebook seed must be an int, got {self.seed!r}.")
+        self.seed = int(self.seed)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+OPTIONS = tuple(f.name for f in dataclasses.fields(CodebookConfig) if f.name not in ("dim", "n_codes"))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -88,58 +140,33 @@ class Codebook(HookPoint):
     activation. Nested hook points expose its internals: `hook_input` (the activation before quantization)
     and `hook_codes` (the selected code ids, int64 `(..., k)` or `(..., groups, k)`). A hook that rewrites
     `hook_codes` changes the output to the sum of the rewritten codes; an id of -1 means "no code".
+    With `observe_only` set (see `codebooks_observed`) the codes are computed and exposed as usual but the
+    activation passes through unchanged, so the model's outputs are those of the model without codebooks.
 
-    Args:
-        dim: size of the activation's last dimension.
-        n_codes: number of code vectors (per group).
-        k: number of codes summed at each position.
-        groups: number of independent codebooks; `groups > 1` takes input `(..., groups, dim)`.
-        similarity: "inner_product" (x.c / |c|), "cosine", or "euclidean" (negative distance).
-        normalize_input: layer-normalise (no affine) the activation before scoring it.
-        loss: "aeloss" trains codes on |x - q|^2; "vqvae" adds a commitment term (weight `beta`) on the input.
-        recon_weight: weight of the reconstruction (mean squared error) loss for the codes.
-        dead_after: during training, re-initialise codes unused for this many steps from recent inputs.
-        init_std: standard deviation of the random initial codes.
-        seed: seed of the initial codes.
+    `Codebook(dim, n_codes, **options)` builds `CodebookConfig(dim=dim, n_codes=n_codes, **options)`: the config
+    dataclass is the single list of settings (documented there), and an unknown option is a TypeError.
+    `device` and `dtype` place the weights.
     """
 
     def __init__(
         self,
         dim: int,
         n_codes: int,
-        k: int = 1,
-        groups: int = 1,
-        similarity: Similarity = "inner_product",
-        normalize_input: bool = False,
-        loss: LossKind = "aeloss",
-        recon_weight: float = 1.0,
-        beta: float = 0.25,
-        dead_after: Optional[int] = None,
-        dead_check_every: int = 50,
-        replace_noise: float = 0.01,
-        init_std: float = 1.0,
-        seed: int = 0,
+        *,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
+        **options,
     ):
         super().__init__()
-        self.cfg = CodebookConfig(
-            dim=dim,
-            n_codes=n_codes,
-            k=k,
-            groups=groups,
-            similarity=similarity,
-            normalize_input=normalize_input,
-            loss=loss,
-            recon_weight=recon_weight,
-            beta=beta,
-            dead_after=dead_after,
-            dead_check_every=dead_check_every,
-            replace_noise=replace_noise,
-            init_std=init_std,
-            seed=seed,
-        )
-        self.cfg.validate()
+        unknown = [key for key in options if key not in OPTIONS]
+        if unknown:
+            raise TypeError(
+                f"Unknown Codebook option {unknown[0]!r}{did_you_mean(unknown[0], OPTIONS)} "
+                f"The options are the fields of CodebookConfig: {list(OPTIONS)}."
+            )
+        self.cfg = CodebookConfig(dim=dim, n_codes=n_codes, **options)  # validates every setting
+        groups, n_codes, dim = self.cfg.groups, self.cfg.n_codes, self.cfg.dim
+        seed, init_std = self.cfg.seed, self.cfg.init_std
         generator = torch.Generator().manual_seed(seed)
         init = torch.randn(groups, n_codes, dim, generator=generator) * init_std
         self.weight = nn.Parameter(init.to(device=device, dtype=dtype))
@@ -149,7 +176,14 @@ class Codebook(HookPoint):
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("last_mse", torch.zeros((), device=device), persistent=False)
         self.bypass = False
-        self.track_usage = True
+        #: Compute and expose the codes (hook_codes, caches) but pass the activation through unchanged.
+        self.observe_only = False
+        #: Count code usage (`counts`) in every forward; off by default, so that analysis forwards change nothing.
+        self.track_usage = False
+        #: Set only by `train` (through `training_codebooks`) for its training steps: only then do forwards update
+        #: the training statistics (`counts`, `steps_since_used`, `train_steps`) and replace dead codes. Train mode
+        #: (`module.training`) alone does neither.
+        self.in_train_loop = False
         self.check_finite = True
         self.hook_input = HookPoint()
         self.hook_codes = HookPoint()
@@ -157,6 +191,11 @@ class Codebook(HookPoint):
     @classmethod
     def from_config(cls, cfg: CodebookConfig, device=None, dtype=None) -> "Codebook":
         return cls(**dataclasses.asdict(cfg), device=device, dtype=dtype)
+
+    @property
+    def counting(self) -> bool:
+        """Whether forwards update usage statistics now (`track_usage`, or inside `train`)."""
+        return self.track_usage or self.in_train_loop
 
     # -- convenience views -------------------------------------------------------------------------------
     @property
@@ -267,12 +306,15 @@ class Codebook(HookPoint):
         return codes.reshape(*lead, c.groups, c.k)
 
     def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
-        """The sum of the code vectors named by `codes`; an id of -1 contributes zero."""
+        """The sum of the code vectors named by `codes`; an id of -1 contributes zero (refused when not
+        `allow_empty`). Ids are always checked: out of range is a ValueError, never another group's code."""
         if self.grouped:
-            return self._decode(codes, allow_empty)
-        return self._decode(codes.unsqueeze(-2), allow_empty).squeeze(-2)
+            return self._decode(codes, True, allow_empty)
+        return self._decode(codes.unsqueeze(-2), True, allow_empty).squeeze(-2)
 
-    def _decode(self, codes: Int[Tensor, "*batch groups k"], check: bool) -> Float[Tensor, "*batch groups dim"]:
+    def _decode(
+        self, codes: Int[Tensor, "*batch groups k"], check: bool, allow_empty: bool = True
+    ) -> Float[Tensor, "*batch groups dim"]:
         c = self.cfg
         if codes.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"Code ids must be an integer tensor, got {codes.dtype}.")
@@ -290,11 +332,14 @@ class Codebook(HookPoint):
         offsets = torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
         if not check:
             return F.embedding(codes + offsets, flat_weight).sum(-2)
-        if bool(((codes < -1) | (codes >= c.n_codes)).any()):
-            bad = codes[(codes < -1) | (codes >= c.n_codes)][0].item()
+        lowest = -1 if allow_empty else 0
+        out_of_range = (codes < lowest) | (codes >= c.n_codes)
+        if bool(out_of_range.any()):
+            bad = codes[out_of_range][0].item()
             raise ValueError(
                 f"Code id {bad} is out of range for {self.name or 'this codebook'} with {c.n_codes} codes; "
-                f"ids must be in [0, {c.n_codes - 1}], or -1 for no code."
+                f"ids must be in [0, {c.n_codes - 1}]"
+                + (", or -1 for no code." if allow_empty else " (allow_empty=False).")
             )
         present = codes >= 0
         vectors = F.embedding(torch.where(present, codes, 0) + offsets, flat_weight)
@@ -305,17 +350,23 @@ class Codebook(HookPoint):
         if self.bypass:
             return x
         xg = self._as_groups(x)
-        if self.training and self.cfg.dead_after is not None:
+        if self.in_train_loop and self.cfg.dead_after is not None:
             self._maybe_replace_dead(xg)
         with torch.no_grad():
             codes = self._encode(xg)
+            # A non-finite input has no code: its id is -1 and its output NaN, so the fault shows downstream.
+            bad = ~torch.isfinite(xg).all(-1).unsqueeze(-1)  # (..., groups, 1)
+            codes = codes.masked_fill(bad, NO_CODE)
         codes = self.hook_codes(codes if self.grouped else codes.squeeze(-2))
         codes_g = codes if self.grouped else codes.unsqueeze(-2)
         hooked = len(self.hook_codes._forward_hooks) > 0
-        q = self._decode(codes_g, check=hooked)
+        q = self._decode(codes_g if hooked else codes_g.clamp_min(0), check=hooked)
+        q = q.masked_fill(bad, float("nan"))
         q_out = q if self.grouped else q.squeeze(-2)
-        if self.track_usage:
-            self._update_usage(x, q_out, codes_g, may_be_empty=hooked)
+        if self.counting or self.training:  # train mode alone only checks for non-finite values
+            self._update_usage(x, q_out, codes_g)
+        if self.observe_only:
+            return x  # observed, not applied: what follows sees the activation itself
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             recon = self.cfg.recon_weight
             commit = self.cfg.beta if self.cfg.loss == "vqvae" else 0.0
@@ -323,21 +374,31 @@ class Codebook(HookPoint):
         return q_out
 
     @torch.no_grad()
-    def _update_usage(self, x: Tensor, q: Tensor, codes: Tensor, may_be_empty: bool = True) -> None:
+    def _update_usage(self, x: Tensor, q: Tensor, codes: Tensor) -> None:
         c = self.cfg
         mse = F.mse_loss(x.detach().float(), q.detach().float())  # one fused pass, no temporaries
         self.last_mse.copy_(mse)
         # The check syncs the device and breaks a torch.compile graph; compiled, `train` names the site instead.
-        if self.training and self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(mse)):
+        if (
+            (self.training or self.in_train_loop)
+            and self.check_finite
+            and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(mse))
+        ):
             raise FloatingPointError(
                 f"Non-finite activations or codes at codebook {self.name!r} (reconstruction MSE is {mse.item()}). "
                 f"Lower the learning rate, clip gradients, or check the input at this site."
             )
+        if not self.counting:
+            return
+        total = c.groups * c.n_codes
         flat = codes if c.groups == 1 else codes + torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
-        flat = flat[codes >= 0] if may_be_empty else flat.flatten()  # -1 (no code) only comes from hooks
-        batch_counts = torch.bincount(flat, minlength=c.groups * c.n_codes).view(c.groups, c.n_codes)
+        flat = torch.where(codes >= 0, flat, total).flatten()  # -1 (no code) goes to a spare bin, dropped
+        batch_counts = torch.zeros(total + 1, dtype=torch.long, device=codes.device)
+        batch_counts.scatter_add_(0, flat, torch.ones_like(flat))
+        batch_counts = batch_counts[:total].view(c.groups, c.n_codes)
         self.counts += batch_counts
-        if self.training:
+        if self.in_train_loop:
             self.train_steps += 1
             self.steps_since_used += 1
             self.steps_since_used.masked_fill_(batch_counts > 0, 0)
@@ -371,22 +432,34 @@ class Codebook(HookPoint):
         return replaced
 
     # -- statistics --------------------------------------------------------------------------------------
+    # `counts` is for analysis: it grows only in forwards with `track_usage` on, or inside `train`, and only
+    # `reset_usage()` zeroes it (never a progress display). Dead-code replacement reads `steps_since_used` and
+    # `train_steps`, which only training steps change.
     def reset_usage(self) -> None:
         """Zero the firing counts (the dead-code step counters are kept)."""
         self.counts.zero_()
 
+    def dead_codes(self, head: Optional[int] = None) -> Tensor:
+        """Ids of the codes that have not fired since the last `reset_usage()`: in `head`, or in no head when None
+        (as `cbinterp.dead_codes(cache, name, head)` counts a cache)."""
+        counts = self.counts.sum(0) if head is None else self.counts[head]
+        return torch.nonzero(counts == 0).flatten().cpu()
+
     @property
     def n_dead(self) -> int:
-        """Number of codes that have not fired since the last `reset_usage()`."""
-        return int((self.counts == 0).sum())
+        """Number of code ids that have fired in no head since the last `reset_usage()` (see `dead_codes`)."""
+        return int((self.counts.sum(0) == 0).sum())
 
     def usage(self) -> dict:
-        """Firing counts, dead-code count and last reconstruction MSE, as plain Python values."""
-        return {
+        """Firing counts, dead-code count (and per head for grouped codebooks) and last reconstruction MSE."""
+        out = {
             "counts": self.counts.cpu() if self.grouped else self.counts[0].cpu(),
             "n_dead": self.n_dead,
             "mse": float(self.last_mse),
         }
+        if self.grouped:
+            out["n_dead_per_head"] = [int(n) for n in (self.counts == 0).sum(1)]
+        return out
 
     # -- initialisation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -399,6 +472,17 @@ class Codebook(HookPoint):
         """
         c = self.cfg
         xg = self._as_groups(x).reshape(-1, c.groups, c.dim).to(self.weight.dtype)
+        finite = torch.isfinite(xg).all(-1).all(-1)
+        if not bool(finite.all()):
+            dropped = int((~finite).sum())
+            if dropped == xg.shape[0]:
+                raise ValueError(f"kmeans_init of {self.name or 'a codebook'}: every input row is NaN or infinite.")
+            warnings.warn(
+                f"kmeans_init of {self.name or 'a codebook'}: left out {dropped} of {xg.shape[0]} input rows that "
+                "hold NaN or infinite values.",
+                stacklevel=2,
+            )
+            xg = xg[finite]
         n = xg.shape[0]
         generator = torch.Generator(device="cpu").manual_seed(seed)
 

@@ -1,30 +1,75 @@
-"""One training loop for any HookedTransformer, with or without codebooks."""
+"""One training loop for any HookedTransformer, with or without codebooks.
+
+Checkpoints are cbinterp folders (see `cbinterp.core.manifest`) of kind "cbinterp-checkpoint": the model's
+`config.json` and `model.safetensors`, plus `trainer.safetensors` (optimizer and RNG tensors) and `trainer.json`
+(everything else: step, losses, optimizer settings, numpy and Python RNG state, and the fingerprints a resume is
+checked against). Nothing is ever unpickled.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import math
+import numbers
 import random
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, recover_dir
-from cbinterp.core.attach import get_codebooks, require_hooked_transformer
-from cbinterp.core.io import WEIGHTS_FILE, read_config, sha256_of, write_model
+from cbinterp.core.attach import get_codebooks, require_hooked_transformer, training_codebooks
+from cbinterp.core.io import MODEL_FILES, WEIGHTS_FILE, load_weights, model_description, read_config, write_model
+from cbinterp.core.manifest import ResumeWarning
 
-Batches = Union[Callable[[int], Tensor], Iterable[Tensor]]
-TRAINER_FILE = "trainer.pt"
+Batches = Union[Callable[[int], Tensor], Iterable[Tensor], Tensor]
+TRAINER_FILE = "trainer.json"
+TRAINER_TENSORS = "trainer.safetensors"
+CHECKPOINT_FILES = (*MODEL_FILES, TRAINER_TENSORS, TRAINER_FILE)
+
+#: TrainConfig fields that do not change what training computes (display, bookkeeping): not checked on resume.
+NOT_CHECKED_ON_RESUME = ("progress", "log_every", "eval_every", "checkpoint_every", "checkpoint_dir", "compile")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Settings of `train`. `codebook_lr` / `codebook_weight_decay` default to the model's when None."""
+    """Settings of `train`, all checked on construction.
+
+    Attributes:
+        steps: optimizer steps in all (a resumed run continues to this count).
+        lr, weight_decay, betas: AdamW settings of the model's own weights.
+        codebook_lr, codebook_weight_decay: the same for the codebooks (None: the model's).
+        grad_clip: clip the global gradient norm to this (None: no clipping).
+        warmup_steps: linear warmup from 0 to lr over this many steps.
+        schedule: after warmup, "cosine" (decay to `min_lr_ratio * lr` at `steps`) or "constant".
+        freeze_model: train the codebooks only; the model's `requires_grad` flags are restored afterwards.
+        compile: run the forward through `torch.compile` (about 50 s to compile on CPU).
+        eval_every: call `eval_fn(model, step)` every this many steps (0: only at the end).
+        checkpoint_every, checkpoint_dir: write a resumable checkpoint there every this many steps and at the end.
+        log_every: steps between progress-bar updates (display only: it changes no statistic).
+        seed: seeds torch, numpy and Python's `random` at the start (the same seed gives the same run).
+        progress: show a tqdm progress bar.
+        batch_size: only for a bare token tensor as data: seeded shuffled batches of this many rows.
+    """
 
     steps: int
     lr: float = 1e-3
@@ -44,14 +89,52 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
+        """The one place training settings are validated."""
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"Unknown schedule {self.schedule!r}; use 'cosine' or 'constant'.")
-        if self.steps < 0 or self.warmup_steps < 0:
-            raise ValueError(f"steps and warmup_steps must be >= 0, got {self.steps} and {self.warmup_steps}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+        for field in ("steps", "warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{field} must be an int >= 0, got {value!r}.")
+            setattr(self, field, int(value))
+        if not _is_int(self.log_every) or self.log_every < 1:
+            raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}.")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}.")
+        if not _is_real(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}.")
+        if self.codebook_lr is not None and (not _is_real(self.codebook_lr) or self.codebook_lr < 0):
+            raise ValueError(f"codebook_lr must be None or a finite number >= 0, got {self.codebook_lr!r}.")
+        for field in ("weight_decay", "codebook_weight_decay"):
+            value = getattr(self, field)
+            if value is None and field == "codebook_weight_decay":
+                continue
+            if not _is_real(value) or value < 0:
+                raise ValueError(f"{field} must be a finite number >= 0, got {value!r}.")
+        if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip < 0):
+            raise ValueError(
+                f"grad_clip must be None or a finite number >= 0 (0: no clipping), got {self.grad_clip!r}."
+            )
+        if not _is_real(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}.")
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
+        if betas is None or len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}.")
+        self.betas = (float(betas[0]), float(betas[1]))
+        for field in ("freeze_model", "compile", "progress"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}.")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError(
+                f"checkpoint_every={self.checkpoint_every} needs a checkpoint_dir to write the checkpoints to."
+            )
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
+            raise ValueError(f"checkpoint_dir must be a path, got {self.checkpoint_dir!r}.")
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}.")
 
 
 @dataclasses.dataclass
@@ -98,12 +181,51 @@ def make_optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.Ad
     return torch.optim.AdamW(groups, betas=cfg.betas)
 
 
+# -- state as JSON + tensors (no pickle) ---------------------------------------------------------------------------
+def _encode(value, key: str, tensors: dict):
+    """`value` as JSON, its tensors moved into `tensors` (referenced by name)."""
+    if isinstance(value, Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}
+        return {"__items__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"Cannot store {type(value).__name__} at {key} in a checkpoint.")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {k: _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
 def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
     }
 
 
@@ -115,43 +237,234 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: HookedTransformer, optimizer, step: int, losses: list[float]) -> None:
+def _settings(cfg: TrainConfig) -> dict:
+    """The settings that decide the result (with a constant schedule, `steps` does not: a run may be extended)."""
+    skip = set(NOT_CHECKED_ON_RESUME) | ({"steps"} if cfg.schedule == "constant" else set())
+    return json.loads(json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}))
+
+
+def save_checkpoint(path: Path, model: HookedTransformer, optimizer, step: int, losses: list[float], **record) -> None:
     """Model (cbinterp format) plus optimizer, step and RNG state, written atomically as one directory."""
-    with atomic_dir(path) as tmp:
+    tensors: dict[str, Tensor] = {}
+    state = {
+        "step": step,
+        "losses": losses,
+        "optimizer": _encode(optimizer.state_dict(), "optimizer", tensors),
+        "rng": _encode(_rng_state(), "rng", tensors),
+        **record,
+    }
+    check = lambda p: mf.check_replaceable(p, (mf.CHECKPOINT,), "training checkpoint")
+    with atomic_dir(path, check=check) as tmp:
         write_model(model, tmp, extra={"step": step})
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "step": step, "losses": losses, "rng": _rng_state()},
-            tmp / TRAINER_FILE,
+        save_file(tensors, tmp / TRAINER_TENSORS)
+        mf.write_json(tmp / TRAINER_FILE, state)
+        mf.write_manifest(tmp, mf.CHECKPOINT, CHECKPOINT_FILES)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / mf.MANIFEST_FILE).is_file() or mf.legacy_kind(path) == mf.CHECKPOINT
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(config, trainer state with tensors in place, manifest) of a verified checkpoint; clear errors otherwise."""
+    if not (path / mf.MANIFEST_FILE).exists() and mf.legacy_kind(path) == mf.CHECKPOINT:
+        raise ValueError(
+            f"Cannot resume from {path}: it is a checkpoint of an older cbinterp, whose trainer state (trainer.pt) is "
+            "a pickle, which cbinterp never loads. Pass resume=False to start over (it is then replaced), or use "
+            "another checkpoint_dir."
         )
-
-
-def load_checkpoint(path: Path, model: HookedTransformer, optimizer) -> tuple[int, list[float]]:
-    """Restore `model` and `optimizer` in place from a checkpoint; returns (step, losses so far)."""
-    from safetensors.torch import load_file
-
     try:
-        config = read_config(path)
-        if sha256_of(path / WEIGHTS_FILE) != config["weights_sha256"]:
-            raise ValueError("the weights do not match their recorded checksum")
-        state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-        weights = load_file(path / WEIGHTS_FILE)
-    except Exception as err:
+        manifest = mf.verify_dir(path, (mf.CHECKPOINT,), "training checkpoint", strict=True)
+        config = read_config(path, verify=False)
+        state = json.loads((path / TRAINER_FILE).read_text())
+        tensors = load_file(path / TRAINER_TENSORS)
+        state = _decode(state, tensors)
+        for key, kind in (("step", int), ("losses", list), ("optimizer", dict), ("rng", dict)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"{TRAINER_FILE} has no valid {key!r}")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
         raise ValueError(
             f"Cannot resume from {path}: the checkpoint is unreadable ({err}). Delete it to start over."
         ) from err
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # shape mismatches
+    return config, state, manifest
+
+
+def base_fingerprint(model: HookedTransformer) -> str:
+    """Fingerprint of the model's own weights, codebooks left out: a resumed run may skip its codebook initialisation
+    (e.g. k-means), since the checkpoint's codebooks replace it, but not start from another model."""
+    return mf.weights_fingerprint(model, skip=[f"{name}.weight" for name in get_codebooks(model)])
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _check_fits(path: Path, config: dict, state: dict, model: HookedTransformer, cfg: TrainConfig, init: str) -> None:
+    """Refuse a checkpoint made with other settings, another model or other codebooks."""
+    now = model_description(model)
+    stored_cb, now_cb = config.get("codebooks", {}), now["codebooks"]
+    if set(stored_cb) != set(now_cb):
         raise ValueError(
-            f"Checkpoint {path} does not fit this model: {err}. Delete it or build the model it was made with."
-        ) from err
-    if missing or unexpected:
-        raise ValueError(
-            f"Checkpoint {path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})."
+            f"Checkpoint {path} does not fit this model: it has codebooks at {sorted(stored_cb)}, the model at "
+            f"{sorted(now_cb)}. Use another checkpoint_dir, or resume=False to start over."
         )
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    return state["step"], state["losses"]
+    for name in now_cb:
+        changed = _diff(stored_cb[name], now_cb[name])
+        if changed:
+            raise ValueError(
+                f"Checkpoint {path} does not fit this model: codebook {name} differs ({'; '.join(changed)}). Use "
+                "another checkpoint_dir, or resume=False to start over."
+            )
+    changed = _diff(config.get("model_config", {}), now["model_config"])
+    if changed:
+        raise ValueError(
+            f"Checkpoint {path} does not fit this model: its config differs ({'; '.join(changed[:5])}). Use another "
+            "checkpoint_dir, or resume=False to start over."
+        )
+    changed = _diff(state.get("settings", {}), _settings(cfg))
+    if changed:
+        raise ValueError(
+            f"Cannot resume from {path}: it was made with other training settings ({'; '.join(changed)}); resuming "
+            "would mix two runs. Use the same settings, another checkpoint_dir, or resume=False to start over."
+        )
+    if init not in (state.get("init_weights"), state.get("weights")):
+        raise ValueError(
+            f"Checkpoint {path} does not fit this model: the run it holds started from other weights than this "
+            "model's (fingerprints of the weights outside the codebooks differ). Build the model as for that run, use "
+            "another checkpoint_dir, or resume=False to start over."
+        )
+    if state["step"] > cfg.steps:
+        raise ValueError(f"Cannot resume from {path}: it is at step {state['step']}, beyond steps={cfg.steps}.")
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+def batch_fingerprint(tokens: Tensor) -> str:
+    return mf.tensor_fingerprint(tokens.detach().to("cpu", torch.int64))
+
+
+class _Data:
+    """Batches by step from a callable, an iterable, or a token tensor (seeded shuffled batches)."""
+
+    def __init__(self, batches: Batches, cfg: TrainConfig):
+        self.source = "callable"
+        self.chain = None
+        if isinstance(batches, Tensor):
+            if cfg.batch_size is None:
+                raise TypeError(
+                    "train got a bare token tensor. Set TrainConfig(batch_size=...) to draw seeded shuffled batches "
+                    "of its rows, or pass `lambda step: tokens[...]` (one batch per step) or a list of batches."
+                )
+            if batches.dim() != 2 or batches.shape[0] < cfg.batch_size:
+                raise ValueError(
+                    f"A token tensor for train must be (n_sequences, seq) with at least batch_size={cfg.batch_size} "
+                    f"rows, got shape {tuple(batches.shape)}."
+                )
+            self.source, self.tokens, self.batch_size, self.seed = "tensor", batches, cfg.batch_size, cfg.seed
+            self._epoch, self._perm = None, None
+            self.get = self._from_tensor
+        elif callable(batches):
+            self.get = batches
+        elif isinstance(batches, Iterable):
+            self.source, self.iterator, self.chain = "iterable", iter(batches), hashlib.sha256(b"").hexdigest()
+            self.get = self._next
+        else:
+            raise TypeError(f"batches must be fn(step) -> tokens, an iterable of batches or a tensor, got {batches!r}.")
+        self.steps = cfg.steps
+
+    def _from_tensor(self, step: int) -> Tensor:
+        per_epoch = self.tokens.shape[0] // self.batch_size
+        epoch, i = divmod(step, per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF)
+            self._epoch, self._perm = epoch, torch.randperm(self.tokens.shape[0], generator=generator)
+        rows = self._perm[i * self.batch_size : (i + 1) * self.batch_size].to(self.tokens.device)
+        return self.tokens[rows]
+
+    def _next(self, step: int) -> Tensor:
+        try:
+            tokens = next(self.iterator)
+        except StopIteration:
+            raise ValueError(
+                f"The batches ran out at step {step}: the iterable gave {step} batches, but steps={self.steps} needs "
+                f"{self.steps}. Give more batches (e.g. itertools.cycle) or lower steps."
+            ) from None
+        self.chain = hashlib.sha256((self.chain + batch_fingerprint(torch.as_tensor(tokens))).encode()).hexdigest()
+        return tokens
+
+    def record(self, first: Optional[str], last: Optional[Tensor]) -> dict:
+        return {
+            "source": self.source,
+            "first": first,
+            "last": None if last is None else batch_fingerprint(last),
+            "chain": self.chain,
+        }
+
+    def check_resume(self, path: Path, recorded: dict, step: int) -> None:
+        """Skip (iterable) or look again at (callable, tensor) the batches already trained on; refuse other data."""
+        if step == 0:
+            return
+        if self.source == "iterable":
+            seen = {}
+            for i in range(step):
+                tokens = self.get(i)
+                if i in (0, step - 1):
+                    seen[i] = batch_fingerprint(torch.as_tensor(tokens))
+            first, last = seen[0], seen[step - 1]
+        else:
+            first = batch_fingerprint(torch.as_tensor(self.get(0)))
+            last = batch_fingerprint(torch.as_tensor(self.get(step - 1)))
+        problem = None
+        if recorded.get("first") not in (None, first):
+            problem = "the batch of step 0 differs from the one the checkpoint was trained on"
+        elif recorded.get("last") not in (None, last):
+            problem = f"the batch of step {step - 1} differs from the one the checkpoint was trained on"
+        elif self.chain is not None and recorded.get("chain") not in (None, self.chain):
+            problem = f"the first {step} batches differ from those the checkpoint was trained on"
+        if problem:
+            raise ValueError(
+                f"Cannot resume from {path}: {problem} (other data). Use the same data, another checkpoint_dir, or "
+                "resume=False to start over."
+            )
+
+
+def _check_batch(tokens, step: int, model: HookedTransformer) -> Tensor:
+    if not isinstance(tokens, Tensor):
+        tokens = torch.as_tensor(tokens)
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool or tokens.dim() != 2:
+        raise ValueError(
+            f"The batch of step {step} must be an int tensor of token ids (batch, seq), got {tokens.dtype} "
+            f"{tuple(tokens.shape)}."
+        )
+    if tokens.numel() == 0:
+        raise ValueError(
+            f"The batch of step {step} is empty (shape {tuple(tokens.shape)}): it has no tokens to train on."
+        )
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(
+            f"The batch of step {step} has sequences of {tokens.shape[1]} tokens, longer than the model's context "
+            f"n_ctx={model.cfg.n_ctx}. Cut the sequences, or build the model with a larger n_ctx."
+        )
+    return tokens
+
+
+def _check_trainable_dtype(model: HookedTransformer) -> None:
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype == torch.float16})
+    if half:
+        raise TypeError(
+            "train cannot update float16 parameters: AdamW's state and updates under- and overflow in float16, and "
+            "the weights turn NaN after a step or two. Build the model in float32 (or bfloat16), e.g. "
+            "HookedTransformerConfig(dtype=torch.float32), and use torch.autocast for float16 compute."
+        )
+
+
+@contextlib.contextmanager
+def _restored_requires_grad(model: HookedTransformer):
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)
 
 
 def train(
@@ -164,41 +477,89 @@ def train(
     """Train `model` on next-token loss.
 
     Args:
-        batches: `fn(step) -> tokens` (resumes exactly), or an iterable of token batches (on resume, the
-            batches already used are skipped).
+        batches: `fn(step) -> tokens` (resumes exactly), an iterable of token batches (on resume, the batches already
+            used are skipped, and checked to be the same), or a `(n_sequences, seq)` token tensor with
+            `cfg.batch_size` set (seeded shuffled batches of its rows, a new order each epoch).
         eval_fn: called as `eval_fn(model, step)` every `cfg.eval_every` steps and at the end, in eval mode.
-        resume: continue from `cfg.checkpoint_dir` when it holds a checkpoint.
+        resume: continue from `cfg.checkpoint_dir` when it holds a checkpoint. A resume is announced with a
+            `ResumeWarning`; it is refused (ValueError) when the checkpoint was made with other settings, another
+            model (config, codebooks, or initial weights) or other data.
     """
     require_hooked_transformer(model)
+    _check_trainable_dtype(model)
+    data = _Data(batches, cfg)
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if ckpt is not None:
+        recover_dir(ckpt)  # a crash between the two renames of a checkpoint write left it aside
+        mf.check_replaceable(ckpt, (mf.CHECKPOINT,), "training checkpoint")  # refuse before any work
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     device = next(model.parameters()).device
-    optimizer = make_optimizer(model, cfg)
-    step, losses, evals, resumed_from = 0, [], [], None
-    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if ckpt is not None:
-        recover_dir(ckpt)  # a crash between the two renames of a checkpoint write left it aside
-    if resume and ckpt is not None and (ckpt / TRAINER_FILE).exists():
-        step, losses = load_checkpoint(ckpt, model, optimizer)
-        resumed_from = step
-    get_batch = batches if callable(batches) else _skipping(iter(batches), step)
+    with _restored_requires_grad(model):
+        optimizer = make_optimizer(model, cfg)
+        init_weights = base_fingerprint(model)
+        step, losses, evals, resumed_from, first_batch = 0, [], [], None, None
+        if resume and ckpt is not None and is_checkpoint(ckpt):
+            config, state, _ = read_checkpoint(ckpt)
+            _check_fits(ckpt, config, state, model, cfg, init_weights)
+            data.check_resume(ckpt, state.get("data", {}), state["step"])
+            try:
+                load_weights(model, ckpt / WEIGHTS_FILE)
+                optimizer.load_state_dict(state["optimizer"])
+                _set_rng_state(state["rng"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise ValueError(f"Checkpoint {ckpt} does not fit this model: {err}. Delete it to start over.") from err
+            step, losses = state["step"], list(state["losses"])
+            init_weights, first_batch = state.get("init_weights", init_weights), state.get("data", {}).get("first")
+            resumed_from = step
+            left = cfg.steps - step
+            warnings.warn(
+                f"Resuming from the checkpoint at {ckpt} (step {step} of {cfg.steps}): "
+                + (
+                    f"{left} steps to go."
+                    if left
+                    else "training is already complete; no steps are run and the model now holds the checkpoint's "
+                    "weights. Pass resume=False or another checkpoint_dir to train again."
+                ),
+                ResumeWarning,
+                stacklevel=2,
+            )
+        result = _loop(
+            model, data, cfg, optimizer, step, losses, evals, eval_fn, ckpt, init_weights, first_batch, device
+        )
+    return TrainResult(steps=result, losses=losses, evals=evals, resumed_from=resumed_from)
+
+
+def _loop(model, data, cfg, optimizer, step, losses, evals, eval_fn, ckpt, init_weights, first_batch, device) -> int:
     forward = torch.compile(model) if cfg.compile else model
     codebooks = list(get_codebooks(model).items())
+    window = {name: cb.counts.clone() for name, cb in codebooks} if cfg.progress else {}
+    last = None
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+    flags = [(cb, cb.in_train_loop) for _, cb in codebooks]
+    for cb, _ in flags:
+        cb.in_train_loop = True  # training statistics and dead-code replacement: only in these forwards
     try:
         while step < cfg.steps:
-            tokens = (get_batch(step) if callable(batches) else next(get_batch)).to(device)
+            last = _check_batch(data.get(step), step, model)
+            if step == 0:
+                first_batch = batch_fingerprint(last)
+            tokens = last.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, cfg)
             loss = forward(tokens, return_type="loss")
             if not torch.isfinite(loss):
                 sites = [name for name, cb in codebooks if not torch.isfinite(cb.last_mse)]
                 where = f" (first non-finite codebook input: {sites[0]})" if sites else ""
-                raise FloatingPointError(
-                    f"Loss is {loss.item()} at step {step}{where}; lower the learning rate or clip gradients."
+                bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+                hint = (
+                    f"; the weights are already non-finite ({bad[:3]})"
+                    if bad
+                    else "; lower the learning rate or clip gradients"
                 )
+                raise FloatingPointError(f"Loss is {loss.item()} at step {step}{where}{hint}.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -206,32 +567,43 @@ def train(
             optimizer.step()
             step += 1
             losses.append(loss.item())
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                bar.set_postfix(_progress_stats(losses, codebooks, cfg.log_every))
+            if cfg.progress and (step % cfg.log_every == 0 or step == cfg.steps):
+                bar.set_postfix(_progress_stats(losses, codebooks, window, cfg.log_every))
             bar.update(1)
             if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 model.eval()
-                evals.append((step, eval_fn(model, step)))
+                with training_codebooks(model, on=False):
+                    evals.append((step, eval_fn(model, step)))
                 model.train()
             if ckpt is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
-                save_checkpoint(ckpt, model, optimizer, step, losses)
+                save_checkpoint(
+                    ckpt,
+                    model,
+                    optimizer,
+                    step,
+                    losses,
+                    settings=_settings(cfg),
+                    init_weights=init_weights,
+                    weights=base_fingerprint(model),
+                    data=data.record(first_batch, last),
+                )
     finally:
+        for cb, was in flags:
+            cb.in_train_loop = was
         bar.close()
         model.eval()
-    return TrainResult(steps=step, losses=losses, evals=evals, resumed_from=resumed_from)
+    return step
 
 
-def _progress_stats(losses: list[float], codebooks, window: int) -> dict:
-    stats = {"loss": f"{np.mean(losses[-window:]):.4f}"}
+def _progress_stats(losses: list[float], codebooks, window: dict, n: int) -> dict:
+    """Loss over the last `n` steps; codebook MSE and the codes unused since the last display (from the counts'
+    increase, so nothing is reset)."""
+    stats = {"loss": f"{np.mean(losses[-n:]):.4f}"}
     if codebooks:
         stats["mse"] = f"{np.mean([float(cb.last_mse) for _, cb in codebooks]):.4g}"
-        stats["dead"] = sum(cb.n_dead for _, cb in codebooks)
-        for _, cb in codebooks:
-            cb.reset_usage()  # so "dead" counts codes unused in the last window
+        dead = 0
+        for name, cb in codebooks:
+            dead += int(((cb.counts - window[name]).sum(0) == 0).sum())
+            window[name] = cb.counts.clone()
+        stats["dead"] = dead
     return stats
-
-
-def _skipping(iterator, n: int):
-    for _ in range(n):
-        next(iterator)
-    return iterator

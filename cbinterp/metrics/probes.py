@@ -83,7 +83,7 @@ def _column_dtype(column: str):
 def probe(
     cache,
     features: Mapping[str, Union[str, "re.Pattern"]],
-    token_strings: VocabularyLike,
+    token_strings: Optional[VocabularyLike] = None,
     which: str = "any",
     min_fires: int = 1,
     neurons: bool = True,
@@ -99,7 +99,7 @@ def probe(
     "recall" or "f1"; ties: the other two scores, then lower code id) is kept. Without a recall floor the most
     precise code is often one that fires a handful of times, where some neuron is just as precise. A regex that
     matches nothing is warned about and dropped. `token_strings` is anything `Vocabulary` takes (a tokenizer
-    gives exact character spans for byte-level BPE).
+    gives exact character spans for byte-level BPE); None reads the cache's own text.
 
     Returns:
         DataFrame with `PROBE_COLUMNS` (`feature` is the index among the kept features, `feature_name` its name)
@@ -163,8 +163,6 @@ def search_codes(
         if mask.shape[0] != cache.n_tokens:
             raise ValueError(f"mask has {mask.shape[0]} entries but the cache has {cache.n_tokens} tokens.")
     else:
-        if token_strings is None:
-            raise ValueError("A regex needs token_strings (or a tokenizer) to decode the documents.")
         mask = token_positions(cache, token_strings, pattern_or_mask, which=which)
     codes = {name: cache.codes(name) for name in cache.codebook_names}
     n_codes = {name: cache.n_codes(name) for name in cache.codebook_names}

@@ -68,7 +68,7 @@ def context_view(
     cache,
     name: str,
     code: int,
-    token_strings: VocabularyLike,
+    token_strings: Optional[VocabularyLike] = None,
     window: int = 20,
     head: Optional[int] = None,
     max_examples: int = 30,

@@ -90,7 +90,7 @@ def test_directory_roundtrip(cb_model, docs, tmp_path):
     on_disk = cache_codes(
         cb_model, docs, batch_size=2, hooks=[HOOK], directory=tmp_path / "c", chunk_tokens=10, progress=False
     )
-    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "c" / "cbinterp.json").read_text())
     assert meta["n_tokens"] == docs.numel() and meta["n_docs"] == docs.shape[0]
     assert meta["model"]["d_vocab"] == 11 and meta["hooks"] == [HOOK]
     assert meta["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] == 16
@@ -181,18 +181,19 @@ def test_model_not_moved_and_progress(cb_model, docs, capsys):
 
 
 def test_code_dtype_boundaries_round_trip():
-    from cbinterp.codecache.store import code_dtype
+    from cbinterp.codecache.store import _read_codes, _stored_codes, code_dtype
 
     for n_codes, dtype in [
         (1, torch.uint8),
-        (256, torch.uint8),
-        (257, torch.uint16),
-        (65536, torch.uint16),
-        (65537, torch.int32),
+        (255, torch.uint8),
+        (256, torch.uint16),  # 255 is a real code here, so "no code" needs another value
+        (65535, torch.uint16),
+        (65536, torch.int32),
     ]:
         assert code_dtype(n_codes) == dtype
-        ids = torch.tensor([0, n_codes - 1])
-        assert torch.equal(ids.to(dtype).long(), ids)  # the largest id survives storage and widening
+        ids = torch.tensor([0, n_codes - 1, -1], dtype=torch.int32)
+        # the largest id and "no code" both survive storage and widening
+        assert torch.equal(_read_codes(_stored_codes(ids, dtype), n_codes), ids.long())
 
 
 def test_tokenizer_name_is_recorded_and_checked(cb_model, docs, tmp_path):
@@ -201,5 +202,88 @@ def test_tokenizer_name_is_recorded_and_checked(cb_model, docs, tmp_path):
     CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="char-97")
     with pytest.raises(ValueError, match="tokenizer_name"):
         CodeCache.open(tmp_path / "c").check_model(cb_model, tokenizer_name="gpt2")
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ValueError, match="records the tokenizer 'char-97' and this call 'gpt2'"):
         cache_codes(cb_model, docs, directory=tmp_path / "c", tokenizer_name="gpt2", progress=False)
+    # forgetting tokenizer_name= is told as such, not as "a different model"
+    with pytest.raises(ValueError, match=r"pass tokenizer_name='char-97'") as err:
+        CodeCache.open(tmp_path / "c").check_model(cb_model)
+    assert "different model" not in str(err.value)
+
+
+def test_padding_mask_drops_padded_positions(make_tiny_model, tmp_path):
+    from cbinterp import code_frequencies
+
+    model = attach_codebooks(make_tiny_model(seed=0), ["attn", "mlp"], n_codes=8, k=2)
+    lengths = [5, 3, 6]
+    docs = [torch.randint(0, 11, (n,), generator=torch.Generator().manual_seed(i)) for i, n in enumerate(lengths)]
+    padded = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    for i, d in enumerate(docs):
+        padded[i, : len(d)] = d
+        padded[i, len(d) :] = 7  # a real token id used as padding: only the mask says it is padding
+        mask[i, : len(d)] = True
+    cached = cache_codes(model, padded, mask=mask, progress=False)
+    alone = cache_codes(model, [d[None] for d in docs], batch_size=1, progress=False)  # no padding at all
+    assert cached.n_tokens == alone.n_tokens == sum(lengths)
+    assert torch.equal(cached.tokens, alone.tokens) and torch.equal(cached.pos, alone.pos)
+    assert torch.equal(cached.doc, alone.doc)
+    for name in cached.codebook_names:  # right padding changes nothing before it in a causal model
+        assert torch.equal(cached.codes(name), alone.codes(name))
+        assert int(code_frequencies(cached, name).sum()) <= sum(lengths) * 2 * (
+            4 if cached.codes(name).dim() == 3 else 1
+        )
+    pairs = cache_codes(model, [(padded[:2], mask[:2]), (padded[2:], mask[2:])], progress=False)
+    assert torch.equal(pairs.tokens, cached.tokens)
+    on_disk = cache_codes(model, padded, mask=mask, directory=tmp_path / "c", progress=False)
+    assert torch.equal(on_disk.tokens, cached.tokens)
+    other = mask.clone()
+    other[0, 4] = False
+    with pytest.raises(ValueError, match="differ"):
+        cache_codes(model, padded, mask=other, directory=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        cache_codes(model, padded, mask=mask.long(), progress=False)
+    with pytest.raises(ValueError, match="pairs"):
+        cache_codes(model, [padded], mask=mask, progress=False)
+
+
+def test_the_cache_knows_its_text(make_tiny_model, tmp_path):
+    from cbinterp import code_contexts, context_view, probe, search_codes, token_positions, top_tokens
+    from cbinterp.tasks.text import attach_tokenizer, train_bpe_tokenizer
+    from cbinterp.tasks.toytext import generate_corpus
+
+    texts = generate_corpus(30, seed=2)
+    bpe = train_bpe_tokenizer(texts, vocab_size=300)
+    model = attach_codebooks(make_tiny_model(seed=0, d_vocab=len(bpe), n_ctx=32), ["mlp"], n_codes=8, k=2)
+    attach_tokenizer(model, bpe)
+    tokens = model.to_tokens(texts[:6], padding_side="right")[:, :32]
+    in_memory = cache_codes(model, tokens, progress=False)
+    on_disk = cache_codes(model, tokens, directory=tmp_path / "c", progress=False)
+    reopened = CodeCache.open(tmp_path / "c")
+    assert reopened.tokenizer is not None and reopened.meta["tokenizer_files"]
+    assert set(reopened.meta["tokenizer_files"]) <= set(reopened.meta["files"])  # checksummed
+    for cache in (in_memory, on_disk, reopened):
+        assert cache.vocabulary is not None
+        explicit = token_positions(cache, bpe, r"[A-Z]\w+")
+        assert torch.equal(token_positions(cache, r"[A-Z]\w+"), explicit) and explicit.any()
+        name = cache.codebook_names[0]
+        code = int(cache.codes(name)[3, 0])
+        assert code_contexts(cache, name, code) == code_contexts(cache, name, code, bpe)
+        assert context_view(cache, name, code).contexts
+        top = top_tokens(cache, name, code)
+        assert list(top.columns) == ["token", "text", "count", "share"]
+        assert top["text"].tolist() == [bpe.decode([int(i)]) for i in top["token"]]
+        assert len(search_codes(cache, r"[A-Z]\w+")) > 0
+        assert len(probe(cache, {"capital": r"[A-Z]\w+"}, neurons=False)) > 0
+    # a model without a tokenizer: token strings kept in the cache, or a clear error
+    plain = attach_codebooks(make_tiny_model(seed=0), ["mlp"], n_codes=8)
+    digits = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(0))
+    strings = [str(i) for i in range(11)]
+    kept = cache_codes(plain, digits, token_strings=strings, directory=tmp_path / "d", progress=False)
+    assert torch.equal(token_positions(CodeCache.open(tmp_path / "d"), "7"), digits.reshape(-1) == 7)
+    assert torch.equal(token_positions(kept, "7"), digits.reshape(-1) == 7)
+    bare = cache_codes(plain, digits, progress=False)
+    assert bare.vocabulary is None and "text" not in top_tokens(bare, bare.codebook_names[0], 0).columns
+    with pytest.raises(ValueError, match="token_strings"):
+        token_positions(bare, "7")
+    with pytest.raises(ValueError, match="d_vocab"):
+        cache_codes(plain, digits, token_strings=strings[:5], progress=False)

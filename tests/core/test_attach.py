@@ -285,9 +285,12 @@ def test_detach_restores_bit_identical_outputs(model, tokens):
 
 
 def test_training_step_updates_codebooks(model, tokens):
+    from cbinterp.core.attach import training_codebooks
+
     attached(model, k=1)
     model.train()
-    loss = model(tokens, return_type="loss")
+    with training_codebooks(model):
+        loss = model(tokens, return_type="loss")
     loss.backward()
     for name, cb in get_codebooks(model).items():
         assert cb.weight.grad is not None and cb.weight.grad.abs().sum() > 0, name
@@ -434,3 +437,27 @@ def test_attach_existing_codebooks_by_hook_name(model, make_tiny_model, tokens):
     with pytest.raises(ValueError, match="same Codebook object"):
         attach_codebooks(fresh, {"blocks.0.hook_mlp_out": mlp, "blocks.1.hook_mlp_out": mlp})
     assert get_codebooks(fresh) == {}  # a refused call leaves the model untouched
+
+
+def test_observe_only_leaves_outputs_unchanged_and_shows_codes(model, tokens):
+    from cbinterp import codebooks_observed, replace_codes
+
+    plain_logits, plain = model.run_with_cache(tokens)
+    attach_codebooks(model, ["attn", "mlp"], n_codes=6, k=2)
+    names = list(get_codebooks(model))
+    quantized_logits, quantized = model.run_with_cache(tokens)
+    assert not torch.allclose(quantized_logits, plain_logits)
+    with codebooks_observed(model):
+        logits, cache = model.run_with_cache(tokens)
+        hooked = model.run_with_hooks(tokens, fwd_hooks=[replace_codes(model, names[0], [1])])
+    torch.testing.assert_close(logits, plain_logits)  # exactly the model without codebooks
+    torch.testing.assert_close(hooked, plain_logits)  # interventions have no effect downstream
+    # the first codebook sees the same input either way, so its codes are the quantized run's
+    assert torch.equal(cache[f"{names[0]}.hook_codes"], quantized[f"{names[0]}.hook_codes"])
+    for name in names:  # every codebook reads the plain model's activations, and shows its codes
+        torch.testing.assert_close(cache[f"{name}.hook_input"], plain[name])
+        assert cache[f"{name}.hook_codes"].shape[-1] == 2
+    assert not any(cb.observe_only for cb in get_codebooks(model).values())  # restored on exit
+    with pytest.raises(ValueError, match="No codebook at"):
+        with codebooks_observed(model, ["blocks.0.hook_mlp_ot"]):
+            pass

@@ -263,6 +263,7 @@ def test_rewritten_codes_change_output():
 
 def test_rewritten_codes_grouped_and_gradient():
     cb = Codebook(dim=3, n_codes=4, k=1, groups=2, seed=1).train()
+    cb.track_usage = True
     x = torch.randn(2, 2, 3, requires_grad=True)
     cb.hook_codes.add_hook(lambda codes, hook: torch.tensor([[[1], [-1]], [[-1], [3]]]))
     out = cb(x)
@@ -307,14 +308,18 @@ def test_bypass_returns_input_unchanged():
 def test_usage_statistics(groups, k):
     cb = Codebook(dim=4, n_codes=40, k=k, groups=groups, seed=2)
     x = random_input(10, groups, 4, seed=0)
-    assert cb.n_dead == groups * 40 and cb.counts.sum() == 0
+    with torch.no_grad():
+        cb(x)
+    assert cb.counts.sum() == 0  # no counting unless asked for
+    cb.track_usage = True
+    assert cb.n_dead == 40 and cb.counts.sum() == 0
     with torch.no_grad():
         out = cb(x)
     codes_g = as_groups(cb.encode(x), groups > 1)
     expected = torch.stack([torch.bincount(codes_g[:, g].flatten(), minlength=40) for g in range(groups)])
     assert torch.equal(cb.counts, expected)
     assert cb.counts.sum() == 10 * groups * k
-    assert cb.n_dead == int((expected == 0).sum())
+    assert cb.n_dead == int((expected.sum(0) == 0).sum())  # code ids that fire in no head
     torch.testing.assert_close(cb.last_mse, ((x - out) ** 2).mean())
     usage = cb.usage()
     assert usage["n_dead"] == cb.n_dead
@@ -323,7 +328,7 @@ def test_usage_statistics(groups, k):
     cb(x)  # counts accumulate
     assert torch.equal(cb.counts, 2 * expected)
     cb.reset_usage()
-    assert cb.counts.sum() == 0 and cb.n_dead == groups * 40
+    assert cb.counts.sum() == 0 and cb.n_dead == 40
     cb.track_usage = False
     cb(x)
     assert cb.counts.sum() == 0
@@ -337,12 +342,15 @@ def test_usage_buffers_are_state():
 
 
 def test_train_steps_count_only_in_training():
+    """Training statistics change only in forwards `train` marks as its steps; train mode alone does not count."""
     cb = Codebook(dim=4, n_codes=5)
     x = torch.randn(3, 4)
     cb.eval()
     cb(x)
-    assert int(cb.train_steps) == 0
     cb.train()
+    cb(x)
+    assert int(cb.train_steps) == 0 and int(cb.counts.sum()) == 0 and int(cb.steps_since_used.sum()) == 0
+    cb.in_train_loop = True
     cb(x)
     cb(x)
     assert int(cb.train_steps) == 2
@@ -364,6 +372,7 @@ def _near_some_row(codes: torch.Tensor, rows: torch.Tensor, tol: float) -> bool:
 
 def test_dead_codes_replaced_after_dead_after_steps():
     cb = _one_live_code(dead_after=3, dead_check_every=1, replace_noise=0.01).train()
+    cb.in_train_loop = True
     x = torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.3 * torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     for step in range(3):
         cb(x)
@@ -390,6 +399,7 @@ def test_dead_codes_not_replaced_in_eval_or_without_dead_after():
 
 def test_dead_check_every():
     cb = _one_live_code(dead_after=1, dead_check_every=4).train()
+    cb.in_train_loop = True
     x = torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.3 * torch.randn(16, 4)
     for _ in range(4):
         cb(x)
@@ -401,10 +411,11 @@ def test_dead_check_every():
 @pytest.mark.parametrize("groups", [1, 2])
 def test_replace_dead_codes_direct(groups):
     cb = _one_live_code(groups=groups, replace_noise=0.0)
+    cb.track_usage = True
     x = random_input(20, groups, 4, seed=4) * 0.1 + torch.tensor([1.0, 0.0, 0.0, 0.0])
     with torch.no_grad():
         cb(x)
-    assert cb.n_dead == groups * 5
+    assert cb.n_dead == 5 and int((cb.counts == 0).sum()) == groups * 5
     assert cb.replace_dead_codes(x) == groups * 5
     xg = as_groups(x, groups > 1)
     for g in range(groups):

@@ -13,7 +13,7 @@ from torch import nn
 import cbinterp
 from cbinterp import attach_codebooks, get_codebooks, load, save
 from cbinterp.core import io as serialization
-from cbinterp.core.io import CONFIG_FILE, WEIGHTS_FILE, read_config, sha256_of
+from cbinterp.core.io import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_config, sha256_of
 
 
 @pytest.fixture
@@ -29,8 +29,11 @@ def cb_model(model, tokens):
         dead_after=4,
         seed=3,
     )
+    from cbinterp.core.attach import training_codebooks
+
     model.train()
-    model(tokens, return_type="loss").backward()
+    with training_codebooks(model):
+        model(tokens, return_type="loss").backward()
     return model.eval()
 
 
@@ -42,7 +45,7 @@ def leftovers(directory):
 def test_round_trip(cb_model, tokens, tmp_path):
     path = tmp_path / "ckpt"
     assert save(cb_model, path, extra={"note": "hello", "steps": 1}) == path
-    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE])
     loaded = load(path, device="cpu")
     assert not loaded.training
     assert str(loaded.cfg.device) == "cpu"
@@ -81,7 +84,10 @@ def test_config_is_plain_json(cb_model, tmp_path):
     assert "device" not in config["model_config"]
     assert config["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] == 17
     assert config["codebooks"]["blocks.0.attn.hook_z"]["groups"] == 4
-    assert config["weights_sha256"] == sha256_of(tmp_path / "ckpt" / WEIGHTS_FILE)
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST_FILE).read_text())
+    assert manifest["format"] == "cbinterp-model" and manifest["version"] == 2
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # every file is covered by a checksum
+        assert manifest["files"][name]["sha256"] == sha256_of(tmp_path / "ckpt" / name)
 
 
 def test_overwrite_replaces_checkpoint(cb_model, _base_model, tokens, tmp_path):
@@ -132,22 +138,28 @@ def saved(cb_model, tmp_path):
     return path
 
 
+def _refresh_manifest(path):
+    """Record the current checksums of every file, so that only the content is wrong."""
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"sha256": sha256_of(path / name), "bytes": (path / name).stat().st_size}
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
 def _rewrite_weights(path, state):
     """Replace the weights file and update the checksum so that only the content is wrong."""
     save_file(state, path / WEIGHTS_FILE)
-    config = json.loads((path / CONFIG_FILE).read_text())
-    config["weights_sha256"] = sha256_of(path / WEIGHTS_FILE)
-    (path / CONFIG_FILE).write_text(json.dumps(config))
+    _refresh_manifest(path)
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"No cbinterp model at .*nowhere"):
         load(tmp_path / "nowhere")
 
 
 def test_missing_weights(saved):
     (saved / WEIGHTS_FILE).unlink()
-    with pytest.raises(FileNotFoundError, match="No weights"):
+    with pytest.raises(FileNotFoundError, match=r"incomplete: its file model\.safetensors is missing"):
         load(saved)
 
 
@@ -168,9 +180,7 @@ def test_flipped_byte_in_weights(saved):
 
 def test_garbage_weights_with_matching_checksum(saved):
     (saved / WEIGHTS_FILE).write_bytes(b"this is not a safetensors file at all")
-    config = json.loads((saved / CONFIG_FILE).read_text())
-    config["weights_sha256"] = sha256_of(saved / WEIGHTS_FILE)
-    (saved / CONFIG_FILE).write_text(json.dumps(config))
+    _refresh_manifest(saved)
     with pytest.raises(ValueError, match="Corrupt weights file"):
         load(saved)
 
@@ -178,17 +188,26 @@ def test_garbage_weights_with_matching_checksum(saved):
 @pytest.mark.parametrize("content", ["", "{not json", '{"format": "cbinterp-model", "version": 1'])
 def test_corrupt_config(saved, content):
     (saved / CONFIG_FILE).write_text(content)
+    with pytest.raises(ValueError, match=r"config\.json does not match the checksum"):
+        load(saved)
+    _refresh_manifest(saved)  # a config damaged before its checksum was taken
     with pytest.raises(ValueError, match="Corrupt cbinterp config"):
         load(saved)
 
 
 def test_wrong_format_and_newer_version(saved):
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    (saved / MANIFEST_FILE).write_text(json.dumps({**manifest, "format": "something-else"}))
+    with pytest.raises(ValueError, match="not a cbinterp marker"):
+        load(saved)
+    (saved / MANIFEST_FILE).write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ValueError, match="newer cbinterp"):
+        load(saved)
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
     config = json.loads((saved / CONFIG_FILE).read_text())
     (saved / CONFIG_FILE).write_text(json.dumps({**config, "format": "something-else"}))
+    _refresh_manifest(saved)
     with pytest.raises(ValueError, match="not a cbinterp model config"):
-        load(saved)
-    (saved / CONFIG_FILE).write_text(json.dumps({**config, "version": 99}))
-    with pytest.raises(ValueError, match="newer cbinterp"):
         load(saved)
 
 
@@ -196,7 +215,7 @@ def test_weights_from_another_save(saved, tmp_path, make_tiny_model):
     other = tmp_path / "other"
     save(attach_codebooks(make_tiny_model(seed=1), sites=["attn", "mlp"], n_codes={"attn": 12, "mlp": 17}, k=1), other)
     (saved / WEIGHTS_FILE).write_bytes((other / WEIGHTS_FILE).read_bytes())
-    with pytest.raises(ValueError, match="does not match its config"):
+    with pytest.raises(ValueError, match="checksum differs"):
         load(saved)
 
 
@@ -214,6 +233,7 @@ def test_config_describing_other_codebooks(saved):
     config = json.loads((saved / CONFIG_FILE).read_text())
     config["codebooks"]["blocks.0.hook_mlp_out"]["n_codes"] = 30
     (saved / CONFIG_FILE).write_text(json.dumps(config))
+    _refresh_manifest(saved)
     with pytest.raises(ValueError, match=r"blocks\.0\.hook_mlp_out\.weight"):
         load(saved)
 
@@ -240,3 +260,70 @@ def test_recover_dir_puts_back_the_copy_left_aside(tmp_path):
     (aside / "f").write_text("older")
     recover_dir(target)  # the new copy is in place: the one aside is stale
     assert (target / "f").read_text() == "last good" and not aside.exists()
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from cbinterp.tasks.text import train_bpe_tokenizer
+    from cbinterp.tasks.toytext import generate_corpus
+
+    return train_bpe_tokenizer(generate_corpus(40, seed=1), vocab_size=300)
+
+
+def test_tokenizer_is_saved_with_the_model_and_attached_on_load(make_tiny_model, bpe, tmp_path):
+    from cbinterp.tasks.text import attach_tokenizer
+
+    m = attach_codebooks(make_tiny_model(seed=0, d_vocab=len(bpe)), ["mlp"], n_codes=8)
+    attach_tokenizer(m, bpe)
+    save(m, tmp_path / "m")
+    config = read_config(tmp_path / "m")
+    files = config["tokenizer"]["files"]
+    assert "tokenizer.json" in files
+    listed = json.loads((tmp_path / "m" / MANIFEST_FILE).read_text())["files"]
+    assert set(files) <= set(listed)  # every tokenizer file is checksummed
+    back = load(tmp_path / "m")
+    text = "The king sat."
+    assert torch.equal(back.to_tokens(text), m.to_tokens(text))
+    assert back.to_string(back.to_tokens(text, prepend_bos=False)[0]) == text
+    assert back.generate(text, max_new_tokens=3, verbose=False, do_sample=False).startswith(text)
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match="checksum"):
+        load(tmp_path / "m")
+
+
+def test_no_tokenizer_no_tokenizer_files(cb_model, tmp_path):
+    save(cb_model, tmp_path / "m")
+    assert "tokenizer" not in read_config(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE])
+
+
+def test_codebooks_saved_on_their_own_attach_to_another_instance(cb_model, make_tiny_model, tokens, tmp_path):
+    from cbinterp import load_codebook, load_codebooks, save_codebook, save_codebooks
+
+    save_codebooks(cb_model, tmp_path / "cbs")
+    assert sorted(p.name for p in (tmp_path / "cbs").iterdir()) == sorted(get_codebooks(cb_model))
+    loaded = load_codebooks(tmp_path / "cbs")
+    assert set(loaded) == set(get_codebooks(cb_model))
+    other = attach_codebooks(make_tiny_model(seed=0), loaded)
+    _, a = cb_model.run_with_cache(tokens)
+    _, b = other.run_with_cache(tokens)
+    for name, cb in get_codebooks(cb_model).items():
+        assert torch.equal(get_codebooks(other)[name].weight, cb.weight)
+        assert torch.equal(get_codebooks(other)[name].counts, cb.counts)  # usage buffers travel too
+        assert torch.equal(a[f"{name}.hook_codes"], b[f"{name}.hook_codes"])
+    one = next(iter(get_codebooks(cb_model).values()))
+    save_codebook(one, tmp_path / "one")
+    assert load_codebook(tmp_path / "one").cfg == one.cfg
+    weights = tmp_path / "one" / "codebook.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="checksum"):
+        load_codebook(tmp_path / "one")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        save_codebook(one, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(FileNotFoundError, match="No saved codebooks"):
+        load_codebooks(tmp_path / "mine")
+    with pytest.raises(TypeError):
+        save_codebook(torch.nn.Linear(2, 2), tmp_path / "x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -16,7 +17,7 @@ import cbinterp
 import cbinterp.core.train as train_module
 from cbinterp import attach_codebooks, get_codebooks
 from cbinterp.core.io import WEIGHTS_FILE, read_config
-from cbinterp.core.train import TRAINER_FILE, TrainConfig, lr_factor, make_optimizer, train
+from cbinterp.core.train import TRAINER_FILE, TRAINER_TENSORS, TrainConfig, lr_factor, make_optimizer, train
 from cbinterp.tasks.fsm import FSM
 
 FSM_TASK = FSM.random(6, 2, 10, seed=0)  # one-digit states, vocab 11 = the tiny model's d_vocab
@@ -224,7 +225,7 @@ def test_resume_after_crash(make_tiny_model, tmp_path, codebooks):
         train(
             prepare(make_tiny_model(seed=0)), crashing(batches(), 7), config(checkpoint_dir=str(tmp_path / "b"), **cfg)
         )
-    assert torch.load(tmp_path / "b" / TRAINER_FILE, weights_only=False)["step"] == 6
+    assert json.loads((tmp_path / "b" / TRAINER_FILE).read_text())["step"] == 6
     model = prepare(make_tiny_model(seed=0))
     resumed = train(model, batches(), config(checkpoint_dir=str(tmp_path / "b"), **cfg))
     assert resumed.resumed_from == 6 and resumed.losses == straight.losses
@@ -266,32 +267,31 @@ def leftovers(directory):
 
 
 def check_checkpoint(path, step: int):
-    assert sorted(p.name for p in path.iterdir()) == sorted(["config.json", WEIGHTS_FILE, TRAINER_FILE])
-    state = torch.load(path / TRAINER_FILE, weights_only=False)
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        ["cbinterp.json", "config.json", WEIGHTS_FILE, TRAINER_FILE, TRAINER_TENSORS]
+    )
+    state = json.loads((path / TRAINER_FILE).read_text())
     assert state["step"] == step and len(state["losses"]) == step
     assert read_config(path)["extra"] == {"step": step}
     return cbinterp.load(path, device="cpu")  # checks the weights against their checksum
 
 
-@pytest.mark.parametrize("fail_in", ["write_model", "torch.save"])
+@pytest.mark.parametrize("fail_in", ["write_model", "save_file"])
 def test_checkpoint_survives_crash_while_saving(make_tiny_model, tmp_path, monkeypatch, fail_in):
     """A save that dies part way leaves the previous checkpoint whole, and training resumes from it."""
     ckpt = tmp_path / "ckpt"
-    real = train_module.write_model if fail_in == "write_model" else torch.save
+    real = getattr(train_module, fail_in)
     calls = []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            if fail_in == "torch.save":  # the weights are already written in the temporary directory by now
+            if fail_in == "save_file":  # the weights are already written in the temporary directory by now
                 assert (args[1].parent / WEIGHTS_FILE).exists()
             raise OSError("No space left on device")
         return real(*args, **kwargs)
 
-    if fail_in == "write_model":
-        monkeypatch.setattr(train_module, "write_model", flaky)
-    else:
-        monkeypatch.setattr(torch, "save", flaky)
+    monkeypatch.setattr(train_module, fail_in, flaky)
     model = with_codebooks(make_tiny_model(seed=0))
     with pytest.raises(OSError, match="No space"):
         train(model, batches(), config(steps=6, checkpoint_every=2, checkpoint_dir=str(ckpt)))

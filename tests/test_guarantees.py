@@ -1,0 +1,568 @@
+"""The cases of issue 9 ("nothing lost, nothing run, nothing mixed"), parts of issue 12 and 14: one test per case,
+each failing before its fix. Sections follow the issue's items 1-8."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import cbinterp
+from cbinterp import (
+    Codebook,
+    CodebookConfig,
+    TrainConfig,
+    attach_codebooks,
+    cache_codes,
+    code_fires,
+    code_frequencies,
+    dead_codes,
+    get_codebooks,
+    load,
+    save,
+    train,
+)
+from cbinterp.core import manifest as mf
+from cbinterp.core.attach import counting_usage, resolve_sites
+from cbinterp.core.interventions import ablate_codes, intervene
+from cbinterp.core.io import CONFIG_FILE, WEIGHTS_FILE
+from cbinterp.core.manifest import MANIFEST_FILE, ResumeWarning
+from cbinterp.core.train import TRAINER_FILE
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::cbinterp.ResumeWarning")]
+
+
+def batch_fn(seed: int = 0, batch: int = 4, seq: int = 8):
+    def at(step):
+        return torch.randint(0, 11, (batch, seq), generator=torch.Generator().manual_seed(seed * 1000 + step))
+
+    return at
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{**dict(steps=3, lr=1e-3, progress=False, log_every=1), **kw})
+
+
+def refresh_manifest(path):
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = mf.file_entry(path / name)
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- 1. data loss -----------------------------------------------------------------------------------------------------
+def test_save_into_folder_with_other_files_is_refused(model, tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=str(d)):
+        save(model, d)
+    assert (d / "notes.txt").read_text() == "mine"
+
+
+def test_save_onto_a_file_is_refused(model, tmp_path):
+    f = tmp_path / "model"
+    f.write_text("a file")
+    with pytest.raises(FileExistsError, match="a file is there"):
+        save(model, f)
+    assert f.read_text() == "a file"
+
+
+def test_save_replaces_only_its_own_files(model, tmp_path):
+    d = tmp_path / "d"
+    save(model, d)
+    save(model, d)  # a previous model is replaced
+    (d / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        save(model, d)
+    assert (d / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save(model, empty)  # an empty folder holds nothing to lose
+    load(empty, device="cpu")
+
+
+def test_checkpoint_dir_with_other_files_is_refused_before_training(model, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FileExistsError, match=str(d)):
+        train(model, batch_fn(), cfg(checkpoint_dir=str(d)))
+    assert (d / "notes.txt").read_text() == "mine"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    saved = tmp_path / "saved"
+    save(model, saved)  # a saved model is not a checkpoint: train does not overwrite it either
+    with pytest.raises(FileExistsError, match="training checkpoint"):
+        train(model, batch_fn(), cfg(checkpoint_dir=str(saved)))
+
+
+def test_cache_directory_with_other_files_is_refused(model, tmp_path):
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=str(d)):
+        cache_codes(model, torch.zeros(2, 4, dtype=torch.long), directory=d, progress=False)
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+
+
+# -- 2. no code execution on resume -----------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))  # unpickling creates the file
+
+
+def test_old_pickle_checkpoint_is_refused_without_unpickling(model, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    save(model, ckpt)
+    # turn it into a version-1 checkpoint: no marker, the weights' sha in config.json, a crafted trainer.pt
+    config = json.loads((ckpt / CONFIG_FILE).read_text())
+    config.update(version=1, weights_sha256=mf.sha256_of(ckpt / WEIGHTS_FILE))
+    (ckpt / CONFIG_FILE).write_text(json.dumps(config))
+    (ckpt / MANIFEST_FILE).unlink()
+    ran = tmp_path / "payload-ran"
+    (ckpt / "trainer.pt").write_bytes(pickle.dumps({"optimizer": _Payload(ran), "step": 1}))
+    with pytest.raises(ValueError, match="never loads"):
+        train(model, batch_fn(), cfg(checkpoint_dir=str(ckpt)))
+    assert not ran.exists()
+    result = train(model, batch_fn(), cfg(checkpoint_dir=str(ckpt)), resume=False)  # replaced on request
+    assert result.resumed_from is None and not ran.exists() and not (ckpt / "trainer.pt").exists()
+
+
+def test_resume_loads_without_any_unpickling(make_tiny_model, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    straight = train(make_tiny_model(seed=0), batch_fn(), cfg(steps=4))
+    train(make_tiny_model(seed=0), batch_fn(), cfg(steps=4, checkpoint_dir=str(ckpt), checkpoint_every=2))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    # the last checkpoint is at step 4; make one at step 2 and resume from it
+    again = tmp_path / "again"
+    with pytest.raises(KeyboardInterrupt):
+
+        def dies(step):
+            if step == 3:
+                raise KeyboardInterrupt
+            return batch_fn()(step)
+
+        train(make_tiny_model(seed=0), dies, cfg(steps=4, checkpoint_dir=str(again), checkpoint_every=2))
+    resumed = train(make_tiny_model(seed=0), batch_fn(), cfg(steps=4, checkpoint_dir=str(again)))
+    assert resumed.resumed_from == 2 and resumed.losses == straight.losses
+
+
+def test_every_checkpoint_file_is_checksummed(model, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    train(model, batch_fn(), cfg(checkpoint_dir=str(ckpt)))
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    assert set(manifest["files"]) == {p.name for p in ckpt.iterdir()} - {MANIFEST_FILE}
+    state = json.loads((ckpt / TRAINER_FILE).read_text())
+    state["losses"][0] += 1.0  # still valid JSON, but not what was written
+    (ckpt / TRAINER_FILE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="checksum differs"):
+        train(model, batch_fn(), cfg(steps=5, checkpoint_dir=str(ckpt)))
+
+
+# -- 3. ablated codes are "no code" in the cache ----------------------------------------------------------------------
+@pytest.mark.parametrize("n_codes", [255, 256, 65535])
+def test_ablated_codes_are_not_cached_as_the_top_code(model, n_codes):
+    attach_codebooks(model, ["mlp"], n_codes=n_codes, layers=[0])
+    name = "blocks.0.hook_mlp_out"
+    docs = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(0))
+    with intervene(model, ablate_codes(model, name, list(range(n_codes)))):
+        cache = cache_codes(model, docs, progress=False)
+    assert bool((cache.codes(name) == -1).all())
+    top = n_codes - 1
+    assert not bool(code_fires(cache, name, top).any())
+    assert int(code_frequencies(cache, name).sum()) == 0
+    assert top in dead_codes(cache, name).tolist()
+    feature = torch.ones(cache.n_tokens, dtype=torch.bool)
+    assert len(cbinterp.search_codes(cache, feature)) == 0  # no code detects anything: none fires
+
+
+# -- 4. resume checks what decides the result, and says so ------------------------------------------------------------
+@pytest.fixture
+def checkpointed(make_tiny_model, tmp_path):
+    def build(seed=0, **cb):
+        return attach_codebooks(make_tiny_model(seed=seed), ["mlp"], **{"n_codes": 8, **cb})
+
+    ckpt = tmp_path / "ckpt"
+
+    def dies(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return batch_fn()(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(build(), dies, cfg(steps=4, checkpoint_dir=str(ckpt), checkpoint_every=1))
+    return build, ckpt
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(cb=dict(similarity="cosine")), "similarity"),
+        (dict(cb=dict(k=2)), "k: checkpoint 1, now 2"),
+        (dict(train=dict(lr=1e-2)), "lr: checkpoint 0.001, now 0.01"),
+        (dict(train=dict(steps=6)), "steps"),  # the cosine schedule depends on it
+        (dict(data=batch_fn(seed=1)), "other data"),
+        (dict(seed=1), "seed: checkpoint 0, now 1"),  # HookedTransformerConfig.seed
+        (dict(perturb=True), "started from other weights"),
+    ],
+)
+def test_resume_refuses_what_would_mix_two_runs(checkpointed, change, match):
+    build, ckpt = checkpointed
+    model = build(seed=change.get("seed", 0), **change.get("cb", {}))
+    if change.get("perturb"):
+        with torch.no_grad():
+            model.embed.W_E[0, 0] += 1.0
+    with pytest.raises(ValueError, match=match):
+        settings = {"steps": 4, **change.get("train", {})}
+        train(model, change.get("data", batch_fn()), cfg(checkpoint_dir=str(ckpt), **settings))
+
+
+def test_resume_may_skip_codebook_initialisation(checkpointed):
+    """The checkpoint's codebooks replace the initial ones, so a resumed run may skip e.g. k-means (fsm_precision)."""
+    build, ckpt = checkpointed
+    model = build()
+    with torch.no_grad():
+        get_codebooks(model)["blocks.0.hook_mlp_out"].weight.mul_(3.0)
+    assert train(model, batch_fn(), cfg(steps=4, checkpoint_dir=str(ckpt))).resumed_from == 2
+
+
+def test_resume_is_announced(checkpointed):
+    build, ckpt = checkpointed
+    with pytest.warns(ResumeWarning, match=r"step 2 of 4"):
+        result = train(build(), batch_fn(), cfg(steps=4, checkpoint_dir=str(ckpt)))
+    assert result.resumed_from == 2
+    with pytest.warns(ResumeWarning, match="already complete"):  # a second call: nothing left, and it says so
+        again = train(build(), batch_fn(), cfg(steps=4, checkpoint_dir=str(ckpt)))
+    assert again.resumed_from == 4 and again.steps == 4
+
+
+def test_cache_resume_refuses_other_weights_data_or_length(model, tmp_path):
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    docs = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(0))
+
+    def interrupted():
+        yield docs[:2]
+        yield docs[2:4]
+        raise KeyboardInterrupt
+
+    def start(path):
+        with pytest.raises(KeyboardInterrupt):
+            cache_codes(model, interrupted(), batch_size=2, directory=path, chunk_tokens=1, progress=False)
+
+    start(tmp_path / "a")
+    other = torch.randint(0, 11, (6, 5), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="other data"):
+        cache_codes(model, other, directory=tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="sequence length"):
+        cache_codes(model, docs[:, :4], directory=tmp_path / "a", progress=False)
+    with torch.no_grad():
+        get_codebooks(model)["blocks.0.hook_mlp_out"].weight.add_(0.5)
+    with pytest.raises(ValueError, match="other weights"):
+        cache_codes(model, docs, directory=tmp_path / "a", progress=False)
+    with torch.no_grad():
+        get_codebooks(model)["blocks.0.hook_mlp_out"].weight.sub_(0.5)
+    start(tmp_path / "b")
+    with pytest.warns(ResumeWarning, match="4 documents were already cached"):
+        resumed = cache_codes(model, docs, directory=tmp_path / "b", progress=False)
+    assert torch.equal(resumed.tokens, docs.reshape(-1))
+
+
+# -- 5. no silent wrong results ---------------------------------------------------------------------------------------
+def test_nan_activation_in_eval_is_no_code_and_nan_output():
+    cb = Codebook(4, 6).eval()
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    x[2, 0] = float("inf")
+    cb.hook_codes.add_hook(lambda codes, hook: seen.append(codes.clone()))
+    seen = []
+    out = cb(x)
+    assert seen[0][1:].eq(-1).all() and seen[0][0].ge(0).all()
+    assert bool(torch.isnan(out[1:]).all()) and bool(torch.isfinite(out[0]).all())
+
+
+def test_kmeans_init_ignores_non_finite_rows():
+    x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    x[7] = float("nan")
+    cb = Codebook(4, 5)
+    with pytest.warns(UserWarning, match="left out 1 of 200"):
+        cb.kmeans_init(x, iters=3)
+    assert bool(torch.isfinite(cb.weight).all())
+    with pytest.raises(ValueError, match="every input row"):
+        cb.kmeans_init(torch.full((3, 4), float("nan")))
+
+
+@pytest.mark.parametrize("bad", [6, -1, -2])
+def test_decode_never_returns_another_groups_code(bad):
+    cb = Codebook(3, 6, groups=2)
+    codes = torch.tensor([[[bad], [0]]])
+    with pytest.raises(ValueError, match="out of range"):
+        cb.decode(codes, allow_empty=False)
+    if bad != -1:
+        with pytest.raises(ValueError, match="out of range"):
+            cb.decode(codes)
+
+
+def test_query_refuses_a_fractional_code(model):
+    attach_codebooks(model, ["mlp"], n_codes=8, layers=[0])
+    cache = cache_codes(model, torch.zeros(1, 4, dtype=torch.long), progress=False)
+    with pytest.raises(TypeError, match="code must be an int"):
+        code_fires(cache, "blocks.0.hook_mlp_out", 2.7)
+    assert code_fires(cache, "blocks.0.hook_mlp_out", torch.tensor(2)).shape == (4,)
+
+
+def test_fp16_training_is_refused_up_front(make_tiny_model):
+    model = make_tiny_model(dtype=torch.float16)
+    with pytest.raises(TypeError, match="float16"):
+        train(model, batch_fn(), cfg())
+
+
+# -- 6. usage statistics ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("progress", [False, True])
+def test_counts_after_train_are_not_reset_by_the_display(model, progress):
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    train(model, batch_fn(), cfg(steps=4, log_every=1, progress=progress))
+    for cb in get_codebooks(model).values():
+        assert int(cb.counts.sum()) == 4 * 4 * 8  # every training token of the 4 steps, k=1
+        assert cb.n_dead < 8
+
+
+def test_n_dead_agrees_with_dead_codes_of_a_cache(model):
+    attach_codebooks(model, ["attn"], n_codes=40, layers=[0])
+    name = "blocks.0.attn.hook_z"
+    docs = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    with counting_usage(model):
+        cache = cache_codes(model, docs, progress=False)
+    cb = get_codebooks(model)[name]
+    assert cb.n_dead == len(dead_codes(cache, name))
+    assert torch.equal(cb.dead_codes(), dead_codes(cache, name))
+    assert torch.equal(cb.dead_codes(head=1), dead_codes(cache, name, head=1))
+
+
+def test_train_mode_forwards_change_neither_codes_nor_counts(model, tokens):
+    attach_codebooks(model, ["mlp"], n_codes=8, dead_after=1, dead_check_every=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    for _ in range(4):
+        model.run_with_cache(tokens)
+    model.eval()
+    model(tokens)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+# -- 7. atomic writes leave no debris ---------------------------------------------------------------------------------
+def test_stale_temporaries_of_the_path_are_removed(model, tmp_path):
+    d = tmp_path / "d"
+    pid = dead_pid()
+    stale_dir = tmp_path / f".d.{pid}-0badc0de.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"x" * 1000)
+    older = tmp_path / ".d.abcd1234.tmp"  # a temporary of the format before pids
+    older.mkdir()
+    keep = [tmp_path / f".other.{pid}-0badc0de.tmp", tmp_path / ".d.notes", tmp_path / "d.tmp"]
+    for p in keep:
+        p.write_text("not ours")
+    save(model, d)
+    assert not stale_dir.exists() and not older.exists()
+    assert all(p.exists() for p in keep)
+    (tmp_path / f".d.{pid}-00000001.tmp").mkdir()
+    load(d, device="cpu")  # load cleans up too
+    assert not (tmp_path / f".d.{pid}-00000001.tmp").exists()
+
+
+def test_load_recovers_a_save_killed_between_its_renames(model, tokens, tmp_path):
+    d = tmp_path / "d"
+    save(model, d)
+    os.replace(d, tmp_path / ".d.old")  # the first rename happened, the second did not
+    loaded = load(d, device="cpu")
+    assert torch.equal(loaded(tokens), model(tokens))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_saved_files_respect_the_umask(model, tmp_path):
+    old = os.umask(0o022)
+    try:
+        save(model, tmp_path / "d")
+        attach_codebooks(model, ["mlp"], n_codes=8)
+        cache_codes(model, torch.zeros(2, 4, dtype=torch.long), directory=tmp_path / "c", progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+    for folder in (tmp_path / "d", tmp_path / "c"):
+        for p in folder.iterdir():
+            assert p.stat().st_mode & 0o777 == 0o644, p
+
+
+# -- 8. values checked in one place, clear errors ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("dead_check_every", 0),
+        ("beta", -0.1),
+        ("recon_weight", float("nan")),
+        ("n_codes", True),
+        ("replace_noise", -1.0),
+        ("init_std", 0.0),
+        ("k", 1.5),
+        ("dead_after", 0),
+        ("normalize_input", "yes"),
+    ],
+)
+def test_codebook_settings_are_checked(field, value):
+    kwargs = {"dim": 4, "n_codes": 8, field: value}
+    with pytest.raises(ValueError, match=field):
+        CodebookConfig(**kwargs)
+    with pytest.raises(ValueError, match=field):
+        Codebook(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(codebook_lr=-1e-3), "codebook_lr"),
+        (dict(min_lr_ratio=-0.1), "min_lr_ratio"),
+        (dict(steps=2.5), "steps"),
+        (dict(checkpoint_every=5), "checkpoint_dir"),
+        (dict(log_every=0), "log_every"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(betas=(1.0, 0.9)), "betas"),
+        (dict(weight_decay=-1), "weight_decay"),
+        (dict(grad_clip=-1.0), "grad_clip"),
+    ],
+)
+def test_train_settings_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{"steps": 3, **kwargs})
+
+
+def test_empty_sites_are_refused(model):
+    with pytest.raises(ValueError, match="No sites"):
+        attach_codebooks(model, sites=[])
+
+
+def test_data_errors_name_the_step(model):
+    with pytest.raises(ValueError, match="ran out at step 0"):
+        train(model, [], cfg())
+    with pytest.raises(ValueError, match="ran out at step 2"):
+        train(model, [batch_fn()(0), batch_fn()(1)], cfg(steps=3))
+    with pytest.raises(ValueError, match="step 0 is empty"):
+        train(model, lambda step: torch.zeros(4, 0, dtype=torch.long), cfg())
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        train(model, lambda step: torch.zeros(2, 17, dtype=torch.long), cfg())
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        cache_codes(model, torch.zeros(2, 17, dtype=torch.long), progress=False)
+
+
+def test_damaged_files_give_clear_errors(model, tmp_path):
+    d = tmp_path / "d"
+    save(model, d)
+    config = json.loads((d / CONFIG_FILE).read_text())
+    del config["model_config"]
+    (d / CONFIG_FILE).write_text(json.dumps(config))
+    refresh_manifest(d)  # damaged before its checksum was taken: the content itself is wrong
+    with pytest.raises(ValueError, match=r"Damaged cbinterp config .*KeyError"):
+        load(d)
+    ckpt = tmp_path / "ckpt"
+    train(model, batch_fn(), cfg(checkpoint_dir=str(ckpt)))
+    state = json.loads((ckpt / TRAINER_FILE).read_text())
+    del state["step"]
+    (ckpt / TRAINER_FILE).write_text(json.dumps(state))
+    refresh_manifest(ckpt)
+    with pytest.raises(ValueError, match=r"Cannot resume .*'step'"):
+        train(model, batch_fn(), cfg(steps=5, checkpoint_dir=str(ckpt)))
+    (ckpt / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="Damaged marker"):
+        load(ckpt)
+
+
+def test_hook_name_errors_suggest_only_acceptable_names(model):
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    with pytest.raises(ValueError) as err:
+        resolve_sites(model, "blocks.0.hook_mlp_out.hook_codes")
+    suggestions = str(err.value).split("did you mean one of")[1]
+    assert "hook_codes" not in suggestions and "hook_input" not in suggestions
+
+
+# -- issue 12: one verifier, one list of codebook settings ------------------------------------------------------------
+def test_one_verifier_for_models_checkpoints_and_caches(model, tmp_path, monkeypatch):
+    calls = []
+    real = mf.verify_dir
+    monkeypatch.setattr(
+        mf, "verify_dir", lambda path, kinds, *a, **k: calls.append(kinds) or real(path, kinds, *a, **k)
+    )
+    save(model, tmp_path / "m")
+    load(tmp_path / "m", device="cpu")
+    train(model, batch_fn(), cfg(steps=2, checkpoint_dir=str(tmp_path / "ckpt")))
+    train(model, batch_fn(), cfg(steps=2, checkpoint_dir=str(tmp_path / "ckpt")))
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    cache_codes(model, torch.zeros(2, 4, dtype=torch.long), directory=tmp_path / "c", progress=False)
+    cbinterp.CodeCache.open(tmp_path / "c")
+    kinds = {k for ks in calls for k in ks}
+    assert {mf.MODEL, mf.CHECKPOINT, mf.CODE_CACHE} <= kinds
+
+
+def test_codebook_config_is_the_single_list_of_settings():
+    params = set(inspect.signature(Codebook.__init__).parameters)
+    fields = {f for f in CodebookConfig.__dataclass_fields__}
+    assert params & fields == {"dim", "n_codes"}  # the other settings are not written out again
+    cb = Codebook(4, 8, k=2, groups=2, similarity="cosine")
+    assert cb.cfg == CodebookConfig(dim=4, n_codes=8, k=2, groups=2, similarity="cosine")
+    with pytest.raises(TypeError, match="did you mean one of \\['k'"):
+        Codebook(4, 8, kk=2)
+
+
+# -- issue 14: data and model state in train --------------------------------------------------------------------------
+def test_bare_token_tensor(make_tiny_model, tmp_path):
+    data = torch.randint(0, 11, (10, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="batch_size"):
+        train(make_tiny_model(seed=0), data, cfg())
+    a = train(make_tiny_model(seed=0), data, cfg(steps=6, batch_size=4))
+    b = train(make_tiny_model(seed=0), data, cfg(steps=6, batch_size=4))
+    assert a.losses == b.losses and len(a.losses) == 6 and all(math.isfinite(x) for x in a.losses)
+
+
+def test_freeze_model_restores_requires_grad(model):
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    train(model, batch_fn(), cfg(steps=1, freeze_model=True))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_eval_fn_forwards_do_not_count(model):
+    attach_codebooks(model, ["mlp"], n_codes=8)
+    train(
+        model, batch_fn(), cfg(steps=2), eval_fn=lambda m, step: {"loss": float(m(batch_fn(5)(0), return_type="loss"))}
+    )
+    for cb in get_codebooks(model).values():
+        assert int(cb.counts.sum()) == 2 * 4 * 8 and int(cb.train_steps) == 2
+
+
+def test_no_warnings_on_a_plain_run(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, batch_fn(), cfg(steps=1))
