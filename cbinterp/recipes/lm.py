@@ -39,7 +39,7 @@ from cbinterp.core.atomic import atomic_file, recover_dir
 from cbinterp.core.attach import attach_codebooks, codebooks_bypassed, get_codebooks, kmeans_init_codebooks
 from cbinterp.core.codebook import LOSSES
 from cbinterp.core.io import save
-from cbinterp.core.train import TRAINER_FILE, TrainConfig, TrainResult, train
+from cbinterp.core.train import TrainConfig, TrainResult, is_checkpoint, train
 from cbinterp.tasks.text import (
     TextBatches,
     TextSource,
@@ -261,7 +261,7 @@ def train_config(
         lr=recipe.base_lr if first else recipe.codebook_lr,
         warmup_steps=recipe.base_warmup if first else recipe.codebook_warmup,
         weight_decay=recipe.weight_decay,
-        checkpoint_every=recipe.checkpoint_every,
+        checkpoint_every=recipe.checkpoint_every if checkpoint_dir is not None else 0,
         checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
         seed=recipe.seed + PHASES.index(phase),
         log_every=10,
@@ -310,7 +310,7 @@ def add_codebooks(
 
 
 def _has_checkpoint(checkpoint_dir: Optional[Union[str, Path]]) -> bool:
-    return checkpoint_dir is not None and (recover_dir(Path(checkpoint_dir)) / TRAINER_FILE).exists()
+    return checkpoint_dir is not None and is_checkpoint(recover_dir(Path(checkpoint_dir)))
 
 
 def train_codebook_model(

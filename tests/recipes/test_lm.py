@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cbinterp
+from cbinterp.core.manifest import ResumeWarning
 from cbinterp.pretrained import load_pretrained, pretrained_card
 from cbinterp.recipes.lm import LMRecipe, evaluate, heldout_sequences, run_lm, train_config
 from cbinterp.tasks.toytext import generate_corpus
@@ -94,7 +95,8 @@ def test_card_check_matches_a_recomputation(tiny_run):
 
 def test_a_second_run_resumes_without_training(tiny_run):
     out, results, docs = tiny_run
-    again = run_lm(TINY, docs[:280], docs[280:], out, device="cpu", progress=False, log=lambda _: None)
+    with pytest.warns(ResumeWarning):
+        again = run_lm(TINY, docs[:280], docs[280:], out, device="cpu", progress=False, log=lambda _: None)
     assert all(again["phases"][p]["trained_by_earlier_run"] for p in ("baseline", "codebook", "finetuned"))
     assert again["phases"] == {p: r | {"trained_by_earlier_run": True} for p, r in results["phases"].items()}
     for key in ("baseline", "codebook", "finetuned"):
