@@ -199,19 +199,22 @@ def cache_codes(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
     tokenizer_name: Optional[str] = None,
+    activation_dtype: torch.dtype = torch.float16,
 ) -> "CodeCache":
     """Run `model` over documents and record every codebook's code ids for every token.
 
     Args:
         tokens_or_iterable: a `(n_docs, seq)` int tensor of token ids, or an iterable of such batches.
         batch_size: documents per forward pass.
-        hooks: hook names whose activations are stored too (as float16), e.g. "blocks.0.mlp.hook_post".
+        hooks: hook names whose activations are stored too (as `activation_dtype`), e.g. "blocks.0.mlp.hook_post".
         directory: stream to this folder in chunk files (resuming a previous, interrupted run there);
             None keeps everything in memory.
         chunk_tokens: tokens per chunk file (at least; chunks hold whole batches). Bounds memory on disk mode.
         progress: show a tqdm progress bar.
         tokenizer_name: recorded with the model's metadata when the tokenizer is not the model's own
             (`model.tokenizer`), so that a cache resumed or checked with another tokenizer is refused.
+        activation_dtype: dtype of the stored hook activations (float16 by default; float32 where thresholds on
+            them must not tie, e.g. neuron baselines).
 
     Returns a `CodeCache`. Documents are numbered in input order from 0; `doc`/`pos` give each token's place.
     """
@@ -302,7 +305,7 @@ def cache_codes(
                 arrays[f"codes/{name}"] = _to_host(codes.reshape(n * seq, *codes.shape[2:]).to(torch.int32))
             for hook in hooks:
                 act = cache[hook]
-                arrays[f"act/{hook}"] = _to_host(act.reshape(n * seq, *act.shape[2:]).to(torch.float16))
+                arrays[f"act/{hook}"] = _to_host(act.reshape(n * seq, *act.shape[2:]).to(activation_dtype))
             del cache
             event = None
             if torch.device(device).type == "cuda":
@@ -440,7 +443,7 @@ class CodeCache:
         return self._get("pos").long()
 
     def activations(self, hook_name: str) -> Tensor:
-        """Stored float16 activations of `hook_name`, `(n_tokens, ...)`."""
+        """Stored activations of `hook_name`, `(n_tokens, ...)` (float16 unless cached with another dtype)."""
         if hook_name not in self.meta["hooks"]:
             raise KeyError(f"Hook {hook_name!r} was not cached; this cache has activations of {self.hook_names}.")
         return self._get(f"act/{hook_name}")
