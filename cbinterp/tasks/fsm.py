@@ -277,7 +277,7 @@ def sample_from_model(
         tokens = torch.full((n, 1), bos, dtype=torch.long, device=device)
         cached = isinstance(model, HookedTransformer)
         kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, n) if cached else None
-        step = lambda new: model(new, past_kv_cache=kv, attention_mask=torch.ones_like(new))  # no padding
+        step = lambda new, kv=kv: model(new, past_kv_cache=kv, attention_mask=torch.ones_like(new))  # no padding
         logits = step(tokens) if cached else model(tokens)
         probs_seq = []
         for t in range(seq_len - 1):

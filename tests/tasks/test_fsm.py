@@ -418,7 +418,9 @@ class Consistent(nn.Module):
             n_complete = len(body) // d
             partial = body[n_complete * d :]
             last = decode(fsm, body[(n_complete - 1) * d : n_complete * d]) if n_complete else -1
-            allowed = {encode(fsm, s)[len(partial)] for s in self.choose(last) if encode(fsm, s)[: len(partial)] == partial}
+            allowed = {
+                encode(fsm, s)[len(partial)] for s in self.choose(last) if encode(fsm, s)[: len(partial)] == partial
+            }
             logits[r, -1, sorted(allowed)] = 0.0
         return logits
 
