@@ -42,7 +42,9 @@ class FSMActivations:
         """(select, score): bool masks splitting the positions by sequence (even / odd sequence index), so that
         codes and neurons chosen on one half are scored on positions of other sequences."""
         if self.doc is None:
-            raise ValueError("These activations carry no sequence ids (doc); collect them with collect_fsm_activations.")
+            raise ValueError(
+                "These activations carry no sequence ids (doc); collect them with collect_fsm_activations."
+            )
         even = self.doc % 2 == 0
         return even, ~even
 
