@@ -1,9 +1,9 @@
 """The FSM model of the paper as one recipe: the machine, the transformer, its data and its training phases.
 
-    recipe = FSMRecipe.paper()           # the default run of benchmarks/fsm_precision.py
-    recipe = FSMRecipe.quick()           # a small machine and model (tests, tutorial)
-    fsm, result = recipe.run(checkpoint_dir="out/checkpoints")
-    result.model, result.warm_model, result.control_model
+recipe = FSMRecipe.paper()           # the default run of benchmarks/fsm_precision.py
+recipe = FSMRecipe.quick()           # a small machine and model (tests, tutorial)
+fsm, result = recipe.run(checkpoint_dir="out/checkpoints")
+result.model, result.warm_model, result.control_model
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class FSMRecipe:
     n_heads: int = 4
     d_mlp: int = 512
     seq_len: int = 128
-    batch: int = 64
+    batch: int = 32
     kmeans_sequences: int = 512
     training: CodebookRecipe = dataclasses.field(default_factory=lambda: FSMRecipe.paper_training())
     seed: int = 0
