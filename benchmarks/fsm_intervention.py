@@ -28,14 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import cbinterp
 from cbinterp.core.atomic import atomic_file
 from cbinterp.core.interventions import intervene, replace_codes
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.tasks.fsm import FSM
 
+ROOT = Path(__file__).resolve().parents[1]
 BATCH = 256
 #: The paper's normalised JSD to b's distribution (Fig. 4a), for the conditions measured the same way.
 PAPER_JSD = {"none": 1.0, "attn_layer_0": 0.86, "mlp_layer_1": 0.71, "all_attn": 0.56, "all_mlp": 0.26, "all": 0.0}

@@ -33,8 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import cbinterp
 from cbinterp.core.atomic import atomic_file
 from cbinterp.core.attach import codebooks_bypassed, get_codebooks
@@ -48,6 +46,8 @@ from cbinterp.tasks.fsm_analysis import (
     state_code_headline,
     state_code_report,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: The paper's figures (Tamkin et al. 2023, FSM section) beside which the same quantities are printed.
 PAPER = {
@@ -169,8 +169,10 @@ def accuracy_of(model, fsm: FSM, recipe: FSMRecipe, args: argparse.Namespace) ->
     sampled = sampled_state_accuracy(
         model, fsm, n_sequences=args.sample_sequences, seq_len=recipe.seq_len, seed=recipe.data_seed(STREAM_SAMPLE)
     )
+    max_cut = (recipe.seq_len - 1) // fsm.digits - 1
+    cuts = sorted({c for c in (1, 2, 4, 8, 16, 32, max_cut) if 1 <= c <= max_cut})  # every cut costs a pass
     teacher = teacher_forced_transition_accuracy(
-        model, fsm, n_sequences=256, seq_len=recipe.seq_len, seed=recipe.data_seed(STREAM_TEACHER)
+        model, fsm, n_sequences=256, seq_len=recipe.seq_len, cut_states=cuts, seed=recipe.data_seed(STREAM_TEACHER)
     )
     return {
         "loss": loss,
@@ -340,7 +342,11 @@ def report(results: dict, search: dict) -> None:
             "state_code_precision_mean",
             "0.971",
         ),
-        ("best attn/MLP output dimension at that code's recall, mean precision", "site_outputs_precision_mean", "0.705"),
+        (
+            "best attn/MLP output dimension at that code's recall, mean precision",
+            "site_outputs_precision_mean",
+            "0.705",
+        ),
     ]
     for label, key, paper in rows:
         value = h.get(key)
