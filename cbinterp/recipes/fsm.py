@@ -50,7 +50,7 @@ class FSMRecipe:
     # -- presets ----------------------------------------------------------------------------------------
     @staticmethod
     def paper_training(
-        warm_steps: int = 600, codebook_steps: int = 400, loss: str = "aeloss", n_codes: int = 1000
+        warm_steps: int = 250, codebook_steps: int = 150, loss: str = "aeloss", n_codes: int = 1000
     ) -> CodebookRecipe:
         """The default training: warm start, codebooks after every head and every MLP (1000 codes, k=1,
         aeloss, k-means initialised), then end to end, the model at a tenth of the codebooks' learning rate."""

@@ -332,8 +332,8 @@ def neurons_at_code_recall(
     has = (table[code_column] >= 0).to_numpy()
     if not has.any():
         return prec, rec
-    feats = torch.as_tensor(table.loc[has, "feature"].to_numpy())
-    recalls = torch.as_tensor(table.loc[has, recall_column].to_numpy()).clamp(1e-9, 1.0)
+    feats = torch.as_tensor(table.loc[has, "feature"].to_numpy().copy())
+    recalls = torch.as_tensor(table.loc[has, recall_column].to_numpy().copy()).clamp(1e-9, 1.0)
     best = best_neuron_precision_batch(acts[select], labels[select], feats, recalls, n_features=n_features)
     a_score, l_score = acts[score], labels[score]
     p_out, r_out = [], []
