@@ -107,13 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("warm_steps", "codebook_steps", "n_codes", "batch", "seq_len"):
         group.add_argument("--" + name.replace("_", "-"), type=int)
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--eval-positions", type=int, default=None, help="default 200000 (30000 with --quick)")
+    group.add_argument("--eval-positions", type=int, default=None, help="default 100000 (30000 with --quick)")
     group.add_argument("--sample-sequences", type=int, default=500, help="sequences sampled for state accuracy")
     group.add_argument("--min-recall", type=float, default=0.01, help="the paper's recall cut of the code search")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.out = args.out or ROOT / "benchmarks" / "out" / ("fsm_quick" if args.quick else "fsm")
-    args.eval_positions = args.eval_positions or (30_000 if args.quick else 200_000)
+    args.eval_positions = args.eval_positions or (30_000 if args.quick else 100_000)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds lists a seed twice: {args.seeds}")
     return args
