@@ -17,21 +17,19 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
 from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
 from cbinterp.core.atomic import atomic_file
 from cbinterp.recipes.fsm import FSMRecipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = {"cached_over_plain": 1.10, "bytes_per_token_per_codebook_over_k": 2}
 

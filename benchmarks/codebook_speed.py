@@ -31,12 +31,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-from cbinterp.core.atomic import atomic_file
-from cbinterp.core.codebook import Codebook
-
 from _speed import (
     DEFAULT_REFERENCE_PYTHON,
     ReferenceRunner,
@@ -45,6 +39,11 @@ from _speed import (
     resolve_reference,
     time_interleaved,
 )
+
+from cbinterp.core.atomic import atomic_file
+from cbinterp.core.codebook import Codebook
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_codebook.py"
 TARGETS = {"ours_over_floor": 1.5, "ours_over_reference": 0.5}

@@ -21,15 +21,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
 from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved
 from transformer_lens import HookedTransformer
 
@@ -47,6 +43,8 @@ MODEL = dict(
     d_mlp=_RECIPE.d_mlp,
     vocab=_RECIPE.fsm().vocab_size,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(args, codebooks: bool) -> HookedTransformer:
