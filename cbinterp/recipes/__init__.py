@@ -1,0 +1,1 @@
+"""Training recipes: the generic codebook phase runner and the FSM model's presets."""
