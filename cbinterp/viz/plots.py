@@ -175,3 +175,24 @@ def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held
         title=title, barmode="group", yaxis_title="precision on held-out half B", yaxis_range=[0, 1.05], width=1100
     )
     return fig
+
+
+def state_code_figure(states: pd.DataFrame, title: str = "State codes") -> go.Figure:
+    """Per state (x): the precision and recall of its best code (feature-first search, scored on the held-out
+    half) and, where measured, the precision of the best neuron of each set at that code's recall."""
+    x = states["name"] if "name" in states else states["feature"]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=states["best_precision"], mode="markers", name="best code: precision"))
+    fig.add_trace(go.Scatter(x=x, y=states["best_recall"], mode="markers", name="best code: recall"))
+    for i, column in enumerate(c for c in states.columns if c in ("site_outputs_precision", "mlp_neurons_precision")):
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=states[column],
+                mode="markers",
+                name=f"best neuron ({column.removesuffix('_precision')}) at the code's recall: precision",
+                marker_color=_COLORS[(i + 2) % len(_COLORS)],
+            )
+        )
+    fig.update_layout(title=title, height=450, width=1200, yaxis=dict(range=[0, 1.02]))
+    return fig
