@@ -16,23 +16,11 @@ import traceback
 from pathlib import Path
 
 import torch
+from conftest import TINY  # beside this file: the tests' tiny model, one definition
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import cbinterp
 from cbinterp.core.train import TrainConfig, train
-
-TINY = dict(
-    n_layers=2,
-    d_model=32,
-    n_heads=4,
-    d_head=8,
-    d_mlp=64,
-    d_vocab=11,
-    n_ctx=16,
-    normalization_type="LN",
-    positional_embedding_type="rotary",
-    act_fn="gelu",
-)
 
 
 def make_model(seed: int) -> HookedTransformer:
