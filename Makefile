@@ -1,4 +1,5 @@
-# `make reproduce` runs the FSM figure reproduction, `make test` the test suite. Each first builds the
+# `make reproduce` runs the FSM figure reproduction, `make test` the whole test suite (slow tier and notebooks
+# included), `make test-fast` the fast tier only (-m "not slow", for development). Each first builds the
 # local virtual environment .venv (only when pyproject.toml or the constraints changed).
 PYTHON ?= python3
 VENV := .venv
@@ -6,12 +7,15 @@ STAMP := $(VENV)/.cbinterp-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: reproduce test setup
+.PHONY: reproduce test test-fast setup
 reproduce: $(STAMP)
 	$(VENV)/bin/python benchmarks/fsm_precision.py $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

@@ -12,6 +12,7 @@ the plain pass, and at most 2*k bytes per token per codebook (per head for per-h
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -22,10 +23,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
 from cbinterp.core.atomic import atomic_file
+from cbinterp.recipes.fsm import FSMRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,21 +35,15 @@ TARGETS = {"cached_over_plain": 1.10, "bytes_per_token_per_codebook_over_k": 2}
 
 
 def build(args) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
+    recipe = dataclasses.replace(  # the FSM model's shape (cbinterp.recipes.fsm), at these sizes
+        FSMRecipe.paper(),
         n_layers=args.n_layers,
         d_model=args.d_model,
-        n_heads=4,
-        d_head=args.d_model // 4,
         d_mlp=4 * args.d_model,
-        n_ctx=args.seq_len,
-        d_vocab=11,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="rotary",
-        device=args.device,
+        seq_len=args.seq_len,
         seed=args.seed,
     )
-    model = HookedTransformer(cfg)
+    model = HookedTransformer(recipe.model_config(recipe.fsm(), device=str(args.device)))
     return attach_codebooks(model, ["attn", "mlp"], n_codes=args.n_codes, k=args.k, seed=args.seed).eval()
 
 

@@ -1,13 +1,23 @@
-"""Reproduce the paper's FSM result: codebook codes as classifiers of machine states, against the best neurons.
+"""Reproduce the paper's FSM results: state accuracy with and without codebooks, and codes as classifiers of states.
 
-    python benchmarks/fsm_precision.py            # the paper's setting, about 12 minutes on 2 CPU cores
-    python benchmarks/fsm_precision.py --quick    # a small machine and model, about a minute (the test suite)
+    python benchmarks/fsm_precision.py                 # the default recipe (FSMRecipe.paper()), one seed
+    python benchmarks/fsm_precision.py --seeds 0 1 2   # several seeds, one folder each, plus seeds.json
+    python benchmarks/fsm_precision.py --quick         # FSMRecipe.quick(): a small machine and model (tests)
 
-Recipe (every step a library call): train the transformer without codebooks (warm start), attach a codebook
-after every attention head and every MLP (k=1), initialise each codebook by k-means on its own input, then
-train the whole model end to end through the codebooks. Evaluate on fresh sequences: transition accuracy, and
-each code's best feature ("state s", "state s followed by digit d") by precision, beside the best neuron's
-precision at the code's recall. Interrupted runs resume from the checkpoints under `--out`.
+Training is `cbinterp.recipes.fsm.FSMRecipe.run`: a warm start without codebooks, codebooks after every attention
+head and every MLP (k-means initialised), training through them, and a control copy of the warm-started model
+trained the same extra steps without codebooks. The evaluation, measured as the paper measures it:
+
+* state accuracy: sequences sampled from BOS at temperature 1 to the model's context, the share of valid
+  transitions in the model's own output and the mean probability on valid next states, for the warm-started
+  model, the control, the codebook model and the codebook model with its codebooks bypassed (the teacher-forced
+  transition accuracy is reported beside it, under that name);
+* state codes, feature first: for each state, the codes of MLP layers 1..L-1 (pooled, and per layer) with recall
+  above 1%, ranked by precision; chosen on one half of the evaluation sequences, scored on the other; beside it,
+  the best dimension of the attention and MLP outputs before quantization at the same recall (the paper's
+  baseline) and, as an extra, the best MLP hidden unit; the same search for "state s > digit" features.
+
+Interrupted runs resume from the checkpoints under `--out`; a finished run re-evaluates without training.
 """
 
 from __future__ import annotations
@@ -15,150 +25,133 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-
 import cbinterp
-from cbinterp.core.atomic import atomic_file, recover_dir
-from cbinterp.core.attach import kmeans_init_codebooks
-from cbinterp.core.train import TRAINER_FILE, TrainConfig, train
-from cbinterp.tasks.fsm import FSM, transition_accuracy
+from cbinterp.core.atomic import atomic_file
+from cbinterp.core.attach import codebooks_bypassed, get_codebooks
+from cbinterp.recipes.codebook import phases_summary
+from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.tasks.fsm import FSM, sampled_state_accuracy, teacher_forced_transition_accuracy
 from cbinterp.tasks.fsm_analysis import (
     MLP_NEURONS,
     SITE_OUTPUTS,
     collect_fsm_activations,
-    fsm_code_table,
-    summarize_state_codes,
+    state_code_headline,
+    state_code_report,
 )
-from cbinterp.viz.plots import code_vs_neuron_figure
 
-DEFAULTS = dict(
-    n_states=100,
-    n_edges=10,
-    base=10,
-    seed=0,
-    n_layers=4,
-    d_model=128,
-    n_heads=4,
-    d_mlp=512,
-    n_codes=1000,
-    k=1,
-    codebook_loss="vqvae",
-    batch=64,
-    seq_len=64,
-    warm_steps=1000,
-    warm_lr=3e-3,
-    codebook_steps=800,
-    codebook_lr=1e-3,
-    kmeans_sequences=512,
-    eval_positions=200_000,
-    min_fires=20,
-)
-QUICK = dict(
-    n_states=20,
-    n_edges=4,
-    n_layers=2,
-    d_model=64,
-    n_heads=4,
-    d_mlp=256,
-    n_codes=200,
-    batch=64,
-    seq_len=32,
-    warm_steps=200,
-    codebook_steps=120,
-    kmeans_sequences=256,
-    eval_positions=30_000,
-)
-#: The issue's targets for the default run (printed beside the results; the quick run has its own in the tests).
-TARGETS = {"best_mlp_state_code_precision_mean": 0.97, "states_with_own_code": 90, "transition_accuracy": 0.64}
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The paper's figures (Tamkin et al. 2023, FSM section) beside which the same quantities are printed.
+PAPER = {
+    "state_accuracy_without_codebooks": 0.9677,
+    "state_accuracy_with_codebooks": 0.6365,
+    "state_code_precision_mean": 0.971,
+    "site_outputs_precision_mean": 0.705,
+}
+#: Data streams of the evaluation (training uses 0..2, see cbinterp.recipes.fsm).
+STREAM_EVAL, STREAM_SAMPLE, STREAM_TEACHER = 10, 11, 12
+#: The headline keys aggregated over seeds.
+SEED_KEYS = [
+    "state_accuracy_without_codebooks",
+    "state_accuracy_control",
+    "state_accuracy_with_codebooks",
+    "state_accuracy_bypassed",
+    "valid_mass_without_codebooks",
+    "valid_mass_control",
+    "valid_mass_with_codebooks",
+    "valid_mass_bypassed",
+    "teacher_forced_with_codebooks",
+    "teacher_forced_without_codebooks",
+    "state_code_precision_mean",
+    "state_code_recall_mean",
+    "states_with_own_code",
+    "states_with_precise_code",
+    "precise_codes_per_state_mean",
+    "prev_share_mean",
+    "prev_share_baseline_mean",
+    "site_outputs_precision_mean",
+    "mlp_neurons_precision_mean",
+    "state_digit_code_precision_mean",
+    "state_digit_code_recall_mean",
+    "state_digit_features_with_own_code",
+    "state_digit_precise_codes",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small run for the test suite (overrides the defaults)")
+    parser.add_argument("--quick", action="store_true", help="FSMRecipe.quick() instead of FSMRecipe.paper()")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
-        help="default benchmarks/out/fsm (with --quick benchmarks/out/fsm_quick, where "
-        "fsm_intervention.py --quick looks for it)",
+        help="default benchmarks/out/fsm (with --quick benchmarks/out/fsm_quick); with several seeds one "
+        "folder seed_<s> each",
     )
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    parser.add_argument(
-        "--fresh", action="store_true", help="delete earlier checkpoints under --out instead of resuming"
-    )
+    parser.add_argument("--fresh", action="store_true", help="delete earlier checkpoints instead of resuming")
     parser.add_argument("--compile", action="store_true", help="train through torch.compile")
     parser.add_argument("--no-neurons", action="store_true", help="skip the neuron baselines (faster)")
     parser.add_argument("--no-progress", action="store_true")
-    group = parser.add_argument_group("FSM")
-    for name in ("n_states", "n_edges", "base", "seed"):
+    group = parser.add_argument_group("recipe overrides (recorded; a resumed run must match)")
+    group.add_argument("--codebook-loss", choices=["aeloss", "vqvae"], help="default aeloss (the paper's)")
+    for name in ("warm_steps", "codebook_steps", "n_codes", "batch", "seq_len"):
         group.add_argument("--" + name.replace("_", "-"), type=int)
-    group = parser.add_argument_group("model and codebooks")
-    for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_codes", "k"):
-        group.add_argument("--" + name.replace("_", "-"), type=int)
-    group.add_argument("--codebook-loss", choices=["aeloss", "vqvae"])
-    group = parser.add_argument_group("training and evaluation")
-    for name in ("batch", "seq_len", "warm_steps", "codebook_steps", "kmeans_sequences", "eval_positions", "min_fires"):
-        group.add_argument("--" + name.replace("_", "-"), type=int)
-    for name in ("warm_lr", "codebook_lr"):
-        group.add_argument("--" + name.replace("_", "-"), type=float)
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-positions", type=int, default=None, help="default 100000 (30000 with --quick)")
+    group.add_argument("--sample-sequences", type=int, default=500, help="sequences sampled for state accuracy")
+    group.add_argument("--min-recall", type=float, default=0.01, help="the paper's recall cut of the code search")
     args = parser.parse_args(argv)
-    settings = {**DEFAULTS, **(QUICK if args.quick else {})}
-    for name in DEFAULTS:
-        if getattr(args, name) is None:
-            setattr(args, name, settings[name])
-    if args.d_model % args.n_heads:
-        parser.error(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}.")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # The quick run lives apart from the full one, whose checkpoints would refuse its other settings.
     args.out = args.out or ROOT / "benchmarks" / "out" / ("fsm_quick" if args.quick else "fsm")
+    args.eval_positions = args.eval_positions or (30_000 if args.quick else 100_000)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds lists a seed twice: {args.seeds}")
     return args
 
 
-def settings_of(args: argparse.Namespace) -> dict:
-    """The settings that decide the result (what a resumed run must share with the run it continues)."""
-    return {name: getattr(args, name) for name in DEFAULTS} | {"quick": args.quick}
-
-
-def build_model(args: argparse.Namespace, fsm: FSM) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=args.n_layers,
-        d_model=args.d_model,
-        n_heads=args.n_heads,
-        d_head=args.d_model // args.n_heads,
-        d_mlp=args.d_mlp,
-        n_ctx=args.seq_len,
-        d_vocab=fsm.vocab_size,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="rotary",
-        device=args.device,
-        seed=args.seed,
-    )
-    return HookedTransformer(cfg)
+def recipe_of(args: argparse.Namespace, seed: int) -> FSMRecipe:
+    """The recipe of one seed: the preset with the command line's overrides."""
+    recipe = (FSMRecipe.quick if args.quick else FSMRecipe.paper)(seed=seed)
+    fields = {name: getattr(args, name) for name in ("batch", "seq_len") if getattr(args, name) is not None}
+    recipe = dataclasses.replace(recipe, **fields) if fields else recipe
+    training = recipe.training
+    if args.warm_steps is not None:
+        training = dataclasses.replace(training, warm=dataclasses.replace(training.warm, steps=args.warm_steps))
+    if args.codebook_steps is not None:
+        training = dataclasses.replace(
+            training, phases=[dataclasses.replace(p, steps=args.codebook_steps) for p in training.phases]
+        )
+    spec = training.codebooks
+    if args.codebook_loss is not None:
+        spec = dataclasses.replace(spec, loss=args.codebook_loss)
+    if args.n_codes is not None:
+        spec = dataclasses.replace(spec, n_codes=args.n_codes)
+    return dataclasses.replace(recipe, training=dataclasses.replace(training, codebooks=spec))
 
 
 def check_resumable(out: Path, settings: dict, fresh: bool) -> None:
-    """Refuse to continue checkpoints made with other settings (their continuation would be meaningless)."""
+    """Refuse to continue checkpoints made with another recipe (their continuation would be meaningless)."""
     ckpt = out / "checkpoints"
+    settings = json.loads(json.dumps(settings))  # as stored: tuples become lists
     if fresh and ckpt.exists():
         shutil.rmtree(ckpt)
-    saved = ckpt / "settings.json"
+    saved = ckpt / "recipe.json"
     if saved.exists():
         before = json.loads(saved.read_text())
         if before != settings:
-            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            changed = sorted(k for k in set(settings) | set(before) if before.get(k) != settings.get(k))
             raise SystemExit(
-                f"{ckpt} holds a run with other settings (differing: {changed}). Pass --fresh to start over, "
+                f"{ckpt} holds a run of another recipe (differing: {changed}). Pass --fresh to start over, "
                 f"or --out to write elsewhere."
             )
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -166,173 +159,268 @@ def check_resumable(out: Path, settings: dict, fresh: bool) -> None:
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
 
 
-def train_phase(model, fsm, args, name: str, steps: int, lr: float, data_seed: int, **extra) -> list[float]:
-    cfg = TrainConfig(
-        steps=steps,
-        lr=lr,
-        warmup_steps=min(50, steps // 10),
-        checkpoint_every=50,
-        checkpoint_dir=str(args.out / "checkpoints" / name),
-        compile=args.compile,
-        seed=args.seed,
-        progress=not args.no_progress,
-        **extra,
+# -- evaluation ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def accuracy_of(model, fsm: FSM, recipe: FSMRecipe, args: argparse.Namespace) -> dict:
+    """Loss, the paper's sampled state accuracy (and valid next-state mass), and the teacher-forced accuracy."""
+    model.eval()
+    val = fsm.sample(256, recipe.seq_len, seed=recipe.data_seed(STREAM_TEACHER))
+    loss = float(model(val.tokens.to(args.device), return_type="loss"))
+    sampled = sampled_state_accuracy(
+        model, fsm, n_sequences=args.sample_sequences, seq_len=recipe.seq_len, seed=recipe.data_seed(STREAM_SAMPLE)
     )
-    result = train(model, fsm.token_batches(args.batch, args.seq_len, seed=data_seed), cfg)
-    return result.losses
-
-
-def run(args: argparse.Namespace) -> dict:
-    start = time.perf_counter()
-    settings = settings_of(args)
-    print("settings:", json.dumps(settings | {"device": args.device, "compile": args.compile}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    check_resumable(args.out, settings, args.fresh)
-    torch.manual_seed(args.seed)
-    fsm = FSM.random(args.n_states, args.n_edges, args.base, args.seed)
-    fsm.save(args.out / "fsm.json")
-    val = fsm.sample(256, args.seq_len, seed=[args.seed, 1])
-    timings = {}
-
-    model = build_model(args, fsm)
-    warm_losses = train_phase(model, fsm, args, "warm", args.warm_steps, args.warm_lr, data_seed=args.seed)
-    no_codebook = evaluate_model(model, fsm, val, args)
-    timings["warm_start_s"] = time.perf_counter() - start
-    print(f"without codebooks: {fmt(no_codebook)}", flush=True)
-
-    cbinterp.attach_codebooks(
-        model, sites=["attn", "mlp"], n_codes=args.n_codes, k=args.k, seed=args.seed, loss=args.codebook_loss
+    max_cut = (recipe.seq_len - 1) // fsm.digits - 1
+    cuts = sorted({c for c in (1, 2, 4, 8, 16, 32, max_cut) if 1 <= c <= max_cut})  # every cut costs a pass
+    teacher = teacher_forced_transition_accuracy(
+        model, fsm, n_sequences=256, seq_len=recipe.seq_len, cut_states=cuts, seed=recipe.data_seed(STREAM_TEACHER)
     )
-    if not (
-        recover_dir(args.out / "checkpoints" / "codebooks") / TRAINER_FILE
-    ).exists():  # a resumed run loads its codes
-        kmeans_tokens = fsm.sample(args.kmeans_sequences, args.seq_len, seed=[args.seed, 2]).tokens
-        kmeans_init_codebooks(model, kmeans_tokens, seed=args.seed)
-    at_init = evaluate_model(model, fsm, val, args, cut_states=[1, 5, 10])
-    print(f"codebooks after k-means, before training: {fmt(at_init)}", flush=True)
-    cb_losses = train_phase(
-        model, fsm, args, "codebooks", args.codebook_steps, args.codebook_lr, data_seed=args.seed + 1
-    )
-    trained = evaluate_model(model, fsm, val, args)
-    timings["training_s"] = time.perf_counter() - start
-    print(f"with codebooks, trained end to end: {fmt(trained)}", flush=True)
-    cbinterp.save(model, args.out / "model", extra={"benchmark": "fsm_precision", "settings": settings})
+    return {
+        "loss": loss,
+        "optimal_loss": fsm.optimal_loss(val),
+        "state_accuracy": sampled["state_accuracy"],
+        "valid_next_state_mass": sampled["valid_next_state_mass"],
+        "valid_state_share": sampled["valid_state_share"],
+        "sampled_transitions": sampled["n_transitions"],
+        "teacher_forced_transition_accuracy": teacher["transition_accuracy"],
+    }
 
+
+def mlp_codebooks(model) -> dict[int, str]:
+    return {int(name.split(".")[1]): name for name in get_codebooks(model) if name.endswith("hook_mlp_out")}
+
+
+def code_search(model, fsm: FSM, recipe: FSMRecipe, args: argparse.Namespace) -> dict:
+    """The feature-first state (and state+digit) code search and the neuron baselines."""
     acts = collect_fsm_activations(
         model,
         fsm,
         n_positions=args.eval_positions,
-        seq_len=args.seq_len,
-        seed=args.seed + 1000,
+        seq_len=recipe.seq_len,
+        seed=recipe.data_seed(STREAM_EVAL),
         progress=not args.no_progress,
+        neurons=not args.no_neurons,
     )
-    table = fsm_code_table(
-        model, fsm, acts, min_fires=args.min_fires, neuron_kinds=() if args.no_neurons else ("state",)
-    )
-    summary = summarize_state_codes(table, fsm)
-    timings["total_s"] = time.perf_counter() - start
+    mlp = mlp_codebooks(model)
+    pooled_layers = [layer for layer in sorted(mlp) if layer >= 1] or sorted(mlp)  # the paper: MLP layers 1-3
+    pooled = [mlp[layer] for layer in pooled_layers]
+    states = state_code_report(model, fsm, acts, pooled, "state", args.min_recall, neurons=not args.no_neurons)
+    per_layer = {}
+    for layer, name in sorted(mlp.items()):
+        table = state_code_report(model, fsm, acts, [name], "state", args.min_recall, neurons=False)
+        per_layer[f"mlp_layer_{layer}"] = state_code_headline(table)
+    digits = state_code_report(model, fsm, acts, pooled, "state+digit", args.min_recall, neurons=False)
+    return {
+        "pooled_layers": pooled_layers,
+        "eval_positions": acts.n_positions,
+        "states": states,
+        "state_headline": state_code_headline(states),
+        "per_layer": per_layer,
+        "state_digit": digits,
+        "state_digit_headline": state_code_headline(digits),
+    }
 
-    mlp = summary[summary["site"] == "mlp"]
-    if mlp.empty:
-        raise SystemExit(
-            f"No MLP code fired {args.min_fires} times on {args.eval_positions} positions: train longer "
-            f"(--warm-steps, --codebook-steps) or evaluate more positions (--eval-positions)."
-        )
-    best = mlp.sort_values(["state_code_precision_mean", "states_with_own_code"], ascending=False).iloc[0]
-    best_layer = int(best["layer"])
+
+def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
+    start = time.perf_counter()
+    recipe = recipe_of(args, seed)
+    settings = recipe.to_dict()
+    print("recipe:", json.dumps(settings), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out, settings, args.fresh)
+    fsm, result = recipe.run(
+        checkpoint_dir=out / "checkpoints", device=args.device, progress=not args.no_progress, compile=args.compile
+    )
+    training_s = time.perf_counter() - start
+    fsm.save(out / "fsm.json")
+    extra = {"benchmark": "fsm_precision", "recipe": settings}
+    cbinterp.save(result.model, out / "model", extra=extra)
+    cbinterp.save(result.warm_model, out / "model_warm", extra=extra)
+    if result.control_model is not None:
+        cbinterp.save(result.control_model, out / "model_control", extra=extra)
+
+    models = {"without_codebooks": result.warm_model, "control": result.control_model, "with_codebooks": result.model}
+    accuracy = {name: accuracy_of(m, fsm, recipe, args) for name, m in models.items() if m is not None}
+    with codebooks_bypassed(result.model):
+        accuracy["bypassed"] = accuracy_of(result.model, fsm, recipe, args)
+    for name, row in accuracy.items():
+        print(f"{name:>18}: {fmt(row)}", flush=True)
+    eval_acc_s = time.perf_counter() - start - training_s
+
+    search = code_search(result.model, fsm, recipe, args)
+    sh, dh = search["state_headline"], search["state_digit_headline"]
     headline = {
-        "best_mlp_layer": best_layer,
-        "best_mlp_state_code_precision_mean": float(best["state_code_precision_mean"]),
-        "best_mlp_state_code_precision_median": float(best["state_code_precision_median"]),
-        "states_with_own_code": int(best["states_with_own_code"]),
-        "transition_accuracy": trained["transition_accuracy"],
-        "first_transition_accuracy": trained["first_transition_accuracy"],
-        "transition_accuracy_without_codebooks": no_codebook["transition_accuracy"],
+        f"state_accuracy_{name}": accuracy[key]["state_accuracy"]
+        for name, key in [
+            ("without_codebooks", "without_codebooks"),
+            ("control", "control"),
+            ("with_codebooks", "with_codebooks"),
+            ("bypassed", "bypassed"),
+        ]
+        if key in accuracy
     }
-    for neuron_set in (MLP_NEURONS, SITE_OUTPUTS):
-        column = f"{neuron_set}_precision_mean"
-        if column in best:
-            headline[f"best_mlp_layer_{column}"] = float(best[column])
-    report(summary, headline, trained, no_codebook, timings, args)
-
+    headline |= {f"valid_mass_{name}": accuracy[name]["valid_next_state_mass"] for name in accuracy}
+    headline |= {
+        "valid_mass_without_codebooks": accuracy["without_codebooks"]["valid_next_state_mass"],
+        "valid_mass_with_codebooks": accuracy["with_codebooks"]["valid_next_state_mass"],
+        "teacher_forced_with_codebooks": accuracy["with_codebooks"]["teacher_forced_transition_accuracy"],
+        "teacher_forced_without_codebooks": accuracy["without_codebooks"]["teacher_forced_transition_accuracy"],
+        "state_code_precision_mean": sh["best_code_precision_mean"],
+        "state_code_recall_mean": sh["best_code_recall_mean"],
+        "states_with_own_code": sh["features_with_own_code"],
+        "states_with_precise_code": sh["features_with_precise_code"],
+        "precise_codes_per_state_mean": sh["precise_codes_per_feature_mean"],
+        "prev_share_mean": sh.get("prev_share_mean"),
+        "prev_share_baseline_mean": sh.get("prev_share_baseline_mean"),
+        "site_outputs_precision_mean": sh.get(f"{SITE_OUTPUTS}_precision_mean"),
+        "site_outputs_recall_mean": sh.get(f"{SITE_OUTPUTS}_recall_mean"),
+        "mlp_neurons_precision_mean": sh.get(f"{MLP_NEURONS}_precision_mean"),
+        "mlp_neurons_recall_mean": sh.get(f"{MLP_NEURONS}_recall_mean"),
+        "state_digit_features": dh["n_features"],
+        "state_digit_code_precision_mean": dh["best_code_precision_mean"],
+        "state_digit_code_recall_mean": dh["best_code_recall_mean"],
+        "state_digit_features_with_own_code": dh["features_with_own_code"],
+        "state_digit_precise_codes": int(search["state_digit"]["n_precise_codes"].sum()),
+    }
+    timings = {"training_s": training_s, "accuracy_s": eval_acc_s, "total_s": time.perf_counter() - start}
+    tokens_per_step = recipe.tokens_per_step
     results = {
-        "settings": settings | {"device": args.device, "compile": args.compile},
-        "targets": TARGETS,
+        "seed": seed,
+        "recipe": settings,
+        "device": args.device,
+        "phases": phases_summary(recipe.training, tokens_per_step),
+        "tokens": result.tokens,
+        "phase_seconds": result.seconds,
+        "kmeans_initialised_this_run": result.kmeans_initialised,
+        "paper": PAPER,
         "headline": headline,
+        "accuracy": accuracy,
+        "code_search": {
+            "pooled_mlp_layers": search["pooled_layers"],
+            "eval_positions": search["eval_positions"],
+            "min_recall": args.min_recall,
+            "split": "sequences with even index select codes and neurons, odd ones score them",
+            "state_headline": sh,
+            "per_mlp_layer": search["per_layer"],
+            "state_digit_headline": dh,
+            "states": _records(search["states"]),
+        },
+        "losses": result.losses,
         "timings_s": timings,
-        "losses": {"warm": warm_losses, "codebooks": cb_losses},
-        "eval": {"without_codebooks": no_codebook, "codebooks_at_init": at_init, "trained": trained},
-        "per_codebook": summary.to_dict(orient="records"),
-        "codes": _records(table),
     }
-    with atomic_file(args.out / "results.json") as tmp:
+    report(results, search)
+    with atomic_file(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1, default=_json_default))
-    figure = code_vs_neuron_figure(table, summary, title=f"FSM ({fsm.n_states} states): code vs neuron precision")
-    with atomic_file(args.out / "figure.html") as tmp:
-        figure.write_html(tmp, include_plotlyjs="cdn")
     try:
-        figure.write_image(args.out / "figure.png")
-    except (ImportError, ValueError, RuntimeError):
-        pass  # a PNG needs kaleido; the HTML figure is always written
-    print(f"wrote {args.out}/results.json, figure.html, model/, fsm.json", flush=True)
+        from cbinterp.viz.plots import state_code_figure
+
+        figure = state_code_figure(search["states"], title=f"FSM ({fsm.n_states} states), seed {seed}: state codes")
+        with atomic_file(out / "figure.html") as tmp:
+            figure.write_html(tmp, include_plotlyjs="cdn")
+    except ImportError:
+        pass
+    print(f"wrote {out}/results.json, figure.html, model/, model_warm/, model_control/, fsm.json", flush=True)
     return results
 
 
-@torch.no_grad()
-def evaluate_model(model, fsm: FSM, val, args, cut_states=None) -> dict:
-    """Loss on `val` and transition accuracy (after every number of states that fits, unless `cut_states`)."""
-    model.eval()
-    loss = float(model(val.tokens.to(args.device), return_type="loss"))
-    if cut_states is not None:  # keep the cuts whose prefix and predicted state fit in the context
-        cut_states = [c for c in cut_states if 1 + (c + 1) * fsm.digits <= args.seq_len] or None
-    acc = transition_accuracy(model, fsm, n_sequences=256, seq_len=args.seq_len, cut_states=cut_states)
-    return {"loss": loss, "optimal_loss": fsm.optimal_loss(val), **acc}
-
-
-def fmt(result: dict) -> str:
+def fmt(row: dict) -> str:
     return (
-        f"loss {result['loss']:.4f} (optimal {result['optimal_loss']:.4f}), transition accuracy "
-        f"{result['transition_accuracy']:.3f}, first transition {result['first_transition_accuracy']:.3f}"
+        f"loss {row['loss']:.4f} (optimal {row['optimal_loss']:.4f}), sampled state accuracy "
+        f"{row['state_accuracy']:.4f}, valid next-state mass {row['valid_next_state_mass']:.4f}, "
+        f"teacher-forced transition accuracy {row['teacher_forced_transition_accuracy']:.4f}"
     )
 
 
-def report(summary, headline: dict, trained: dict, no_codebook: dict, timings: dict, args) -> None:
-    import pandas as pd
-
-    columns = [
-        "codebook",
-        "head",
-        "codes_used",
-        "state_codes",
-        "state_plus_digit_codes",
-        "states_with_own_code",
-        "state_code_precision_mean",
-        "state_code_precision_median",
+def report(results: dict, search: dict) -> None:
+    h = results["headline"]
+    print("\nphases (tokens):", ", ".join(f"{k} {v:,}" for k, v in results["tokens"].items()))
+    print("\nsame quantities as the paper:")
+    rows = [
+        ("state accuracy, without codebooks", "state_accuracy_without_codebooks", "0.9677"),
+        ("state accuracy, with codebooks", "state_accuracy_with_codebooks", "0.6365"),
+        (
+            f"mean precision of each state's best code (MLP layers {search['pooled_layers']}, recall > 1%)",
+            "state_code_precision_mean",
+            "0.971",
+        ),
+        (
+            "best attn/MLP output dimension at that code's recall, mean precision",
+            "site_outputs_precision_mean",
+            "0.705",
+        ),
     ]
-    columns += [c for c in summary.columns if c.startswith(("mlp_neurons", "site_outputs"))]
-    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.float_format", "{:.3f}".format):
-        print("\nPer codebook (attention codebooks per head); neuron columns: best neuron at each state code's recall")
-        print(summary[columns].to_string(index=False))
-    print(
-        f"\ntransition accuracy {trained['transition_accuracy']:.3f} with codebooks, "
-        f"{no_codebook['transition_accuracy']:.3f} without (paper: 0.64 and 0.97)"
-    )
-    print(
-        f"best MLP layer {headline['best_mlp_layer']}: {headline['states_with_own_code']} of {args.n_states} states "
-        f"have a code of their own (precision >= 0.9); state codes' precision mean "
-        f"{headline['best_mlp_state_code_precision_mean']:.3f}, median "
-        f"{headline['best_mlp_state_code_precision_median']:.3f} "
-        f"(paper: 0.971)"
-    )
-    for neuron_set in (MLP_NEURONS, SITE_OUTPUTS):
-        key = f"best_mlp_layer_{neuron_set}_precision_mean"
-        if key in headline:
-            print(f"  best neuron at the same recall ({neuron_set}): mean precision {headline[key]:.3f} (paper: 0.705)")
-    if not args.quick:
-        for key, target in TARGETS.items():
-            value = headline[key]
-            print(f"  target {key} >= {target}: {value:.3f} {'met' if value >= target else 'NOT MET'}")
-    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    for label, key, paper in rows:
+        value = h.get(key)
+        print(f"  {label:<92} {_f(value):>8}   paper {paper}")
+    print("ours (no paper figure):")
+    for key in (
+        "state_accuracy_control",
+        "state_accuracy_bypassed",
+        "valid_mass_without_codebooks",
+        "valid_mass_with_codebooks",
+        "teacher_forced_without_codebooks",
+        "teacher_forced_with_codebooks",
+        "state_code_recall_mean",
+        "states_with_own_code",
+        "states_with_precise_code",
+        "precise_codes_per_state_mean",
+        "prev_share_mean",
+        "prev_share_baseline_mean",
+        "mlp_neurons_precision_mean",
+        "site_outputs_recall_mean",
+        "state_digit_features",
+        "state_digit_code_precision_mean",
+        "state_digit_code_recall_mean",
+        "state_digit_features_with_own_code",
+        "state_digit_precise_codes",
+    ):
+        print(f"  {key:<60} {_f(h.get(key)):>8}")
+    print("per MLP layer (state codes): layer, best-code precision mean, recall mean, states with own code")
+    for name, row in search["per_layer"].items():
+        print(
+            f"  {name}: {row['best_code_precision_mean']:.3f} {row['best_code_recall_mean']:.3f} "
+            f"{row['features_with_own_code']}"
+        )
+    print("timings: " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_s"].items()), flush=True)
+
+
+def _f(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return f"{value:.3f}"
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Mean, standard deviation (n-1), min and max of each headline figure over seeds."""
+    out = {}
+    for key in SEED_KEYS:
+        values = [r["headline"].get(key) for r in per_seed]
+        values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if not values:
+            continue
+        out[key] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(np.min(values)),
+            "max": float(np.max(values)),
+            "n": len(values),
+        }
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    if len(args.seeds) == 1:
+        return run_seed(args, args.seeds[0], args.out)
+    per_seed = [run_seed(args, seed, args.out / f"seed_{seed}") for seed in args.seeds]
+    summary = {"seeds": args.seeds, "aggregate": aggregate(per_seed), "per_seed": [r["headline"] for r in per_seed]}
+    with atomic_file(args.out / "seeds.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
+    print(f"\nover seeds {args.seeds} (mean ± std [min, max]):")
+    for key, s in summary["aggregate"].items():
+        print(f"  {key:<40} {s['mean']:.3f} ± {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
+    print(f"wrote {args.out}/seeds.json", flush=True)
+    return summary
 
 
 def _records(table) -> list[dict]:
@@ -341,9 +429,9 @@ def _records(table) -> list[dict]:
 
 
 def _json_default(value):
-    if isinstance(value, (np.integer,)):
+    if isinstance(value, np.integer):
         return int(value)
-    if isinstance(value, (np.floating,)):
+    if isinstance(value, np.floating):
         return float(value)
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)

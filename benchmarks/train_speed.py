@@ -16,6 +16,7 @@ AdamW. Timed side by side, one step of each in turn (rotating order, so that loa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -26,34 +27,31 @@ from typing import Callable, Optional
 
 import torch
 from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks
 from cbinterp.core.atomic import atomic_file
+from cbinterp.recipes.fsm import FSMRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_train.py"
 TARGET_OVER_REFERENCE = 2.0  # tokens/s of ours over the reference's
-MODEL = dict(n_layers=4, d_model=128, n_heads=4, d_mlp=512, vocab=11)
+_RECIPE = FSMRecipe.paper()  # the FSM model's shape, written once in cbinterp.recipes.fsm
+MODEL = dict(
+    n_layers=_RECIPE.n_layers,
+    d_model=_RECIPE.d_model,
+    n_heads=_RECIPE.n_heads,
+    d_mlp=_RECIPE.d_mlp,
+    vocab=_RECIPE.fsm().vocab_size,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(args, codebooks: bool) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=MODEL["n_layers"],
-        d_model=MODEL["d_model"],
-        n_heads=MODEL["n_heads"],
-        d_head=MODEL["d_model"] // MODEL["n_heads"],
-        d_mlp=MODEL["d_mlp"],
-        n_ctx=args.seq_len,
-        d_vocab=MODEL["vocab"],
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="rotary",
-        device=args.device,
-        seed=args.seed,
-    )
-    model = HookedTransformer(cfg)
+    recipe = dataclasses.replace(_RECIPE, seq_len=args.seq_len, seed=args.seed)
+    model = HookedTransformer(recipe.model_config(recipe.fsm(), device=str(args.device)))
     if codebooks:
         attach_codebooks(model, sites=["attn", "mlp"], n_codes=args.n_codes, k=1, seed=args.seed)
     return model.train()

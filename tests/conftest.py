@@ -80,3 +80,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fsm_quick_run(tmp_path_factory):
+    """The quick FSM model, trained once for the whole session by `fsm_precision.py --quick` (slow tests only):
+    `(out folder, results)`. Tests that need the quick model read it from here instead of training their own."""
+    out = tmp_path_factory.mktemp("fsm_quick")
+    results = _load_benchmark("fsm_precision").main(["--quick", "--out", str(out), "--no-progress"])
+    return out, results

@@ -1,9 +1,14 @@
-"""End-to-end runs of the benchmark scripts in their quick modes (marked slow)."""
+"""The benchmark scripts in their quick modes. The FSM ones share one trained quick model (`fsm_quick_run`, in
+conftest.py, marked slow); the checks are on the computations and their consistency, not on the findings, which
+the benchmarks report."""
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,95 +16,193 @@ import cbinterp
 from cbinterp.tasks.fsm import FSM
 
 
-@pytest.fixture(scope="module")
-def fsm_run(tmp_path_factory, load_benchmark):
-    out = tmp_path_factory.mktemp("fsm")
-    results = load_benchmark("fsm_precision").main(["--quick", "--out", str(out), "--no-progress"])
-    return out, results
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# -- fsm_precision ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsm_precision_quick_beats_a_uniform_model_and_is_consistent(fsm_quick_run):
+    out, results = fsm_quick_run
+    head, recipe = results["headline"], results["recipe"]
+    fsm = FSM.load(out / "fsm.json")
+    # A model uniform over the vocabulary writes a valid transition with chance
+    # P(group is a state) * P(next group is a successor) = (n_states / V^2) * (n_edges / V^2), V = vocab size.
+    v2 = fsm.vocab_size**fsm.digits
+    uniform = fsm.n_states / v2 * fsm.n_edges / v2
+    for key in ("state_accuracy_without_codebooks", "state_accuracy_with_codebooks", "state_accuracy_control"):
+        assert head[key] > 10 * uniform, key
+    for name, row in results["accuracy"].items():
+        assert 0.0 <= row["state_accuracy"] <= row["valid_state_share"] <= 1.0, name
+        assert row["loss"] >= row["optimal_loss"] - 0.05, name  # nobody beats the Bayes-optimal loss by much
+        assert row["sampled_transitions"] == 500 * ((recipe["seq_len"] - 1) // fsm.digits - 1)
+    # Phases: tokens are steps x batch x sequence length; the control mirrors the codebook phase.
+    per_step = recipe["batch"] * recipe["seq_len"]
+    for phase in results["phases"]:
+        assert phase["tokens"] == phase["steps"] * per_step
+        assert results["tokens"][phase["phase"]] == phase["tokens"]
+    assert results["tokens"]["control_codebooks"] == results["tokens"]["codebooks"]
 
 
 @pytest.mark.slow
-def test_fsm_precision_quick_meets_its_thresholds(fsm_run):
-    out, results = fsm_run
-    head = results["headline"]
-    n_states = results["settings"]["n_states"]
-    assert head["transition_accuracy"] >= 0.9
-    assert head["states_with_own_code"] >= 0.8 * n_states
-    assert head["best_mlp_state_code_precision_mean"] >= 0.9
-    # The neuron baseline is measured for the same codes, and is a real number in [0, 1].
-    for key in ("best_mlp_layer_mlp_neurons_precision_mean", "best_mlp_layer_site_outputs_precision_mean"):
-        assert 0.0 < head[key] <= 1.0
+def test_fsm_precision_state_tables_have_one_row_per_state(fsm_quick_run):
+    out, results = fsm_quick_run
+    search, head = results["code_search"], results["headline"]
+    n_states = results["recipe"]["n_states"]
+    states = search["states"]
+    assert [row["feature"] for row in states] == list(range(n_states))
+    assert search["pooled_mlp_layers"] == [1]  # the quick model has two layers: MLP layer 1 alone
+    # The headline is the table's means and counts.
+    assert head["state_code_precision_mean"] == pytest.approx(np.mean([r["best_precision"] for r in states]))
+    assert head["state_code_recall_mean"] == pytest.approx(np.mean([r["best_recall"] for r in states]))
+    own = sum(r["precise_precision"] >= 0.9 and r["precise_recall"] >= 0.5 for r in states)
+    assert head["states_with_own_code"] == own <= head["states_with_precise_code"] <= n_states
+    for row in states:
+        assert row["n_select"] > 0 and row["n_score"] > 0  # both halves hold every state
+        assert row["n_precise_codes"] <= row["n_codes_covering"]
+        if row["best_code"] >= 0:
+            assert 0.0 <= row["best_precision"] <= 1.0 and 0.0 <= row["best_recall"] <= 1.0
+            assert _finite(row["site_outputs_precision"]) and _finite(row["mlp_neurons_precision"])
+        if row["prev_share"] is not None:
+            assert 1.0 / row["n_previous_states"] - 1e-9 <= row["prev_share"] <= 1.0
+    assert set(search["per_mlp_layer"]) == {"mlp_layer_0", "mlp_layer_1"}
+    assert search["state_digit_headline"]["n_features"] == head["state_digit_features"] > n_states
 
 
 @pytest.mark.slow
-def test_fsm_precision_writes_its_files(fsm_run):
-    out, results = fsm_run
+def test_fsm_precision_writes_its_files(fsm_quick_run):
+    out, results = fsm_quick_run
     on_disk = json.loads((out / "results.json").read_text())  # strict JSON: no NaN
     assert on_disk["headline"] == pytest.approx(results["headline"])
-    assert {"settings", "per_codebook", "codes", "eval", "timings_s"} <= set(on_disk)
-    assert all(row["n_fires"] >= on_disk["settings"]["min_fires"] for row in on_disk["codes"])
-    assert FSM.load(out / "fsm.json").n_states == on_disk["settings"]["n_states"]
     assert "plotly" in (out / "figure.html").read_text()
     model = cbinterp.load(out / "model")
     assert set(cbinterp.get_codebooks(model)) == {
         f"blocks.{l}.{site}" for l in range(model.cfg.n_layers) for site in ("attn.hook_z", "hook_mlp_out")
     }
+    assert not cbinterp.get_codebooks(cbinterp.load(out / "model_warm"))
+    assert not cbinterp.get_codebooks(cbinterp.load(out / "model_control"))
 
 
 @pytest.mark.slow
-def test_fsm_precision_resumes_from_its_checkpoints(fsm_run, load_benchmark):
-    """A second run with the same settings and --out trains nothing more and gives the same model."""
-    out, results = fsm_run
+def test_fsm_precision_resumes_from_its_checkpoints(fsm_quick_run, load_benchmark):
+    """A second run with the same recipe and --out trains nothing more and gives the same model."""
+    out, results = fsm_quick_run
     before = cbinterp.load(out / "model").state_dict()
-    again = load_benchmark("fsm_precision").main(["--quick", "--out", str(out), "--no-progress", "--no-neurons"])
+    again = load_benchmark("fsm_precision").main(
+        ["--quick", "--out", str(out), "--no-progress", "--no-neurons", "--eval-positions", "3000"]
+    )
     after = cbinterp.load(out / "model").state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert again["eval"]["trained"]["loss"] == results["eval"]["trained"]["loss"]
+    assert again["accuracy"]["with_codebooks"]["loss"] == results["accuracy"]["with_codebooks"]["loss"]
+    assert again["kmeans_initialised_this_run"] is False
 
 
-def test_fsm_precision_refuses_checkpoints_of_other_settings(tmp_path, load_benchmark):
+def test_fsm_precision_refuses_checkpoints_of_another_recipe(tmp_path, load_benchmark):
     script = load_benchmark("fsm_precision")
     args = script.parse_args(["--quick", "--out", str(tmp_path)])
-    script.check_resumable(tmp_path, script.settings_of(args), fresh=False)
-    changed = script.settings_of(script.parse_args(["--quick", "--out", str(tmp_path), "--n-codes", "64"]))
-    with pytest.raises(SystemExit, match="n_codes"):
+    script.check_resumable(tmp_path, script.recipe_of(args, 0).to_dict(), fresh=False)
+    script.check_resumable(tmp_path, script.recipe_of(args, 0).to_dict(), fresh=False)  # the same: fine
+    changed = script.recipe_of(script.parse_args(["--quick", "--n-codes", "64"]), 0).to_dict()
+    with pytest.raises(SystemExit, match="training"):
         script.check_resumable(tmp_path, changed, fresh=False)
     script.check_resumable(tmp_path, changed, fresh=True)  # --fresh starts over
 
 
-def test_fsm_precision_rejects_bad_model_shape(load_benchmark):
-    with pytest.raises(SystemExit):
-        load_benchmark("fsm_precision").parse_args(["--d-model", "100", "--n-heads", "3"])
-
-
-@pytest.mark.parametrize("script", ["codebook_speed", "train_speed"])
-def test_speed_benchmarks_quick_write_their_tables(script, tmp_path, capsys, load_benchmark):
-    out = tmp_path / f"{script}.json"
-    report = load_benchmark(script).main(["--quick", "--no-reference", "--out", str(out)])
-    assert json.loads(out.read_text())["quick"] is True
-    printed = capsys.readouterr().out
-    assert "reference" in printed and str(out) in printed
-    rows = report["results"]
-    assert rows and all(
-        all(t > 0 for t in row["times_s"])
-        if isinstance(row["times_s"], list)
-        else all(t > 0 for ts in row["times_s"].values() for t in ts)
-        for row in rows.values()
-    )
-
-
-def test_cache_speed_quick_writes_its_table(tmp_path, capsys, load_benchmark):
-    out = tmp_path / "cache_speed.json"
-    report = load_benchmark("cache_speed").main(["--quick", "--out", str(out)])
-    assert json.loads(out.read_text())["ratios"] == pytest.approx(report["ratios"])
-    assert set(report["seconds"]) == {"plain", "cached", "cached_to_disk"}
-    assert all(t > 0 for t in report["seconds"].values())
-    # 64 codes fit a byte: one byte per token per codebook slot.
-    assert {s["per_codebook_slot_over_k"] for s in report["storage"].values()} == {1.0}
-    assert "target cached/plain" in capsys.readouterr().out
-
-
-def test_fsm_precision_quick_and_full_runs_default_to_separate_folders(load_benchmark):
+def test_fsm_precision_overrides_and_folders(load_benchmark):
     script = load_benchmark("fsm_precision")
     assert script.parse_args([]).out.name == "fsm"
     assert script.parse_args(["--quick"]).out.name == "fsm_quick"
+    recipe = script.recipe_of(script.parse_args(["--codebook-loss", "vqvae", "--warm-steps", "7"]), 2)
+    assert recipe.training.codebooks.loss == "vqvae" and recipe.training.warm.steps == 7 and recipe.seed == 2
+    assert script.recipe_of(script.parse_args([]), 0).training.codebooks.loss == "aeloss"  # the paper's default
+    with pytest.raises(SystemExit):
+        script.parse_args(["--seeds", "1", "1"])
+
+
+def test_fsm_precision_aggregates_seeds(load_benchmark):
+    script = load_benchmark("fsm_precision")
+    runs = [{"headline": {"state_code_precision_mean": v, "states_with_own_code": n}} for v, n in ((0.5, 3), (0.7, 5))]
+    agg = script.aggregate(runs)
+    assert agg["state_code_precision_mean"]["mean"] == pytest.approx(0.6)
+    assert agg["state_code_precision_mean"]["std"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert agg["states_with_own_code"] == {
+        "mean": 4.0,
+        "std": pytest.approx(math.sqrt(2)),
+        "min": 3.0,
+        "max": 5.0,
+        "n": 2,
+    }
+
+
+# -- fsm_intervention ---------------------------------------------------------------------------------------
+def test_normalised_jsd_on_hand_made_distributions(load_benchmark):
+    script = load_benchmark("fsm_intervention")
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    q = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    assert script.jsd_bits(p, q).tolist() == pytest.approx([1.0, 0.0])  # disjoint: 1 bit; equal: 0
+    r = torch.tensor([[0.5, 0.5]])
+    assert float(script.jsd_bits(torch.tensor([[1.0, 0.0]]), r)) == pytest.approx(0.311278, abs=1e-5)
+    norm = script.normalised_jsd({"none": np.array([0.4, 0.2]), "half": np.array([0.1, 0.2]), "all": np.zeros(2)})
+    assert norm == {"none": 1.0, "half": pytest.approx(0.5), "all": 0.0}
+    with pytest.raises(ValueError, match="zero"):
+        script.normalised_jsd({"none": np.zeros(3)})
+
+
+@pytest.mark.slow
+def test_fsm_intervention_quick_on_the_shared_model(fsm_quick_run, tmp_path, load_benchmark):
+    source, _ = fsm_quick_run
+    out = tmp_path / "intervention"
+    results = load_benchmark("fsm_intervention").main(
+        ["--quick", "--from", str(source), "--out", str(out), "--pairs", "200", "--no-progress"]
+    )
+    n_layers = cbinterp.load(source / "model").cfg.n_layers
+    expected = {"none", "all_attn", "all_mlp", "all"} | {
+        f"{site}_layer_{l}" for l in range(n_layers) for site in ("attn", "mlp")
+    }
+    for kind in ("state_swap", "state_digit_swap"):
+        rows = results[kind]
+        assert set(rows) == expected
+        assert rows["none"]["jsd_norm"] == 1.0  # the normalisation, exactly
+        assert all(0.0 <= r["jsd_norm"] and 0.0 <= r["success_b"] <= 1.0 for r in rows.values())
+        # Swapping every codebook at the position moves the distribution towards b's more than no swap does.
+        assert rows["all"]["jsd_norm"] < rows["none"]["jsd_norm"]
+    assert results["state_swap"]["none"]["success_a"] > results["state_swap"]["none"]["success_b"]
+    assert json.loads((out / "results.json").read_text())["state_swap"] == json.loads(json.dumps(results["state_swap"]))
+    assert "plotly" in (out / "figure.html").read_text()
+
+
+# -- speed benchmarks: the report is what was timed ------------------------------------------------------------
+def test_codebook_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
+    out = tmp_path / "codebook_speed.json"
+    report = load_benchmark("codebook_speed").main(["--quick", "--no-reference", "--out", str(out)])
+    assert json.loads(out.read_text())["quick"] is True and "reference" in capsys.readouterr().out
+    assert report["results"]
+    for row in report["results"].values():
+        for key, times in row["times_s"].items():
+            assert times and all(_finite(t) and t > 0 for t in times)
+            assert row[f"{key}_s"] == statistics.median(times) and row[f"{key}_min_s"] == min(times)
+        assert row["ours_over_floor"] == pytest.approx(row["ours_s"] / row["floor_s"])
+        assert row["ours_over_reference"] is None  # --no-reference
+
+
+def test_train_speed_quick_report_is_consistent(tmp_path, load_benchmark):
+    out = tmp_path / "train_speed.json"
+    report = load_benchmark("train_speed").main(["--quick", "--no-reference", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == report["results"].keys()
+    n_tokens = report["batch"] * report["seq_len"]
+    for row in report["results"].values():
+        assert row["median_s"] == statistics.median(row["times_s"]) and row["min_s"] <= row["median_s"]
+        assert row["tokens_per_s"] == pytest.approx(n_tokens / row["median_s"])
+        assert row["over_reference"] is None
+
+
+def test_cache_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
+    out = tmp_path / "cache_speed.json"
+    report = load_benchmark("cache_speed").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["ratios"] == pytest.approx(report["ratios"])
+    seconds = report["seconds"]
+    assert set(seconds) == {"plain", "cached", "cached_to_disk"}
+    assert report["ratios"]["cached_over_plain"] == pytest.approx(seconds["cached"] / seconds["plain"])
+    # 64 codes fit a byte: one byte per token per codebook slot.
+    assert {s["per_codebook_slot_over_k"] for s in report["storage"].values()} == {1.0}
+    assert "target cached/plain" in capsys.readouterr().out

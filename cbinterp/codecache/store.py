@@ -372,13 +372,14 @@ def cache_codes(
     tokenizer_name: Optional[str] = None,
     mask: Optional[Tensor] = None,
     token_strings: Optional[Sequence[str]] = None,
+    activation_dtype: torch.dtype = torch.float16,
 ) -> "CodeCache":
     """Run `model` over documents and record every codebook's code ids for every token.
 
     Args:
         tokens_or_iterable: a `(n_docs, seq)` int tensor of token ids, or an iterable of such batches.
         batch_size: documents per forward pass.
-        hooks: hook names whose activations are stored too (as float16), e.g. "blocks.0.mlp.hook_post".
+        hooks: hook names whose activations are stored too (as `activation_dtype`), e.g. "blocks.0.mlp.hook_post".
         directory: stream to this folder in chunk files (resuming a previous, interrupted run there);
             None keeps everything in memory.
         chunk_tokens: tokens per chunk file (at least; chunks hold whole batches). Bounds memory on disk mode.
@@ -392,6 +393,8 @@ def cache_codes(
         token_strings: one string per token id, kept in the cache as its text, for models without a tokenizer
             (e.g. the FSM's digits). Otherwise the model's tokenizer is kept (its files, on disk), so queries,
             probes and views read the cache's text without being told how.
+        activation_dtype: dtype of the stored hook activations (float16 by default; float32 where thresholds on
+            them must not tie, e.g. neuron baselines).
 
     Returns a `CodeCache`. Documents are numbered in input order from 0; `doc`/`pos` give each token's place.
     """
@@ -508,7 +511,7 @@ def cache_codes(
                 arrays[f"codes/{name}"] = _to_host(codes.reshape(n * seq, *codes.shape[2:]).to(torch.int32))
             for hook in hooks:
                 act = cache[hook]
-                arrays[f"act/{hook}"] = _to_host(act.reshape(n * seq, *act.shape[2:]).to(torch.float16))
+                arrays[f"act/{hook}"] = _to_host(act.reshape(n * seq, *act.shape[2:]).to(activation_dtype))
             del cache
             event = None
             if torch.device(device).type == "cuda":
@@ -692,7 +695,7 @@ class CodeCache:
         return self._get("pos").long()
 
     def activations(self, hook_name: str) -> Tensor:
-        """Stored float16 activations of `hook_name`, `(n_tokens, ...)`."""
+        """Stored activations of `hook_name`, `(n_tokens, ...)` (float16 unless cached with another dtype)."""
         if hook_name not in self.meta["hooks"]:
             raise KeyError(f"Hook {hook_name!r} was not cached; this cache has activations of {self.hook_names}.")
         return self._get(f"act/{hook_name}")

@@ -1,1 +1,2 @@
-"""Training recipes: presets and phase runners built from library calls (`lm`: the codebook language model)."""
+"""Training recipes: the generic codebook phase runner, the FSM model's presets, and `lm` (the codebook language
+model)."""

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from cbinterp.core.atomic import atomic_file
@@ -94,6 +94,20 @@ class FSM:
         states = np.asarray(states)
         powers = self.base ** np.arange(self.digits - 1, -1, -1)
         return (states[..., None] // powers) % self.base
+
+    def encode(self, walks: np.ndarray) -> Tensor:
+        """Token sequences of walks `(batch, n_states)`: BOS, then each state's digits."""
+        walks = np.asarray(walks)
+        body = self.state_digits(walks).reshape(len(walks), -1)
+        return torch.as_tensor(np.concatenate([np.full((len(walks), 1), self.bos), body], axis=1), dtype=torch.long)
+
+    def decode_states(self, digits: np.ndarray | Tensor) -> np.ndarray:
+        """State ids of digit groups `(..., digits)` (most significant first); -1 where a token is not a digit or
+        the number is not a state."""
+        digits = np.asarray(digits)
+        is_digit = ((digits >= 0) & (digits < self.base)).all(-1)
+        ids = (np.clip(digits, 0, self.base - 1) * self.base ** np.arange(self.digits - 1, -1, -1)).sum(-1)
+        return np.where(is_digit & (ids < self.n_states), ids, -1)
 
     def is_successor(self, state: np.ndarray, nxt: np.ndarray) -> np.ndarray:
         """Whether `nxt` is a valid successor of `state` (elementwise; out-of-range ids count as invalid)."""
@@ -233,7 +247,118 @@ class FSM:
 
 
 @torch.no_grad()
-def transition_accuracy(
+def sample_from_model(
+    model,
+    n_sequences: int,
+    seq_len: int,
+    bos: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> tuple[Int[Tensor, "batch seq"], Float[Tensor, "batch seq_minus_1 vocab"]]:
+    """Sequences sampled from `model`, starting from BOS, to `seq_len` tokens, at `temperature`.
+
+    Returns the tokens `(n, seq_len)` (BOS first) and, for each position but the last, the distribution the next
+    token was drawn from `(n, seq_len - 1, vocab)`. A HookedTransformer runs with its key-value cache (one new
+    position per step); any other callable `model(tokens) -> logits` is run on the whole prefix each step.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive (sampling), got {temperature}.")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
+    from transformer_lens import HookedTransformer
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    all_tokens, all_probs = [], []
+    for start in range(0, n_sequences, batch_size):
+        n = min(batch_size, n_sequences - start)
+        tokens = torch.full((n, 1), bos, dtype=torch.long, device=device)
+        cached = isinstance(model, HookedTransformer)
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, n) if cached else None
+        step = lambda new, kv=kv: model(new, past_kv_cache=kv, attention_mask=torch.ones_like(new))  # no padding
+        logits = step(tokens) if cached else model(tokens)
+        probs_seq = []
+        for t in range(seq_len - 1):
+            probs = (logits[:, -1].float() / temperature).softmax(-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+            probs_seq.append(probs.cpu())
+            tokens = torch.cat([tokens, nxt], dim=1)
+            if t < seq_len - 2:
+                logits = step(nxt) if cached else model(tokens)
+        all_tokens.append(tokens.cpu())
+        all_probs.append(torch.stack(probs_seq, dim=1))
+    return torch.cat(all_tokens), torch.cat(all_probs)
+
+
+def score_sampled_sequences(fsm: "FSM", tokens: Tensor, probs: Optional[Tensor] = None) -> dict:
+    """The paper's state accuracy of sequences a model wrote itself (BOS, then states digit by digit).
+
+    The body after BOS is read as consecutive states of `fsm.digits` tokens (a trailing partial state is dropped);
+    a group holding a non-digit token or an id >= n_states is no state. Returns:
+
+    * `state_accuracy`: the share of transitions (consecutive groups) that are valid edges of the machine; a
+      transition from or to a group that is no state counts as invalid;
+    * `valid_state_share`: the share of groups that are states;
+    * `valid_next_state_mass` (with `probs`, the sampling distributions from `sample_from_model`): the mean
+      probability the model gives to valid next states at each transition whose source is a state. With the
+      earlier digits of the next state as sampled, it is the last digit's mass on digits that complete a
+      successor: an unbiased estimate of the whole next state's valid mass, because the earlier digits were
+      drawn from the same distribution (exact for one-digit states);
+    * `n_transitions`, `n_sequences`.
+    """
+    d, base = fsm.digits, fsm.base
+    body = tokens[:, 1:]
+    n_groups = body.shape[1] // d
+    if n_groups < 2:
+        raise ValueError(f"Sequences of {tokens.shape[1]} tokens hold fewer than two states of {d} digits.")
+    groups = body[:, : n_groups * d].reshape(len(tokens), n_groups, d).numpy()
+    ids = fsm.decode_states(groups)
+    valid = fsm.is_successor(ids[:, :-1], ids[:, 1:])
+    out = {
+        "state_accuracy": float(valid.mean()),
+        "valid_state_share": float((ids >= 0).mean()),
+        "n_transitions": int(valid.size),
+        "n_sequences": int(len(tokens)),
+    }
+    if probs is not None:
+        # probs[:, j] is the distribution of token j + 1, i.e. of body position j; the next state of transition i
+        # (group i + 1) ends at body position (i + 1) * d + d - 1.
+        src = ids[:, :-1]
+        last = np.arange(n_groups - 1) * d + 2 * d - 1  # probs index of each next state's last digit
+        p_last = probs[:, last, :base].numpy()  # (n, transitions, base)
+        prefix = groups[:, 1:, : d - 1]  # the next state's earlier digits, as sampled
+        prefix_ok = (prefix < base).all(-1)
+        prefix_val = (np.clip(prefix, 0, base - 1) * base ** np.arange(d - 2, -1, -1)).sum(-1)  # 0 for one digit
+        candidates = prefix_val[..., None] * base + np.arange(base)  # (n, transitions, base) state ids
+        ok = fsm.is_successor(np.broadcast_to(src[..., None], candidates.shape), candidates)
+        ok &= prefix_ok[..., None] & (candidates < fsm.n_states)
+        mass = (p_last * ok).sum(-1)
+        out["valid_next_state_mass"] = float(mass[src >= 0].mean()) if (src >= 0).any() else 0.0
+    return out
+
+
+@torch.no_grad()
+def sampled_state_accuracy(
+    model,
+    fsm: "FSM",
+    n_sequences: int = 500,
+    seq_len: Optional[int] = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict:
+    """The paper's state accuracy: `n_sequences` sampled from BOS at `temperature` to `seq_len` tokens (default:
+    the model's context), scored by `score_sampled_sequences` (share of valid transitions, valid next-state
+    mass)."""
+    seq_len = seq_len or model.cfg.n_ctx
+    tokens, probs = sample_from_model(model, n_sequences, seq_len, fsm.bos, temperature, seed, batch_size)
+    return score_sampled_sequences(fsm, tokens, probs) | {"seq_len": seq_len, "temperature": temperature}
+
+
+@torch.no_grad()
+def teacher_forced_transition_accuracy(
     model,
     fsm: FSM,
     n_sequences: int = 256,
@@ -242,7 +367,8 @@ def transition_accuracy(
     seed: int = 12345,
     batch_size: int = 256,
 ) -> dict:
-    """How often the model's greedily decoded next state (digit by digit) is a valid successor.
+    """Teacher-forced: how often the greedily decoded next state (digit by digit) after a true walk from the data
+    is a valid successor. Not the paper's state accuracy (`sampled_state_accuracy`); every prefix is true data.
 
     Prefixes end right after a complete state; `cut_states` says after how many states (default: every
     count that fits in `seq_len`). Returns the overall rate, the first-transition rate (after one state)

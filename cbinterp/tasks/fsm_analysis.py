@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from cbinterp.codecache.store import cache_codes
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer
-from cbinterp.core.naming import INPUT_SUFFIX, codes_hook_name
+from cbinterp.core.naming import INPUT_SUFFIX
 from cbinterp.metrics import add_neuron_precision, code_feature_table
+from cbinterp.metrics.classifiers import best_neuron_precision_batch, code_feature_counts
 from cbinterp.tasks.fsm import FSM
 
 #: Names of the two neuron sets compared with codes (the columns `neuron_precision_<set>` of the table).
@@ -30,10 +31,22 @@ class FSMActivations:
     labels: Int[Tensor, " n"]  # `FSM.feature_labels` id per position, -1 for none
     codes: dict[str, Tensor]  # codebook name -> (n, k) or (n, heads, k) code ids
     neurons: dict[str, Float[Tensor, "n d"]]  # neuron set name -> activations
+    previous: Optional[Int[Tensor, " n"]] = None  # at a state's last digit, the state before it (-1: the start)
+    doc: Optional[Int[Tensor, " n"]] = None  # the sequence each position comes from
 
     @property
     def n_positions(self) -> int:
         return int(self.labels.shape[0])
+
+    def halves(self) -> tuple[Tensor, Tensor]:
+        """(select, score): bool masks splitting the positions by sequence (even / odd sequence index), so that
+        codes and neurons chosen on one half are scored on positions of other sequences."""
+        if self.doc is None:
+            raise ValueError(
+                "These activations carry no sequence ids (doc); collect them with collect_fsm_activations."
+            )
+        even = self.doc % 2 == 0
+        return even, ~even
 
 
 @torch.no_grad()
@@ -45,35 +58,42 @@ def collect_fsm_activations(
     seed: int = 2024,
     batch_size: int = 256,
     progress: bool = True,
+    neurons: bool = True,
 ) -> FSMActivations:
-    """Run `model` over fresh FSM sequences (at least `n_positions` positions after BOS) and keep its codes,
-    its MLP hidden neurons (`blocks.{l}.mlp.hook_post`, all layers) and every codebook's input (each attention
-    and MLP output before quantization), all on the CPU."""
+    """Run `model` over fresh FSM sequences (at least `n_positions` positions after BOS) through `cache_codes`,
+    keeping its codes and (with `neurons`, as float32) its MLP hidden neurons (`blocks.{l}.mlp.hook_post`, all
+    layers) and every codebook's input (each attention and MLP output before quantization), all on the CPU."""
     require_hooked_transformer(model)
     codebooks = get_codebooks(model)
     if not codebooks:
         raise ValueError("The model has no codebooks; attach_codebooks(model, ...) and train it first.")
-    device = next(model.parameters()).device
     n_sequences = -(-n_positions // (seq_len - 1))
     data = fsm.sample(n_sequences, seq_len, seed)
-    labels = fsm.feature_labels(data)[:, 1:]
-    code_names = [codes_hook_name(name) for name in codebooks]
     input_names = [name + INPUT_SUFFIX for name in codebooks]
     post_names = [f"blocks.{layer}.mlp.hook_post" for layer in range(model.cfg.n_layers)]
-    wanted = set(code_names + input_names + post_names)
-    parts: dict[str, list[Tensor]] = {name: [] for name in wanted}
-    for start in tqdm(range(0, n_sequences, batch_size), desc="collect", disable=not progress):
-        tokens = data.tokens[start : start + batch_size].to(device)
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in wanted)
-        for name in wanted:
-            parts[name].append(cache[name][:, 1:].flatten(0, 1).cpu())
-    joined = {name: torch.cat(chunks) for name, chunks in parts.items()}
-    codes = {name: joined[codes_hook_name(name)] for name in codebooks}
-    neurons = {
-        MLP_NEURONS: torch.cat([joined[n] for n in post_names], dim=1),
-        SITE_OUTPUTS: torch.cat([joined[n].flatten(1) for n in input_names], dim=1),
-    }
-    return FSMActivations(labels=labels.flatten(), codes=codes, neurons=neurons)
+    hooks = input_names + post_names if neurons else []
+    cache = cache_codes(
+        model, data.tokens, batch_size=batch_size, hooks=hooks, progress=progress, activation_dtype=torch.float32
+    )
+    keep = cache.pos > 0  # BOS carries no feature
+    codes = {name: cache.codes(name)[keep] for name in codebooks}
+    neuron_sets = {}
+    if neurons:
+        neuron_sets = {
+            MLP_NEURONS: torch.cat([cache.activations(n)[keep] for n in post_names], dim=1),
+            SITE_OUTPUTS: torch.cat([cache.activations(n)[keep].flatten(1) for n in input_names], dim=1),
+        }
+    # The state before each state: the last complete state at the first digit of the state (digits - 1 earlier).
+    before = data.prev_state.roll(fsm.digits - 1, dims=1)
+    previous = torch.where(data.state_at >= 0, before, -1)[:, 1:]
+    doc = torch.arange(n_sequences).unsqueeze(1).expand(n_sequences, seq_len - 1)
+    return FSMActivations(
+        labels=fsm.feature_labels(data)[:, 1:].flatten(),
+        codes=codes,
+        neurons=neuron_sets,
+        previous=previous.flatten(),
+        doc=doc.flatten(),
+    )
 
 
 def fsm_code_table(
@@ -160,3 +180,245 @@ def _site_of(name: str) -> str:
     if name.endswith("hook_mlp_out"):
         return "mlp"
     return name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the paper's feature-first search, chosen on one half of the positions and scored on the other
+# ------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PooledCodes:
+    """The codes of several codebooks (heads counted apart) as one pool: pool index -> (codebook, head, code)."""
+
+    codes: Int[Tensor, "n m"]  # per position, the pool ids of the codes firing there (-1 = none)
+    names: list[tuple[str, int, int]]
+
+
+def pool_codes(codes: dict[str, Tensor], n_codes: dict[str, int], names: Sequence[str]) -> PooledCodes:
+    """Pool the codes of codebooks `names`: each (codebook, head, code) gets its own id."""
+    columns, labels, offset = [], [], 0
+    for name in names:
+        c = codes[name]
+        c = c.unsqueeze(1) if c.dim() == 2 else c  # (n, heads, k)
+        for head in range(c.shape[1]):
+            h = c[:, head]
+            columns.append(torch.where(h >= 0, h + offset, -1))
+            labels += [(name, head, code) for code in range(n_codes[name])]
+            offset += n_codes[name]
+    return PooledCodes(torch.cat(columns, dim=1), labels)
+
+
+def _counts(pool: PooledCodes, labels: Tensor, mask: Tensor, n_features: int):
+    return code_feature_counts(pool.codes[mask], labels[mask], len(pool.names), n_features=n_features)
+
+
+def feature_first_search(
+    pool: PooledCodes,
+    labels: Int[Tensor, " n"],
+    features: Sequence[int],
+    select: Tensor,
+    score: Tensor,
+    n_features: int,
+    min_recall: float = 0.01,
+    precise: float = 0.9,
+) -> pd.DataFrame:
+    """The paper's search, feature first: for each feature, its codes with recall > `min_recall`, ranked by
+    precision, chosen on the `select` positions and scored on the `score` positions.
+
+    One row per feature with: `n_select`/`n_score` (its positions in each half); the best code by precision on
+    `select` (`best_code`: pool id, -1 if no code passes the recall cut) with `best_precision`/`best_recall` on
+    `score` (and `best_precision_select`); among codes with precision >= `precise` on `select`, the one of largest
+    recall there (`precise_code`) with `precise_precision`/`precise_recall` on `score`; `n_codes_covering` (codes
+    with recall > `min_recall` on `select`), `n_precise_codes` and `precise_union_recall` (the share of the
+    feature's `score` positions where at least one of those precise codes fires).
+    """
+    sel = _counts(pool, labels, select, n_features)
+    sco = _counts(pool, labels, score, n_features)
+    p_sel, r_sel = sel.precision(), sel.recall()
+    p_sco, r_sco = sco.precision(), sco.recall()
+    score_idx = score.nonzero().flatten()
+    rows = []
+    for f in features:
+        candidates = (r_sel[:, f] > min_recall).nonzero().flatten()
+        row = {
+            "feature": int(f),
+            "n_select": int(sel.feature_counts[f]),
+            "n_score": int(sco.feature_counts[f]),
+            "n_codes_covering": int(candidates.numel()),
+        }
+        best = precise_code = -1
+        if candidates.numel():
+            # by precision on `select`, ties by recall there, then by the lowest id
+            order = sorted(candidates.tolist(), key=lambda c: (-float(p_sel[c, f]), -float(r_sel[c, f]), c))
+            best = order[0]
+            good = [c for c in order if float(p_sel[c, f]) >= precise]
+            if good:
+                precise_code = max(good, key=lambda c: (float(r_sel[c, f]), -c))
+            precise_set = torch.tensor(good, dtype=torch.long)
+        else:
+            precise_set = torch.zeros(0, dtype=torch.long)
+        row |= {
+            "best_code": best,
+            "best_precision_select": float(p_sel[best, f]) if best >= 0 else 0.0,
+            "best_precision": float(p_sco[best, f]) if best >= 0 else 0.0,
+            "best_recall": float(r_sco[best, f]) if best >= 0 else 0.0,
+            "precise_code": precise_code,
+            "precise_precision": float(p_sco[precise_code, f]) if precise_code >= 0 else 0.0,
+            "precise_recall": float(r_sco[precise_code, f]) if precise_code >= 0 else 0.0,
+            "n_precise_codes": int(precise_set.numel()),
+        }
+        on = score_idx[labels[score_idx] == f]
+        if precise_set.numel() and on.numel():
+            fired = torch.isin(pool.codes[on], precise_set).any(1)
+            row["precise_union_recall"] = float(fired.double().mean())
+        else:
+            row["precise_union_recall"] = 0.0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def previous_state_split(
+    pool: PooledCodes,
+    labels: Tensor,
+    previous: Tensor,
+    table: pd.DataFrame,
+    mask: Tensor,
+    n_states: int,
+    code_column: str = "precise_code",
+) -> pd.DataFrame:
+    """How much one previous state explains a state code's firing, on the `mask` positions.
+
+    For each row (a state s and its code in `code_column`): `prev_share` is the largest share of the code's
+    firing at s that one previous state r (the state before s; "start" counts as one) accounts for, and
+    `prev_share_baseline` the same share among all positions of s (what a code blind to the previous state would
+    show). A transition code (r -> s) has `prev_share` near 1.
+    """
+    idx = mask.nonzero().flatten()
+    lab, prev, codes = labels[idx], previous[idx], pool.codes[idx]
+    out = table.copy()
+    shares, baselines, n_prev = [], [], []
+    for s, code in zip(out["feature"].tolist(), out[code_column].tolist()):
+        at_s = lab == s
+        prev_s = prev[at_s].clamp_min(-1) + 1  # 0 = start
+        counts = torch.bincount(prev_s, minlength=n_states + 1)
+        baselines.append(float(counts.max() / counts.sum()) if counts.sum() else float("nan"))
+        n_prev.append(int((counts > 0).sum()))
+        if code < 0:
+            shares.append(float("nan"))
+            continue
+        fires = (codes[at_s] == code).any(1)
+        by_prev = torch.bincount(prev_s[fires], minlength=n_states + 1)
+        shares.append(float(by_prev.max() / by_prev.sum()) if by_prev.sum() else float("nan"))
+    out["prev_share"] = shares
+    out["prev_share_baseline"] = baselines
+    out["n_previous_states"] = n_prev
+    return out
+
+
+def neurons_at_code_recall(
+    acts: Float[Tensor, "n d"],
+    labels: Tensor,
+    table: pd.DataFrame,
+    select: Tensor,
+    score: Tensor,
+    n_features: int,
+    code_column: str = "best_code",
+    recall_column: str = "best_recall_select",
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each row's feature, the neuron (read from above) of best precision at the recall its code reaches,
+    chosen with its threshold on `select`, then scored on `score`: returns (precision, recall) on `score`
+    (NaN where the row has no code)."""
+    prec = np.full(len(table), np.nan)
+    rec = np.full(len(table), np.nan)
+    has = (table[code_column] >= 0).to_numpy()
+    if not has.any():
+        return prec, rec
+    feats = torch.as_tensor(table.loc[has, "feature"].to_numpy().copy())
+    recalls = torch.as_tensor(table.loc[has, recall_column].to_numpy().copy()).clamp(1e-9, 1.0)
+    best = best_neuron_precision_batch(acts[select], labels[select], feats, recalls, n_features=n_features)
+    a_score, l_score = acts[score], labels[score]
+    p_out, r_out = [], []
+    for f, j, theta in zip(feats.tolist(), best.neuron.tolist(), best.threshold.tolist()):
+        if j < 0:
+            p_out.append(0.0)
+            r_out.append(0.0)
+            continue
+        fires = a_score[:, j].double() >= theta
+        on = l_score == f
+        tp = int((fires & on).sum())
+        p_out.append(tp / max(int(fires.sum()), 1))
+        r_out.append(tp / max(int(on.sum()), 1))
+    prec[has], rec[has] = p_out, r_out
+    return prec, rec
+
+
+def state_code_report(
+    model: HookedTransformer,
+    fsm: FSM,
+    acts: FSMActivations,
+    codebooks: Sequence[str],
+    features: str = "state",
+    min_recall: float = 0.01,
+    precise: float = 0.9,
+    neurons: bool = True,
+) -> pd.DataFrame:
+    """The feature-first search over the pooled `codebooks` for every "state" feature (`features="state"`) or
+    every "state s > digits" feature that occurs (`"state+digit"`), chosen on one half of the sequences and
+    scored on the other; for states also the previous-state split and (with `neurons`) the best neurons of each
+    neuron set at the best code's recall, both chosen on the selection half."""
+    n_codes = {name: cb.n_codes for name, cb in get_codebooks(model).items()}
+    pool = pool_codes(acts.codes, n_codes, codebooks)
+    select, score = acts.halves()
+    n_features = fsm.n_features()
+    if features == "state":
+        ids = list(range(fsm.n_states))
+    elif features == "state+digit":  # those of real states (not "start") that occur on both halves
+        present = torch.bincount(acts.labels[acts.labels >= 0], minlength=n_features)
+        ids = [f for f in range(fsm.n_states, fsm.n_states + fsm.n_states * fsm.prefix_width) if present[f] > 0]
+    else:
+        raise ValueError(f"features must be 'state' or 'state+digit', got {features!r}.")
+    table = feature_first_search(pool, acts.labels, ids, select, score, n_features, min_recall, precise)
+    names = fsm.feature_names()
+    table.insert(1, "name", [names[f] for f in table["feature"]])
+    where = lambda c: pool.names[c] if c >= 0 else ("", -1, -1)
+    table["best_codebook"] = [where(c)[0] for c in table["best_code"]]
+    table["best_head"] = [where(c)[1] for c in table["best_code"]]
+    table["best_code_id"] = [where(c)[2] for c in table["best_code"]]
+    if features == "state" and acts.previous is not None:
+        table = previous_state_split(pool, acts.labels, acts.previous, table, score, fsm.n_states)
+    if neurons and acts.neurons:
+        sel_counts = _counts(pool, acts.labels, select, n_features)
+        table["best_recall_select"] = [
+            float(sel_counts.recall()[c, f]) if c >= 0 else 0.0 for c, f in zip(table["best_code"], table["feature"])
+        ]
+        for set_name, values in acts.neurons.items():
+            p, r = neurons_at_code_recall(values, acts.labels, table, select, score, n_features)
+            table[f"{set_name}_precision"], table[f"{set_name}_recall"] = p, r
+    return table
+
+
+def state_code_headline(table: pd.DataFrame, precise: float = 0.9, min_recall_own: float = 0.5) -> dict:
+    """The headline figures of a `state_code_report` table: mean precision and recall of each feature's best
+    code, how many features have a code of precision >= `precise` and recall >= `min_recall_own` (chosen on one
+    half, both measured on the other), and the neuron baselines' means."""
+    own = (table["precise_precision"] >= precise) & (table["precise_recall"] >= min_recall_own)
+    out = {
+        "n_features": int(len(table)),
+        "best_code_precision_mean": float(table["best_precision"].mean()),
+        "best_code_recall_mean": float(table["best_recall"].mean()),
+        "features_with_precise_code": int((table["n_precise_codes"] > 0).sum()),
+        "features_with_own_code": int(own.sum()),
+        "precise_codes_per_feature_mean": float(table["n_precise_codes"].mean()),
+        "codes_covering_mean": float(table["n_codes_covering"].mean()),
+        "largest_precise_recall_mean": float(table["precise_recall"].mean()),
+        "precise_union_recall_mean": float(table["precise_union_recall"].mean()),
+    }
+    if "prev_share" in table:
+        out["prev_share_mean"] = float(np.nanmean(table["prev_share"])) if table["prev_share"].notna().any() else None
+        out["prev_share_baseline_mean"] = float(np.nanmean(table["prev_share_baseline"]))
+    for column in table.columns:
+        if column.endswith("_precision") and column.split("_precision")[0] in (MLP_NEURONS, SITE_OUTPUTS):
+            out[f"{column}_mean"] = float(np.nanmean(table[column]))
+            out[column.replace("_precision", "_recall") + "_mean"] = float(
+                np.nanmean(table[column.replace("_precision", "_recall")])
+            )
+    return out

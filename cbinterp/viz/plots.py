@@ -140,3 +140,59 @@ def probe_figure(table: pd.DataFrame, title: str = "Regex probes: best code vs b
         fig.add_bar(name="best neuron", x=list(top["feature_name"]), y=list(top["best_neuron_precision"]))
     fig.update_layout(title=title, barmode="group", yaxis_title="precision", yaxis_range=[0, 1.05])
     return fig
+
+
+def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held out: best code vs best neuron"):
+    """Grouped bars per feature from `probe_heldout`'s table: the best code's precision on the score half (B),
+    beside the best neuron's (chosen on A, A's threshold applied on B), each labelled with its recall on B."""
+    fig = go.Figure()
+    if table.empty:
+        fig.update_layout(title=title)
+        return fig
+    names = list(table["feature_name"])
+    code_label = [
+        f"{r.codebook}/h{r.head}/c{r.code}" if r.code >= 0 else "no code" for r in table.itertuples(index=False)
+    ]
+    fig.add_bar(
+        name="best code",
+        x=names,
+        y=list(table["precision_b"]),
+        text=[f"R {r:.2f}" for r in table["recall_b"]],
+        hovertext=code_label,
+        marker_color=_COLORS[0],
+    )
+    if "neuron_best_precision_b" in table.columns:
+        neuron_label = [f"{h}[{u}]" for h, u in zip(table["neuron_best_hook"], table["neuron_best_unit"])]
+        fig.add_bar(
+            name="best neuron",
+            x=names,
+            y=list(table["neuron_best_precision_b"]),
+            text=[f"R {r:.2f}" for r in table["neuron_best_recall_b"]],
+            hovertext=neuron_label,
+            marker_color=_COLORS[1],
+        )
+    fig.update_layout(
+        title=title, barmode="group", yaxis_title="precision on held-out half B", yaxis_range=[0, 1.05], width=1100
+    )
+    return fig
+
+
+def state_code_figure(states: pd.DataFrame, title: str = "State codes") -> go.Figure:
+    """Per state (x): the precision and recall of its best code (feature-first search, scored on the held-out
+    half) and, where measured, the precision of the best neuron of each set at that code's recall."""
+    x = states["name"] if "name" in states else states["feature"]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=x, y=states["best_precision"], mode="markers", name="best code: precision"))
+    fig.add_trace(go.Scatter(x=x, y=states["best_recall"], mode="markers", name="best code: recall"))
+    for i, column in enumerate(c for c in states.columns if c in ("site_outputs_precision", "mlp_neurons_precision")):
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=states[column],
+                mode="markers",
+                name=f"best neuron ({column.removesuffix('_precision')}) at the code's recall: precision",
+                marker_color=_COLORS[(i + 2) % len(_COLORS)],
+            )
+        )
+    fig.update_layout(title=title, height=450, width=1200, yaxis=dict(range=[0, 1.02]))
+    return fig

@@ -64,6 +64,16 @@ def test_codes_match_run_with_cache(cb_model, docs):
     torch.testing.assert_close(act.float(), direct[HOOK].reshape(n * seq, 64), atol=1e-2, rtol=1e-2)
 
 
+def test_activations_in_float32_are_exact(cb_model, docs, tmp_path):
+    direct = direct_codes(cb_model, docs)[HOOK].reshape(-1, 64)
+    for directory in (None, tmp_path / "c"):
+        cache = cache_codes(
+            cb_model, docs, hooks=[HOOK], directory=directory, progress=False, activation_dtype=torch.float32
+        )
+        assert cache.activations(HOOK).dtype == torch.float32
+        assert torch.equal(cache.activations(HOOK), direct)
+
+
 def test_smallest_dtype(cb_model, make_tiny_model, docs):
     small = cache_codes(cb_model, docs[:2], progress=False)
     assert small._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint8

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -423,22 +421,3 @@ def test_bad_positions_for_the_run_raise_inside_the_hook(cb_model, tokens, hook,
     with pytest.raises(error, match=match):
         cb_model.run_with_hooks(tokens, fwd_hooks=[hook(cb_model)])
     assert_no_hooks(cb_model)
-
-
-# -- the FSM causal benchmark, end to end -------------------------------------------------------------------
-@pytest.mark.slow
-def test_fsm_intervention_quick_end_to_end(tmp_path, load_benchmark):
-    source, out = tmp_path / "fsm", tmp_path / "intervention"
-    results = load_benchmark("fsm_intervention").main(
-        ["--quick", "--from", str(source), "--out", str(out), "--pairs", "200", "--no-progress"]
-    )
-    assert (source / "model" / "config.json").is_file()  # trained through fsm_precision.py --quick
-    conditions = results["conditions"]
-    assert conditions["all_mlp"]["success_b"] >= 0.9  # the quick model gives about 1.0
-    assert conditions["none"]["success_a"] >= 0.9 and conditions["none"]["success_b"] <= 0.5
-    assert conditions["all_mlp"]["jsd_patched_b"] < conditions["all_mlp"]["jsd_patched_a"]
-    assert results["target"]["met"] is True
-    on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["conditions"]["all_mlp"]["success_b"] == conditions["all_mlp"]["success_b"]
-    assert {"all_mlp", "best_mlp", "all_attn", "none"} <= set(on_disk["conditions"])
-    assert "plotly" in (out / "figure.html").read_text()

@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cbinterp.tasks.fsm import FSM, transition_accuracy
+from cbinterp.tasks.fsm import (
+    FSM,
+    sample_from_model,
+    sampled_state_accuracy,
+    score_sampled_sequences,
+)
+from cbinterp.tasks.fsm import teacher_forced_transition_accuracy as transition_accuracy
 
 PROPERTY = settings(max_examples=15, deadline=None)
 
@@ -383,3 +389,88 @@ def test_transition_accuracy_partial_oracle():
     assert model.calls == len(cuts) * math.ceil(n / 5) * fsm.digits
     no_first = transition_accuracy(model, fsm, n_sequences=n, seq_len=9, cut_states=[2], seed=3)
     assert no_first["first_transition_accuracy"] is None
+
+
+# -- the paper's state accuracy: sequences the model samples itself --------------------------------------------
+class Uniform(nn.Module):
+    """Every next token equally likely (BOS included)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.dummy = vocab, nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens):
+        return torch.zeros(*tokens.shape, self.vocab)
+
+
+class Consistent(nn.Module):
+    """Uniform over the digits that continue some state in `choose(last complete state)`, -inf elsewhere."""
+
+    def __init__(self, fsm: FSM, choose):
+        super().__init__()
+        self.fsm, self.choose, self.dummy = fsm, choose, nn.Parameter(torch.zeros(()))
+
+    def forward(self, tokens):
+        fsm, d = self.fsm, self.fsm.digits
+        logits = torch.full((*tokens.shape, fsm.vocab_size), -1e9)
+        for r, row in enumerate(tokens.tolist()):
+            body = row[1:]
+            n_complete = len(body) // d
+            partial = body[n_complete * d :]
+            last = decode(fsm, body[(n_complete - 1) * d : n_complete * d]) if n_complete else -1
+            allowed = {
+                encode(fsm, s)[len(partial)] for s in self.choose(last) if encode(fsm, s)[: len(partial)] == partial
+            }
+            logits[r, -1, sorted(allowed)] = 0.0
+        return logits
+
+
+def test_sampled_state_accuracy_of_models_whose_answers_are_known():
+    fsm = FSM.random(12, 3, 4, seed=0)  # two digits per state, ids 0..15 of which 12 are states, vocab 5
+    good = sampled_state_accuracy(Consistent(fsm, successors_of(fsm)), fsm, n_sequences=12, seq_len=17, seed=1)
+    assert good["state_accuracy"] == 1.0 and good["valid_next_state_mass"] == pytest.approx(1.0)
+    assert good["n_transitions"] == 12 * 7 and good["valid_state_share"] == 1.0
+    bad = sampled_state_accuracy(Consistent(fsm, non_successors_of(fsm)), fsm, n_sequences=12, seq_len=17, seed=1)
+    assert bad["state_accuracy"] == 0.0 and bad["valid_next_state_mass"] == pytest.approx(0.0, abs=1e-6)
+    # Uniform over 5 tokens: a group is a state with chance 12/25, the next one a successor with chance 3/25.
+    uniform = sampled_state_accuracy(Uniform(fsm.vocab_size), fsm, n_sequences=600, seq_len=33, seed=2)
+    assert uniform["state_accuracy"] == pytest.approx(12 / 25 * 3 / 25, abs=0.012)
+    assert uniform["valid_state_share"] == pytest.approx(12 / 25, abs=0.02)
+    assert uniform["valid_next_state_mass"] == pytest.approx(3 / 25, abs=0.012)
+
+
+def test_score_sampled_sequences_by_hand():
+    fsm = FSM(3, 1, 10, 0, np.array([[1], [2], [0]]))  # 0 -> 1 -> 2 -> 0, one digit per state
+    bos = fsm.bos
+    tokens = torch.tensor([[bos, 0, 1, 2, 0], [bos, 0, 2, bos, 1], [bos, 5, 0, 1, 1]])
+    out = score_sampled_sequences(fsm, tokens)
+    # row 0: 3 of 3 valid; row 1: 0->2 no, 2->BOS no, BOS->1 no; row 2: 5 is no state, 0->1 yes, 1->1 no
+    assert out["state_accuracy"] == pytest.approx(4 / 9)
+    assert out["valid_state_share"] == pytest.approx(10 / 12)
+    probs = torch.zeros(3, 4, fsm.vocab_size)
+    probs[..., 1] = 0.25  # a quarter on digit 1 everywhere, the rest on digit 2
+    probs[..., 2] = 0.75
+    out = score_sampled_sequences(fsm, tokens, probs)
+    # valid next state: after 0 it is 1 (mass 0.25), after 1 it is 2 (0.75), after 2 it is 0 (0); sources that are
+    # states: row 0: 0, 1, 2; row 1: 0, 2; row 2: 0, 1
+    assert out["valid_next_state_mass"] == pytest.approx(np.mean([0.25, 0.75, 0, 0.25, 0, 0.25, 0.75]))
+
+
+def test_sampling_with_the_kv_cache_matches_the_full_forward_pass(make_tiny_model):
+    model = make_tiny_model(seed=3, d_vocab=5)
+
+    class Full(nn.Module):  # not a HookedTransformer: runs the whole prefix every step
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, tokens):
+            return model(tokens)
+
+    cached_tokens, cached_probs = sample_from_model(model, 6, 12, bos=4, seed=5, batch_size=4)
+    full_tokens, full_probs = sample_from_model(Full(), 6, 12, bos=4, seed=5, batch_size=4)
+    assert torch.equal(cached_tokens, full_tokens) and cached_tokens.shape == (6, 12)
+    assert torch.allclose(cached_probs, full_probs, atol=1e-5)
+    assert (cached_tokens[:, 0] == 4).all()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_from_model(model, 2, 5, bos=4, temperature=0)

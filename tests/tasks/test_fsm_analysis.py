@@ -115,3 +115,129 @@ def test_frequency_and_precision_recall_figures(make_tiny_model):
     )
     pr = precision_recall_figure(table)
     assert [trace.name for trace in pr.data] == ["a", "b"] and list(pr.data[0].y) == [0.5, 0.25]
+
+
+# -- the paper's feature-first search on constructed data ---------------------------------------------------
+from cbinterp.tasks.fsm_analysis import (  # noqa: E402
+    feature_first_search,
+    neurons_at_code_recall,
+    pool_codes,
+    previous_state_split,
+    state_code_headline,
+)
+
+
+def _constructed():
+    """Feature 0 on 40 positions of each half. Code 0 (codebook A) fires on all of them in the select half but
+    also on 40 others (precision 0.5); code 1 (codebook B) fires on the first 10 only (precision 1.0 on select,
+    but on the score half it also fires on 10 non-feature positions: 0.5). Code 2 (B) fires on positions 10..29 of
+    the feature in both halves, precisely (recall 0.5). Code 3 (A) fires on one feature position only (recall
+    1/40 = 2.5%) and nowhere else."""
+    n_half = 200
+    labels = torch.full((2 * n_half,), -1)
+    a = torch.full((2 * n_half, 1), 5)  # codebook A: code 5 = background
+    b = torch.full((2 * n_half, 1), 5)
+    for half in (0, 1):
+        base = half * n_half
+        feat = torch.arange(base, base + 40)
+        labels[feat] = 0
+        a[feat, 0] = 0
+        a[base + 100 : base + 140, 0] = 0  # 40 false fires
+        b[feat[:10], 0] = 1
+        b[feat[10:30], 0] = 2
+        a[feat[39], 0] = 3
+        if half == 1:
+            b[base + 150 : base + 160, 0] = 1  # code 1 is not precise on the held-out half
+    select = torch.arange(2 * n_half) < n_half
+    return labels, {"A": a, "B": b}, select, ~select
+
+
+def test_feature_first_search_chooses_on_one_half_and_scores_on_the_other():
+    labels, codes, select, score = _constructed()
+    pool = pool_codes(codes, {"A": 8, "B": 8}, ["A", "B"])
+    assert pool.names[9] == ("B", 0, 1) and pool.codes.shape == (400, 2)
+    table = feature_first_search(pool, labels, [0], select, score, n_features=1)
+    row = table.iloc[0]
+    # Candidates with recall > 1%: A0 (p 39/79), A3 (p 1, r .025), B1 (p 1, r .25), B2 (p 1, r .5) and B's
+    # background code 5 (r .25, imprecise); the best by precision on select, ties by recall there: B2.
+    assert row["n_codes_covering"] == 5 and row["best_code"] == 8 + 2
+    assert row["best_precision"] == 1.0 and row["best_recall"] == 0.5
+    # The largest-recall code of precision >= 0.9 on select is also B2; B1 is precise on select only.
+    assert row["precise_code"] == 10 and row["n_precise_codes"] == 3
+    assert row["precise_union_recall"] == pytest.approx(31 / 40)  # B1, B2 and A3 together
+    # Raise the recall cut above B2's: A0 is then the only candidate, and a poor one.
+    strict = feature_first_search(pool, labels, [0], select, score, n_features=1, min_recall=0.6).iloc[0]
+    assert strict["best_code"] == 0 and strict["best_precision"] == pytest.approx(39 / 79)
+    assert strict["n_precise_codes"] == 0
+    # B1 alone: precise on the selection half (1.0), scored on the held-out half it is 0.5.
+    only_b1 = feature_first_search(pool, labels, [0], select, score, n_features=1, min_recall=0.2).iloc[0]
+    assert only_b1["n_codes_covering"] == 4  # A0, B1, B2, B5
+    only = {"B": torch.where(codes["B"] == 1, 1, 0)}  # B1, and one code for everything else
+    b1 = feature_first_search(pool_codes(only, {"B": 2}, ["B"]), labels, [0], select, score, n_features=1).iloc[0]
+    assert b1["best_code"] == 1 and b1["best_precision_select"] == 1.0 and b1["best_precision"] == 0.5
+
+
+def test_feature_first_search_with_no_candidate():
+    labels = torch.tensor([0, 0, -1, -1])
+    codes = {"A": torch.tensor([[1], [1], [0], [0]])}
+    pool = pool_codes(codes, {"A": 2}, ["A"])
+    select = torch.tensor([True, False, True, False])
+    row = feature_first_search(pool, labels, [0, 1], select, ~select, n_features=2).iloc[1]  # feature 1 never holds
+    assert row["best_code"] == -1 and row["best_precision"] == 0.0 and row["n_codes_covering"] == 0
+
+
+def test_previous_state_split_tells_transition_codes_from_state_codes():
+    # State 3 at 20 positions: 10 after state 1, 10 after state 2. Code 0 fires only after 1 (a transition code),
+    # code 1 on all 20 (a state code).
+    labels = torch.full((40,), -1)
+    labels[:20] = 3
+    previous = torch.full((40,), -1)
+    previous[:10], previous[10:20] = 1, 2
+    codes = torch.full((40, 2), 7)
+    codes[:10, 0] = 0
+    codes[:20, 1] = 1
+    pool = pool_codes({"A": codes[:, :1], "B": codes[:, 1:]}, {"A": 8, "B": 8}, ["A", "B"])
+    table = pd.DataFrame({"feature": [3, 3, 3], "precise_code": [0, 8 + 1, -1]})
+    out = previous_state_split(pool, labels, previous, table, torch.ones(40, dtype=torch.bool), n_states=5)
+    assert out["prev_share"].iloc[0] == 1.0 and out["prev_share"].iloc[1] == 0.5 and np.isnan(out["prev_share"].iloc[2])
+    assert (out["prev_share_baseline"] == 0.5).all() and (out["n_previous_states"] == 2).all()
+
+
+def test_neurons_at_code_recall_pick_the_threshold_on_one_half():
+    # Feature 0 on positions 0..9 of each half (20 positions per half). Neuron 0 is high on the feature in the
+    # select half but, on the score half, equally high on 10 other positions; neuron 1 is a clean detector in both.
+    n = 40
+    labels = torch.full((n,), -1)
+    labels[0:10], labels[20:30] = 0, 0
+    acts = torch.zeros(n, 2)
+    acts[0:10, 0] = 2.0
+    acts[20:30, 0], acts[30:40, 0] = 2.0, 2.0
+    acts[0:10, 1] = torch.linspace(1.0, 1.9, 10)
+    acts[20:30, 1] = torch.linspace(1.0, 1.9, 10)
+    select = torch.arange(n) < 20
+    table = pd.DataFrame({"feature": [0, 0], "best_code": [1, -1], "best_recall_select": [1.0, 1.0]})
+    precision, recall = neurons_at_code_recall(acts, labels, table, select, ~select, n_features=1)
+    # On select, neuron 0 (lowest index) ties neuron 1 at precision 1.0 and wins; on the held-out half it fires
+    # on 20 positions, 10 of them the feature.
+    assert precision[0] == 0.5 and recall[0] == 1.0 and np.isnan(precision[1])
+    table["best_recall_select"] = [0.5, 1.0]  # at recall 0.5 neuron 0's threshold still catches everything
+    precision, _ = neurons_at_code_recall(acts, labels, table, select, ~select, n_features=1)
+    assert precision[0] == 0.5
+
+
+def test_state_code_headline_counts_own_codes():
+    table = pd.DataFrame(
+        {
+            "best_precision": [1.0, 0.8, 0.95],
+            "best_recall": [0.2, 0.6, 0.5],
+            "precise_precision": [0.95, 0.0, 0.91],
+            "precise_recall": [0.6, 0.0, 0.4],
+            "n_precise_codes": [3, 0, 1],
+            "n_codes_covering": [5, 2, 1],
+            "precise_union_recall": [0.9, 0.0, 0.4],
+        }
+    )
+    head = state_code_headline(table)
+    assert head["features_with_own_code"] == 1 and head["features_with_precise_code"] == 2
+    assert head["best_code_precision_mean"] == pytest.approx((1.0 + 0.8 + 0.95) / 3)
+    assert head["best_code_recall_mean"] == pytest.approx((0.2 + 0.6 + 0.5) / 3)

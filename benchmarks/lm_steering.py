@@ -1,0 +1,454 @@
+"""Topic steering of a codebook language model: force topic codes during generation, count topic mentions.
+
+    python benchmarks/lm_steering.py                      # the shipped DEFAULT_MODEL, every topic
+    python benchmarks/lm_steering.py --model PATH --quick # a few short samples (tests)
+
+Topic codes are found from data, on held-out half A only (text the model never trained on): for every codebook and
+head, the code that best detects the topic's words (the regex of `cbinterp.tasks.lm_features.TOPICS`), or the token
+just before a topic word, by the paper's search (recall > 1% on half A, most precise). Steering forces, in every
+codebook, each head's topic code in n_slots of its k slots (`generate_with_codes`: from the prompt's last position
+on, at every generated position; the codebook keeps its own best k - n_slots codes). Which codes (word / before_word)
+and how many slots are chosen per topic on dev seeds, and the chosen setting is scored on other seeds. Samples:
+every prompt x seed x row, temperature 1, `--new-tokens` new tokens, the same seeds for the unsteered and every
+steered condition. A sample "mentions the topic" when its continuation (prompt excluded) matches the topic regex.
+
+Steered text must still be text: the baseline (no-codebook) model's per-token loss on every continuation is
+measured, and a sample is "readable" when it is not one word repeated (`is_repetitive`) and its loss is at most
+the 95th percentile of the unsteered samples' losses. The headline rate counts readable samples that mention the
+topic. Writes `results.json` (settings, per-topic rates, codes, the dev sweep, all samples) and `figure.html`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _lm_common import (  # noqa: E402
+    OUT,
+    Timer,
+    baseline_name,
+    default_model,
+    heldout_halves,
+    load_model,
+    save_figure,
+    set_threads,
+    take_chars,
+    write_json,
+)
+
+from cbinterp.codecache.documents import cache_documents  # noqa: E402
+from cbinterp.codecache.features import token_positions  # noqa: E402
+from cbinterp.codecache.vocab import Vocabulary  # noqa: E402
+from cbinterp.core.attach import codebooks_bypassed, get_codebooks  # noqa: E402
+from cbinterp.core.interventions import generate_with_codes  # noqa: E402
+from cbinterp.metrics.steering import steering_codes, topic_codes  # noqa: E402
+from cbinterp.tasks.lm_features import TOPICS, is_repetitive, mentions_topic, topic_regex  # noqa: E402
+from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint  # noqa: E402
+
+#: Neutral openings without a topic word. One word each, so that they tokenize to the same length and every seed's
+#: samples of all prompts come from one batched generate call.
+PROMPTS = ["The", "It", "He", "She", "In", "When", "There", "After"]
+#: Which tokens a topic code must detect: the topic words themselves, or the token just before one (a code that
+#: fires where the model is about to write a topic word).
+TARGETS = ("word", "before_word")
+
+
+PAPER = {
+    "tinystories_one_code": {"dragon": [0.025, 0.65], "fire": [0.025, 1.0], "flower": [0.0, 0.9]},
+    "wikitext_all_codes": {"football": [0.075, 0.95]},
+    "note": "Tamkin et al. 2023 as quoted in issue 15: share of samples mentioning the topic, unsteered -> steered; "
+    "TinyStories one-layer model with one code forced, WikiText model with all of the topic's codes forced",
+}
+TARGET = {"unsteered_below": 0.10, "steered_at_least": 0.60, "topics": 5}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="pretrained name or model folder (default: DEFAULT_MODEL)")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="no-codebook LM (name or folder) that scores the samples' loss (default: the registry's baseline; "
+        "'bypass' = the codebook model with its codebooks bypassed)",
+    )
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="two topics, few short samples (for tests)")
+    p.add_argument("--topics", nargs="*", default=None, help=f"default: all of {list(TOPICS)}")
+    p.add_argument("--n-prompts", type=int, default=len(PROMPTS))
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    p.add_argument("--rows", type=int, default=3, help="samples per prompt and seed (dev seeds: 2)")
+    p.add_argument("--new-tokens", type=int, default=100)
+    p.add_argument(
+        "--n-slots",
+        type=int,
+        nargs="*",
+        default=None,
+        help="strengths to try: slots of k the topic code takes (default: 1, 2, k/2, k); one is chosen per "
+        "topic on the dev seeds",
+    )
+    p.add_argument("--dev-seeds", type=int, nargs="*", default=[100], help="seeds that choose the strength")
+    p.add_argument(
+        "--targets",
+        nargs="*",
+        default=list(TARGETS),
+        choices=TARGETS,
+        help="which topic codes to try: those of the topic words, of the token before one (chosen on the dev seeds)",
+    )
+    p.add_argument("--min-recall", type=float, default=0.01)
+    p.add_argument("--min-fires", type=int, default=5, help="a topic code must fire this often on half A")
+    p.add_argument("--max-chars", type=int, default=None, help="characters of half A to find codes on")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more fight on a shared CPU)")
+    args = p.parse_args(argv)
+    args.model = args.model or default_model()
+    if args.out is None:
+        args.out = OUT / ("lm_steering_quick" if args.quick else "lm_steering")
+    if args.quick:
+        args.topics = args.topics or ["war", "religion"]
+        args.n_prompts, args.seeds, args.rows, args.new_tokens = min(args.n_prompts, 2), args.seeds[:1], 2, 12
+        args.dev_seeds = args.dev_seeds[:1]
+        args.max_chars = args.max_chars or 20000
+    args.topics = args.topics or list(TOPICS)
+    for t in args.topics:
+        topic_regex(t)  # KeyError lists the known topics
+    return args
+
+
+def default_baseline(model: str) -> str:
+    """The shipped baseline for the shipped model; `<run>/baseline` for a `lm_train.py` run's codebook model; else
+    "bypass" (the codebook model with its codebooks bypassed)."""
+    if model == default_model():
+        return baseline_name()
+    path = Path(model)
+    for candidate in (path / "baseline", path.parent / "baseline"):
+        if (candidate / "model").is_dir():
+            return str(candidate)
+    return "bypass"
+
+
+def before(mask: Tensor, cache) -> Tensor:
+    """The tokens whose next token (in the same document) is in `mask`."""
+    doc, pos = cache.doc, cache.pos
+    out = torch.zeros_like(mask)
+    same = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+    out[:-1] = mask[1:] & same
+    return out
+
+
+def find_topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires: int) -> dict:
+    """Per target (`TARGETS`): `topic_codes` for one topic on half A as JSON-able rows, and the codes to force."""
+    words = token_positions(cache, tokenizer, TOPICS[topic])
+    out = {"n_topic_tokens": int(words.sum())}
+    for target, mask in (("word", words), ("before_word", before(words, cache))):
+        table = topic_codes(cache, mask, min_recall=min_recall, min_fires=min_fires)
+        rows = table[["codebook", "head", "code", "n_fires", "precision", "recall"]].to_dict(orient="records")
+        out[target] = {"per_head": rows, "force": steering_codes(table, cache)}
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts, seeds, rows, new_tokens, codes=None, n_slots=None):
+    """`rows` samples of every prompt for every seed: dicts with prompt, seed, ids (prompt + new tokens) and
+    prompt_len. Prompts of the same token length share one generate call per seed (seeded by the seed and the
+    length), so a condition costs a few calls whatever the number of prompts."""
+    groups: dict[int, list[tuple[str, Tensor]]] = {}
+    for prompt in prompts:
+        ids = model.to_tokens(prompt)[0]
+        groups.setdefault(len(ids), []).append((prompt, ids))
+    samples = []
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, stop_at_eos=True, verbose=False)
+    for seed in seeds:
+        for length, members in sorted(groups.items()):
+            tokens = torch.stack([ids for _, ids in members]).repeat_interleave(rows, dim=0)
+            torch.manual_seed(1_000 * seed + length)
+            if codes:
+                out = generate_with_codes(model, tokens, codes, n_slots=n_slots, **kwargs)
+            else:
+                out = model.generate(tokens, **kwargs)
+            for i, (prompt, _) in enumerate(members):
+                for r in range(rows):
+                    ids = out[i * rows + r].tolist()
+                    samples.append({"prompt": prompt, "seed": seed, "row": r, "ids": ids, "prompt_len": length})
+    return samples
+
+
+def continuation(sample, eos: int) -> list[int]:
+    """The generated ids up to (and including) the first end-of-text."""
+    ids = sample["ids"][sample["prompt_len"] :]
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@torch.no_grad()
+def baseline_loss(baseline, samples, eos: int, bypass: bool) -> tuple[float, list[float]]:
+    """The baseline's mean per-token loss (nats) on the continuations (up to and including the first end-of-text),
+    token-weighted over all samples; and each sample's mean (NaN for an empty continuation)."""
+    total, count = 0.0, 0
+    per_sample = [float("nan")] * len(samples)
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(samples):
+        shapes.setdefault((s["prompt_len"], len(s["ids"])), []).append(i)
+    for (prompt_len, _), members in shapes.items():
+        ids = torch.tensor([samples[i]["ids"] for i in members])
+        if bypass:
+            with codebooks_bypassed(baseline):
+                logits = baseline(ids)
+        else:
+            logits = baseline(ids)
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:, None])[..., 0][:, prompt_len - 1 :]  # predictions of the new tokens
+        for row, i in enumerate(members):
+            n = len(continuation(samples[i], eos))
+            if n:
+                total += float(nll[row, :n].sum())
+                count += n
+                per_sample[i] = float(nll[row, :n].mean())
+    return (total / count if count else float("nan")), per_sample
+
+
+def judge(samples, topic: str, vocab, eos: int) -> dict:
+    regex = topic_regex(topic)
+    texts = [vocab.text(continuation(s, eos)) for s in samples]
+    mention = np.array([mentions_topic(t, regex) for t in texts])
+    repetitive = np.array([is_repetitive(t) for t in texts])
+    return {
+        "n": len(texts),
+        "rate": float(mention.mean()),
+        "rate_excluding_repetitive": float((mention & ~repetitive).mean()),
+        "repetitive_share": float(repetitive.mean()),
+        "texts": texts,
+        "mention": mention.tolist(),
+        "repetitive": repetitive.tolist(),
+    }
+
+
+def summary(samples, topic, vocab, eos, baseline, bypass, loss_cap: float) -> tuple[dict, dict]:
+    """(JSON-able rates and loss of a condition, the judged texts). A sample is "readable" when it is not one word
+    repeated and the baseline's mean loss on it is at most `loss_cap` (the 95th percentile of the unsteered
+    samples'); `rate_readable`, the headline rate, counts the readable samples that mention the topic."""
+    judged = judge(samples, topic, vocab, eos)
+    loss, each = baseline_loss(baseline, samples, eos, bypass)
+    each_np = np.array(each, dtype=np.float64)
+    high = ~(each_np <= loss_cap)  # NaN (empty continuation) counts as unreadable
+    readable = ~np.array(judged["repetitive"], dtype=bool) & ~high
+    mention = np.array(judged["mention"], dtype=bool)
+    out = {key: judged[key] for key in ("n", "rate", "rate_excluding_repetitive", "repetitive_share")}
+    out["rate_readable"] = float((mention & readable).mean()) if len(samples) else 0.0
+    out["high_loss_share"] = float(high.mean()) if len(samples) else 0.0
+    out["baseline_loss"] = loss
+    out["mean_new_tokens"] = float(np.mean([len(continuation(x, eos)) for x in samples])) if samples else 0.0
+    judged["loss"] = each
+    judged["readable"] = readable.tolist()
+    return out, judged
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    timer = Timer()
+    model = load_model(args.model)
+    tokenizer = model.tokenizer
+    eos = tokenizer.eos_token_id
+    vocab = Vocabulary(tokenizer)
+    bypass = False
+    base_label = args.baseline or default_baseline(args.model)
+    if base_label == "bypass":
+        baseline, bypass = model, True
+    else:
+        baseline = load_model(base_label)
+        if get_codebooks(baseline):
+            raise SystemExit(f"--baseline {base_label} has codebooks; give the no-codebook baseline LM (or 'bypass').")
+        if tokenizer_fingerprint(baseline.tokenizer) != tokenizer_fingerprint(tokenizer):
+            raise SystemExit(f"--baseline {base_label} has another tokenizer than --model {args.model}.")
+    half_a, _ = heldout_halves(args.model)
+    texts_a = take_chars(half_a, args.max_chars)
+    docs = tokenize_documents(texts_a, tokenizer, model.cfg.n_ctx, model)
+    cache = cache_documents(model, docs, batch_size=16)
+    timer.mark("cache")
+    k = {name: cb.k for name, cb in get_codebooks(model).items()}
+    k_min = min(k.values())
+    default = [1, 2, k_min // 2, k_min]
+    strengths = sorted({min(max(1, n), k_min) for n in (args.n_slots or default)})
+    found = {t: find_topic_codes(cache, t, tokenizer, args.min_recall, args.min_fires) for t in args.topics}
+    timer.mark("find_codes")
+    prompts = PROMPTS[: args.n_prompts]
+    longest = max(len(model.to_tokens(p)[0]) for p in prompts)
+    new_tokens = min(args.new_tokens, model.cfg.n_ctx - longest)  # prompt + continuation must fit the context
+    gen = dict(prompts=prompts, rows=args.rows, new_tokens=new_tokens)
+    dev = dict(prompts=prompts, rows=min(args.rows, 2), new_tokens=new_tokens)
+    unsteered = generate(model, seeds=args.seeds, **gen)
+    _, unsteered_losses = baseline_loss(baseline, unsteered, eos, bypass)
+    loss_cap = float(np.nanquantile(np.array(unsteered_losses, dtype=np.float64), 0.95))
+    timer.mark("generate_unsteered")
+    per_topic = {}
+    for topic in args.topics:
+        un, _ = summary(unsteered, topic, vocab, eos, baseline, bypass, loss_cap)
+        entry = {
+            "unsteered": un,
+            "codes": {
+                "n_topic_tokens": found[topic]["n_topic_tokens"],
+                **{t: found[topic][t]["per_head"] for t in args.targets},
+            },
+            "steered_codebooks": [],
+            "steered": None,
+            "met": False,
+        }
+        per_topic[topic] = entry
+        candidates = [(t, n) for t in args.targets if found[topic][t]["force"] for n in strengths]
+        if not candidates:
+            print(f"{topic}: no codebook has a topic code on half A; not steered")
+            continue
+        # which codes (target) and how strong (n_slots): chosen on the dev seeds, other samples than those scored
+        sweep = {}
+        for target, n in candidates:
+            codes = found[topic][target]["force"]
+            samples = generate(model, seeds=args.dev_seeds, codes=codes, n_slots={c: n for c in codes}, **dev)
+            sweep[(target, n)], _ = summary(samples, topic, vocab, eos, baseline, bypass, loss_cap)
+        target, chosen = max(candidates, key=lambda c: (sweep[c]["rate_readable"], -c[1]))
+        codes = found[topic][target]["force"]
+        entry["dev_sweep"] = {f"{t}/{n}": v for (t, n), v in sweep.items()}
+        entry["target"], entry["n_slots"], entry["steered_codebooks"] = target, chosen, sorted(codes)
+        samples = generate(model, seeds=args.seeds, codes=codes, n_slots={c: chosen for c in codes}, **gen)
+        entry["steered"], judged = summary(samples, topic, vocab, eos, baseline, bypass, loss_cap)
+        entry["met"] = bool(
+            un["rate"] < TARGET["unsteered_below"] and entry["steered"]["rate_readable"] >= TARGET["steered_at_least"]
+        )
+        entry["samples"] = [
+            {"prompt": x["prompt"], "seed": x["seed"], "text": t, "mention": m, "repetitive": r, "loss": lo}
+            for x, t, m, r, lo in zip(samples, judged["texts"], judged["mention"], judged["repetitive"], judged["loss"])
+        ]
+        timer.mark(f"steer_{topic}")
+        print_topic(topic, entry, judged)
+    met = [t for t, e in per_topic.items() if e.get("met")]
+    un_all, un_judged = summary(unsteered, args.topics[0], vocab, eos, baseline, bypass, loss_cap)
+    headline = {
+        "topics": len(args.topics),
+        "topics_meeting_target": met,
+        "n_meeting_target": len(met),
+        "target": TARGET,
+        "meets_target": len(met) >= TARGET["topics"],
+        "unsteered_baseline_loss": un_all["baseline_loss"],
+        "unsteered_repetitive_share": un_all["repetitive_share"],
+        "loss_cap": loss_cap,
+        "strengths_tried": strengths,
+        "targets_tried": args.targets,
+        "k": k,
+        "samples_per_condition": len(unsteered),
+        "dev_samples_per_condition": len(prompts) * len(args.dev_seeds) * min(args.rows, 2),
+        "new_tokens": new_tokens,
+    }
+    print_table(per_topic, headline, base_label)
+    fig = steering_figure(per_topic, f"Topic steering ({args.model}), n={len(unsteered)} samples per condition")
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures = save_figure(fig, args.out, "figure")
+    results = {
+        "settings": {
+            "model": str(args.model),
+            "baseline": base_label,
+            "quick": args.quick,
+            "prompts": prompts,
+            "seeds": args.seeds,
+            "dev_seeds": args.dev_seeds,
+            "rows_per_prompt_and_seed": args.rows,
+            "new_tokens": new_tokens,
+            "temperature": 1.0,
+            "strengths_tried": strengths,
+            "targets_tried": args.targets,
+            "strength_rule": "per topic, the (target, n_slots) with the highest dev-seed readable rate (ties: fewer "
+            "slots); scored on the other seeds",
+            "readable": "not one word repeated, and baseline per-token loss <= the 95th percentile of the unsteered "
+            "samples' (loss_cap)",
+            "min_recall": args.min_recall,
+            "min_fires": args.min_fires,
+            "code_search_tokens": cache.n_tokens,
+            "topics": {t: TOPICS[t] for t in args.topics},
+        },
+        "headline": headline,
+        "paper": PAPER,
+        "topics": per_topic,
+        "unsteered_samples": [
+            {"prompt": x["prompt"], "seed": x["seed"], "text": t, "loss": lo}
+            for x, t, lo in zip(unsteered, un_judged["texts"], un_judged["loss"])
+        ],
+        "files": {"figure": figures},
+        "timings_s": timer.marks,
+    }
+    write_json(args.out / "results.json", results)
+    print(f"wrote {args.out / 'results.json'}, {', '.join(figures)}")
+    return results
+
+
+def print_topic(topic, entry, steer) -> None:
+    s = entry["steered"]
+    print(
+        f"\n== {topic}: unsteered {entry['unsteered']['rate']:.0%} -> steered {s['rate']:.0%}, readable "
+        f"{s['rate_readable']:.0%} ({s['repetitive_share']:.0%} repetitive, {s['high_loss_share']:.0%} above the loss "
+        f"cap); codes of the {entry['target']!r} tokens in {entry['n_slots']} slot(s) of "
+        f"{len(entry['steered_codebooks'])} codebook(s); dev sweep (readable rate) "
+        + ", ".join(f"{n}: {v['rate_readable']:.0%}" for n, v in entry["dev_sweep"].items())
+    )
+    for text, mention, readable in list(zip(steer["texts"], steer["mention"], steer["readable"]))[:3]:
+        print(f"   [{'x' if mention else ' '}{'' if readable else ' unreadable'}] {text[:160]!r}")
+
+
+def print_table(per_topic, headline, base_label) -> None:
+    print(
+        f"\nShare of samples mentioning the topic (n = {headline['samples_per_condition']} per condition); "
+        f"steered = the topic code of every head in n_slots of k={sorted(set(headline['k'].values()))} slots; codes "
+        f"(of the topic 'word' or the token 'before_word') and n_slots ({headline['strengths_tried']}) chosen per "
+        f"topic on dev seeds; loss = {base_label}, nats per new token"
+    )
+    head = (
+        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'readable':>8} {'repet.':>7} {'>cap':>5} {'codes':>18} "
+        f"{'loss un':>8} {'loss st':>8}  target"
+    )
+    print(head)
+    print("-" * len(head))
+    for topic, e in per_topic.items():
+        s = e.get("steered")
+        if s is None:
+            print(f"{topic:<10} {e['unsteered']['rate']:>9.0%}  (no topic code)")
+            continue
+        print(
+            f"{topic:<10} {e['unsteered']['rate']:>9.0%} {s['rate']:>8.0%} {s['rate_readable']:>8.0%} "
+            f"{s['repetitive_share']:>7.0%} {s['high_loss_share']:>5.0%} {e['target'] + ' x' + str(e['n_slots']):>18} "
+            f"{e['unsteered']['baseline_loss']:>8.2f} {s['baseline_loss']:>8.2f}  {'met' if e['met'] else '-'}"
+        )
+    print("-" * len(head))
+    print(
+        f"unsteered samples: {headline['unsteered_repetitive_share']:.0%} repetitive; loss cap (95th percentile of "
+        f"their per-sample loss) {headline['loss_cap']:.2f}"
+    )
+    print(
+        "readable = mentions in samples that are not one word repeated and whose baseline loss is within the cap "
+        f"(the headline rate). Target: unsteered < 10% and readable >= 60% on >= 5 topics: "
+        f"{headline['n_meeting_target']} met ({', '.join(headline['topics_meeting_target'])})"
+    )
+
+
+def steering_figure(per_topic, title):
+    import plotly.graph_objects as go
+
+    topics = [t for t, e in per_topic.items() if e.get("steered")]
+    fig = go.Figure()
+    fig.add_bar(name="unsteered", x=topics, y=[per_topic[t]["unsteered"]["rate"] for t in topics])
+    fig.add_bar(
+        name="steered (readable samples only)",
+        x=topics,
+        y=[per_topic[t]["steered"]["rate_readable"] for t in topics],
+        text=[f"loss {per_topic[t]['steered']['baseline_loss']:.2f}" for t in topics],
+    )
+    fig.update_layout(
+        title=title, barmode="group", yaxis_title="share of samples mentioning the topic", yaxis_range=[0, 1.05]
+    )
+    return fig
+
+
+if __name__ == "__main__":
+    main()

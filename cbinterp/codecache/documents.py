@@ -1,0 +1,84 @@
+"""Code caches of whole documents: cache padded document rows, keep only the text tokens, number them by document.
+
+`tokenize_documents` gives each document as rows of BOS plus text, its last row padded. `cache_codes` caches every
+position of those rows, BOS and padding included, and numbers each row as a document. `cache_documents` runs it
+and then keeps only the text tokens (`subset_cache`), renumbered so that `doc` is the document and `pos` the
+token's place in the whole document: a regex feature (`token_positions`) then reads each document as one text,
+and codes firing on BOS or padding count neither as hits nor as false alarms.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from cbinterp.codecache.store import CodeCache, cache_codes
+
+__all__ = ["cache_documents", "subset_cache", "text_token_mask"]
+
+
+def subset_cache(
+    cache: CodeCache,
+    keep: Bool[Tensor, " n_tokens"],
+    doc: Optional[Int[Tensor, " n_tokens"]] = None,
+    pos: Optional[Int[Tensor, " n_tokens"]] = None,
+) -> CodeCache:
+    """An in-memory `CodeCache` of the tokens where `keep` holds (codes, tokens, stored activations), optionally
+    with new `doc` / `pos` numbers (given for every token of `cache`, before selection)."""
+    keep = torch.as_tensor(keep).reshape(-1)
+    if keep.dtype != torch.bool or keep.shape[0] != cache.n_tokens:
+        raise ValueError(
+            f"keep must be a bool mask over the cache's {cache.n_tokens} tokens, got {keep.dtype} {tuple(keep.shape)}."
+        )
+    arrays = {}
+    for key in ["tokens", "doc", "pos"]:
+        arrays[key] = cache._get(key)[keep]
+    for name, value in (("doc", doc), ("pos", pos)):
+        if value is not None:
+            value = torch.as_tensor(value).reshape(-1)
+            if value.shape[0] != cache.n_tokens:
+                raise ValueError(f"{name} must have one entry per token of the cache ({cache.n_tokens}).")
+            arrays[name] = value[keep].to(torch.int32)
+    for name in cache.codebook_names:
+        arrays[f"codes/{name}"] = cache._get(f"codes/{name}")[keep]
+    for hook in cache.hook_names:
+        arrays[f"act/{hook}"] = cache._get(f"act/{hook}")[keep]
+    meta = {k: v for k, v in cache.meta.items() if k != "chunks"}
+    meta["n_tokens"] = int(keep.sum())
+    meta["n_docs"] = int(torch.unique(arrays["doc"]).numel())
+    return CodeCache(meta, arrays=arrays, tokenizer=cache.tokenizer)
+
+
+def text_token_mask(mask: Bool[Tensor, "rows seq"]) -> Bool[Tensor, "rows seq"]:
+    """The text tokens of `DocumentTokens.mask`: real tokens other than each row's leading BOS."""
+    out = mask.clone()
+    out[:, 0] = False
+    return out
+
+
+def cache_documents(
+    model: HookedTransformer,
+    documents,
+    hooks: Sequence[str] = (),
+    batch_size: int = 16,
+    progress: bool = False,
+) -> CodeCache:
+    """Cache the codes (and `hooks`' activations) of `documents` (a `DocumentTokens` from `tokenize_documents`),
+    keeping only text tokens (no BOS, no padding). `doc` is the document index and `pos` the
+    place of the token in its document (rows laid end to end, BOS not counted)."""
+    tokens, mask, doc_index = documents.tokens, documents.mask, documents.doc_index
+    cache = cache_codes(model, tokens, batch_size=batch_size, hooks=hooks, progress=progress)
+    rows, seq = tokens.shape
+    body = seq - 1
+    row_in_doc = torch.zeros(rows, dtype=torch.long)
+    for i in range(1, rows):  # rows of a document are consecutive
+        row_in_doc[i] = row_in_doc[i - 1] + 1 if doc_index[i] == doc_index[i - 1] else 0
+    position = row_in_doc[:, None] * body + torch.arange(seq)[None, :] - 1  # BOS (dropped) would get row start - 1
+    keep = text_token_mask(mask)
+    doc = doc_index[:, None].expand(rows, seq)
+    # the flat order of cache_codes is row-major over (rows, seq), as here
+    return subset_cache(cache, keep.reshape(-1), doc=doc.reshape(-1), pos=position.clamp(min=0).reshape(-1))

@@ -1,0 +1,212 @@
+"""The codebook training recipe as data: warm start without codebooks, attach, k-means, train through them.
+
+Any HookedTransformer and any batch source work: `run_recipe(model, batches, recipe, kmeans_tokens)`, where
+`batches(stream)` returns a step-indexed batch function (`fn(step) -> tokens`) for data stream `stream` (each
+phase names its stream, so phases see different data and a resumed phase sees the same data again).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from cbinterp.core.atomic import recover_dir
+from cbinterp.core.attach import attach_codebooks, kmeans_init_codebooks, require_hooked_transformer
+from cbinterp.core.train import TRAINER_FILE, TrainConfig, train
+
+#: `batches(stream)` -> `fn(step) -> tokens`: the data of one phase, the same tokens for the same step.
+BatchSource = Callable[[int], Callable[[int], Tensor]]
+
+
+@dataclasses.dataclass
+class Phase:
+    """One training phase: `steps` steps of `train` with these settings, on data stream `stream`."""
+
+    name: str
+    steps: int
+    lr: float
+    stream: int
+    codebook_lr: Optional[float] = None  # None: the model's lr
+    freeze_model: bool = False  # train the codebooks only
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+    def train_config(self, seed: int, checkpoint_dir: Optional[Path], progress: bool, compile: bool) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            lr=self.lr,
+            codebook_lr=self.codebook_lr,
+            freeze_model=self.freeze_model,
+            warmup_steps=min(self.warmup_steps, self.steps // 10),
+            schedule=self.schedule,
+            min_lr_ratio=self.min_lr_ratio,
+            checkpoint_every=50 if checkpoint_dir is not None else 0,
+            checkpoint_dir=str(checkpoint_dir / self.name) if checkpoint_dir is not None else None,
+            compile=compile,
+            seed=seed,
+            progress=progress,
+        )
+
+
+@dataclasses.dataclass
+class CodebookSpec:
+    """Where the codebooks go and how they are built (`attach_codebooks` arguments) and initialised."""
+
+    sites: tuple[str, ...] = ("attn", "mlp")
+    n_codes: int = 1000
+    k: int = 1
+    loss: str = "aeloss"  # the paper's: the input gets no gradient from the reconstruction loss
+    similarity: str = "inner_product"
+    kmeans: bool = True
+    kmeans_iters: int = 10
+
+
+@dataclasses.dataclass
+class CodebookRecipe:
+    """Warm start (`warm`, without codebooks; None: the model is already trained), then codebooks, then `phases`
+    with the codebooks in place. With `control`, a copy of the warm-started model is trained without codebooks
+    through every phase that trains the model (same steps, lr, data), so that "with codebooks" can be compared
+    with a model that saw the same extra training."""
+
+    warm: Optional[Phase]
+    codebooks: CodebookSpec
+    phases: list[Phase]
+    control: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.all_phases()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Phase names must be unique, got {names}.")
+        if any(p.freeze_model for p in ([self.warm] if self.warm else [])):
+            raise ValueError("The warm phase trains a model without codebooks; it cannot freeze the model.")
+
+    def all_phases(self) -> list[Phase]:
+        return ([self.warm] if self.warm else []) + list(self.phases) + self.control_phases()
+
+    def control_phases(self) -> list[Phase]:
+        """The control model's phases: each codebook phase that trains the model, renamed `control_<name>`."""
+        if not self.control:
+            return []
+        return [dataclasses.replace(p, name=f"control_{p.name}") for p in self.phases if not p.freeze_model]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CodebookRecipe":
+        warm = Phase(**data["warm"]) if data.get("warm") else None
+        spec = CodebookSpec(**{**data["codebooks"], "sites": tuple(data["codebooks"]["sites"])})
+        return cls(warm, spec, [Phase(**p) for p in data["phases"]], data.get("control", True), data.get("seed", 0))
+
+
+@dataclasses.dataclass
+class RecipeResult:
+    """The trained models and what each phase did. `warm_model` is a copy of the model after the warm start,
+    `control_model` that copy trained further without codebooks (None without `recipe.control`)."""
+
+    model: HookedTransformer
+    warm_model: HookedTransformer
+    control_model: Optional[HookedTransformer]
+    losses: dict[str, list[float]]
+    steps: dict[str, int]
+    tokens: dict[str, int]
+    seconds: dict[str, float]
+    kmeans_initialised: bool
+
+
+def run_recipe(
+    model: HookedTransformer,
+    batches: BatchSource,
+    recipe: CodebookRecipe,
+    kmeans_tokens: Optional[Tensor] = None,
+    checkpoint_dir: Optional[str | Path] = None,
+    progress: bool = True,
+    compile: bool = False,
+    log: Callable[[str], None] = lambda message: print(message, flush=True),
+    after_phase: Optional[Callable[[str, HookedTransformer], None]] = None,
+) -> RecipeResult:
+    """Run `recipe` on `model` (changed in place: it ends with codebooks, trained).
+
+    Args:
+        batches: `batches(stream)(step) -> tokens`.
+        kmeans_tokens: the tokens whose activations initialise the codebooks (required when
+            `recipe.codebooks.kmeans`); skipped when resuming a codebook phase, whose checkpoint holds the codes.
+        checkpoint_dir: each phase checkpoints under `<dir>/<phase name>` and resumes from there.
+        after_phase: called as `after_phase(name, model)` after each phase (e.g. to evaluate).
+    """
+    require_hooked_transformer(model)
+    spec = recipe.codebooks
+    if spec.kmeans and kmeans_tokens is None:
+        raise ValueError("recipe.codebooks.kmeans is set: pass kmeans_tokens (the tokens k-means reads).")
+    root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    losses, steps, tokens, seconds = {}, {}, {}, {}
+
+    def run_phase(phase: Phase, target: HookedTransformer) -> None:
+        start = time.perf_counter()
+        fn = batches(phase.stream)
+        result = train(target, fn, phase.train_config(recipe.seed, root, progress, compile))
+        losses[phase.name], steps[phase.name] = result.losses, phase.steps
+        tokens[phase.name] = phase.steps * int(fn(0).numel())
+        seconds[phase.name] = time.perf_counter() - start
+        log(f"phase {phase.name}: {phase.steps} steps, {tokens[phase.name]:,} tokens, {seconds[phase.name]:.0f} s")
+        if after_phase is not None:
+            after_phase(phase.name, target)
+
+    if recipe.warm is not None:
+        run_phase(recipe.warm, model)
+    warm_model = copy.deepcopy(model)
+    attach_codebooks(
+        model,
+        sites=list(spec.sites),
+        n_codes=spec.n_codes,
+        k=spec.k,
+        seed=recipe.seed,
+        loss=spec.loss,
+        similarity=spec.similarity,
+    )
+    resuming = root is not None and any(
+        (recover_dir(root / p.name) / TRAINER_FILE).exists() for p in recipe.phases
+    )  # a resumed run loads its codes from the checkpoint
+    kmeans_done = False
+    if spec.kmeans and not resuming:
+        start = time.perf_counter()
+        kmeans_init_codebooks(model, kmeans_tokens, iters=spec.kmeans_iters, seed=recipe.seed)
+        seconds["kmeans"] = time.perf_counter() - start
+        tokens["kmeans"] = int(kmeans_tokens.numel())
+        kmeans_done = True
+    if after_phase is not None:
+        after_phase("attached", model)
+    for phase in recipe.phases:
+        run_phase(phase, model)
+    control_model = None
+    if recipe.control:
+        control_model = copy.deepcopy(warm_model)
+        for phase in recipe.control_phases():
+            run_phase(phase, control_model)
+    return RecipeResult(model, warm_model, control_model, losses, steps, tokens, seconds, kmeans_done)
+
+
+def phases_summary(recipe: CodebookRecipe, tokens_per_step: int) -> list[dict]:
+    """Per phase: name, steps, tokens, lr, codebook lr, frozen model (for reports)."""
+    return [
+        {
+            "phase": p.name,
+            "steps": p.steps,
+            "tokens": p.steps * tokens_per_step,
+            "lr": p.lr,
+            "codebook_lr": p.codebook_lr,
+            "freeze_model": p.freeze_model,
+        }
+        for p in recipe.all_phases()
+    ]
+
+
+__all__: Sequence[str] = ["BatchSource", "CodebookRecipe", "CodebookSpec", "Phase", "RecipeResult", "run_recipe"]

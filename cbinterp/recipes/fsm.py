@@ -1,0 +1,154 @@
+"""The FSM model of the paper as one recipe: the machine, the transformer, its data and its training phases.
+
+recipe = FSMRecipe.paper()           # the default run of benchmarks/fsm_precision.py
+recipe = FSMRecipe.quick()           # a small machine and model (tests, tutorial)
+fsm, result = recipe.run(checkpoint_dir="out/checkpoints")
+result.model, result.warm_model, result.control_model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, RecipeResult, run_recipe
+from cbinterp.tasks.fsm import FSM
+
+#: Data streams: each phase reads its own (k-means reads STREAM_KMEANS, evaluation should use others).
+STREAM_WARM, STREAM_CODEBOOKS, STREAM_KMEANS = 0, 1, 2
+
+
+@dataclasses.dataclass
+class FSMRecipe:
+    """Machine, model shape, data shape and training of the FSM codebook model. `seed` seeds all of them (the
+    machine, the weights, the codebooks and the data), so that seeds differ in everything."""
+
+    n_states: int = 100
+    n_edges: int = 10
+    base: int = 10
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    seq_len: int = 128
+    batch: int = 32
+    kmeans_sequences: int = 512
+    training: CodebookRecipe = dataclasses.field(default_factory=lambda: FSMRecipe.paper_training())
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}.")
+        if self.training.seed != self.seed:
+            self.training = dataclasses.replace(self.training, seed=self.seed)
+
+    # -- presets ----------------------------------------------------------------------------------------
+    @staticmethod
+    def paper_training(
+        warm_steps: int = 250, codebook_steps: int = 150, loss: str = "aeloss", n_codes: int = 1000
+    ) -> CodebookRecipe:
+        """The default training: warm start, codebooks after every head and every MLP (1000 codes, k=1,
+        aeloss, k-means initialised), then end to end, the model at a tenth of the codebooks' learning rate."""
+        return CodebookRecipe(
+            warm=Phase("warm", steps=warm_steps, lr=3e-3, stream=STREAM_WARM),
+            codebooks=CodebookSpec(sites=("attn", "mlp"), n_codes=n_codes, k=1, loss=loss),
+            phases=[Phase("codebooks", steps=codebook_steps, lr=1e-4, codebook_lr=1e-3, stream=STREAM_CODEBOOKS)],
+        )
+
+    @classmethod
+    def paper(cls, seed: int = 0, **overrides) -> "FSMRecipe":
+        """The paper's FSM (100 states, 10 edges, two digits per state), 4 layers x d_model 128, context 128."""
+        return cls(seed=seed, **overrides)
+
+    @classmethod
+    def quick(cls, seed: int = 0, **overrides) -> "FSMRecipe":
+        """A 20-state machine and a 2-layer model, about 30 s on two CPU cores."""
+        settings = dict(
+            n_states=20,
+            n_edges=4,
+            n_layers=2,
+            d_model=64,
+            n_heads=4,
+            d_mlp=256,
+            seq_len=64,
+            batch=64,
+            kmeans_sequences=256,
+            training=cls.paper_training(warm_steps=200, codebook_steps=150, n_codes=200),
+        )
+        return cls(seed=seed, **{**settings, **overrides})
+
+    # -- parts --------------------------------------------------------------------------------------------
+    def fsm(self) -> FSM:
+        return FSM.random(self.n_states, self.n_edges, self.base, self.seed)
+
+    def model_config(self, fsm: FSM, device: Optional[str] = None) -> HookedTransformerConfig:
+        return HookedTransformerConfig(
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_head=self.d_model // self.n_heads,
+            d_mlp=self.d_mlp,
+            n_ctx=self.seq_len,
+            d_vocab=fsm.vocab_size,
+            act_fn="gelu",
+            normalization_type="LN",
+            positional_embedding_type="rotary",
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            seed=self.seed,
+        )
+
+    def build_model(self, fsm: FSM, device: Optional[str] = None) -> HookedTransformer:
+        torch.manual_seed(self.seed)
+        return HookedTransformer(self.model_config(fsm, device))
+
+    def batches(self, fsm: FSM) -> Callable[[int], Callable[[int], Tensor]]:
+        """`batches(stream)(step)`: `batch` sequences of `seq_len` tokens, fixed by (seed, stream, step)."""
+        return lambda stream: fsm.token_batches(self.batch, self.seq_len, seed=self.data_seed(stream))
+
+    def data_seed(self, stream: int) -> int:
+        return 1000 * self.seed + stream
+
+    def kmeans_tokens(self, fsm: FSM) -> Tensor:
+        return fsm.sample(self.kmeans_sequences, self.seq_len, self.data_seed(STREAM_KMEANS)).tokens
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_len
+
+    def run(
+        self,
+        checkpoint_dir: Optional[str | Path] = None,
+        device: Optional[str] = None,
+        progress: bool = True,
+        compile: bool = False,
+        **kwargs,
+    ) -> tuple[FSM, RecipeResult]:
+        """Build the machine and the model and train them through `training` (resuming from `checkpoint_dir`)."""
+        fsm = self.fsm()
+        model = self.build_model(fsm, device)
+        result = run_recipe(
+            model,
+            self.batches(fsm),
+            self.training,
+            kmeans_tokens=self.kmeans_tokens(fsm),
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+            compile=compile,
+            **kwargs,
+        )
+        return fsm, result
+
+    # -- records ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FSMRecipe":
+        data = dict(data)
+        training = CodebookRecipe.from_dict(data.pop("training"))
+        return cls(**data, training=training)
