@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -42,7 +41,7 @@ from cbinterp.core.attach import get_codebooks, require_hooked_transformer
 from cbinterp.core.codes import NO_CODE
 from cbinterp.core.manifest import ResumeWarning
 from cbinterp.core.naming import CODES_SUFFIX, codes_hook_name, did_you_mean
-from cbinterp.core.tokenizer import load_tokenizer
+from cbinterp.core.tokenizer import load_tokenizer, write_tokenizer_files
 
 FORMAT_NAME = mf.CODE_CACHE
 FORMAT_VERSION = mf.VERSION
@@ -348,12 +347,7 @@ def _checked_strings(token_strings: Sequence[str], d_vocab: int) -> list[str]:
 
 def _store_tokenizer(path: Path, meta: dict, tokenizer) -> None:
     """Keep the tokenizer's files in the cache folder, listed and checksummed like every other file."""
-    with tempfile.TemporaryDirectory(prefix="cbinterp-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        names = sorted(os.listdir(tmp))
-        for name in names:
-            with atomic_file(path / name) as target:
-                target.write_bytes((Path(tmp) / name).read_bytes())
+    names = write_tokenizer_files(tokenizer, path)
     meta["tokenizer_files"] = names
     for name in names:
         meta["files"][name] = mf.file_entry(path / name)

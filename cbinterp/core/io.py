@@ -23,7 +23,7 @@ from cbinterp.core.atomic import atomic_dir, recover_dir
 from cbinterp.core.attach import get_codebooks, insert_codebook, refresh_hooks, require_hooked_transformer
 from cbinterp.core.codebook import Codebook, CodebookConfig
 from cbinterp.core.manifest import MANIFEST_FILE, sha256_of
-from cbinterp.core.tokenizer import attach_tokenizer, load_tokenizer, tokenizer_fingerprint
+from cbinterp.core.tokenizer import attach_tokenizer, load_tokenizer, tokenizer_fingerprint, write_tokenizer_files
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -92,9 +92,7 @@ def write_model(
     names = list(MODEL_FILES)
     tokenizer = getattr(model, "tokenizer", None)
     if with_tokenizer and tokenizer is not None:
-        before = {p.name for p in directory.iterdir()}
-        tokenizer.save_pretrained(str(directory))
-        files = sorted({p.name for p in directory.iterdir()} - before)
+        files = write_tokenizer_files(tokenizer, directory)
         config["tokenizer"] = {"files": files, "fingerprint": tokenizer_fingerprint(tokenizer)}
         names += files
     mf.write_json(directory / CONFIG_FILE, config)

@@ -10,16 +10,17 @@ import copy
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Union
 
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from cbinterp.core.atomic import atomic_dir
+from cbinterp.core.atomic import atomic_dir, atomic_file
 from cbinterp.core.attach import require_hooked_transformer
 
-__all__ = ["attach_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_fingerprint"]
+__all__ = ["attach_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_fingerprint", "write_tokenizer_files"]
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Union[str, os.PathLike]) -> Path:
@@ -111,3 +112,15 @@ def attach_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBas
     if model.tokenizer is not own or not model.cfg.tokenizer_prepends_bos:
         raise RuntimeError("TransformerLens replaced the tokenizer; this transformer-lens version is unsupported.")
     return model
+
+
+def write_tokenizer_files(tokenizer: PreTrainedTokenizerBase, directory: Path) -> list[str]:
+    """Write the tokenizer's files (``save_pretrained``) into an existing folder beside other files, each one
+    atomically; returns their names, for the folder's manifest."""
+    with tempfile.TemporaryDirectory(prefix="cbinterp-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            with atomic_file(Path(directory) / name) as target:
+                target.write_bytes((Path(tmp) / name).read_bytes())
+    return names
