@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from cbinterp.core.codes import NO_CODE
+from cbinterp.core.heads import check_head
 from cbinterp.core.naming import did_you_mean
 
 Similarity = Literal["inner_product", "cosine", "euclidean"]
@@ -457,7 +458,9 @@ class Codebook(HookPoint):
 
     def dead_codes(self, head: Optional[int] = None) -> Tensor:
         """Ids of the codes that have not fired since the last `reset_usage()`: in `head`, or in no head when None
-        (as `cbinterp.dead_codes(cache, name, head)` counts a cache)."""
+        (as `cbinterp.dead_codes(cache, name, head)` counts a cache). `head` as in the cache queries: None or a
+        missing value for no head; a codebook without heads also takes 0 (its only group)."""
+        head = check_head(head, "this codebook", self.cfg.groups if self.grouped else None)
         counts = self.counts.sum(0) if head is None else self.counts[head]
         return torch.nonzero(counts == 0).flatten().cpu()
 
