@@ -76,13 +76,13 @@ def test_activations_in_float32_are_exact(cb_model, docs, tmp_path):
 
 def test_smallest_dtype(cb_model, make_tiny_model, docs):
     small = cache_codes(cb_model, docs[:2], progress=False)
-    assert small._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint8
+    assert small.stored_codes("blocks.0.hook_mlp_out").dtype == torch.uint8
     assert small.storage_dtype("blocks.0.hook_mlp_out") == torch.uint8
     assert small.bytes_per_token("blocks.0.hook_mlp_out") == 1
     assert small.bytes_per_token("blocks.0.attn.hook_z") == 4  # 4 heads, k=1, one byte each
     big_model = attach_codebooks(make_tiny_model(seed=1), ["mlp"], n_codes=1000, layers=[0])
     big = cache_codes(big_model, docs[:2], progress=False)
-    assert big._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint16
+    assert big.stored_codes("blocks.0.hook_mlp_out").dtype == torch.uint16
     assert big.bytes_per_token("blocks.0.hook_mlp_out") == 2
     assert big.n_codes("blocks.0.hook_mlp_out") == 1000
     direct = direct_codes(big_model, docs[:2])["blocks.0.hook_mlp_out.hook_codes"]
