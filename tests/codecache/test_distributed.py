@@ -23,12 +23,11 @@ def run_ranks(tmp_path: Path, directory: Path, world: int = 2, die_rank: int = -
     """Run `world` ranks to the end; each rank's report (None for a rank that died)."""
     out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
     out.mkdir()
-    ctx = multiprocessing.get_context("spawn")
+    # forked from this process, which imported torch and cbinterp already (one thread: no pool to inherit)
+    ctx = multiprocessing.get_context("fork")
     rdv = out / "rendezvous"
     procs = [
-        ctx.Process(
-            target=worker.rank_main, args=(r, world, str(rdv), str(directory), str(out), die_rank, die_after)
-        )
+        ctx.Process(target=worker.rank_main, args=(r, world, str(rdv), str(directory), str(out), die_rank, die_after))
         for r in range(world)
     ]
     for p in procs:
