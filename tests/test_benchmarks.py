@@ -224,3 +224,19 @@ def test_cache_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark
     # 64 codes fit a byte: one byte per token per codebook slot.
     assert {s["per_codebook_slot_over_k"] for s in report["storage"].values()} == {1.0}
     assert "target cached/plain" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # four fresh interpreters importing torch: well over 10 s on a loaded machine
+def test_cache_memory_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
+    out = tmp_path / "cache_memory.json"
+    report = load_benchmark("cache_memory").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == report["results"].keys()
+    assert "now" in report["results"]  # and "before" where git can export the baseline
+    assert report["same_answers"] is True  # the old and the new cache answer the query alike
+    for row in report["results"].values():
+        for step in ("cache", "query"):
+            r = row[step]
+            assert r["peak_mb"] >= r["imports_mb"] > 0
+            assert r["over_imports_mb"] == pytest.approx(r["peak_mb"] - r["imports_mb"])
+        assert row["disk_mb"] > 0
+    assert "open+query" in capsys.readouterr().out

@@ -73,11 +73,18 @@ def token_positions(
     if which not in _WHICH:
         raise ValueError(f"which must be one of {_WHICH}, got {which!r}.")
     regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-    tokens, doc, pos = _flat_tokens(cache_or_tokens)
     vocab = vocabulary_of(cache_or_tokens, token_strings)
-    tok_np = tokens.numpy()
+    offsets = None if isinstance(cache_or_tokens, Tensor) else getattr(cache_or_tokens, "doc_offsets", None)
+    if offsets is not None:  # each document's tokens are one range, in position order: no per-token doc and pos
+        tok_np = cache_or_tokens.stored_tokens().numpy()
+        bounds = offsets.numpy()
+        groups = (np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
+    else:
+        tokens, doc, pos = _flat_tokens(cache_or_tokens)
+        tok_np = tokens.numpy()
+        groups = (idx for _, idx in doc_token_indices(doc, pos))
     mask = np.zeros(len(tok_np), dtype=bool)
-    for _, idx in doc_token_indices(doc, pos):
+    for idx in groups:
         text, starts, ends = vocab.spans(tok_np[idx])
         nonempty = ends > starts
         for m in regex.finditer(text):

@@ -39,17 +39,23 @@ __all__ = [
 ]
 
 
-def _head_codes(cache, name: str, head) -> Tensor:
+def _codes_of(cache, name: str, stored: bool = False) -> Tensor:
+    """The codes of `name`; with `stored`, as the cache stores them (compared against a code id as they are, not
+    widened to int64)."""
+    return cache.stored_codes(name) if stored and hasattr(cache, "stored_codes") else cache.codes(name)
+
+
+def _head_codes(cache, name: str, head, stored: bool = False) -> Tensor:
     """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` for no head (see
     `cbinterp.core.heads.check_head`: None or a missing value; 0 for an ungrouped codebook)."""
-    codes = cache.codes(name)
+    codes = _codes_of(cache, name, stored)
     head = check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
     return codes if head is None else codes[:, head]
 
 
 def head_of(cache, name: str, head) -> Optional[int]:
     """`head` of codebook `name` in `cache` as checked by `check_head`: an index, or None for no head."""
-    codes = cache.codes(name)
+    codes = _codes_of(cache, name, stored=True)
     return check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
 
 
@@ -64,10 +70,14 @@ def _check_code(cache, name: str, code: int) -> int:
 def code_frequencies(cache, name: str, head: Optional[int] = None) -> Tensor:
     """Int64 `(n_codes,)`: how many tokens each code fires at (per-head codebook with head=None: (token, head)
     pairs, summed over heads)."""
-    codes = _head_codes(cache, name, head)
-    rows = dedupe_codes(codes.reshape(-1, codes.shape[-1])).reshape(-1)
-    rows = rows[rows >= 0]
-    return torch.bincount(rows, minlength=cache.n_codes(name))[: cache.n_codes(name)]
+    n_codes = cache.n_codes(name)
+    codes = _head_codes(cache, name, head, stored=True)
+    codes = codes.reshape(-1, codes.shape[-1])
+    counts = torch.zeros(n_codes, dtype=torch.int64)
+    for start in range(0, codes.shape[0], _SLICE):  # widened a slice at a time: int64 ids of all would be 8x
+        rows = dedupe_codes(_widen(codes[start : start + _SLICE], n_codes)).reshape(-1)
+        counts += torch.bincount(rows[rows >= 0], minlength=n_codes)[:n_codes]
+    return counts
 
 
 def dead_codes(cache, name: str, head: Optional[int] = None) -> Tensor:
@@ -78,8 +88,8 @@ def dead_codes(cache, name: str, head: Optional[int] = None) -> Tensor:
 def code_fires(cache, name: str, code: int, head: Optional[int] = None) -> Tensor:
     """Bool `(n_tokens,)`: where `code` fires (in `head`, or in any head when None)."""
     code = _check_code(cache, name, code)
-    codes = _head_codes(cache, name, head)
-    hit = codes == code
+    codes = _head_codes(cache, name, head, stored=True)
+    hit = codes == code  # a real id is stored as itself, and "no code" as a value no id takes
     return hit.reshape(hit.shape[0], -1).any(dim=1)
 
 
@@ -114,6 +124,19 @@ def cooccurrence(
     n_a, n_b, n_both = int(a.sum()), int(b.sum()), int((a & b).sum())
     union = n_a + n_b - n_both
     return {"n_a": n_a, "n_b": n_b, "n_both": n_both, "jaccard": n_both / union if union else 0.0}
+
+
+_SLICE = 1 << 20
+
+
+def _widen(raw: Tensor, n_codes: int) -> Tensor:
+    """Stored codes as int64 ids, -1 for no code."""
+    out = raw.long()
+    return out.masked_fill_((out >= n_codes) | (out < 0), -1)
+
+
+def _stored_tokens(cache) -> Tensor:
+    return cache.stored_tokens() if hasattr(cache, "stored_tokens") else cache.tokens
 
 
 def _doc_layout(cache):
@@ -165,6 +188,21 @@ def code_contexts(
     if len(where) == 0:
         return []
     vocab = vocabulary_of(cache, token_strings)
+    offsets = getattr(cache, "doc_offsets", None)
+    if offsets is not None:  # a document's tokens are one range: nothing is built per token
+        tokens = _stored_tokens(cache).numpy()
+        docs, positions = cache.doc_pos(torch.from_numpy(where))
+        starts, ends = offsets[docs].numpy(), offsets[docs + 1].numpy()
+        return [
+            {
+                "doc": int(d),
+                "pos": int(p),
+                "left": vocab.text(tokens[max(a, i - window) : i]),
+                "token": vocab.text(tokens[[i]]),
+                "right": vocab.text(tokens[i + 1 : min(b, i + 1 + window)]),
+            }
+            for i, d, p, a, b in zip(where, docs.tolist(), positions.tolist(), starts, ends)
+        ]
     groups, group_of, rank = _doc_layout(cache)
     tokens, doc, pos = cache.tokens.numpy(), cache.doc.numpy(), cache.pos.numpy()
     out = []
@@ -194,7 +232,7 @@ def top_tokens(
     text, or `token_strings` is given), `count` and `share` (count / tokens at which the code fires); ties: lower
     token id first."""
     fires = code_fires(cache, name, code, head)
-    toks = cache.tokens[fires]
+    toks = _stored_tokens(cache)[fires].long()
     counts = torch.bincount(toks).numpy() if len(toks) else np.zeros(0, dtype=np.int64)
     ids = np.flatnonzero(counts)
     ids = ids[np.lexsort((ids, -counts[ids]))][: int(n)].astype(np.int64)

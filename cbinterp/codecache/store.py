@@ -9,15 +9,25 @@ skips. Token ids, document index and position are ``int32`` on disk; activations
 `CodeCache` accessors return codes, tokens, doc and pos as ``int64``.
 
 On disk (``directory=...``) the cache is a cbinterp folder (see `cbinterp.core.manifest`) of kind
-"cbinterp-code-cache": ``chunk_000000.safetensors`` files, each holding whole documents and written atomically, and
-the marker ``cbinterp.json``, rewritten atomically after each chunk, which holds the metadata, the sha256 of every
-chunk, and the fingerprints of the model's weights and of the documents cached so far. An interrupted run keeps its
-finished chunks; running `cache_codes` again on the same folder with the same model, weights and data skips the
-documents already cached (checking that they are the same) and appends the rest; anything else is refused.
+"cbinterp-code-cache": chunk files, each holding consecutive whole documents and written atomically, and the marker
+``cbinterp.json``, rewritten atomically, which holds the metadata, the sha256 of every chunk, and the fingerprints
+of the model's weights and of the documents cached. Layout 2 (``"layout": 2`` in the marker, this version):
+``chunk_d<first doc, 12 digits>.safetensors`` holds ``doc_lengths`` (int64, one per document: the document
+offsets), ``tokens``, ``codes/<codebook>``, ``act/<hook>`` and, only where a mask leaves positions that are not 0,
+1, ... in a row, ``pos``; its safetensors header records its documents and their fingerprint, so a finished chunk
+that the marker does not list yet (another rank's, or a killed run's) is adopted by the next run. Layout 1 (older
+caches: ``chunk_000000.safetensors`` with int32 ``doc`` and ``pos`` per token) is still read, but not resumed.
+
+The marker lists the chunks that cover documents 0.. without a gap, so what opens is always a whole cache of the
+first ``n_docs`` documents. An interrupted run keeps its finished chunks; running `cache_codes` again on the same
+folder with the same model, weights and data (any batch size, any number of ranks) skips the documents already
+cached (checking that they are the same) and caches the rest; anything else is refused. Under `torch.distributed`
+the ranks write disjoint chunks into the same folder and rank 0 alone writes the marker, once all are done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,12 +38,13 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool
-from safetensors.torch import load_file
+from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from cbinterp.codecache._dist import barrier, broadcast_from_zero, gather_all, rank_and_world
 from cbinterp.codecache.vocab import Vocabulary
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import _pid_alive, atomic_file
@@ -50,6 +61,11 @@ LEGACY_META_FILE = mf.LEGACY_CACHE_META
 DEFAULT_CHUNK_TOKENS = 1 << 18
 _CHUNK = re.compile(r"^chunk_\d{6}\.safetensors$")
 _TEMP = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp$")
+#: The chunk layout this version writes (the marker's "layout"; absent means 1: per-token doc and pos).
+LAYOUT = 2
+_NEW_CHUNK = re.compile(r"^chunk_d\d{12}\.safetensors$")
+_CHUNK_INFO = "cbinterp_chunk"  # the safetensors header key of a chunk's own description
+_ENTRY_KEYS = ("first_doc", "n_docs", "n_tokens", "data_sha256", "seq_lens")
 
 __all__ = ["CodeCache", "cache_codes", "cached_codes", "code_dtype", "no_code_value"]
 
@@ -201,61 +217,80 @@ def _batches(
     return gen(), None
 
 
+def _chunk_name(first_doc: int) -> str:
+    return f"chunk_d{first_doc:012d}.safetensors"
+
+
+def _combined_fingerprint(entries: Sequence[dict]) -> str:
+    """The data fingerprint of a whole cache: its chunks' fingerprints, in document order."""
+    digest = hashlib.sha256(b"cbinterp-chunks")
+    for entry in entries:
+        digest.update(entry["data_sha256"].encode())
+    return digest.hexdigest()
+
+
 class _Writer:
-    """Collects per-batch arrays and writes them as chunks (directory mode) or keeps them (memory mode)."""
+    """Collects one contiguous run of documents at a time and writes it as one chunk (directory mode), or keeps
+    every piece (memory mode)."""
 
-    def __init__(self, directory: Optional[Path], meta: dict, chunk_tokens: int):
-        self.directory, self.meta, self.chunk_tokens = directory, meta, chunk_tokens
-        self.buffer: list[dict[str, Tensor]] = []
-        self.buffered_tokens = 0
-        self.buffered_docs = 0
-        self.chain = meta.get("data_sha256", EMPTY_CHAIN)
-        self.seq_lens = set(meta.get("seq_lens", []))
+    def __init__(self, directory: Optional[Path], weights_sha256: str, on_chunk=None):
+        self.directory, self.weights_sha256, self.on_chunk = directory, weights_sha256, on_chunk
         self.kept: list[dict[str, Tensor]] = []
+        self._reset()
 
-    def add(self, arrays: Optional[dict[str, Tensor]], n_docs: int, chain: str, seq: int) -> None:
-        """Buffer one batch (`arrays` None for a batch of empty documents, which only count); `chain` is the data
-        fingerprint after it."""
-        if arrays is not None:
-            self.buffer.append(arrays)
-            self.buffered_tokens += arrays["tokens"].shape[0]
-        self.buffered_docs += n_docs
-        self.chain = chain
+    def _reset(self) -> None:
+        self.pieces: list[dict[str, Tensor]] = []
+        self.first_doc: Optional[int] = None
+        self.n_docs = self.n_tokens = 0
+        self.chain = EMPTY_CHAIN
+        self.seq_lens: set[int] = set()
+        self.need_pos = False
+
+    @property
+    def end(self) -> Optional[int]:
+        return None if self.first_doc is None else self.first_doc + self.n_docs
+
+    def add(self, first: int, arrays: dict[str, Tensor], rows: Tensor, seq: int, need_pos: bool) -> None:
+        """Buffer documents `first ..` (`rows` their cached ids, for the fingerprint); a gap starts a new chunk."""
+        if self.directory is None:
+            self.kept.append(arrays)
+            return
+        if self.first_doc is not None and first != self.end:
+            self.flush()  # a chunk holds consecutive documents only: the ones between are cached already
+        if self.first_doc is None:
+            self.first_doc = first
+        self.pieces.append(arrays)
+        self.n_docs += rows.shape[0]
+        self.n_tokens += int(arrays["doc_lengths"].sum())
+        self.chain = _chain_docs(self.chain, rows)
         self.seq_lens.add(int(seq))
-        if self.directory is not None and self.buffered_tokens >= self.chunk_tokens:
-            self.flush()
-
-    def _commit(self, n_tokens: int, n_docs: int) -> None:
-        self.meta["n_tokens"] += n_tokens
-        self.meta["n_docs"] += n_docs
-        self.meta["data_sha256"] = self.chain
-        self.meta["seq_lens"] = sorted(self.seq_lens)
+        self.need_pos |= need_pos
 
     def flush(self) -> None:
-        if not self.buffer:
-            if self.buffered_docs:  # only empty documents: count them, nothing to store
-                self._commit(0, self.buffered_docs)
-                self.buffered_docs = 0
-                if self.directory is not None:
-                    _write_meta(self.directory, self.meta)
+        if self.directory is None or self.first_doc is None:
             return
-        merged = _concat(self.buffer)
-        n_tokens, n_docs = self.buffered_tokens, self.buffered_docs
-        self.buffer, self.buffered_tokens, self.buffered_docs = [], 0, 0
-        if self.directory is None:
-            self.kept.append(merged)
-            self._commit(n_tokens, n_docs)
-            return
-        name = f"chunk_{len(self.meta['chunks']):06d}.safetensors"
+        merged = _concat(self.pieces)
+        if not self.need_pos:  # every document's tokens are its positions 0, 1, ...: derived from doc_lengths
+            merged.pop("pos", None)
+        if self.n_tokens == 0:  # documents without tokens: only their (zero) lengths are stored
+            merged = {"doc_lengths": merged["doc_lengths"]}
+        info = {
+            "first_doc": self.first_doc,
+            "n_docs": self.n_docs,
+            "n_tokens": self.n_tokens,
+            "data_sha256": self.chain,
+            "seq_lens": sorted(self.seq_lens),
+        }
+        name = _chunk_name(self.first_doc)
         with atomic_file(self.directory / name) as tmp:
             # serialised here and written to our own temporary: safetensors' save_file makes a temporary of its
             # own (".tmpXXXXXX") beside the target, which a killed writer would leave in the cache folder
-            tmp.write_bytes(save_tensors({k: v.contiguous() for k, v in merged.items()}))
+            header = {_CHUNK_INFO: json.dumps({**info, "weights_sha256": self.weights_sha256})}
+            tmp.write_bytes(save_tensors({k: v.contiguous() for k, v in merged.items()}, metadata=header))
             entry = mf.file_entry(tmp)
-        self.meta["chunks"].append({"file": name, "n_tokens": n_tokens, "n_docs": n_docs})
-        self.meta["files"][name] = entry
-        self._commit(n_tokens, n_docs)
-        _write_meta(self.directory, self.meta)
+        self._reset()
+        if self.on_chunk is not None:
+            self.on_chunk({"file": name, **info}, entry)
 
 
 def _write_meta(directory: Path, meta: dict) -> None:
@@ -278,15 +313,78 @@ def _read_meta(directory: Path, check_files: bool = False) -> dict:
     for key, kind in (("codebooks", dict), ("hooks", list), ("chunks", list), ("n_tokens", int), ("n_docs", int)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"Damaged code cache marker {directory / META_FILE}: no valid {key!r}.")
+    layout = meta.get("layout", 1)
+    if not isinstance(layout, int) or layout > LAYOUT:
+        raise ValueError(
+            f"The code cache at {directory} has layout {layout!r}, newer than this cbinterp reads (up to {LAYOUT}); "
+            "upgrade cbinterp."
+        )
     return meta
 
 
-def _clean_debris(path: Path, meta: dict) -> None:
-    """Remove what killed writers left in the cache folder: their temporaries, and chunks the marker does not list."""
-    listed = set(meta.get("files", {}))
+def _chunk_info(file: Path) -> Optional[dict]:
+    """What a chunk file of this layout says about itself (its header), or None if it is not one."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            info = json.loads((f.metadata() or {})[_CHUNK_INFO])
+    except Exception:  # noqa: BLE001 - anything unreadable is not a chunk we can adopt
+        return None
+    keys = ("first_doc", "n_docs", "n_tokens", "data_sha256", "seq_lens", "weights_sha256")
+    if not isinstance(info, dict) or any(k not in info for k in keys) or file.name != _chunk_name(info["first_doc"]):
+        return None
+    return info
+
+
+def _pending_chunks(path: Path, meta: dict) -> dict[str, dict]:
+    """Finished chunks in the folder that the marker does not list yet (written by other ranks, or by a run that
+    was killed), of this cache's weights, not overlapping the listed ones or each other: name -> chunk entry."""
+    listed = {c["file"] for c in meta["chunks"]}
+    taken = [(c["first_doc"], c["first_doc"] + c["n_docs"]) for c in meta["chunks"]]
+    out = {}
+    for file in sorted(path.iterdir()):
+        if not _NEW_CHUNK.match(file.name) or file.name in listed:
+            continue
+        info = _chunk_info(file)
+        if info is None or info["weights_sha256"] != meta.get("weights_sha256"):
+            continue
+        start, end = info["first_doc"], info["first_doc"] + info["n_docs"]
+        if any(start < b and a < end for a, b in taken):
+            continue
+        taken.append((start, end))
+        out[file.name] = {"file": file.name, **{k: info[k] for k in _ENTRY_KEYS}}
+    return out
+
+
+def _relist(path: Path, meta: dict, known: dict[str, dict], file_entries: dict[str, dict]) -> None:
+    """Write the marker listing the chunks that cover documents 0.. without a gap (atomically): the cache that
+    opens is always whole; chunks after a gap wait, unlisted, for the run that fills it."""
+    listed, end = [], 0
+    for entry in sorted(known.values(), key=lambda e: e["first_doc"]):
+        if entry["first_doc"] != end:
+            break
+        listed.append(entry)
+        end += entry["n_docs"]
+    for entry in listed:
+        if entry["file"] not in file_entries:
+            file_entries[entry["file"]] = mf.file_entry(path / entry["file"])
+    meta["chunks"] = listed
+    meta["files"] = {name: meta["files"][name] for name in meta.get("tokenizer_files", [])}
+    meta["files"].update({e["file"]: file_entries[e["file"]] for e in listed})
+    meta["n_docs"] = end
+    meta["n_tokens"] = sum(e["n_tokens"] for e in listed)
+    meta["data_sha256"] = _combined_fingerprint(listed)
+    meta["seq_lens"] = sorted({s for e in listed for s in e["seq_lens"]})
+    _write_meta(path, meta)
+
+
+def _clean_debris(path: Path, meta: dict, keep: Iterable[str] = ()) -> None:
+    """Remove what killed writers left in the cache folder: their temporaries, and chunks neither the marker lists
+    nor `keep` (finished chunks to adopt)."""
+    listed = set(meta.get("files", {})) | set(keep)
     for entry in path.iterdir():
         m = _TEMP.match(entry.name)
-        if (m and not _pid_alive(int(m.group(1)))) or (_CHUNK.match(entry.name) and entry.name not in listed):
+        chunk = _CHUNK.match(entry.name) or _NEW_CHUNK.match(entry.name)
+        if (m and not _pid_alive(int(m.group(1)))) or (chunk and entry.name not in listed):
             entry.unlink(missing_ok=True)
 
 
@@ -315,6 +413,12 @@ def _open_for_writing(path: Path, meta: dict, identity: dict, hooks: list[str]) 
         old = _read_meta(path, check_files=True)
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot resume the code cache at {path}: {err}") from err
+    if old.get("layout", 1) < LAYOUT and old["chunks"]:
+        raise ValueError(
+            f"The code cache at {path} has the older layout {old.get('layout', 1)} (two int32 coordinates per "
+            f"token); this cbinterp writes layout {LAYOUT} (one offset per document) and does not append to it. "
+            "Read it with CodeCache.open, or delete it (or use another directory) and run cache_codes again."
+        )
     if {k: old.get(k) for k in identity} != identity:
         tokenizer_only = _tokenizer_only(old, identity)
         if tokenizer_only:
@@ -332,7 +436,8 @@ def _open_for_writing(path: Path, meta: dict, identity: dict, hooks: list[str]) 
         raise ValueError(
             f"The cache at {path} stores hooks {old.get('hooks')}, not {hooks}; use the same hooks to resume."
         )
-    _clean_debris(path, old)
+    old["layout"] = LAYOUT
+    _clean_debris(path, old, keep=_pending_chunks(path, old))
     return old
 
 
@@ -354,6 +459,7 @@ def _store_tokenizer(path: Path, meta: dict, tokenizer) -> None:
     _write_meta(path, meta)
 
 
+@torch.no_grad()
 @torch.no_grad()
 def cache_codes(
     model: HookedTransformer,
@@ -377,7 +483,7 @@ def cache_codes(
         directory: stream to this folder in chunk files (resuming a previous, interrupted run there);
             None keeps everything in memory.
         chunk_tokens: tokens per chunk file (at least; chunks hold whole batches). Bounds memory on disk mode.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0 only under torch.distributed).
         tokenizer_name: recorded with the model's metadata when the tokenizer is not the model's own
             (`model.tokenizer`), so that a cache resumed or checked with another tokenizer is refused.
         mask: bool `(n_docs, seq)` beside a token tensor, False on padding (e.g. `tokenize_documents(...).mask`);
@@ -390,6 +496,12 @@ def cache_codes(
         activation_dtype: dtype of the stored hook activations (float16 by default; float32 where thresholds on
             them must not tie, e.g. neuron baselines).
 
+    Under `torch.distributed` (e.g. `torchrun`; any initialised process group) every rank passes the same input
+    and the same `directory`: the batches are taken in blocks of about `chunk_tokens` tokens, block `i` cached by
+    rank `i % world_size` as its own chunk files, and rank 0 lists them in the marker once every rank is done. The
+    cache is the one a single process makes (same batches, same codes, same order). A resumed cache may use another
+    world size.
+
     Returns a `CodeCache`. Documents are numbered in input order from 0; `doc`/`pos` give each token's place.
     """
     require_hooked_transformer(model)
@@ -399,10 +511,17 @@ def cache_codes(
     codebooks = get_codebooks(model)
     if not codebooks:
         raise ValueError("The model has no codebooks; attach some with attach_codebooks(model, ...) first.")
+    rank, world = rank_and_world()
+    if world > 1 and directory is None:
+        raise ValueError(
+            f"cache_codes runs under torch.distributed ({world} ranks) and needs directory=...: the ranks write "
+            "their shares into one cache folder. Pass a directory (the same on every rank), or cache in one process."
+        )
     identity = _model_meta(model, tokenizer_name)
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "layout": LAYOUT,
         **identity,
         "weights_sha256": mf.weights_fingerprint(model),
         "hooks": hooks,
@@ -410,53 +529,127 @@ def cache_codes(
         "n_docs": 0,
         "chunks": [],
         "files": {},
-        "data_sha256": EMPTY_CHAIN,
+        "data_sha256": _combined_fingerprint([]),
         "seq_lens": [],
     }
     tokenizer = getattr(model, "tokenizer", None) if token_strings is None else None
     if token_strings is not None:
         meta["token_strings"] = _checked_strings(token_strings, model.cfg.d_vocab)
     path = None
+    known: dict[str, dict] = {}  # chunk name -> entry: listed, adoptable and (rank 0, one process) new ones
+    file_entries: dict[str, dict] = {}
     if directory is not None:
         path = Path(directory)
-        meta = _open_for_writing(path, meta, identity, hooks)
-        if tokenizer is not None and not meta.get("tokenizer_files"):
-            _store_tokenizer(path, meta, tokenizer)
+        failure = None
+        if rank == 0:
+            try:
+                meta = _open_for_writing(path, meta, identity, hooks)
+                if tokenizer is not None and not meta.get("tokenizer_files"):
+                    _store_tokenizer(path, meta, tokenizer)
+            except (OSError, ValueError) as err:
+                failure = (type(err).__name__, str(err))
+                if world == 1:
+                    raise
+        if world > 1:  # the others wait here until rank 0 has checked (and maybe cleaned) the folder
+            failure = broadcast_from_zero(failure)
+            if failure is not None:
+                kind, message = failure
+                raise (FileExistsError if kind == "FileExistsError" else ValueError)(message)
+            if rank != 0:
+                meta = _read_meta(path)
+        file_entries = dict(meta["files"])
+        known = {c["file"]: c for c in meta["chunks"]}
+        known.update(_pending_chunks(path, meta))
+        if world > 1:  # every rank has seen the folder as it was before anyone writes a chunk into it
+            barrier()
 
-    skip = meta["n_docs"]
-    resumed = skip > 0
+    covered = sorted(known.values(), key=lambda e: e["first_doc"])
+    resumed = bool(covered)
+    already = sum(e["n_docs"] for e in covered)
     code_names = [codes_hook_name(name) for name in codebooks]
     wanted = set(code_names) | set(hooks)
     dtypes = {name: code_dtype(cb.n_codes) for name, cb in codebooks.items()}
     device = model.cfg.device
     n_ctx = model.cfg.n_ctx
-    writer = _Writer(path, meta, chunk_tokens)
+
+    def chunk_done(entry: dict, file_entry: dict) -> None:
+        known[entry["file"]] = entry
+        file_entries[entry["file"]] = file_entry
+        if world == 1:  # one process: the marker follows every chunk, so an interrupted run keeps its prefix
+            _relist(path, meta, known, file_entries)
+
+    writer = _Writer(path, meta["weights_sha256"], on_chunk=chunk_done)
     batches, total = _batches(tokens_or_iterable, batch_size, mask)
     doc_index = 0  # documents seen so far in the input (including skipped ones)
     seen_tokens = 0
-    chain = EMPTY_CHAIN  # fingerprint of the input's documents so far
-    skipped_lens: set[int] = set()
-    bar = tqdm(total=total, disable=not progress, unit="doc", desc="caching codes")
-    pending = None  # the last batch's host arrays, whose device-to-host copies may still be running
+    block, block_tokens = 0, 0  # blocks of ~chunk_tokens cached tokens, block i cached by rank i % world
+    checking: dict[str, str] = {}  # covered chunk -> fingerprint of this input's documents seen in it so far
+    seen_lens: dict[str, set] = {}
+    bar = tqdm(total=total, disable=not progress or rank != 0, unit="doc", desc="caching codes")
+    pending = None  # the last piece's host arrays, whose device-to-host copies may still be running
+    reported = False  # whether this rank has told the others how it ended (exactly once)
 
-    def check_skipped() -> None:
-        if chain != meta["data_sha256"]:
+    def check_covered(entry: dict, rows: Tensor, end: int, seq: int) -> None:
+        name = entry["file"]
+        checking[name] = _chain_docs(checking.get(name, EMPTY_CHAIN), rows)
+        seen_lens.setdefault(name, set()).add(int(seq))
+        if end == entry["first_doc"] + entry["n_docs"] and checking[name] != entry["data_sha256"]:
             raise ValueError(
-                f"Cannot resume the code cache at {path}: the first {skip} documents of this input differ from the "
-                f"{skip} cached there (other data, or another sequence length: cached lengths {meta.get('seq_lens')}, "
-                f"these {sorted(skipped_lens)}). Resuming would mix two data sets; use another directory, or delete "
-                "this one to start over."
+                f"Cannot resume the code cache at {path}: documents {entry['first_doc']}..{end - 1} of this input "
+                f"differ from those cached there (other data, or another sequence length: cached lengths "
+                f"{entry['seq_lens']}, these {sorted(seen_lens[name])}). Resuming would mix two data sets; use "
+                "another directory, or delete this one to start over."
             )
 
-    def land(arrays: dict[str, Tensor], n_docs: int, event, after: str, seq: int, keep: Optional[Tensor]) -> None:
+    def land(arrays, first, rows, seq, need_pos, event, keep) -> None:
         if event is not None:
             event.synchronize()
         if keep is not None:  # only now: on CUDA the host copies are complete after the event
             flat = keep.reshape(-1).cpu()
-            arrays = {key: value[flat] for key, value in arrays.items()}
+            arrays = {key: (value if key == "doc_lengths" else value[flat]) for key, value in arrays.items()}
         for key in [k for k in arrays if k.startswith("codes/")]:
             arrays[key] = _stored_codes(arrays[key], dtypes[key.removeprefix("codes/")])
-        writer.add(arrays, n_docs, after, seq)
+        writer.add(first, arrays, rows, seq, need_pos)
+
+    def run_piece(batch: Tensor, keep: Optional[Tensor], first: int) -> None:
+        nonlocal pending
+        n, seq = batch.shape
+        lengths = torch.full((n,), seq, dtype=torch.int64) if keep is None else keep.sum(1).to(torch.int64)
+        need_pos = keep is not None and bool((keep != (torch.arange(seq) < lengths[:, None])).any())
+        arrays = {"doc_lengths": lengths, "pos": torch.arange(seq, dtype=torch.int32).expand(n, seq).reshape(-1)}
+        event = None
+        if seq > 0:
+            run = batch if keep is None else batch.clamp_min(0)  # padding is run as token 0 and then dropped
+            _, cache = model.run_with_cache(run.to(device), names_filter=lambda name: name in wanted)
+            arrays["tokens"] = batch.reshape(-1).to(torch.int32).cpu()
+            # Codes cross to the host as int32 (every device casts to it) and shrink there; on CUDA the copies
+            # run asynchronously and are collected after the next batch has been queued.
+            for name in codebooks:
+                codes = cache[codes_hook_name(name)]
+                arrays[f"codes/{name}"] = _to_host(codes.reshape(n * seq, *codes.shape[2:]).to(torch.int32))
+            for hook in hooks:
+                act = cache[hook]
+                arrays[f"act/{hook}"] = _to_host(act.reshape(n * seq, *act.shape[2:]).to(activation_dtype))
+            del cache
+            if torch.device(device).type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+        previous, pending = pending, None  # cleared first: a failed landing must not be retried after a gap
+        if previous is not None:
+            land(*previous)
+        pending = (arrays, first, batch, seq, need_pos, event, keep)
+
+    def report(status) -> list:
+        nonlocal reported
+        reported = True
+        try:
+            return gather_all(status)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"cache_codes on rank {rank}: another rank stopped before finishing its share ({err}). The cache at "
+                f"{path} still lists only what was complete before this run; the finished chunks are kept. Fix what "
+                "stopped it and run cache_codes again: it resumes (with any number of ranks)."
+            ) from err
 
     try:
         for batch, keep in batches:
@@ -471,79 +664,92 @@ def cache_codes(
             seen_tokens += n * seq
             first = doc_index
             doc_index += n
-            if first < skip:  # already cached by an earlier run: check it is the same data
-                done = min(n, skip - first)
-                chain = _chain_docs(chain, batch[:done])
-                skipped_lens.add(int(seq))
-                if doc_index >= skip:
-                    check_skipped()
-                if doc_index <= skip:
-                    bar.update(n)
-                    continue
-                batch, first = batch[done:], skip
-                keep = None if keep is None else keep[done:]
-                n = batch.shape[0]
-            chain = _chain_docs(chain, batch)
-            if seq == 0:
-                previous, pending = pending, None  # land the last batch first: documents stay in order
-                if previous is not None:
-                    land(*previous)
-                writer.add(None, n, chain, seq)
-                bar.update(n)
-                continue
-            run = batch if keep is None else batch.clamp_min(0)  # padding is run as token 0 and then dropped
-            _, cache = model.run_with_cache(run.to(device), names_filter=lambda name: name in wanted)
-            arrays = {
-                "tokens": batch.reshape(-1).to(torch.int32).cpu(),
-                "doc": (torch.arange(first, first + n, dtype=torch.int32).unsqueeze(1).expand(n, seq)).reshape(-1),
-                "pos": torch.arange(seq, dtype=torch.int32).expand(n, seq).reshape(-1),
-            }
-            # Codes cross to the host as int32 (every device casts to it) and shrink there; on CUDA the copies
-            # run asynchronously and are collected after the next batch has been queued.
-            for name in codebooks:
-                codes = cache[codes_hook_name(name)]
-                arrays[f"codes/{name}"] = _to_host(codes.reshape(n * seq, *codes.shape[2:]).to(torch.int32))
-            for hook in hooks:
-                act = cache[hook]
-                arrays[f"act/{hook}"] = _to_host(act.reshape(n * seq, *act.shape[2:]).to(activation_dtype))
-            del cache
-            event = None
-            if torch.device(device).type == "cuda":
-                event = torch.cuda.Event()
-                event.record()
-            previous, pending = pending, None  # cleared first: a failed landing must not be retried after a gap
-            if previous is not None:
-                land(*previous)
-            pending = (arrays, n, event, chain, seq, keep)
+            block_tokens += n * seq if keep is None else int(keep.sum())
+            end_block = block_tokens >= chunk_tokens
+            mine = block % world == rank
+            # Split the batch where cached chunks begin and end: cached documents are checked, the rest cached.
+            start = first
+            while start < doc_index:
+                while covered and covered[0]["first_doc"] + covered[0]["n_docs"] <= start:
+                    covered.pop(0)
+                entry = covered[0] if covered and covered[0]["first_doc"] <= start else None
+                if entry is not None:
+                    stop = min(doc_index, entry["first_doc"] + entry["n_docs"])
+                    check_covered(entry, batch[start - first : stop - first], stop, seq)
+                else:
+                    stop = min(doc_index, covered[0]["first_doc"]) if covered else doc_index
+                    if mine:
+                        part = slice(start - first, stop - first)
+                        run_piece(batch[part], None if keep is None else keep[part], start)
+                start = stop
+            if end_block:
+                if mine:  # the block's chunk ends here (its last batch landed first, so one overlap is lost)
+                    previous, pending = pending, None
+                    if previous is not None:
+                        land(*previous)
+                    writer.flush()
+                block, block_tokens = block + 1, 0
             bar.update(n)
         previous, pending = pending, None
         if previous is not None:
             land(*previous)
-        if resumed and doc_index < skip:
+        if covered and covered[0]["first_doc"] + covered[0]["n_docs"] > doc_index:
             raise ValueError(
-                f"Cannot resume the code cache at {path}: this input has {doc_index} documents, fewer than the {skip} "
-                "already cached there (other data). Use another directory, or delete this one to start over."
+                f"Cannot resume the code cache at {path}: this input has {doc_index} documents, fewer than the "
+                f"{covered[-1]['first_doc'] + covered[-1]['n_docs']} already cached there (other data). Use another "
+                "directory, or delete this one to start over."
             )
         if seen_tokens == 0:
             raise ValueError("cache_codes got no tokens: the input is empty (no documents, or documents of length 0).")
         writer.flush()
-    except BaseException:
+        if world > 1:
+            failures = [(r, s) for r, s in enumerate(report(None)) if s is not None]
+            if failures:
+                r, message = failures[0]
+                raise RuntimeError(
+                    f"cache_codes: rank {r} failed ({message}). The cache at {path} still lists only what was complete "
+                    "before this run; the finished chunks are kept. Fix it and run cache_codes again: it resumes."
+                )
+    except BaseException as err:
         if pending is not None:  # an interruption keeps the last finished batch, as without the deferred copy
             previous, pending = pending, None
             land(*previous)
+        if world > 1 and not reported:
+            with contextlib.suppress(RuntimeError):  # tell the others, so that they stop too instead of waiting
+                report(f"{type(err).__name__}: {err}")
         raise
     finally:
         bar.close()
-    if resumed and path is not None:
+    if path is not None and rank == 0:  # every rank is done: rank 0 lists every chunk (the others' too) at once
+        known.update(_pending_chunks(path, {**meta, "chunks": list(known.values())}))
+        _relist(path, meta, known, file_entries)
+    if world > 1:  # then everyone opens the same cache
+        barrier()
+        meta = _read_meta(path)
+    if resumed and path is not None and rank == 0:
         warnings.warn(
-            f"Resumed the code cache at {path}: {skip} documents were already cached (checked to be the same), "
-            f"{meta['n_docs'] - skip} added.",
+            f"Resumed the code cache at {path}: {already} documents were already cached (checked to be the same), "
+            f"{meta['n_docs'] - already} added.",
             ResumeWarning,
             stacklevel=3,
         )
     if path is not None:
         return CodeCache.open(path)
-    return CodeCache(meta, arrays=_concat(writer.kept), tokenizer=tokenizer)
+    parts = _concat(writer.kept)
+    if not any(_needs_pos(p) for p in writer.kept):
+        parts.pop("pos", None)
+    meta.update(n_docs=doc_index, n_tokens=int(parts["doc_lengths"].sum()), layout=LAYOUT)
+    return CodeCache(meta, arrays=parts, tokenizer=tokenizer)
+
+
+def _needs_pos(piece: dict[str, Tensor]) -> bool:
+    """Whether a piece's positions are not just 0, 1, ... in each document (a mask with holes or left padding)."""
+    if "pos" not in piece:
+        return False
+    lengths = piece["doc_lengths"]
+    starts = torch.cumsum(lengths, 0) - lengths
+    expected = torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)
+    return not torch.equal(piece["pos"].long(), expected)
 
 
 def _to_host(t: Tensor) -> Tensor:
@@ -556,16 +762,32 @@ def _to_host(t: Tensor) -> Tensor:
 
 
 def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    if not parts:
-        return {}
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    """Key-wise concatenation of pieces (a key some pieces lack, e.g. tokens of empty documents, joins the rest)."""
+    keys = list(dict.fromkeys(key for p in parts for key in p))
+    return {key: torch.cat([p[key] for p in parts if key in p]) for key in keys}
+
+
+class _Part:
+    """One chunk of a cache (or the whole of an in-memory one): documents `first_doc ..` and their arrays."""
+
+    def __init__(self, first_doc: int, n_docs: int, n_tokens: int, keys: Optional[set] = None, file=None, arrays=None):
+        self.first_doc, self.n_docs, self.n_tokens = first_doc, n_docs, n_tokens
+        self.file, self.arrays, self._keys = file, arrays, keys
+
+    @property
+    def keys(self) -> set:
+        if self._keys is None:
+            with safe_open(str(self.file), framework="pt") as f:
+                self._keys = set(f.keys())
+        return self._keys
 
 
 class CodeCache:
     """Code ids (and optional activations) of every token of a data set, with the token ids and their places.
 
-    Made by `cache_codes`, or reopened from disk with `CodeCache.open(directory)` (no model needed). Arrays are
-    loaded into memory on first access (all chunks concatenated).
+    Made by `cache_codes`, or reopened from disk with `CodeCache.open(directory)` (no model needed). On disk,
+    nothing is read until asked for, and then only the arrays asked for (each chunk's sha256 checked the first time
+    it is read), kept in their stored dtypes; `doc` and `pos` are derived from one offset per document.
     """
 
     def __init__(
@@ -580,6 +802,10 @@ class CodeCache:
         self._arrays = arrays
         self._tokenizer = tokenizer
         self._vocabulary: Optional[Vocabulary] = None
+        self._part_list: Optional[list[_Part]] = None
+        self._memo: dict[str, Tensor] = {}
+        self._verified: set[str] = set()
+        self._offsets: Optional[Tensor] = None
 
     # -- text ----------------------------------------------------------------------------------------------
     @property
@@ -603,27 +829,72 @@ class CodeCache:
 
     @classmethod
     def open(cls, directory: Union[str, os.PathLike]) -> "CodeCache":
+        """The cache in `directory`: reads its marker only; arrays are read when first asked for."""
         path = Path(directory)
         return cls(_read_meta(path), directory=path)
 
     # -- loading -------------------------------------------------------------------------------------------
-    def _load(self) -> dict[str, Tensor]:
-        if self._arrays is None:
-            parts = []
-            for chunk in self.meta["chunks"]:
-                if "files" in self.meta:  # every chunk is checked against its recorded sha256 before it is read
-                    mf.verify_file(self.directory, self.meta, chunk["file"], "code cache")
-                parts.append(load_file(str(self.directory / chunk["file"])))
-            self._arrays = _concat(parts)
-        return self._arrays
+    def _parts(self) -> list[_Part]:
+        if self._part_list is None:
+            if self._arrays is not None:
+                n_tokens = int(self._arrays["tokens"].shape[0]) if "tokens" in self._arrays else 0
+                n_docs = int(self.meta.get("n_docs", 0))
+                self._part_list = [_Part(0, n_docs, n_tokens, keys=set(self._arrays), arrays=self._arrays)]
+            else:
+                parts, first = [], 0
+                for chunk in sorted(self.meta["chunks"], key=lambda c: c.get("first_doc", 0)):
+                    first = chunk.get("first_doc", first)  # layout 1 chunks follow each other in listed order
+                    parts.append(_Part(first, chunk["n_docs"], chunk["n_tokens"], file=self.directory / chunk["file"]))
+                    first += chunk["n_docs"]
+                self._part_list = parts
+        return self._part_list
 
-    def _get(self, key: str) -> Tensor:
-        arrays = self._load()
-        if key not in arrays:
+    def _read(self, part: _Part, key: str) -> Tensor:
+        """One array of one part, as stored."""
+        if part.arrays is not None:
+            return part.arrays[key]
+        name = part.file.name
+        if name not in self._verified and "files" in self.meta:  # checked against its sha256 before it is read
+            mf.verify_file(self.directory, self.meta, name, "code cache")
+            self._verified.add(name)
+        with safe_open(str(part.file), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def _raw(self, key: str) -> Tensor:
+        """`key` ("tokens", "codes/<name>", "act/<hook>") over the whole cache, in its stored dtype (kept)."""
+        if key not in self._memo:
             if self.n_tokens == 0:
                 raise ValueError("This cache holds no tokens yet.")
-            raise KeyError(key)
-        return arrays[key]
+            parts = [p for p in self._parts() if p.n_tokens > 0]
+            if any(key not in p.keys for p in parts):
+                raise KeyError(key)
+            tensors = [self._read(p, key) for p in parts]
+            self._memo[key] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        return self._memo[key]
+
+    def _get(self, key: str) -> Tensor:
+        """An array as stored (`doc` and `pos` as int32, derived when the layout stores offsets)."""
+        if key in ("doc", "pos"):
+            return getattr(self, key).to(torch.int32)
+        return self._raw(key)
+
+    def _part_lengths(self, part: _Part) -> Optional[Tensor]:
+        return self._read(part, "doc_lengths").long() if "doc_lengths" in part.keys else None
+
+    @property
+    def doc_offsets(self) -> Optional[Tensor]:
+        """Int64 `(n_docs + 1,)`: document `d`'s tokens are the flat indices `doc_offsets[d]:doc_offsets[d + 1]`,
+        in position order; None for a cache that stores coordinates per token (older layout, `subset_cache`)."""
+        if self._offsets is None:
+            parts = self._parts()
+            if not all("doc_lengths" in p.keys for p in parts if p.n_tokens > 0 or p.arrays is not None):
+                return None
+            lengths = torch.zeros(self.n_docs, dtype=torch.int64)
+            for p in parts:
+                if "doc_lengths" in p.keys:
+                    lengths[p.first_doc : p.first_doc + p.n_docs] = self._part_lengths(p)
+            self._offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        return self._offsets
 
     # -- metadata ------------------------------------------------------------------------------------------
     @property
@@ -674,25 +945,64 @@ class CodeCache:
     def codes(self, name: str) -> Tensor:
         """Code ids of codebook `name`: int64 `(n_tokens, k)`, or `(n_tokens, heads, k)` for per-head codebooks."""
         info = self._codebook(name)
-        return _read_codes(self._get(f"codes/{name}"), info["n_codes"])
+        return _read_codes(self._raw(f"codes/{name}"), info["n_codes"])
+
+    def stored_codes(self, name: str) -> Tensor:
+        """Code ids of codebook `name` as stored (`storage_dtype`; any value >= n_codes, or < 0, is no code): what
+        a query compares against without widening every id to int64."""
+        self._codebook(name)
+        return self._raw(f"codes/{name}")
+
+    def stored_tokens(self) -> Tensor:
+        """Token ids as stored (int32)."""
+        return self._raw("tokens")
 
     @property
     def tokens(self) -> Tensor:
-        return self._get("tokens").long()
+        return self._raw("tokens").long()
 
     @property
     def doc(self) -> Tensor:
-        return self._get("doc").long()
+        """Int64 `(n_tokens,)`: each token's document."""
+        offsets = self.doc_offsets
+        if offsets is not None:
+            return torch.repeat_interleave(torch.arange(self.n_docs), offsets.diff())
+        return self._raw("doc").long()
 
     @property
     def pos(self) -> Tensor:
-        return self._get("pos").long()
+        """Int64 `(n_tokens,)`: each token's place in its document's row."""
+        if self.doc_offsets is None:
+            return self._raw("pos").long()
+        out = []
+        for p in self._parts():
+            if p.n_tokens == 0:
+                continue
+            if "pos" in p.keys:  # stored where positions are not 0, 1, ... (masks with holes)
+                out.append(self._read(p, "pos").long())
+            else:
+                lengths = self._part_lengths(p)
+                starts = torch.cumsum(lengths, 0) - lengths
+                out.append(torch.arange(p.n_tokens) - torch.repeat_interleave(starts, lengths))
+        if not out:
+            raise ValueError("This cache holds no tokens yet.")
+        return torch.cat(out)
+
+    def doc_pos(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Int64 (doc, pos) of the tokens at flat `index`, without building them for every token when the layout
+        stores offsets (and no chunk stores positions)."""
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        offsets = self.doc_offsets
+        if offsets is None or any("pos" in p.keys for p in self._parts() if p.n_tokens > 0):
+            return self.doc[index], self.pos[index]
+        doc = torch.searchsorted(offsets, index, right=True) - 1
+        return doc, index - offsets[doc]
 
     def activations(self, hook_name: str) -> Tensor:
         """Stored activations of `hook_name`, `(n_tokens, ...)` (float16 unless cached with another dtype)."""
         if hook_name not in self.meta["hooks"]:
             raise KeyError(f"Hook {hook_name!r} was not cached; this cache has activations of {self.hook_names}.")
-        return self._get(f"act/{hook_name}")
+        return self._raw(f"act/{hook_name}")
 
     def check_model(self, model: HookedTransformer, tokenizer_name: Optional[str] = None, weights: bool = True) -> None:
         """Raise ValueError if `model` (and `tokenizer_name`, as given to `cache_codes`) is not what this cache was

@@ -76,13 +76,13 @@ def test_activations_in_float32_are_exact(cb_model, docs, tmp_path):
 
 def test_smallest_dtype(cb_model, make_tiny_model, docs):
     small = cache_codes(cb_model, docs[:2], progress=False)
-    assert small._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint8
+    assert small.stored_codes("blocks.0.hook_mlp_out").dtype == torch.uint8
     assert small.storage_dtype("blocks.0.hook_mlp_out") == torch.uint8
     assert small.bytes_per_token("blocks.0.hook_mlp_out") == 1
     assert small.bytes_per_token("blocks.0.attn.hook_z") == 4  # 4 heads, k=1, one byte each
     big_model = attach_codebooks(make_tiny_model(seed=1), ["mlp"], n_codes=1000, layers=[0])
     big = cache_codes(big_model, docs[:2], progress=False)
-    assert big._load()["codes/blocks.0.hook_mlp_out"].dtype == torch.uint16
+    assert big.stored_codes("blocks.0.hook_mlp_out").dtype == torch.uint16
     assert big.bytes_per_token("blocks.0.hook_mlp_out") == 2
     assert big.n_codes("blocks.0.hook_mlp_out") == 1000
     direct = direct_codes(big_model, docs[:2])["blocks.0.hook_mlp_out.hook_codes"]
@@ -297,3 +297,53 @@ def test_the_cache_knows_its_text(make_tiny_model, tmp_path):
         token_positions(bare, "7")
     with pytest.raises(ValueError, match="d_vocab"):
         cache_codes(plain, digits, token_strings=strings[:5], progress=False)
+
+
+def test_offsets_layout_answers_as_per_token_coordinates(cb_model, docs, tmp_path):
+    """Layout 2 derives doc/pos from one offset per document; queries on it equal those on explicit coordinates."""
+    from cbinterp import code_contexts, token_positions, top_tokens
+    from cbinterp.codecache.documents import subset_cache
+
+    mask = torch.ones_like(docs, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[2, 1] = False  # a hole: that chunk stores pos
+    mask[3] = False  # a document without tokens keeps its number
+    strings = [str(i) for i in range(11)]
+    cache = cache_codes(
+        cb_model, docs, mask=mask, directory=tmp_path / "c", chunk_tokens=6, token_strings=strings, progress=False
+    )
+    chunk = cache._parts()[0]
+    assert "doc_lengths" in chunk.keys and "doc" not in chunk.keys
+    assert cache.doc_offsets.tolist() == [0, 6, 10, 15, 15, 21]
+    rows = torch.arange(6).expand(5, 6)
+    assert torch.equal(cache.pos, rows[mask]) and torch.equal(cache.doc, torch.arange(5)[:, None].expand(5, 6)[mask])
+    explicit = subset_cache(cache, torch.ones(cache.n_tokens, dtype=torch.bool))
+    assert explicit.doc_offsets is None
+    name = "blocks.0.hook_mlp_out"
+    for code in torch.unique(cache.codes(name)).tolist():
+        assert code_contexts(cache, name, code, window=2) == code_contexts(explicit, name, code, window=2)
+        assert top_tokens(cache, name, code).equals(top_tokens(explicit, name, code))
+    assert torch.equal(token_positions(cache, "[0-5]+"), token_positions(explicit, "[0-5]+"))
+
+
+def test_layout_1_cache_is_read_but_not_resumed(cb_model, docs, tmp_path):
+    from safetensors.torch import save_file
+
+    from cbinterp.core import manifest as mf
+
+    made = cache_codes(cb_model, docs, progress=False)
+    old = tmp_path / "old"
+    old.mkdir()
+    arrays = {"tokens": made.stored_tokens(), "doc": made._get("doc"), "pos": made._get("pos")}
+    arrays.update({f"codes/{n}": made.stored_codes(n) for n in made.codebook_names})
+    save_file(arrays, str(old / "chunk_000000.safetensors"))
+    meta = {k: v for k, v in made.meta.items() if k not in ("layout", "files", "format", "version")}
+    meta["chunks"] = [{"file": "chunk_000000.safetensors", "n_tokens": made.n_tokens, "n_docs": made.n_docs}]
+    mf.write_manifest(old, mf.CODE_CACHE, ["chunk_000000.safetensors"], extra=meta)
+    reopened = CodeCache.open(old)
+    assert reopened.doc_offsets is None
+    for attr in ("tokens", "doc", "pos"):
+        assert torch.equal(getattr(reopened, attr), getattr(made, attr))
+    assert torch.equal(reopened.codes("blocks.0.hook_mlp_out"), made.codes("blocks.0.hook_mlp_out"))
+    with pytest.raises(ValueError, match="older layout 1.*run cache_codes again"):
+        cache_codes(cb_model, docs, directory=old, progress=False)

@@ -1,0 +1,162 @@
+"""Peak memory of a code cache on disk: caching it, and reopening it for a typical query, now and before.
+
+The model is cache_speed.py's (the FSM benchmark's shape, a codebook after every attention head and every MLP,
+1000 codes) and also stores one hook's activations. Each measurement runs in a fresh subprocess and reports its peak
+resident memory (`resource.getrusage` max RSS) above what the imports took: caching the documents to a folder,
+and opening that folder and running `code_frequencies`, `top_tokens` and `code_contexts` for one code. The old
+path is the same child run against another commit of cbinterp (`--baseline main`, exported with `git archive`
+into a temporary folder: the repository is only read), which writes and reads its own cache.
+
+    .venv/bin/python benchmarks/cache_memory.py            # table + benchmarks/out/cache_memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from cbinterp.core.atomic import atomic_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The child: imports cbinterp from sys.path[0], then caches or queries, and prints one JSON line.
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+args = json.loads(sys.argv[2])
+import torch
+torch.set_num_threads(1)
+import cbinterp
+from cbinterp import CodeCache, cache_codes, code_contexts, code_frequencies, top_tokens
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+sys.path.insert(0, args["benchmarks"])
+if args["op"] == "cache":
+    from cache_speed import build
+    model = build(argparse_ns := __import__("argparse").Namespace(**args["model"]))
+    tokens = torch.randint(0, 11, (args["docs"], args["seq_len"]), generator=torch.Generator().manual_seed(0))
+    base = rss_mb()
+    start = time.perf_counter()
+    cache_codes(model, tokens, batch_size=args["batch"], hooks=args["hooks"], directory=args["dir"], progress=False)
+    seconds = time.perf_counter() - start
+else:
+    base = rss_mb()
+    start = time.perf_counter()
+    cache = CodeCache.open(args["dir"])
+    name = cache.codebook_names[-1]
+    freq = code_frequencies(cache, name)
+    code = int(freq.argmax())
+    top = top_tokens(cache, name, code)
+    contexts = code_contexts(cache, name, code, [str(i) for i in range(11)], window=8)
+    seconds = time.perf_counter() - start
+    args["answer"] = [int(freq.sum()), top["token"].tolist(), [(c["doc"], c["pos"]) for c in contexts]]
+print(json.dumps({"peak_mb": peak_mb(), "imports_mb": base, "over_imports_mb": peak_mb() - base,
+                  "seconds": seconds, "answer": args.get("answer")}))
+"""
+
+
+def child(lib: Path, args: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(lib), json.dumps(args)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed ({args['op']} with {lib}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def export(ref: str, into: Path) -> Path:
+    """cbinterp at git `ref`, exported (read-only use of the repository) into `into`."""
+    archive = into / "src.tar"
+    with open(archive, "wb") as f:
+        subprocess.run(["git", "-C", str(ROOT), "archive", ref, "cbinterp"], stdout=f, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "src", filter="data")
+    return into / "src"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cache_memory.json"))
+    parser.add_argument("--docs", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--hook", default="blocks.0.hook_mlp_out", help="a hook whose activations are stored too")
+    parser.add_argument("--baseline", default="main", help="git ref of the old path; '' to skip it")
+    parser.add_argument("--quick", action="store_true", help="a tiny run: checks that it works, not a measurement")
+    args = parser.parse_args(argv)
+    model = dict(n_layers=4, d_model=128, seq_len=args.seq_len, seed=0, n_codes=1000, k=1, device="cpu")
+    if args.quick:
+        args.docs, args.seq_len, args.batch = 64, 16, 16
+        model.update(n_layers=1, d_model=32, seq_len=16, n_codes=64)
+    common = dict(docs=args.docs, seq_len=args.seq_len, batch=args.batch, hooks=[args.hook] if args.hook else [])
+    common.update(model=model, benchmarks=str(ROOT / "benchmarks"))
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        libs = {"now": ROOT}
+        if args.baseline:
+            try:
+                libs["before"] = export(args.baseline, tmp)
+            except (OSError, subprocess.CalledProcessError) as err:  # no git, or no such ref (a shallow clone)
+                print(f"baseline {args.baseline!r} skipped: cannot export it from git ({err})")
+        for label, lib in libs.items():
+            directory = str(tmp / f"cache_{label}")
+            cached = child(lib, {**common, "op": "cache", "dir": directory})
+            disk = sum(p.stat().st_size for p in Path(directory).iterdir())
+            queried = child(lib, {**common, "op": "query", "dir": directory})
+            rows[label] = {"cache": cached, "query": queried, "disk_mb": disk / 2**20}
+    n_tokens = args.docs * args.seq_len
+    print(
+        f"\n{'path':<8}{'disk MB':>9}{'cache peak MB':>15}{'(+imports)':>12}{'open+query MB':>15}{'(+imports)':>12}"
+        f"{'query s':>9}"
+    )
+    for label, row in rows.items():
+        c, q = row["cache"], row["query"]
+        print(
+            f"{label:<8}{row['disk_mb']:>9.1f}{c['over_imports_mb']:>15.1f}{c['peak_mb']:>12.1f}"
+            f"{q['over_imports_mb']:>15.1f}{q['peak_mb']:>12.1f}{q['seconds']:>9.2f}"
+        )
+    same = len({json.dumps(r["query"]["answer"]) for r in rows.values()}) == 1
+    print(
+        f"\n{n_tokens} tokens ({args.docs} x {args.seq_len}), hook {args.hook or 'none'}; MB above the imports "
+        f"(absolute peak in brackets); both paths give the same answers: {same}"
+    )
+    if args.quick:
+        print("  (--quick: a tiny run, the numbers say nothing about memory)")
+    report = {
+        "benchmark": "cache_memory",
+        "n_tokens": n_tokens,
+        "docs": args.docs,
+        "seq_len": args.seq_len,
+        "hook": args.hook,
+        "baseline": args.baseline,
+        "quick": args.quick,
+        "platform": platform.platform(),
+        "load_average": os.getloadavg(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "results": rows,
+        "same_answers": same,
+    }
+    with atomic_file(args.out) as tmp_out:
+        tmp_out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
