@@ -185,6 +185,9 @@ class Codebook(HookPoint):
         #: (`module.training`) alone does neither.
         self.in_train_loop = False
         self.check_finite = True
+        #: Set only by `train` (a `cbinterp.core.distributed.CodebookStepSync`): sums a step's usage counts over its
+        #: micro-batches and ranks, and keeps dead-code replacement identical on every rank. None: this forward alone.
+        self.step_sync = None
         self.hook_input = HookPoint()
         self.hook_codes = HookPoint()
 
@@ -305,6 +308,14 @@ class Codebook(HookPoint):
                     codes[start : start + rows, g] = scores.topk(c.k, dim=-1).indices
         return codes.reshape(*lead, c.groups, c.k)
 
+    def _search(self, xg: Tensor) -> Tensor:
+        """`_encode` in float32 under autocast: bf16 scores would tie and reorder close codes, changing the choice."""
+        device = xg.device.type
+        if not torch.is_autocast_enabled(device):
+            return self._encode(xg)
+        with torch.autocast(device, enabled=False):
+            return self._encode(xg.float())
+
     def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
         """The sum of the code vectors named by `codes`; an id of -1 contributes zero (refused when not
         `allow_empty`). Ids are always checked: out of range is a ValueError, never another group's code."""
@@ -353,7 +364,7 @@ class Codebook(HookPoint):
         if self.in_train_loop and self.cfg.dead_after is not None:
             self._maybe_replace_dead(xg)
         with torch.no_grad():
-            codes = self._encode(xg)
+            codes = self._search(xg)
             # A non-finite input has no code: its id is -1 and its output NaN, so the fault shows downstream.
             bad = ~torch.isfinite(xg).all(-1).unsqueeze(-1)  # (..., groups, 1)
             codes = codes.masked_fill(bad, NO_CODE)
@@ -397,6 +408,10 @@ class Codebook(HookPoint):
         batch_counts = torch.zeros(total + 1, dtype=torch.long, device=codes.device)
         batch_counts.scatter_add_(0, flat, torch.ones_like(flat))
         batch_counts = batch_counts[:total].view(c.groups, c.n_codes)
+        if self.in_train_loop and self.step_sync is not None:
+            batch_counts = self.step_sync.reduce_counts(self, batch_counts)  # the whole step's, over all ranks
+            if batch_counts is None:  # an earlier micro-batch of the step: the step's last one updates
+                return
         self.counts += batch_counts
         if self.in_train_loop:
             self.train_steps += 1
@@ -408,7 +423,12 @@ class Codebook(HookPoint):
         c = self.cfg
         if int(self.train_steps) % c.dead_check_every != 0 or int(self.train_steps) == 0:
             return
-        self.replace_dead_codes(xg, min_steps=c.dead_after)
+        sync = self.step_sync
+        if sync is not None and not sync.may_replace():  # once per optimizer step, not per micro-batch
+            return
+        rows = xg if sync is None else sync.replacement_rows(self, xg)
+        if self.replace_dead_codes(rows, min_steps=c.dead_after) and sync is not None:
+            sync.after_replace(self)
 
     @torch.no_grad()
     def replace_dead_codes(self, x: Float[Tensor, "*batch dim"], min_steps: Optional[int] = None) -> int:
