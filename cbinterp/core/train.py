@@ -699,7 +699,13 @@ def _loop(
         # by CodebookStepSync); DDP's default, rank 0's buffers copied over every forward, would drop the other ranks'
         # counts. The model's own buffers are constants.
         device_ids = [device.index] if device.type == "cuda" else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel
+        quiet_buffers = (
+            {"forward_sync_buffers": False}  # torch >= 2.13 name; it still syncs at init, as broadcast_module_ did
+            if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+            else {"broadcast_buffers": False}
+        )
+        wrapped = ddp(model, device_ids=device_ids, **quiet_buffers)
     forward = torch.compile(wrapped) if cfg.compile else wrapped
     codebooks = list(get_codebooks(model).items())
     show = cfg.progress and dd.is_main()
