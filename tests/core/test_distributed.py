@@ -134,7 +134,9 @@ def scenario_die(rank: int, tmp: Path) -> dict:
 
 
 SCENARIOS = {
-    name[len("scenario_") :]: fn for name, fn in dict(globals()).items() if name.startswith("scenario_") and callable(fn)
+    name[len("scenario_") :]: fn
+    for name, fn in dict(globals()).items()
+    if name.startswith("scenario_") and callable(fn)
 }
 
 
@@ -166,7 +168,10 @@ def _worker(rank: int, world: int, tmp: str, names: list[str]) -> None:
 def run_ranks(tmp: Path, names: list[str], world: int = WORLD) -> list[dict]:
     """Run the scenarios in `world` spawned gloo ranks; each rank's results (or its error)."""
     tmp.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_worker, args=(world, str(tmp), names), nprocs=world, join=False, start_method="spawn")
+    # fork: the ranks inherit the imported torch and cbinterp (a spawned rank spends ~10 s importing them); torch's
+    # fork handler gives each child a fresh one-thread pool, and no process group exists in this process.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.start_processes(_worker, args=(world, str(tmp), names), nprocs=world, join=False, start_method=method)
     for p in ctx.processes:
         p.join(timeout=300)
         if p.is_alive():
@@ -279,7 +284,9 @@ def test_indivisible_batch_is_a_clear_error(ranks_run):
     _, results = ranks_run
     for res in results:  # on every rank: none waits for the other
         assert "7 rows" in res["indivisible"]["fn"] and "2 ranks" in res["indivisible"]["fn"]
-        assert "batch_size of 5 rows" in res["indivisible"]["tensor"] and "multiple of 2" in res["indivisible"]["tensor"]
+        assert (
+            "batch_size of 5 rows" in res["indivisible"]["tensor"] and "multiple of 2" in res["indivisible"]["tensor"]
+        )
 
 
 def test_only_rank_zero_logs(ranks_run):
@@ -303,30 +310,3 @@ def test_rank_dying_mid_run_stops_the_others_and_keeps_the_last_checkpoint(tmp_p
     with pytest.warns(Warning, match="Resuming"):
         resumed = train(fresh(), batches(), config(checkpoint_dir=str(ckpt)))
     assert resumed.resumed_from == 4 and resumed.steps == 8
-
-
-# -- one process ----------------------------------------------------------------------------------------------
-def test_accumulate_equals_the_whole_batch():
-    a, b = fresh(replace=False), fresh(replace=False)
-    whole = train(a, batches(), config(steps=4))
-    split = train(b, batches(), config(steps=4, accumulate=4))
-    assert split.losses == pytest.approx(whole.losses, abs=1e-5)
-    assert_close(state_of(b), state_of(a))
-    cb = get_codebooks(b)["blocks.0.hook_mlp_out"]
-    assert int(cb.train_steps) == 4  # one training step of the codebooks per optimizer step, not per micro-batch
-
-
-def test_accumulate_that_does_not_divide_is_a_clear_error():
-    with pytest.raises(ValueError, match="multiple of 3"):
-        train(fresh(), batches(), config(steps=1, accumulate=3))
-    with pytest.raises(ValueError, match="accumulate"):
-        TrainConfig(steps=1, accumulate=0)
-
-
-def test_autocast_setting_is_checked():
-    with pytest.raises(ValueError, match="loss scaling"):
-        TrainConfig(steps=1, autocast="fp16")
-    model = fresh()
-    result = train(model, batches(), config(steps=2, autocast="bf16"))
-    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
-    assert all(p.dtype == torch.float32 for p in model.parameters())
