@@ -17,7 +17,7 @@ from conftest import make_model
 from safetensors.torch import load_file, save_file
 
 import cbinterp
-from cbinterp import attach_codebooks, get_codebooks
+from cbinterp import attach_codebooks, get_codebooks, kmeans_init_codebooks
 from cbinterp.core.metrics import JSONLLogger, read_jsonl
 from cbinterp.core.train import TRAINER_FILE, TrainConfig, train
 from cbinterp.tasks.fsm import FSM
@@ -133,6 +133,18 @@ def scenario_die(rank: int, tmp: Path) -> dict:
     return {}
 
 
+def kmeans_tokens(seed: int) -> torch.Tensor:
+    return FSM_TASK.sample(16, 16, seed=100 + seed).tokens
+
+
+def scenario_kmeans(rank: int, tmp: Path) -> dict:
+    """Each rank passes other tokens: rank 0's k-means codes end up on every rank."""
+    model = fresh(replace=False)
+    kmeans_init_codebooks(model, kmeans_tokens(rank), iters=3, progress=False)
+    save_file(state_of(model), tmp / f"kmeans_rank{rank}.safetensors")
+    return {}
+
+
 SCENARIOS = {
     name[len("scenario_") :]: fn
     for name, fn in dict(globals()).items()
@@ -204,7 +216,7 @@ def ranks_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     # the 1-rank checkpoint that the 2 ranks resume (4 of 8 steps)
     train(fresh(replace=False), batches(), config(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp / "ck1")))
-    results = run_ranks(tmp, ["same", "shard_fn", "half", "resume", "accumulate", "indivisible"])
+    results = run_ranks(tmp, ["same", "shard_fn", "half", "resume", "accumulate", "indivisible", "kmeans"])
     for r, res in enumerate(results):
         assert "error" not in res and "exit" not in res, (r, res)
     return tmp, results
@@ -310,3 +322,16 @@ def test_rank_dying_mid_run_stops_the_others_and_keeps_the_last_checkpoint(tmp_p
     with pytest.warns(Warning, match="Resuming"):
         resumed = train(fresh(), batches(), config(checkpoint_dir=str(ckpt)))
     assert resumed.resumed_from == 4 and resumed.steps == 8
+
+
+def test_kmeans_runs_once_and_every_rank_gets_its_codes(ranks_run):
+    tmp, _ = ranks_run
+    a, b = load_state(tmp / "kmeans_rank0.safetensors"), load_state(tmp / "kmeans_rank1.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    model = fresh(replace=False)
+    kmeans_init_codebooks(model, kmeans_tokens(0), iters=3, progress=False)
+    assert_close(state_of(model), a)
+    other = fresh(replace=False)
+    kmeans_init_codebooks(other, kmeans_tokens(1), iters=3, progress=False)
+    assert not torch.equal(state_of(other)["blocks.0.hook_mlp_out.weight"], a["blocks.0.hook_mlp_out.weight"])
