@@ -89,6 +89,27 @@ def scenario_shard_fn(rank: int, tmp: Path) -> dict:
     return {"losses": result.losses}
 
 
+def scenario_iterable(rank: int, tmp: Path) -> dict:
+    """An iterable of global batches: each rank takes its rows of each, as from fn(step)."""
+    fn = batches()
+    model = fresh()
+    train(model, iter([fn(step) for step in range(8)]), config())
+    save_file(state_of(model), tmp / f"iterable_rank{rank}.safetensors")
+    return {}
+
+
+def token_table() -> torch.Tensor:
+    return FSM_TASK.sample(40, 16, seed=5).tokens
+
+
+def scenario_tensor(rank: int, tmp: Path) -> dict:
+    """A token tensor with batch_size: the seeded global batch, each rank its share."""
+    model = fresh()
+    train(model, token_table(), config(batch_size=BATCH))
+    save_file(state_of(model), tmp / f"tensor_rank{rank}.safetensors")
+    return {}
+
+
 def scenario_half(rank: int, tmp: Path) -> dict:
     """4 of 8 steps on 2 ranks, checkpointed: the parent resumes it on one rank."""
     train(fresh(replace=False), batches(), config(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp / "ck2")))
@@ -216,7 +237,9 @@ def ranks_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     # the 1-rank checkpoint that the 2 ranks resume (4 of 8 steps)
     train(fresh(replace=False), batches(), config(steps=4, checkpoint_every=2, checkpoint_dir=str(tmp / "ck1")))
-    results = run_ranks(tmp, ["same", "shard_fn", "half", "resume", "accumulate", "indivisible", "kmeans"])
+    results = run_ranks(
+        tmp, ["same", "shard_fn", "iterable", "tensor", "half", "resume", "accumulate", "indivisible", "kmeans"]
+    )
     for r, res in enumerate(results):
         assert "error" not in res and "exit" not in res, (r, res)
     return tmp, results
@@ -260,6 +283,23 @@ def test_shard_fn_gives_each_rank_its_rows(ranks_run):
     with pytest.warns(Warning, match="Resuming"):
         result = train(fresh(), batches(), config(steps=10, checkpoint_dir=str(tmp / "ck_shard")))
     assert result.resumed_from == 8
+
+
+def test_iterable_is_sharded_like_a_batch_function(ranks_run):
+    tmp, _ = ranks_run
+    a, b = load_state(tmp / "iterable_rank0.safetensors"), load_state(tmp / "same_rank0.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_token_tensor_gives_each_rank_its_share_of_the_seeded_batch(ranks_run):
+    tmp, _ = ranks_run
+    a, b = load_state(tmp / "tensor_rank0.safetensors"), load_state(tmp / "tensor_rank1.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    model = fresh()
+    train(model, token_table(), config(batch_size=BATCH))
+    assert_close(state_of(model), a)
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(ranks_run):
