@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import torch
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -70,10 +71,10 @@ def take_chars(docs, max_chars: Optional[int]):
 
 
 def write_json(path: Path, data) -> None:
-    """Strict JSON (NaN/inf written as null)."""
+    """Strict JSON (NaN/inf and missing values such as the `pd.NA` head of an MLP codebook written as null)."""
 
     def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
+        if x is pd.NA or (isinstance(x, float) and not math.isfinite(x)):
             return None
         if isinstance(x, dict):
             return {str(k): clean(v) for k, v in x.items()}

@@ -53,12 +53,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 @contextlib.contextmanager
 def bf16_search():
     """The codebooks' search left to autocast (bf16 matmul), as without cbinterp's float32 search."""
-    real = Codebook._search
-    Codebook._search = lambda self, xg: self._encode(xg)
+    real = Codebook._search_fp32
+    Codebook._search_fp32 = lambda self, xg: self._search(xg)
     try:
         yield
     finally:
-        Codebook._search = real
+        Codebook._search_fp32 = real
 
 
 def codes_and_inputs(model, tokens, autocast: bool) -> tuple[dict, dict]:
@@ -90,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     codebooks = get_codebooks(model)
     for name, cb in codebooks.items():
         with torch.autocast(tokens.device.type, dtype=torch.bfloat16), torch.no_grad():
-            own = cb._encode(cb._as_groups(inputs[name]))[..., 0]  # bf16 search of the fp32 input
+            own = cb._search(cb._as_groups(inputs[name]))[0][..., 0]  # bf16 search of the fp32 input
         own = own if cb.grouped else own.squeeze(-1)
         rows[name] = {
             "positions": int(ref[name].numel()),

@@ -41,6 +41,7 @@ from cbinterp.codecache.documents import cache_documents  # noqa: E402
 from cbinterp.codecache.queries import top_tokens  # noqa: E402
 from cbinterp.codecache.vocab import Vocabulary  # noqa: E402
 from cbinterp.core.attach import get_codebooks  # noqa: E402
+from cbinterp.core.heads import code_label  # noqa: E402
 from cbinterp.metrics.heldout import probe_heldout  # noqa: E402
 from cbinterp.tasks.lm_features import FEATURE_DESCRIPTIONS, FEATURES  # noqa: E402
 from cbinterp.tasks.text import tokenize_documents  # noqa: E402
@@ -93,8 +94,7 @@ def describe_code(cache, row, strings) -> str:
     """The tokens on which a code fires most on half B, e.g. `' war' 41%, ' battle' 12%`."""
     if row["code"] < 0:
         return "(no code passed the recall floor)"
-    head = int(row["head"]) if cache.codes(row["codebook"]).dim() == 3 else None
-    top = top_tokens(cache, row["codebook"], int(row["code"]), head=head, n=3)
+    top = top_tokens(cache, row["codebook"], int(row["code"]), head=row["head"], n=3)  # pd.NA: no head
     return ", ".join(f"{strings[int(t)]!r} {s:.0%}" for t, s in zip(top["token"], top["share"])) or "(never fires)"
 
 
@@ -167,8 +167,7 @@ def main(argv=None) -> dict:
     for _, row in table.iterrows():
         if row["code"] < 0:
             continue
-        head = int(row["head"]) if cache_b.codes(row["codebook"]).dim() == 3 else None
-        view = context_view(cache_b, row["codebook"], int(row["code"]), tokenizer, head=head, max_examples=40)
+        view = context_view(cache_b, row["codebook"], int(row["code"]), tokenizer, head=row["head"], max_examples=40)
         view.title = f"{row['feature_name']} ({FEATURE_DESCRIPTIONS.get(row['feature_name'], '')}): {view.title}"
         path = out / "contexts" / f"{row['feature_name']}.html"
         view.save(path)
@@ -215,7 +214,7 @@ def print_table(table, headline, weak) -> None:
     print(head)
     print("-" * len(head))
     for _, r in table.iterrows():
-        code = f"{r['codebook'].removeprefix('blocks.')}/h{r['head']}/c{r['code']}" if r["code"] >= 0 else "-"
+        code = code_label(r["codebook"].removeprefix("blocks."), r["head"], r["code"]) if r["code"] >= 0 else "-"
         neuron = f"{str(r['neuron_best_hook']).removeprefix('blocks.')}[{r['neuron_best_unit']}]"
         print(
             f"{r['feature_name']:<11} {r['n_feature_b']:>6}  {code:<28} {r['precision_b']:>5.2f} {r['recall_b']:>5.2f}"

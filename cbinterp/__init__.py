@@ -23,6 +23,7 @@ from cbinterp.core.attach import (
     kmeans_init_codebooks,
 )
 from cbinterp.core.codebook import Codebook, CodebookConfig
+from cbinterp.core.fastpath import fast_kernels
 from cbinterp.core.interventions import (
     ablate_codes,
     force_codes,
@@ -40,6 +41,7 @@ from cbinterp.viz.html import CodeContextView, context_view
 from cbinterp.viz.plots import probe_figure
 
 __all__ = [
+    "fast_kernels",
     "CodeContextView",
     "context_view",
     "SITE_HOOKS",

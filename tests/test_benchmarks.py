@@ -194,6 +194,24 @@ def test_train_speed_quick_report_is_consistent(tmp_path, load_benchmark):
         assert row["median_s"] == statistics.median(row["times_s"]) and row["min_s"] <= row["median_s"]
         assert row["tokens_per_s"] == pytest.approx(n_tokens / row["median_s"])
         assert row["over_reference"] is None
+        assert row["roofline_fraction"] == pytest.approx(row["tokens_per_s"] / row["roofline_tokens_per_s"])
+    results = report["results"]
+    assert {"ours", "ours_tl_kernels", "ours_tl_kernels_fused_adamw", "no_codebooks"} <= results.keys()
+    ratio = results["ours"]["tokens_per_s"] / results["no_codebooks"]["tokens_per_s"]
+    assert results["ours"]["over_no_codebooks"] == pytest.approx(ratio)
+    # the codebooks add their similarity search to the step's work, so their roofline is lower
+    assert results["ours"]["roofline_tokens_per_s"] < results["no_codebooks"]["roofline_tokens_per_s"]
+
+
+def test_train_profile_quick_accounts_for_the_whole_step(tmp_path, load_benchmark):
+    out = tmp_path / "train_profile.json"
+    report = load_benchmark("train_profile").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["variants"].keys() == report["variants"].keys()
+    assert len(report["variants"]) == 4
+    for row in report["variants"].values():
+        assert sum(row["family_s"].values()) == pytest.approx(row["profiled_step_s"], rel=1e-6)
+        assert (row["family_s"]["codebook search"] > 0) == row["codebooks"]
+        assert row["family_s"]["matmuls"] > 0 and row["family_s"]["optimizer"] > 0
 
 
 def test_cache_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):

@@ -64,6 +64,9 @@ def test_lm_probes_quick(tiny_lm, tmp_path, load_benchmark, capsys):
         assert 0.0 <= head[key] <= 1.0
     rows = results["features"]
     assert {r["feature_name"] for r in rows} <= set(results["settings"]["features"])
+    for r in on_disk["features"]:  # MLP codebooks (and features without a code) have no head: null, not 0
+        no_head = r["code"] < 0 or r["codebook"].endswith("hook_mlp_out")
+        assert (r["head"] is None) == no_head and (no_head or isinstance(r["head"], int))
     hooks = set(results["settings"]["neuron_hooks"])
     assert {"blocks.0.mlp.hook_post", "blocks.0.attn.hook_z.hook_input", "blocks.0.hook_mlp_out.hook_input"} == hooks
     for r in rows:
@@ -109,6 +112,23 @@ def test_lm_steering_is_deterministic(tiny_lm, tmp_path, load_benchmark):
     assert [s["text"] for s in a["unsteered_samples"]] == [s["text"] for s in b["unsteered_samples"]]
     assert a["topics"]["war"]["codes"] == b["topics"]["war"]["codes"]
     assert set(a["topics"]["war"]["codes"]) == {"n_topic_tokens", "word", "before_word"}
+    on_disk = json.loads((tmp_path / "a" / "results.json").read_text())["topics"]["war"]["codes"]
+    for row in on_disk["word"] + on_disk["before_word"]:  # the MLP codebook's rows: head null, not 0
+        assert (row["head"] is None) == row["codebook"].endswith("hook_mlp_out")
+
+
+def test_benchmark_json_writes_missing_heads_as_null(tmp_path, load_benchmark):
+    import pandas as pd
+
+    common = load_benchmark("_lm_common")
+    table = pd.DataFrame({"codebook": ["mlp", "attn"], "head": pd.array([pd.NA, 2], dtype="Int64")})
+    data = {"rows": table.to_dict(orient="records"), "head": pd.NA, "heads": list(table["head"])}
+    common.write_json(tmp_path / "out.json", data)
+    assert json.loads((tmp_path / "out.json").read_text()) == {
+        "rows": [{"codebook": "mlp", "head": None}, {"codebook": "attn", "head": 2}],
+        "head": None,
+        "heads": [None, 2],
+    }
 
 
 def test_lm_steering_rejects_unknown_topic(load_benchmark):

@@ -5,11 +5,15 @@ code). For a per-head codebook (`codes(name)` of shape `(n_tokens, heads, k)`), 
 `code_frequencies`/`dead_codes`/`codes_for_token` count (token, head) pairs, while the per-token masks of
 `code_fires`, `code_contexts`, `top_tokens` and `cooccurrence` mean "fires in any head". `search_codes` scores
 every (codebook, head, code) separately.
+
+An ungrouped (MLP) codebook has no head: pass `head=None` (the default). A missing value (`pd.NA`, what the
+`head` column of a table holds for such a codebook) means the same, so `head=row.head` works for any table row;
+`head=0` is still accepted for an ungrouped codebook (its only group), any other head is an error
+(`cbinterp.core.heads`).
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import numpy as np
@@ -20,6 +24,8 @@ from torch import Tensor
 from cbinterp.codecache.features import VocabularyLike, doc_token_indices
 from cbinterp.codecache.vocab import vocabulary_of
 from cbinterp.core.codes import dedupe_codes
+from cbinterp.core.heads import as_index as _as_index
+from cbinterp.core.heads import check_head
 
 __all__ = [
     "code_contexts",
@@ -33,34 +39,18 @@ __all__ = [
 ]
 
 
-def _as_index(value, what: str) -> int:
-    """`value` as an int when it is one (Python, numpy or a 0-d integer tensor); never truncated: 2.7 is refused."""
-    if (
-        isinstance(value, Tensor)
-        and value.dim() == 0
-        and not value.dtype.is_floating_point
-        and value.dtype != torch.bool
-    ):
-        return int(value)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__}).")
-
-
-def _head_codes(cache, name: str, head: Optional[int]) -> Tensor:
-    """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` when head is None."""
+def _head_codes(cache, name: str, head) -> Tensor:
+    """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` for no head (see
+    `cbinterp.core.heads.check_head`: None or a missing value; 0 for an ungrouped codebook)."""
     codes = cache.codes(name)
-    if codes.dim() == 2:
-        if head not in (None, 0):
-            raise ValueError(f"Codebook {name!r} has no heads; use head=None (or 0), got {head}.")
-        return codes
-    if head is None:
-        return codes
-    head = _as_index(head, "head")
-    n_heads = codes.shape[1]
-    if not -n_heads <= int(head) < n_heads:
-        raise ValueError(f"head {head} out of range for codebook {name!r} with {n_heads} heads.")
-    return codes[:, int(head)]
+    head = check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
+    return codes if head is None else codes[:, head]
+
+
+def head_of(cache, name: str, head) -> Optional[int]:
+    """`head` of codebook `name` in `cache` as checked by `check_head`: an index, or None for no head."""
+    codes = cache.codes(name)
+    return check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
 
 
 def _check_code(cache, name: str, code: int) -> int:

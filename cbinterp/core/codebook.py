@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from cbinterp.core.codes import NO_CODE
+from cbinterp.core.heads import check_head
 from cbinterp.core.naming import did_you_mean
 
 Similarity = Literal["inner_product", "cosine", "euclidean"]
@@ -292,29 +293,42 @@ class Codebook(HookPoint):
         return codes if self.grouped else codes.squeeze(-2)
 
     def _encode(self, xg: Tensor) -> Tensor:
+        return self._search_fp32(xg)[0]
+
+    def _search(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor]:
+        """The top-k code ids `(*batch, groups, k)` and the best score `(*batch, groups)` of every position.
+
+        One batched matmul scores a block of positions against all groups' codes at once (no loop over heads), in
+        blocks of about `_chunk_scores` elements so that a block of scores stays in cache.
+        """
         c = self.cfg
         lead = xg.shape[:-2]
         flat, w, bias = self._prepare(xg)
         n = flat.shape[0]
-        codes = torch.empty(n, c.groups, c.k, dtype=torch.long, device=flat.device)
-        rows = max(1, self._chunk_scores // c.n_codes)
-        for g in range(c.groups):
-            w_g, bias_g = w[g], None if bias is None else bias[g]
-            for start in range(0, n, rows):
-                scores = self._block_scores(flat[start : start + rows, g], w_g, bias_g)
-                if c.k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
-                    codes[start : start + rows, g] = scores.max(dim=-1, keepdim=True).indices
-                else:
-                    codes[start : start + rows, g] = scores.topk(c.k, dim=-1).indices
-        return codes.reshape(*lead, c.groups, c.k)
+        codes = torch.empty(c.groups, n, c.k, dtype=torch.long, device=flat.device)
+        best = torch.empty(c.groups, n, dtype=flat.dtype, device=flat.device)
+        by_group = flat.transpose(0, 1)  # (groups, n, dim), a view
+        w_t = w.transpose(1, 2)  # (groups, dim, n_codes)
+        rows = max(1, self._chunk_scores // (c.n_codes * c.groups))
+        for start in range(0, n, rows):
+            scores = torch.bmm(by_group[:, start : start + rows], w_t)  # (groups, rows, n_codes)
+            if bias is not None:
+                scores = scores.mul_(2).sub_(bias.unsqueeze(1))
+            if c.k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
+                top = scores.max(dim=-1, keepdim=True)
+            else:
+                top = scores.topk(c.k, dim=-1)
+            codes[:, start : start + rows] = top.indices
+            best[:, start : start + rows] = top.values[..., 0]
+        return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
 
-    def _search(self, xg: Tensor) -> Tensor:
-        """`_encode` in float32 under autocast: bf16 scores would tie and reorder close codes, changing the choice."""
+    def _search_fp32(self, xg: Tensor) -> tuple[Tensor, Tensor]:
+        """`_search` in float32 under autocast: bf16 scores would tie and reorder close codes, changing the choice."""
         device = xg.device.type
         if not torch.is_autocast_enabled(device):
-            return self._encode(xg)
+            return self._search(xg)
         with torch.autocast(device, enabled=False):
-            return self._encode(xg.float())
+            return self._search(xg.float())
 
     def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
         """The sum of the code vectors named by `codes`; an id of -1 contributes zero (refused when not
@@ -364,15 +378,18 @@ class Codebook(HookPoint):
         if self.in_train_loop and self.cfg.dead_after is not None:
             self._maybe_replace_dead(xg)
         with torch.no_grad():
-            codes = self._search(xg)
-            # A non-finite input has no code: its id is -1 and its output NaN, so the fault shows downstream.
-            bad = ~torch.isfinite(xg).all(-1).unsqueeze(-1)  # (..., groups, 1)
+            codes, best = self._search_fp32(xg)
+            # A non-finite input has no code: its id is -1 and its output NaN, so the fault shows downstream. A NaN or
+            # infinite input makes its best score non-finite, so the scores tell without another pass over the input.
+            bad = ~torch.isfinite(best).unsqueeze(-1)  # (..., groups, 1)
             codes = codes.masked_fill(bad, NO_CODE)
         codes = self.hook_codes(codes if self.grouped else codes.squeeze(-2))
         codes_g = codes if self.grouped else codes.unsqueeze(-2)
         hooked = len(self.hook_codes._forward_hooks) > 0
         q = self._decode(codes_g if hooked else codes_g.clamp_min(0), check=hooked)
-        q = q.masked_fill(bad, float("nan"))
+        # Asking the CPU whether any row is bad costs nothing; on an accelerator it would wait for the device.
+        if q.device.type != "cpu" or torch.compiler.is_compiling() or bool(bad.any()):
+            q = q.masked_fill(bad, float("nan"))
         q_out = q if self.grouped else q.squeeze(-2)
         if self.counting or self.training:  # train mode alone only checks for non-finite values
             self._update_usage(x, q_out, codes_g)
@@ -461,7 +478,9 @@ class Codebook(HookPoint):
 
     def dead_codes(self, head: Optional[int] = None) -> Tensor:
         """Ids of the codes that have not fired since the last `reset_usage()`: in `head`, or in no head when None
-        (as `cbinterp.dead_codes(cache, name, head)` counts a cache)."""
+        (as `cbinterp.dead_codes(cache, name, head)` counts a cache). `head` as in the cache queries: None or a
+        missing value for no head; a codebook without heads also takes 0 (its only group)."""
+        head = check_head(head, "this codebook", self.cfg.groups if self.grouped else None)
         counts = self.counts.sum(0) if head is None else self.counts[head]
         return torch.nonzero(counts == 0).flatten().cpu()
 

@@ -27,6 +27,7 @@ from transformer_lens.hook_points import HookPoint
 
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer
 from cbinterp.core.codebook import Codebook
+from cbinterp.core.heads import is_missing_head
 from cbinterp.core.naming import CODES_SUFFIX, codes_hook_name, did_you_mean
 
 HookFn = Callable[..., Tensor]
@@ -151,13 +152,19 @@ def _in_range(positions: Tensor, n_pos: int, where: str) -> Tensor:
 
 
 def _parse_heads(heads: HeadsLike, name: str, codebook: Codebook) -> Optional[Tensor]:
-    """The head index (0-dim drops the axis, 1-dim keeps it), or None for a codebook without heads."""
+    """The head index (0-dim drops the axis, 1-dim keeps it), or None for a codebook without heads.
+
+    A missing value (`pd.NA`, NaN: a table's `head` for a codebook without heads) reads as None; for a codebook
+    without heads `0` (its only group) is accepted too (`cbinterp.core.heads`)."""
     groups = codebook.cfg.groups
+    if not isinstance(heads, (Tensor, Sequence)) and is_missing_head(heads):
+        heads = None
     if not codebook.grouped:
-        if heads is not None:
+        if heads is not None and not (_is_int(heads) and int(heads) == 0):
             raise ValueError(
                 f"heads={heads!r} given for {name}, which has one codebook for the whole activation (no heads); "
-                f"leave heads out, or choose a per-head attention codebook (e.g. blocks.0.attn.hook_z)."
+                f"leave heads out (None; 0 is accepted as its only group), or choose a per-head attention codebook "
+                f"(e.g. blocks.0.attn.hook_z)."
             )
         return None
     if heads is None:
@@ -265,7 +272,9 @@ def replace_codes(
             fill the remaining slots with -1 (no code), and -1 may be given explicitly.
         positions: None (all), an int (negative counts from the end), a slice, a list of ints (the same in every
             example), a `(batch,)` tensor (one position per example) or a `(batch, n)` tensor / list of lists.
-        heads: for per-head attention codebooks, None (all), an int or a list of ints.
+        heads: for per-head attention codebooks, None (all), an int or a list of ints. A codebook without heads
+            (an MLP codebook) takes None (or a missing value such as a table's `pd.NA` head; 0, its only group, is
+            accepted too).
     Returns:
         `(hook_name, fn)` for `fwd_hooks`, `model.hooks` or `intervene`.
     """

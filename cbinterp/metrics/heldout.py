@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from cbinterp.codecache.features import VocabularyLike, token_positions
+from cbinterp.core.heads import HEAD_DTYPE, check_head, is_missing_head
 from cbinterp.metrics.classifiers import best_neuron_precision_batch, neuron_precision_at_recall
 from cbinterp.metrics.probes import _check_ranking, _ranked, _scored
 from cbinterp.metrics.tables import code_feature_table
@@ -62,12 +63,15 @@ def default_neuron_sets(hooks: Sequence[str]) -> dict[str, list[str]]:
     return sets
 
 
-def code_fires_in(cache, codebook: str, code: int, head: int = 0) -> Tensor:
-    """Bool `(n_tokens,)`: where `code` is among the ids of `codebook` (its `head` for a per-head codebook)."""
+def code_fires_in(cache, codebook: str, code: int, head: Optional[int] = None) -> Tensor:
+    """Bool `(n_tokens,)`: where `code` is among the ids of `codebook`: of its `head` for a per-head codebook (any
+    head when `head` is None or missing), of the whole codebook for one without heads (`head` None or missing, as
+    in the tables; 0 is accepted as its only group, see `cbinterp.core.heads`)."""
     codes = cache.codes(codebook)
-    if codes.dim() == 3:
+    head = check_head(head, codebook, codes.shape[1] if codes.dim() == 3 else None)
+    if head is not None:
         codes = codes[:, head]
-    return (codes == int(code)).any(-1)
+    return (codes == int(code)).reshape(codes.shape[0], -1).any(-1)
 
 
 def _masks(cache, features, token_strings, which) -> dict[str, Tensor]:
@@ -103,12 +107,13 @@ def probe_heldout(
 
     Returns:
         One row per feature matched on A, with `HELDOUT_COLUMNS` (the code; `*_a` in-sample on A, `*_b` held out
-        on B) and, per neuron set `s` and for `s = "best"` (the set whose neuron is most precise on A):
-        `neuron_<s>_hook`, `neuron_<s>_unit`, `neuron_<s>_threshold`, `neuron_<s>_precision_a` (at the code's recall
-        on A), `neuron_<s>_precision_b`, `neuron_<s>_recall_b` (A's threshold applied on B) and
+        on B; `head` is `Int64`, `pd.NA` for a code of a codebook without heads, such as an MLP codebook) and, per
+        neuron set `s` and for `s = "best"` (the set whose neuron is most precise on A): `neuron_<s>_hook`,
+        `neuron_<s>_unit`, `neuron_<s>_threshold`, `neuron_<s>_precision_a` (at the code's recall on A),
+        `neuron_<s>_precision_b`, `neuron_<s>_recall_b` (A's threshold applied on B) and
         `neuron_<s>_precision_b_at_code_recall` (threshold re-set on B to reach the code's recall on B).
-        A feature with no code passing the floors on A gets code -1 and zeros. Features matching nothing on A are
-        warned about and dropped.
+        A feature with no code passing the floors on A gets codebook "", head `pd.NA`, code -1 and zeros.
+        Features matching nothing on A are warned about and dropped.
     """
     min_recall, min_fires = _check_ranking(rank_by, min_recall, min_fires)
     if list(choose.codebook_names) != list(score.codebook_names):
@@ -144,7 +149,7 @@ def probe_heldout(
             f"neuron_{s}_precision_b_at_code_recall",
         ]
     if not names:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=columns).astype({"head": HEAD_DTYPE})
     feat_a = torch.stack([masks_a[n] for n in names], dim=1)
     feat_b = torch.stack([masks_b[n] for n in names], dim=1)
     codes_a = {name: choose.codes(name) for name in choose.codebook_names}
@@ -158,11 +163,12 @@ def probe_heldout(
         row = {"feature_name": name, "n_feature_a": n_a, "n_feature_b": n_b}
         if f in best.index:
             pick = best.loc[f]
-            fires_b = code_fires_in(score, pick["codebook"], int(pick["code"]), int(pick["head"]))
+            head = None if is_missing_head(pick["head"]) else int(pick["head"])
+            fires_b = code_fires_in(score, pick["codebook"], int(pick["code"]), head)
             tp_b = int((fires_b & feat_b[:, f]).sum())
             row.update(
                 codebook=pick["codebook"],
-                head=int(pick["head"]),
+                head=pd.NA if head is None else head,
                 code=int(pick["code"]),
                 n_fires_a=int(pick["n_fires"]),
                 precision_a=float(pick["precision"]),
@@ -172,10 +178,10 @@ def probe_heldout(
                 recall_b=_rate(tp_b, n_b),
             )
         else:
-            row.update(codebook="", head=0, code=-1, n_fires_a=0, precision_a=0.0, recall_a=0.0, n_fires_b=0)
+            row.update(codebook="", head=pd.NA, code=-1, n_fires_a=0, precision_a=0.0, recall_a=0.0, n_fires_b=0)
             row.update(precision_b=0.0, recall_b=0.0)
         rows.append(row)
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows).astype({"head": HEAD_DTYPE})
     if sets:
         _add_neurons(out, sets, choose, score, feat_a, feat_b)
     return out[columns].reset_index(drop=True)

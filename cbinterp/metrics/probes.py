@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from cbinterp.codecache.features import VocabularyLike, token_positions
+from cbinterp.core.heads import HEAD_DTYPE
 from cbinterp.metrics.tables import add_neuron_precision, code_feature_table
 
 __all__ = ["PROBE_COLUMNS", "SEARCH_COLUMNS", "probe", "search_codes"]
@@ -75,7 +76,9 @@ def _pick_best(table: pd.DataFrame, rank_by: str) -> pd.DataFrame:
 def _column_dtype(column: str):
     if column in ("codebook", "feature_name"):
         return object
-    ints = ("head", "feature", "code", "n_fires", "n_feature", "tp")
+    if column == "head":
+        return HEAD_DTYPE
+    ints = ("feature", "code", "n_fires", "n_feature", "tp")
     is_neuron_index = column.startswith("neuron_") and not column.startswith("neuron_precision_")
     return np.int64 if column in ints or is_neuron_index else np.float64
 
@@ -102,7 +105,8 @@ def probe(
     gives exact character spans for byte-level BPE); None reads the cache's own text.
 
     Returns:
-        DataFrame with `PROBE_COLUMNS` (`feature` is the index among the kept features, `feature_name` its name)
+        DataFrame with `PROBE_COLUMNS` (`feature` is the index among the kept features, `feature_name` its name;
+        `head` is `Int64`, `pd.NA` on the rows of codebooks without heads such as MLP codebooks)
         and, when `neurons` and the cache stores activations, `neuron_precision_<hook>` / `neuron_<hook>` for each
         stored hook (activations flattened to `(n_tokens, -1)`; the best neuron at the row's recall) plus
         `best_neuron_precision` (max over hooks). An empty table (same columns) when no feature survives.
@@ -153,7 +157,8 @@ def search_codes(
     """Codes of every codebook and head ranked as detectors of a regex (through `token_positions`, which needs
     `token_strings`) or of a given bool mask `(n_tokens,)`.
 
-    Returns columns `SEARCH_COLUMNS` (`f1` = 2 tp / (n_fires + n_feature)), only codes with tp > 0,
+    Returns columns `SEARCH_COLUMNS` (`f1` = 2 tp / (n_fires + n_feature); `head` is `Int64`, `pd.NA` for a
+    codebook without heads such as an MLP codebook, so `head=row.head` can be passed on), only codes with tp > 0,
     `n_fires >= min_fires` and recall > `min_recall`, sorted by `rank_by` ("f1", "precision" or "recall")
     descending, then by the other two scores descending, then codebook, head and code.
     """

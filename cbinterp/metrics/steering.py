@@ -32,7 +32,7 @@ def topic_codes(
     """The best code of every codebook and head for a regex (or a bool token mask) on `cache`.
 
     Returns `search_codes`' columns, one row per (codebook, head) that has a code passing the floors, in codebook
-    then head order.
+    then head order (`head` is `Int64`, `pd.NA` for a codebook without heads such as an MLP codebook).
     """
     found = search_codes(cache, pattern, token_strings, rank_by=rank_by, min_recall=min_recall, min_fires=min_fires)
     best = found.drop_duplicates(["codebook", "head"], keep="first")  # search_codes sorts best first

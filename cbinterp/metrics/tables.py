@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from cbinterp.core.heads import HEAD_DTYPE
 from cbinterp.core.naming import CODES_SUFFIX
 from cbinterp.metrics._checks import Features, _as_int, _check_acts
 from cbinterp.metrics.classifiers import (
@@ -87,10 +88,11 @@ def code_feature_table(
         drop_never_firing: drop codes with n_fires == 0 instead of giving them a placeholder row.
 
     Returns:
-        DataFrame with columns `codebook` (name; "codes" for a bare tensor), `head` (head index, 0 for codebooks
-        without heads), `code`, `n_fires`, `feature`, `n_feature` (positions of the feature), `tp`, `precision`
-        (tp / n_fires) and `recall` (tp / n_feature), ordered by codebook, head, code and rank. Ranking: higher
-        precision first, then higher recall, then lower feature id. Only features with tp > 0 are listed; a code
+        DataFrame with columns `codebook` (name; "codes" for a bare tensor), `head` (nullable `Int64`: the head
+        index of a per-head codebook, `pd.NA` for a codebook without heads, e.g. an MLP codebook), `code`,
+        `n_fires`, `feature`, `n_feature` (positions of the feature), `tp`, `precision` (tp / n_fires) and
+        `recall` (tp / n_feature), ordered by codebook, head, code and rank. Ranking: higher precision first, then
+        higher recall, then lower feature id. Only features with tp > 0 are listed; a code
         with none (including a code that never fires) gets one placeholder row with feature -1, n_feature 0, tp 0,
         precision 0.0 and recall 0.0.
     """
@@ -117,8 +119,8 @@ def code_feature_table(
                 f"cover {nf}; flatten batch and position of both (x.flatten(0, 1)) over the same positions."
             )
         cb_codes = _per_codebook(n_codes, name, "n_codes")
-        heads = [tensor] if tensor.dim() == 2 else list(tensor.unbind(1))
-        for head, head_codes in enumerate(heads):
+        heads = [(None, tensor)] if tensor.dim() == 2 else list(enumerate(tensor.unbind(1)))
+        for head, head_codes in heads:
             counts = code_feature_counts(
                 head_codes, features, cb_codes, n_features=n_features, chunk_elements=chunk_elements
             )
@@ -134,7 +136,9 @@ def code_feature_table(
     return table
 
 
-def _table_rows(counts: CodeFeatureCounts, name: str, head: int, per_code, drop_never_firing: bool) -> pd.DataFrame:
+def _table_rows(
+    counts: CodeFeatureCounts, name: str, head: Optional[int], per_code, drop_never_firing: bool
+) -> pd.DataFrame:
     code_idx, feat_idx = _ranked_features(counts, per_code)
     fires = counts.code_counts.cpu().numpy()
     fcounts = counts.feature_counts.cpu().numpy()
@@ -155,7 +159,7 @@ def _table_rows(counts: CodeFeatureCounts, name: str, head: int, per_code, drop_
     frame = pd.DataFrame(
         {
             "codebook": pd.Series([name] * len(code_all), dtype=object),
-            "head": np.full(len(code_all), head, dtype=np.int64),
+            "head": pd.Series([pd.NA if head is None else head] * len(code_all), dtype=HEAD_DTYPE),
             "code": code_all,
             "n_fires": fires_all,
             "feature": feat_all,

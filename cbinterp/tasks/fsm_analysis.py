@@ -14,6 +14,7 @@ from transformer_lens import HookedTransformer
 
 from cbinterp.codecache.store import cache_codes
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer
+from cbinterp.core.heads import head_column
 from cbinterp.core.naming import INPUT_SUFFIX
 from cbinterp.metrics import add_neuron_precision, code_feature_table
 from cbinterp.metrics.classifiers import best_neuron_precision_batch, code_feature_counts
@@ -139,10 +140,11 @@ def fsm_code_table(
 
 def summarize_state_codes(table: pd.DataFrame, fsm: FSM, own_code_precision: float = 0.9) -> pd.DataFrame:
     """Per codebook (and head): how many states have a code of their own, and the precision of the state codes
-    beside the best neurons' at the same recall (mean and median)."""
+    beside the best neurons' at the same recall (mean and median). One row per (codebook, head) of `table`, in
+    table order; `head` is `Int64`, `pd.NA` for a codebook without heads (an MLP codebook)."""
     rows = []
     neuron_columns = [c for c in table.columns if c.startswith("neuron_precision_")]
-    for (name, head), group in table.groupby(["codebook", "head"], sort=False):
+    for (name, head), group in table.groupby(["codebook", "head"], sort=False, dropna=False):
         states = group[group["kind"] == "state"]
         own = states.loc[states["precision"] >= own_code_precision, "feature"].nunique()
         row = {
@@ -162,7 +164,10 @@ def summarize_state_codes(table: pd.DataFrame, fsm: FSM, own_code_precision: flo
             row[f"{short}_precision_mean"] = _stat(states[column], np.mean)
             row[f"{short}_precision_median"] = _stat(states[column], np.median)
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["head"] = head_column(out["head"])
+    return out
 
 
 def _stat(values: pd.Series, fn) -> float:
@@ -187,10 +192,11 @@ def _site_of(name: str) -> str:
 # ------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PooledCodes:
-    """The codes of several codebooks (heads counted apart) as one pool: pool index -> (codebook, head, code)."""
+    """The codes of several codebooks (heads counted apart) as one pool: pool index -> (codebook, head, code), head
+    None for a codebook without heads (an MLP codebook)."""
 
     codes: Int[Tensor, "n m"]  # per position, the pool ids of the codes firing there (-1 = none)
-    names: list[tuple[str, int, int]]
+    names: list[tuple[str, Optional[int], int]]
 
 
 def pool_codes(codes: dict[str, Tensor], n_codes: dict[str, int], names: Sequence[str]) -> PooledCodes:
@@ -198,9 +204,8 @@ def pool_codes(codes: dict[str, Tensor], n_codes: dict[str, int], names: Sequenc
     columns, labels, offset = [], [], 0
     for name in names:
         c = codes[name]
-        c = c.unsqueeze(1) if c.dim() == 2 else c  # (n, heads, k)
-        for head in range(c.shape[1]):
-            h = c[:, head]
+        heads = [(None, c)] if c.dim() == 2 else list(enumerate(c.unbind(1)))  # (n, k) per head
+        for head, h in heads:
             columns.append(torch.where(h >= 0, h + offset, -1))
             labels += [(name, head, code) for code in range(n_codes[name])]
             offset += n_codes[name]
@@ -364,7 +369,10 @@ def state_code_report(
     """The feature-first search over the pooled `codebooks` for every "state" feature (`features="state"`) or
     every "state s > digits" feature that occurs (`"state+digit"`), chosen on one half of the sequences and
     scored on the other; for states also the previous-state split and (with `neurons`) the best neurons of each
-    neuron set at the best code's recall, both chosen on the selection half."""
+    neuron set at the best code's recall, both chosen on the selection half.
+
+    The best code is named by `best_codebook`, `best_head` (`Int64`: the head of a per-head codebook, `pd.NA` for
+    a codebook without heads and for a feature without a code) and `best_code_id` (-1: no code)."""
     n_codes = {name: cb.n_codes for name, cb in get_codebooks(model).items()}
     pool = pool_codes(acts.codes, n_codes, codebooks)
     select, score = acts.halves()
@@ -379,9 +387,9 @@ def state_code_report(
     table = feature_first_search(pool, acts.labels, ids, select, score, n_features, min_recall, precise)
     names = fsm.feature_names()
     table.insert(1, "name", [names[f] for f in table["feature"]])
-    where = lambda c: pool.names[c] if c >= 0 else ("", -1, -1)
+    where = lambda c: pool.names[c] if c >= 0 else ("", None, -1)
     table["best_codebook"] = [where(c)[0] for c in table["best_code"]]
-    table["best_head"] = [where(c)[1] for c in table["best_code"]]
+    table["best_head"] = head_column(where(c)[1] for c in table["best_code"])
     table["best_code_id"] = [where(c)[2] for c in table["best_code"]]
     if features == "state" and acts.previous is not None:
         table = previous_state_split(pool, acts.labels, acts.previous, table, score, fsm.n_states)

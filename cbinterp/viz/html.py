@@ -10,8 +10,9 @@ import os
 from typing import Optional, Sequence
 
 from cbinterp.codecache.features import VocabularyLike
-from cbinterp.codecache.queries import code_contexts, code_fires
+from cbinterp.codecache.queries import code_contexts, code_fires, head_of
 from cbinterp.core.atomic import atomic_file
+from cbinterp.core.heads import codebook_label
 
 _STYLE = "font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.25"
 _TOKEN_STYLE = "font-weight: bold; color: #1f4fd8"
@@ -76,10 +77,12 @@ def context_view(
     seed: int = 0,
 ) -> CodeContextView:
     """A `CodeContextView` of where `code` of codebook `name` (and `head`) fires in `cache`: a seeded sample of
-    `max_examples` firings (see `code_contexts`), titled with how many of all firings are shown."""
+    `max_examples` firings (see `code_contexts`), titled with how many of all firings are shown. `head` as in
+    `code_contexts` (None or missing for a codebook without heads); the title names a head only for a per-head
+    codebook ("blocks.0.hook_mlp_out, code 7", "blocks.0.attn.hook_z head 2, code 7")."""
     contexts = code_contexts(
         cache, name, code, token_strings, window=window, head=head, max_examples=max_examples, sample=sample, seed=seed
     )
     n_fires = int(code_fires(cache, name, code, head).sum())
-    label = f"{name}" + (f" head {head}" if head is not None else "") + f", code {code}"
+    label = f"{codebook_label(name, head_of(cache, name, head))}, code {code}"
     return CodeContextView(f"{label}: {len(contexts)} of {n_fires} firings shown", contexts)

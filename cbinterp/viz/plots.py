@@ -6,6 +6,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from cbinterp.core.heads import code_label, codebook_label, is_missing_head
+
 _NEURON_PREFIX = "neuron_precision_"
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
 
@@ -29,7 +31,8 @@ def code_vs_neuron_figure(
         subplot_titles=(f"mean precision of {kind} codes, per codebook", f"{kind} codes of the MLP codebooks"),
     )
     labels = [
-        f"L{row.layer} {row.site}" + (f" h{row.head}" if row.site == "attn" else "") for row in summary.itertuples()
+        f"L{row.layer} {row.site}" + ("" if is_missing_head(row.head) else f" h{int(row.head)}")
+        for row in summary.itertuples()
     ]
     fig.add_trace(
         go.Bar(
@@ -81,14 +84,16 @@ def code_vs_neuron_figure(
 
 
 def code_frequency_figure(cache, name: str, head=None, title: str | None = None) -> go.Figure:
-    """How often each code of one codebook fires in a `CodeCache`, most frequent first (log scale)."""
-    from cbinterp.codecache.queries import code_frequencies
+    """How often each code of one codebook fires in a `CodeCache`, most frequent first (log scale). `head` as in
+    `code_frequencies` (None or missing: every head, or the codebook without heads; the title names a head only
+    for a per-head codebook)."""
+    from cbinterp.codecache.queries import code_frequencies, head_of
 
     counts = code_frequencies(cache, name, head=head).sort(descending=True).values
     fig = go.Figure(go.Bar(y=counts.tolist(), marker_color=_COLORS[0]))
     dead = int((counts == 0).sum())
     fig.update_layout(
-        title=title or f"{name}{'' if head is None else f' head {head}'}: code frequency ({dead} never fire)",
+        title=title or f"{codebook_label(name, head_of(cache, name, head))}: code frequency ({dead} never fire)",
         xaxis_title="code rank",
         yaxis_title="fires",
         yaxis_type="log",
@@ -107,7 +112,7 @@ def precision_recall_figure(
     groups = table.groupby(label, sort=False) if label in table.columns else [("codes", table)]
     for key, rows in groups:
         text = (
-            [f"{r.codebook} code {r.code}" for r in rows.itertuples()]
+            [f"{codebook_label(r.codebook, getattr(r, 'head', None))} code {r.code}" for r in rows.itertuples()]
             if {"codebook", "code"} <= set(rows.columns)
             else None
         )
@@ -133,7 +138,7 @@ def probe_figure(table: pd.DataFrame, title: str = "Regex probes: best code vs b
         return fig
     idx = table.groupby("feature_name", sort=False)["precision"].idxmax()
     top = table.loc[idx.to_numpy()]
-    label = [f"{r.feature_name} ({r.codebook}/h{r.head}/c{r.code})" for r in top.itertuples()]
+    label = [f"{r.feature_name} ({code_label(r.codebook, r.head, r.code)})" for r in top.itertuples()]
     recall = [f"recall {r:.2f}" for r in top["recall"]]
     fig.add_bar(name="best code", x=list(top["feature_name"]), y=list(top["precision"]), hovertext=label, text=recall)
     if "best_neuron_precision" in top.columns:
@@ -151,7 +156,7 @@ def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held
         return fig
     names = list(table["feature_name"])
     code_label = [
-        f"{r.codebook}/h{r.head}/c{r.code}" if r.code >= 0 else "no code" for r in table.itertuples(index=False)
+        code_label(r.codebook, r.head, r.code) if r.code >= 0 else "no code" for r in table.itertuples(index=False)
     ]
     fig.add_bar(
         name="best code",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -20,11 +21,14 @@ from cbinterp.codecache.queries import (
     top_tokens,
 )
 from cbinterp.metrics.probes import SEARCH_COLUMNS, search_codes
+from cbinterp.viz.html import context_view
+from cbinterp.viz.plots import code_frequency_figure
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CHARS = [chr(ord("a") + i) for i in range(11)]
 ATTN = "blocks.0.attn.hook_z"  # per-head codebook
+MLP = "blocks.0.hook_mlp_out"  # one group, no heads
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +141,18 @@ def test_search_codes(cache):
     want = []
     for name in cache.codebook_names:
         codes = cache.codes(name)
-        heads = [codes] if codes.dim() == 2 else list(codes.unbind(1))
-        for h, hc in enumerate(heads):
+        heads = [(None, codes)] if codes.dim() == 2 else list(enumerate(codes.unbind(1)))
+        for h, hc in heads:
             for c in range(cache.n_codes(name)):
                 f = (hc == c).any(-1)
                 tp, n = int((f & mask).sum()), int(f.sum())
                 if tp:
                     want.append((name, h, c, tp / n, tp / int(mask.sum()), 2 * tp / (n + int(mask.sum()))))
     assert len(by_mask) == len(want)
-    got = {(r.codebook, r.head, r.code): (r.precision, r.recall, r.f1) for r in by_mask.itertuples()}
+    got = {
+        (r.codebook, None if pd.isna(r.head) else int(r.head), r.code): (r.precision, r.recall, r.f1)
+        for r in by_mask.itertuples()
+    }
     for name, h, c, p, r, f1 in want:
         assert got[(name, h, c)] == pytest.approx((p, r, f1))
     assert (np.diff(by_mask["f1"].to_numpy()) <= 1e-12).all()
@@ -164,3 +171,63 @@ def test_search_codes_edge_cases(cache):
         search_codes(cache, torch.ones(3, dtype=torch.bool))
     strict = search_codes(cache, cache.tokens == 3, min_fires=4)
     assert (strict["n_fires"] >= 4).all()
+
+
+# -- heads: an MLP codebook has none (pd.NA in tables), attention heads are integers ---------------------------
+def test_search_codes_reports_no_head_for_mlp_codebooks(cache):
+    found = search_codes(cache, cache.tokens >= 0)  # every token: every code that fires has tp > 0
+    assert found["head"].dtype == "Int64"
+    mlp, attn = found[found.codebook == MLP], found[found.codebook == ATTN]
+    assert len(mlp) and mlp["head"].isna().all()  # not head 0
+    assert len(attn) and attn["head"].notna().all() and set(attn["head"].astype(int)) == {0, 1, 2, 3}
+    empty = search_codes(cache, torch.zeros(cache.n_tokens, dtype=torch.bool))
+    assert empty["head"].dtype == "Int64"
+
+
+def test_a_table_row_head_is_passed_on_as_is(cache):
+    """`head=row.head` works for rows of both kinds: NA reads as no head, an attention head as that head."""
+    found = search_codes(cache, cache.tokens == 3)
+    for kind in (MLP, ATTN):
+        row = found[found.codebook == kind].iloc[0]
+        codes = cache.codes(kind)
+        codes = codes if pd.isna(row["head"]) else codes[:, int(row["head"])]
+        fires = (codes == int(row["code"])).any(-1)
+        assert torch.equal(code_fires(cache, kind, int(row["code"]), head=row["head"]), fires)
+        top = top_tokens(cache, kind, int(row["code"]), head=row["head"])
+        assert int(top["count"].sum()) == int(fires.sum())
+        where = [(c["doc"], c["pos"]) for c in code_contexts(cache, kind, int(row["code"]), CHARS, head=row["head"])]
+        assert len(where) == min(int(fires.sum()), 20)
+
+
+def test_head_arguments_for_a_codebook_without_heads(cache):
+    code = int(cache.codes(MLP)[0, 0])
+    kwargs = dict(token_strings=CHARS, max_examples=None)
+    want = code_contexts(cache, MLP, code, **kwargs)
+    assert want  # the code fires
+    # None (the default), a missing value and, for backward compatibility, 0 all mean the whole codebook
+    for head in (pd.NA, np.nan, 0):
+        assert code_contexts(cache, MLP, code, head=head, **kwargs) == want
+        pd.testing.assert_frame_equal(top_tokens(cache, MLP, code, head=head), top_tokens(cache, MLP, code))
+        assert torch.equal(code_frequencies(cache, MLP, head=head), code_frequencies(cache, MLP))
+    for bad in (1, -1):
+        with pytest.raises(ValueError, match=r"has no heads.*head=None"):
+            top_tokens(cache, MLP, code, head=bad)
+        with pytest.raises(ValueError, match="has no heads"):
+            code_contexts(cache, MLP, code, CHARS, head=bad)
+    with pytest.raises(TypeError, match="head must be an int"):
+        top_tokens(cache, ATTN, code, head=1.5)
+    # on a per-head codebook a missing value is no head too: every head pooled, as head=None
+    pd.testing.assert_frame_equal(top_tokens(cache, ATTN, code, head=pd.NA), top_tokens(cache, ATTN, code))
+
+
+def test_labels_name_a_head_only_for_per_head_codebooks(cache):
+    code = int(cache.codes(MLP)[0, 0])
+    for head in (None, pd.NA, 0):
+        title = context_view(cache, MLP, code, CHARS, head=head).title
+        assert title.startswith(f"{MLP}, code {code}: ") and "head" not in title
+        assert code_frequency_figure(cache, MLP, head=head).layout.title.text.startswith(f"{MLP}: code frequency")
+    code = int(cache.codes(ATTN)[0, 2, 0])
+    assert context_view(cache, ATTN, code, CHARS, head=2).title.startswith(f"{ATTN} head 2, code {code}: ")
+    assert context_view(cache, ATTN, code, CHARS, head=-1).title.startswith(f"{ATTN} head 3, code {code}: ")
+    assert context_view(cache, ATTN, code, CHARS).title.startswith(f"{ATTN}, code {code}: ")  # every head
+    assert code_frequency_figure(cache, ATTN, head=1).layout.title.text.startswith(f"{ATTN} head 1: code frequency")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -114,6 +115,21 @@ def test_replace_takes_per_example_codes(cb_model, tokens):
     positions = torch.tensor([0, 4, 6])
     _, cache = run(cb_model, tokens, replace_codes(cb_model, MLP0, wanted, positions=positions))
     assert torch.equal(cache[f"{MLP0}.hook_codes"][torch.arange(BATCH), positions], wanted)
+
+
+@pytest.mark.parametrize("heads", [0, pd.NA, float("nan")])
+def test_a_codebook_without_heads_takes_no_head_or_its_only_group(cb_model, tokens, heads):
+    """heads=None is the way; a table's missing head (pd.NA) and 0 (its only group) mean the same."""
+    want = run(cb_model, tokens, replace_codes(cb_model, MLP0, 4, positions=3))
+    got = run(cb_model, tokens, replace_codes(cb_model, MLP0, 4, positions=3, heads=heads))
+    assert torch.equal(got[1][f"{MLP0}.hook_codes"], want[1][f"{MLP0}.hook_codes"])
+    assert torch.equal(got[0], want[0])
+
+
+def test_a_missing_head_on_a_per_head_codebook_is_every_head(cb_model, tokens):
+    want = run(cb_model, tokens, force_codes(cb_model, ATTN0, 4, positions=3))
+    got = run(cb_model, tokens, force_codes(cb_model, ATTN0, 4, positions=3, heads=pd.NA))
+    assert torch.equal(got[1][f"{ATTN0}.hook_codes"], want[1][f"{ATTN0}.hook_codes"])
 
 
 @pytest.mark.parametrize("heads", [1, [0, 3], None])
@@ -386,7 +402,8 @@ def test_unknown_codebook_lists_the_codebooks_and_suggests(cb_model, make_tiny_m
         (lambda m: replace_codes(m, MLP0, [1, 2, 3, 4]), ValueError, "at most 3"),
         (lambda m: replace_codes(m, MLP0, [1.0]), TypeError, "integer"),
         (lambda m: replace_codes(m, MLP0, []), ValueError, "at least one"),
-        (lambda m: replace_codes(m, MLP0, 1, heads=0), ValueError, "no heads"),
+        (lambda m: replace_codes(m, MLP0, 1, heads=1), ValueError, "no heads"),
+        (lambda m: replace_codes(m, MLP0, 1, heads=[0]), ValueError, "no heads"),
         (lambda m: replace_codes(m, ATTN0, 1, heads=4), ValueError, "Head 4 is out of range"),
         (lambda m: replace_codes(m, ATTN0, 1, heads=[]), TypeError, "heads"),
         (lambda m: replace_codes(m, MLP0, 1, positions="last"), TypeError, "positions"),

@@ -152,7 +152,8 @@ def test_table_best_feature_matches_brute_force(data):
     table = code_feature_table(codes, feats, n_codes)
     tp, fires, fc = brute_counts(codes, feats, n_codes)
     assert list(table["code"]) == list(range(n_codes))  # one row per code, never-firing ones included
-    assert not table.isna().any().any()
+    assert table["head"].isna().all()  # an (n, k) codebook has no heads
+    assert not table.drop(columns="head").isna().any().any()
     best = brute_best(tp, fires, fc)
     for row in table.itertuples():
         assert row.feature == best[row.code]
@@ -215,7 +216,7 @@ def test_never_firing_codes_and_empty_features():
     codes = torch.tensor([[0], [0], [1]])
     labels = torch.tensor([-1, -1, 0])
     table = code_feature_table(codes, labels, n_codes=3, n_features=2, feature_names=["a", "b"])
-    assert not table.isna().any().any()
+    assert not table.drop(columns="head").isna().any().any()
     by_code = table.set_index("code")
     assert by_code.loc[0, "feature"] == -1 and by_code.loc[0, "n_fires"] == 2  # fires, matches no feature
     assert by_code.loc[2, "feature"] == -1 and by_code.loc[2, "n_fires"] == 0  # never fires
@@ -232,10 +233,15 @@ def test_table_per_head_and_named_codebooks():
     heads = torch.randint(0, 5, (40, 2, 1), generator=g)  # (n_positions, n_heads, k)
     mlp = torch.randint(0, 4, (40, 1), generator=g)
     table = code_feature_table({"attn": heads, "mlp": mlp}, labels, {"attn": 5, "mlp": 4})
-    assert list(table.groupby(["codebook", "head"], sort=False).size().items()) == [
-        (("attn", 0), 5),
-        (("attn", 1), 5),
-        (("mlp", 0), 4),
+    # attention heads are integers; the MLP codebook has no head (pd.NA, not 0)
+    assert table["head"].dtype == "Int64"
+    assert table.loc[table.codebook == "mlp", "head"].isna().all()
+    assert table.loc[table.codebook == "attn", "head"].notna().all()
+    sizes = table.groupby(["codebook", "head"], sort=False, dropna=False).size()
+    assert [(name, None if pd.isna(head) else int(head), n) for (name, head), n in sizes.items()] == [
+        ("attn", 0, 5),
+        ("attn", 1, 5),
+        ("mlp", None, 4),
     ]
     for h in range(2):
         one = code_feature_table(heads[:, h], labels, 5)
@@ -388,7 +394,7 @@ def test_add_neuron_precision_matches_direct_calls():
         "neuron_precision_site_outputs",
         "neuron_site_outputs",
     ]
-    assert not out.isna().any().any()
+    assert not out.drop(columns="head").isna().any().any()
     pd.testing.assert_frame_equal(out[table.columns], table)
     for row in out.itertuples():
         if row.feature < 0:  # code 7 never fires

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -107,9 +108,59 @@ def test_unknown_hook_is_refused():
 
 def test_helpers():
     assert code_fires_in(half_b(), "cb", 3).nonzero().flatten().tolist() == [10, 11]
+    for head in (None, pd.NA, 0):  # "cb" has no heads: no head (or its only group, 0)
+        assert code_fires_in(half_b(), "cb", 3, head).nonzero().flatten().tolist() == [10, 11]
+    with pytest.raises(ValueError, match="has no heads"):
+        code_fires_in(half_b(), "cb", 3, 1)
     sets = default_neuron_sets(["blocks.0.mlp.hook_post", "blocks.0.attn.hook_z.hook_input", "blocks.0.hook_resid_pre"])
     assert sets == {
         "mlp_hidden": ["blocks.0.mlp.hook_post"],
         "codebook_input": ["blocks.0.attn.hook_z.hook_input"],
         "blocks.0.hook_resid_pre": ["blocks.0.hook_resid_pre"],
     }
+
+
+def grouped(cache: CodeCache) -> CodeCache:
+    """`cache` with a second codebook "attn" of 2 heads: head 1 holds cb's codes, head 0 only code 0."""
+    codes = cache.codes("cb")
+    attn = torch.stack([torch.zeros_like(codes), codes], dim=1)  # (n, 2, 1)
+    n = cache.n_tokens
+    meta = {
+        "codebooks": {
+            "cb": {"n_codes": 4, "k": 1, "groups": 1, "dim": 2, "shape": [1]},
+            "attn": {"n_codes": 4, "k": 1, "groups": 2, "dim": 2, "shape": [2, 1]},
+        },
+        "hooks": [HOOK],
+        "n_tokens": n,
+        "n_docs": 1,
+    }
+    arrays = {
+        "tokens": cache.tokens.int(),
+        "doc": torch.zeros(n, dtype=torch.int32),
+        "pos": torch.arange(n, dtype=torch.int32),
+        "codes/cb": codes.to(torch.uint8),
+        "codes/attn": attn.to(torch.uint8),
+        "act/" + HOOK: cache.activations(HOOK).half(),
+    }
+    return CodeCache(meta, arrays=arrays)
+
+
+def test_codes_without_heads_report_no_head():
+    table = probe_heldout(half_a(), half_b(), {"X": "X", "not_X": "[ab]"}, STRINGS, neurons=False)
+    assert table["head"].dtype == "Int64"
+    assert list(table["codebook"]) == ["cb", "cb"] and table["head"].isna().all()  # "cb" has no heads: not 0
+
+
+def test_attention_codes_report_their_head():
+    # "cb" and head 1 of "attn" hold the same codes: the tie goes to the codebook first in order ("attn")
+    table = probe_heldout(grouped(half_a()), grouped(half_b()), {"X": "X"}, STRINGS, neurons=False)
+    row = table.iloc[0]
+    assert (row["codebook"], row["head"], row["code"]) == ("attn", 1, 3)
+    assert table["head"].dtype == "Int64"
+    assert row["precision_b"] == 0.0 and row["n_fires_b"] == 2  # scored on head 1 of B, where code 3 misses X
+
+
+def test_a_feature_without_a_code_has_no_head():
+    table = probe_heldout(half_a(), half_b(), {"X": "X"}, STRINGS, neurons=False, min_fires=1000)
+    assert table.iloc[0]["code"] == -1 and table.iloc[0]["codebook"] == "" and pd.isna(table.iloc[0]["head"])
+    assert table["head"].dtype == "Int64"

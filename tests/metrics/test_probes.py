@@ -103,7 +103,11 @@ def test_probe_matches_brute_force(cache):
     table = probe(cache, feats, CHARS, min_fires=2)
     assert list(table.columns[: len(PROBE_COLUMNS)]) == PROBE_COLUMNS
     assert {f"neuron_precision_{HOOK}", f"neuron_{HOOK}", "best_neuron_precision"} <= set(table.columns)
-    assert not table.isna().any().any()
+    assert not table.drop(columns="head").isna().any().any()
+    assert table["head"].dtype == "Int64"
+    grouped = table["codebook"].map(lambda name: cache.codes(name).dim() == 3)
+    assert table.loc[~grouped, "head"].isna().all() and (~grouped).any()  # MLP rows: no head
+    assert table.loc[grouped, "head"].between(0, 3).all() and grouped.any()  # attention rows: integer heads
     assert (table["n_fires"] >= 2).all()
     for f, (fname, pat) in enumerate(feats.items()):
         mask = token_positions(cache, CHARS, pat)
@@ -111,10 +115,11 @@ def test_probe_matches_brute_force(cache):
             assert torch.equal(mask, cache.tokens == 2)
         for name in cache.codebook_names:
             codes = cache.codes(name)
-            heads = [codes] if codes.dim() == 2 else list(codes.unbind(1))
-            for h, hc in enumerate(heads):
+            heads = [(None, codes)] if codes.dim() == 2 else list(enumerate(codes.unbind(1)))
+            for h, hc in heads:
                 want = brute_best(hc, mask, cache.n_codes(name), min_fires=2)
-                row = table[(table.codebook == name) & (table["head"] == h) & (table.feature_name == fname)]
+                same_head = table["head"].isna() if h is None else table["head"].eq(h).fillna(False)
+                row = table[(table.codebook == name) & same_head & (table.feature_name == fname)]
                 if want is None:
                     assert row.empty
                     continue
@@ -142,6 +147,7 @@ def test_probe_no_match_warns_and_drops(cache):
     assert isinstance(empty, pd.DataFrame) and empty.empty
     assert list(empty.columns[: len(PROBE_COLUMNS)]) == PROBE_COLUMNS
     assert "best_neuron_precision" in empty.columns
+    assert empty["head"].dtype == "Int64"
     assert len(probe_figure(empty).data) == 0
 
 
@@ -193,3 +199,20 @@ def test_probe_figure_shows_recall():
     table = probe(_ranking_cache(), {"a": "a"}, CHARS, neurons=False)
     fig = probe_figure(table)
     assert "recall 0.75" in fig.data[0].text[0]
+    assert pd.isna(table.iloc[0]["head"])  # the (n, k) codebook "cb" has no heads
+    assert fig.data[0].hovertext[0] == "a (cb/c2)"  # no "/h0"
+
+
+def test_probe_figure_names_attention_heads():
+    table = pd.DataFrame(
+        {
+            "feature_name": ["x", "y"],
+            "codebook": ["blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"],
+            "head": pd.array([2, pd.NA], dtype="Int64"),
+            "code": [5, 7],
+            "precision": [0.9, 0.8],
+            "recall": [0.1, 0.2],
+        }
+    )
+    labels = list(probe_figure(table).data[0].hovertext)
+    assert labels == ["x (blocks.0.attn.hook_z/h2/c5)", "y (blocks.0.hook_mlp_out/c7)"]

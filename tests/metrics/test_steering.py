@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 
 from cbinterp.codecache.store import CodeCache
@@ -45,8 +46,9 @@ def grouped_cache(heads_with_code: int = 2) -> CodeCache:
 def test_topic_codes_best_per_codebook_and_head():
     cache = grouped_cache()
     table = topic_codes(cache, "war", STRINGS, min_fires=1)
-    got = [(r.codebook, r.head, r.code) for r in table.itertuples()]
-    assert got == [("attn", 0, 3), ("attn", 1, 2), ("mlp", 0, 2)]
+    got = [(r.codebook, None if pd.isna(r.head) else int(r.head), r.code) for r in table.itertuples()]
+    assert got == [("attn", 0, 3), ("attn", 1, 2), ("mlp", None, 2)]  # the plain codebook has no head, not 0
+    assert table["head"].dtype == "Int64"
     assert table.loc[1, "precision"] == 0.75 and table.loc[0, "precision"] == 1.0
     codes = steering_codes(table, cache)
     assert codes["attn"].tolist() == [[3], [2]]  # (heads, 1): each head its own code

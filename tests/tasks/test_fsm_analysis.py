@@ -58,7 +58,17 @@ def test_code_table_rows(cb_model, fsm):
     assert np.allclose(table["precision"], table["tp"] / table["n_fires"])
     assert ((table["feature"] < fsm.n_states) == (table["kind"] == "state")).all()
     assert set(table["site"]) == {"attn", "mlp"}
+    assert table["head"].dtype == "Int64"
     assert set(table.loc[table["site"] == "attn", "head"]) <= {0, 1, 2, 3}
+    assert table.loc[table["site"] == "mlp", "head"].isna().all()  # MLP codebooks have no head (not 0)
+    summary = summarize_state_codes(table, fsm)
+    assert summary["head"].dtype == "Int64"
+    mlp_rows = summary[summary["site"] == "mlp"]
+    assert len(mlp_rows) == table.loc[table["site"] == "mlp", "codebook"].nunique()  # NA heads are not dropped
+    assert mlp_rows["head"].isna().all() and summary.loc[summary["site"] == "attn", "head"].notna().all()
+    labels = list(code_vs_neuron_figure(table, summary).data[0].x)
+    assert all(" h" not in label for label, site in zip(labels, summary["site"]) if site == "mlp")
+    assert all(label.endswith(f" h{h}") for label, h in zip(labels, summary["head"]) if not pd.isna(h))
     for column in (f"neuron_precision_{MLP_NEURONS}", f"neuron_precision_{SITE_OUTPUTS}"):
         state = table["kind"] == "state"
         assert table.loc[state, column].between(0, 1).all()
@@ -78,14 +88,16 @@ def test_summary_counts_states_with_own_code(fsm):
             "codebook": ["m"] * 5,
             "layer": [0] * 5,
             "site": ["mlp"] * 5,
-            "head": [0] * 5,
+            "head": pd.array([pd.NA] * 5, dtype="Int64"),
             "feature": [1, 1, 2, 3, 40],
             "precision": [0.95, 0.5, 0.9, 0.89, 1.0],
             "kind": ["state", "state", "state", "state", "state+digit"],
             "neuron_precision_x": [0.5, 0.25, 0.75, 0.5, np.nan],
         }
     )
-    row = summarize_state_codes(table, fsm).iloc[0]
+    summary = summarize_state_codes(table, fsm)
+    assert len(summary) == 1 and pd.isna(summary["head"].iloc[0])  # the group of an MLP codebook is kept
+    row = summary.iloc[0]
     assert row["states_with_own_code"] == 2  # states 1 and 2; state 3's best code is below 0.9
     assert row["state_codes"] == 4 and row["state_plus_digit_codes"] == 1
     assert row["state_code_precision_mean"] == pytest.approx((0.95 + 0.5 + 0.9 + 0.89) / 4)
@@ -155,7 +167,7 @@ def _constructed():
 def test_feature_first_search_chooses_on_one_half_and_scores_on_the_other():
     labels, codes, select, score = _constructed()
     pool = pool_codes(codes, {"A": 8, "B": 8}, ["A", "B"])
-    assert pool.names[9] == ("B", 0, 1) and pool.codes.shape == (400, 2)
+    assert pool.names[9] == ("B", None, 1) and pool.codes.shape == (400, 2)  # (n, k) codebooks: no head
     table = feature_first_search(pool, labels, [0], select, score, n_features=1)
     row = table.iloc[0]
     # Candidates with recall > 1%: A0 (p 39/79), A3 (p 1, r .025), B1 (p 1, r .25), B2 (p 1, r .5) and B's
@@ -241,3 +253,24 @@ def test_state_code_headline_counts_own_codes():
     assert head["features_with_own_code"] == 1 and head["features_with_precise_code"] == 2
     assert head["best_code_precision_mean"] == pytest.approx((1.0 + 0.8 + 0.95) / 3)
     assert head["best_code_recall_mean"] == pytest.approx((0.2 + 0.6 + 0.5) / 3)
+
+
+def test_state_code_report_names_heads_only_for_per_head_codebooks(cb_model, fsm):
+    from cbinterp.tasks.fsm_analysis import state_code_report
+
+    acts = collect_fsm_activations(cb_model, fsm, n_positions=2000, seq_len=16, progress=False, neurons=False)
+    names = ["blocks.0.hook_mlp_out", "blocks.1.attn.hook_z"]
+    table = state_code_report(cb_model, fsm, acts, names, neurons=False)
+    assert table["best_head"].dtype == "Int64"
+    found = table[table["best_code"] >= 0]
+    assert len(found) and set(found["best_codebook"]) <= set(names)
+    mlp = found["best_codebook"] == names[0]
+    assert mlp.any() and (~mlp).any()  # both kinds win some state on this seeded model
+    assert found.loc[mlp, "best_head"].isna().all()
+    assert found.loc[~mlp, "best_head"].between(0, 3).all()
+    assert table.loc[table["best_code"] < 0, "best_head"].isna().all()  # no code: no head either
+    pool = pool_codes(acts.codes, {n: 16 for n in names}, names)
+    assert pool.names[0] == (names[0], None, 0) and pool.names[16] == (names[1], 0, 0)
+    assert [pool.names[c][1] for c in found["best_code"]] == [
+        None if pd.isna(h) else int(h) for h in found["best_head"]
+    ]
