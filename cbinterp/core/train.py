@@ -677,6 +677,12 @@ def _non_finite_error(loss: float, step: int, model: HookedTransformer, codebook
     return FloatingPointError(f"Loss is {loss} at step {step}{where_steps}{where}{hint}.")
 
 
+def _checks_each_step(device: torch.device) -> bool:
+    """Whether each step's loss is checked to be finite at once: free on the CPU; on an accelerator it would wait for
+    the device every step, so the losses are checked at log, eval and checkpoint steps instead."""
+    return device.type == "cpu"
+
+
 class _Losses:
     """The steps' losses kept on the device and copied to `losses` (as floats, averaged over the ranks) only at
     log, eval and checkpoint steps: one host synchronisation per `log_every` steps instead of per step."""
@@ -722,7 +728,7 @@ def _loop(
     watch = show or bool(loggers)
     window = {name: cb.counts.clone() for name, cb in codebooks} if watch else {}
     sync = dd.CodebookStepSync()
-    check_each_step = device.type == "cpu"  # free on the CPU; on CUDA it would wait for the device every step
+    check_each_step = _checks_each_step(device)
     pending = _Losses(losses, check_each_step)
     autocast = (
         torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.autocast])

@@ -85,6 +85,21 @@ def test_codes_under_bf16_autocast_are_the_float32_codes(similarity):
     assert torch.equal(seen[0], fp32)
 
 
+def test_deferred_finite_check_names_the_step_and_the_range(monkeypatch):
+    """As on CUDA: no host sync per step; the check at the log step finds the first non-finite loss."""
+    import cbinterp.core.train as train_module
+
+    monkeypatch.setattr(train_module, "_checks_each_step", lambda device: False)
+    model = make_model(seed=0)
+    with torch.no_grad():
+        model.unembed.W_U[0, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 0 \(checked every log_every steps, here 0\.\.3"):
+        train(model, batches(), config(steps=6, log_every=4))
+    result = train(make_model(seed=0), batches(), config(steps=6, log_every=4))
+    expected = train(make_model(seed=0), batches(), config(steps=6, log_every=1))
+    assert result.losses == expected.losses and all(isinstance(x, float) for x in result.losses)
+
+
 # -- loggers ----------------------------------------------------------------------------------------------------
 def test_jsonl_logger_records_the_metrics(tmp_path):
     path = tmp_path / "logs" / "train.jsonl"
