@@ -226,7 +226,6 @@ def test_cache_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark
     assert "target cached/plain" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_ddp_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
     out = tmp_path / "ddp_speed.json"
     report = load_benchmark("ddp_speed").main(["--quick", "--out", str(out)])
@@ -239,7 +238,6 @@ def test_ddp_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
     assert "x 1 rank" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_autocast_codes_quick_report_is_consistent(tmp_path, load_benchmark):
     out = tmp_path / "autocast_codes.json"
     report = load_benchmark("autocast_codes").main(["--quick", "--out", str(out)])
