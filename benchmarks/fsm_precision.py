@@ -18,6 +18,9 @@ trained the same extra steps without codebooks. The evaluation, measured as the 
   baseline) and, as an extra, the best MLP hidden unit; the same search for "state s > digit" features.
 
 Interrupted runs resume from the checkpoints under `--out`; a finished run re-evaluates without training.
+
+Under torchrun (`torchrun --nproc_per_node=2 benchmarks/fsm_precision.py --quick`) every rank trains its share of
+each batch (data-parallel `cbinterp.train`) and rank 0 alone evaluates and writes the results.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 
 import cbinterp
+from cbinterp.core import distributed as dd
 from cbinterp.core.atomic import atomic_file
 from cbinterp.core.attach import codebooks_bypassed, get_codebooks
 from cbinterp.recipes.codebook import phases_summary
@@ -226,10 +231,14 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
     settings = recipe.to_dict()
     print("recipe:", json.dumps(settings), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, settings, args.fresh)
+    if dd.is_main():
+        check_resumable(out, settings, args.fresh)
+    dd.barrier("the check of the output folder", 0)
     fsm, result = recipe.run(
         checkpoint_dir=out / "checkpoints", device=args.device, progress=not args.no_progress, compile=args.compile
     )
+    if not dd.is_main():  # the other ranks only train: rank 0 evaluates the (identical) models and writes
+        return {}
     training_s = time.perf_counter() - start
     fsm.save(out / "fsm.json")
     extra = {"benchmark": "fsm_precision", "recipe": settings}
@@ -413,6 +422,8 @@ def run(args: argparse.Namespace) -> dict:
     if len(args.seeds) == 1:
         return run_seed(args, args.seeds[0], args.out)
     per_seed = [run_seed(args, seed, args.out / f"seed_{seed}") for seed in args.seeds]
+    if not dd.is_main():
+        return {}
     summary = {"seeds": args.seeds, "aggregate": aggregate(per_seed), "per_seed": [r["headline"] for r in per_seed]}
     with atomic_file(args.out / "seeds.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
@@ -439,7 +450,10 @@ def _json_default(value):
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun: join its process group, one device per rank
+        args.device = str(dd.init_from_env(args.device))
+    return run(args)
 
 
 if __name__ == "__main__":

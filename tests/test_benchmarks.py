@@ -240,3 +240,26 @@ def test_cache_memory_quick_report_is_consistent(tmp_path, capsys, load_benchmar
             assert r["over_imports_mb"] == pytest.approx(r["peak_mb"] - r["imports_mb"])
         assert row["disk_mb"] > 0
     assert "open+query" in capsys.readouterr().out
+
+
+def test_ddp_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
+    out = tmp_path / "ddp_speed.json"
+    report = load_benchmark("ddp_speed").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["results"].keys() == report["results"].keys() == {"1", "2"}
+    for world, row in report["results"].items():
+        assert row["world_size"] == int(world) and len(row["tokens_per_s_per_step"]) == report["steps"]
+        assert row["tokens_per_s"] == pytest.approx(statistics.median(row["tokens_per_s_per_step"]))
+    one, two = report["results"]["1"], report["results"]["2"]
+    assert two["speedup_over_1_rank"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert "x 1 rank" in capsys.readouterr().out
+
+
+def test_autocast_codes_quick_report_is_consistent(tmp_path, load_benchmark):
+    out = tmp_path / "autocast_codes.json"
+    report = load_benchmark("autocast_codes").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["overall"] == pytest.approx(report["overall"])
+    for row in report["per_codebook"].values():
+        for key in ("fp32_search", "bf16_search", "bf16_search_fp32_input"):
+            assert 0.0 <= row[key] <= 1.0
+    # the search in float32 changes fewer codes than the same forward with the search in bf16
+    assert report["overall"]["fp32_search"] < report["overall"]["bf16_search"]

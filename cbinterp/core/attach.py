@@ -339,6 +339,8 @@ def kmeans_init_codebooks(
             bounds the time and memory of the Lloyd iterations.
         batch_size: sequences per forward pass while the activations are collected.
         progress: show a progress bar over the codebooks.
+
+    Under torch.distributed it runs once, on rank 0 (with rank 0's `tokens`), and every rank gets its codes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -350,6 +352,18 @@ def kmeans_init_codebooks(
     tokens = torch.as_tensor(tokens)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (batch, pos) token ids, got shape {tuple(tokens.shape)}.")
+    from cbinterp.core import distributed as dd  # here: distributed imports nothing of attach, but keep it light
+
+    if dd.active():
+        if dd.is_main():
+            _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
+        for name, codebook in codebooks.items():  # the other ranks wait here for rank 0's codes
+            dd.broadcast_(codebook.weight.data, f"the k-means codes of {name}", 0)
+        return
+    _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
+
+
+def _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress) -> None:
     bar = tqdm(codebooks.items(), desc="k-means init", disable=not progress, dynamic_ncols=True)
     for index, (name, codebook) in enumerate(bar):
         parts = []

@@ -186,6 +186,9 @@ class Codebook(HookPoint):
         #: (`module.training`) alone does neither.
         self.in_train_loop = False
         self.check_finite = True
+        #: Set only by `train` (a `cbinterp.core.distributed.CodebookStepSync`): sums a step's usage counts over its
+        #: micro-batches and ranks, and keeps dead-code replacement identical on every rank. None: this forward alone.
+        self.step_sync = None
         self.hook_input = HookPoint()
         self.hook_codes = HookPoint()
 
@@ -290,7 +293,7 @@ class Codebook(HookPoint):
         return codes if self.grouped else codes.squeeze(-2)
 
     def _encode(self, xg: Tensor) -> Tensor:
-        return self._search(xg)[0]
+        return self._search_fp32(xg)[0]
 
     def _search(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor]:
         """The top-k code ids `(*batch, groups, k)` and the best score `(*batch, groups)` of every position.
@@ -318,6 +321,14 @@ class Codebook(HookPoint):
             codes[:, start : start + rows] = top.indices
             best[:, start : start + rows] = top.values[..., 0]
         return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
+
+    def _search_fp32(self, xg: Tensor) -> tuple[Tensor, Tensor]:
+        """`_search` in float32 under autocast: bf16 scores would tie and reorder close codes, changing the choice."""
+        device = xg.device.type
+        if not torch.is_autocast_enabled(device):
+            return self._search(xg)
+        with torch.autocast(device, enabled=False):
+            return self._search(xg.float())
 
     def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
         """The sum of the code vectors named by `codes`; an id of -1 contributes zero (refused when not
@@ -367,7 +378,7 @@ class Codebook(HookPoint):
         if self.in_train_loop and self.cfg.dead_after is not None:
             self._maybe_replace_dead(xg)
         with torch.no_grad():
-            codes, best = self._search(xg)
+            codes, best = self._search_fp32(xg)
             # A non-finite input has no code: its id is -1 and its output NaN, so the fault shows downstream. A NaN or
             # infinite input makes its best score non-finite, so the scores tell without another pass over the input.
             bad = ~torch.isfinite(best).unsqueeze(-1)  # (..., groups, 1)
@@ -414,6 +425,10 @@ class Codebook(HookPoint):
         batch_counts = torch.zeros(total + 1, dtype=torch.long, device=codes.device)
         batch_counts.scatter_add_(0, flat, torch.ones_like(flat))
         batch_counts = batch_counts[:total].view(c.groups, c.n_codes)
+        if self.in_train_loop and self.step_sync is not None:
+            batch_counts = self.step_sync.reduce_counts(self, batch_counts)  # the whole step's, over all ranks
+            if batch_counts is None:  # an earlier micro-batch of the step: the step's last one updates
+                return
         self.counts += batch_counts
         if self.in_train_loop:
             self.train_steps += 1
@@ -425,7 +440,12 @@ class Codebook(HookPoint):
         c = self.cfg
         if int(self.train_steps) % c.dead_check_every != 0 or int(self.train_steps) == 0:
             return
-        self.replace_dead_codes(xg, min_steps=c.dead_after)
+        sync = self.step_sync
+        if sync is not None and not sync.may_replace():  # once per optimizer step, not per micro-batch
+            return
+        rows = xg if sync is None else sync.replacement_rows(self, xg)
+        if self.replace_dead_codes(rows, min_steps=c.dead_after) and sync is not None:
+            sync.after_replace(self)
 
     @torch.no_grad()
     def replace_dead_codes(self, x: Float[Tensor, "*batch dim"], min_steps: Optional[int] = None) -> int:

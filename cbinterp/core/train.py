@@ -4,6 +4,10 @@ Checkpoints are cbinterp folders (see `cbinterp.core.manifest`) of kind "cbinter
 `config.json` and `model.safetensors`, plus `trainer.safetensors` (optimizer and RNG tensors) and `trainer.json`
 (everything else: step, losses, optimizer settings, numpy and Python RNG state, and the fingerprints a resume is
 checked against). Nothing is ever unpickled.
+
+Under `torchrun` (any initialised `torch.distributed` group) `train` is data parallel: see `train` and
+`cbinterp.core.distributed`. A checkpoint holds the global step and the global batches' fingerprints, so it resumes
+with any number of ranks.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import numbers
 import random
+import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,12 +33,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from cbinterp.core import distributed as dd
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, recover_dir
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer, training_codebooks
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.core.io import MODEL_FILES, WEIGHTS_FILE, load_weights, model_description, read_config, write_model
 from cbinterp.core.manifest import ResumeWarning
+from cbinterp.core.metrics import TrainLogger
 
 Batches = Union[Callable[[int], Tensor], Iterable[Tensor], Tensor]
 TRAINER_FILE = "trainer.json"
@@ -40,6 +48,7 @@ TRAINER_TENSORS = "trainer.safetensors"
 CHECKPOINT_FILES = (*MODEL_FILES, TRAINER_TENSORS, TRAINER_FILE)
 
 #: TrainConfig fields that do not change what training computes (display, bookkeeping): not checked on resume.
+#: `accumulate` is among them: micro-batches (like the number of ranks) change how a step is computed, not what it is.
 NOT_CHECKED_ON_RESUME = (
     "progress",
     "log_every",
@@ -48,7 +57,9 @@ NOT_CHECKED_ON_RESUME = (
     "checkpoint_dir",
     "compile",
     "fast_kernels",
+    "accumulate",
 )
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
 
 def _is_int(value) -> bool:
@@ -77,10 +88,16 @@ class TrainConfig:
             take them.
         eval_every: call `eval_fn(model, step)` every this many steps (0: only at the end).
         checkpoint_every, checkpoint_dir: write a resumable checkpoint there every this many steps and at the end.
-        log_every: steps between progress-bar updates (display only: it changes no statistic).
+        log_every: steps between progress-bar updates and logger calls (display only: it changes no statistic); on
+            CUDA also how often the losses are copied to the host and checked to be finite.
         seed: seeds torch, numpy and Python's `random` at the start (the same seed gives the same run).
         progress: show a tqdm progress bar.
-        batch_size: only for a bare token tensor as data: seeded shuffled batches of this many rows.
+        batch_size: only for a bare token tensor as data: seeded shuffled batches of this many rows (the global
+            batch: under torchrun each rank trains on its share of the rows).
+        accumulate: split each step's batch (each rank's share of it) into this many micro-batches, one forward and
+            backward each, and step the optimizer once: the same update as the whole batch, in less memory.
+        autocast: None (full precision) or "bf16" (`torch.autocast` to bfloat16 in the forward; the codebooks'
+            code search stays float32). On CUDA bf16 is faster; on a CPU it is usually slower, so the default is None.
     """
 
     steps: int
@@ -103,6 +120,8 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     batch_size: Optional[int] = None
+    accumulate: int = 1
+    autocast: Optional[str] = None
 
     def __post_init__(self) -> None:
         """The one place training settings are validated."""
@@ -148,6 +167,17 @@ class TrainConfig:
             raise ValueError(f"checkpoint_dir must be a path, got {self.checkpoint_dir!r}.")
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}.")
+        if not _is_int(self.accumulate) or self.accumulate < 1:
+            raise ValueError(f"accumulate must be an int >= 1 (micro-batches per step), got {self.accumulate!r}.")
+        self.accumulate = int(self.accumulate)
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            hint = (
+                " float16 needs loss scaling, which train does not do;" if self.autocast in ("fp16", "float16") else ""
+            )
+            raise ValueError(
+                f"autocast must be None (full precision) or one of {sorted(AUTOCAST_DTYPES)}, got {self.autocast!r}."
+                f"{hint} Use autocast='bf16'."
+            )
 
 
 @dataclasses.dataclass
@@ -358,12 +388,28 @@ def batch_fingerprint(tokens: Tensor) -> str:
     return mf.tensor_fingerprint(tokens.detach().to("cpu", torch.int64))
 
 
+def _takes_rank(fn: Callable) -> bool:
+    """Whether `fn` can be called as `fn(step, rank, world_size)` (it then returns this rank's rows itself)."""
+    try:
+        inspect.signature(fn).bind(0, 0, 1)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class _Data:
-    """Batches by step from a callable, an iterable, or a token tensor (seeded shuffled batches)."""
+    """Batches by step from a callable, an iterable, or a token tensor (seeded shuffled batches).
+
+    Every source gives the global batch of a step, of which each rank trains on its contiguous share of rows (rank r:
+    rows r*b to (r+1)*b), except `fn(step, rank, world_size)`, which gives the rank's rows itself. Fingerprints are
+    always of the global batch, so that a checkpoint resumes with any number of ranks.
+    """
 
     def __init__(self, batches: Batches, cfg: TrainConfig):
         self.source = "callable"
         self.chain = None
+        self.sharded = False  # fn(step, rank, world_size): each rank draws its own rows
+        self.rank, self.world, self.accumulate = dd.rank(), dd.world_size(), cfg.accumulate
         if isinstance(batches, Tensor):
             if cfg.batch_size is None:
                 raise TypeError(
@@ -375,17 +421,61 @@ class _Data:
                     f"A token tensor for train must be (n_sequences, seq) with at least batch_size={cfg.batch_size} "
                     f"rows, got shape {tuple(batches.shape)}."
                 )
+            if cfg.batch_size % (self.world * self.accumulate):  # refused before any work
+                raise ValueError(self._split_error(cfg.batch_size, "batch_size"))
             self.source, self.tokens, self.batch_size, self.seed = "tensor", batches, cfg.batch_size, cfg.seed
             self._epoch, self._perm = None, None
             self.get = self._from_tensor
         elif callable(batches):
-            self.get = batches
+            if _takes_rank(batches):
+                self.sharded = True
+                self.get = lambda step: batches(step, self.rank, self.world)
+            else:
+                self.get = batches
         elif isinstance(batches, Iterable):
             self.source, self.iterator, self.chain = "iterable", iter(batches), hashlib.sha256(b"").hexdigest()
             self.get = self._next
         else:
-            raise TypeError(f"batches must be fn(step) -> tokens, an iterable of batches or a tensor, got {batches!r}.")
+            raise TypeError(
+                "batches must be fn(step) -> tokens, fn(step, rank, world_size) -> this rank's tokens, an iterable "
+                f"of batches or a tensor, got {batches!r}."
+            )
         self.steps = cfg.steps
+
+    def _split_error(self, rows: int, what: str) -> str:
+        parts = self.world * self.accumulate
+        how = f"{self.world} rank{'s' if self.world > 1 else ''} x accumulate={self.accumulate}"
+        return (
+            f"The {what} of {rows} rows does not split evenly into {parts} parts ({how}): every rank trains on "
+            f"an equal share of each batch, in equal micro-batches. Use a batch size that is a multiple of {parts}, or "
+            "another number of processes (torchrun --nproc_per_node) or accumulate."
+        )
+
+    def local(self, tokens: Tensor, step: int) -> Tensor:
+        """This rank's rows of the step's batch (the batch itself when the source gave this rank's rows)."""
+        if self.sharded:
+            if tokens.shape[0] % self.accumulate:
+                raise ValueError(
+                    f"The batch of step {step} on rank {self.rank} has {tokens.shape[0]} rows, which "
+                    f"accumulate={self.accumulate} does not divide. Give each rank a multiple of {self.accumulate} "
+                    "rows, or change accumulate."
+                )
+            return tokens
+        if tokens.shape[0] % (self.world * self.accumulate):
+            raise ValueError(self._split_error(tokens.shape[0], f"batch of step {step}"))
+        per = tokens.shape[0] // self.world
+        return tokens[self.rank * per : (self.rank + 1) * per]
+
+    def fingerprint(self, tokens: Tensor, step: int) -> str:
+        """Fingerprint of the step's global batch (gathered from the ranks when each drew its own rows)."""
+        tokens = torch.as_tensor(tokens)
+        if self.sharded and dd.active():
+            dd.check_same_on_ranks(
+                tokens.shape[0], f"the rows of the batch of step {step}", "Give every rank as many rows."
+            )
+            comm = dd._comm_device()
+            tokens = dd.all_gather_cat(tokens.to(comm), f"the gathering of the batch of step {step}", step)
+        return batch_fingerprint(tokens)
 
     def _from_tensor(self, step: int) -> Tensor:
         per_epoch = self.tokens.shape[0] // self.batch_size
@@ -407,13 +497,8 @@ class _Data:
         self.chain = hashlib.sha256((self.chain + batch_fingerprint(torch.as_tensor(tokens))).encode()).hexdigest()
         return tokens
 
-    def record(self, first: Optional[str], last: Optional[Tensor]) -> dict:
-        return {
-            "source": self.source,
-            "first": first,
-            "last": None if last is None else batch_fingerprint(last),
-            "chain": self.chain,
-        }
+    def record(self, first: Optional[str], last: Optional[str]) -> dict:
+        return {"source": self.source, "first": first, "last": last, "chain": self.chain}
 
     def check_resume(self, path: Path, recorded: dict, step: int) -> None:
         """Skip (iterable) or look again at (callable, tensor) the batches already trained on; refuse other data."""
@@ -427,8 +512,8 @@ class _Data:
                     seen[i] = batch_fingerprint(torch.as_tensor(tokens))
             first, last = seen[0], seen[step - 1]
         else:
-            first = batch_fingerprint(torch.as_tensor(self.get(0)))
-            last = batch_fingerprint(torch.as_tensor(self.get(step - 1)))
+            first = self.fingerprint(self.get(0), 0)
+            last = self.fingerprint(self.get(step - 1), step - 1)
         problem = None
         if recorded.get("first") not in (None, first):
             problem = "the batch of step 0 differs from the one the checkpoint was trained on"
@@ -489,29 +574,42 @@ def train(
     cfg: TrainConfig,
     eval_fn: Optional[Callable[[HookedTransformer, int], dict]] = None,
     resume: bool = True,
+    loggers: Sequence[TrainLogger] = (),
 ) -> TrainResult:
     """Train `model` on next-token loss.
 
     Args:
         batches: `fn(step) -> tokens` (resumes exactly), an iterable of token batches (on resume, the batches already
             used are skipped, and checked to be the same), or a `(n_sequences, seq)` token tensor with
-            `cfg.batch_size` set (seeded shuffled batches of its rows, a new order each epoch).
-        eval_fn: called as `eval_fn(model, step)` every `cfg.eval_every` steps and at the end, in eval mode.
+            `cfg.batch_size` set (seeded shuffled batches of its rows, a new order each epoch). Each is the global
+            batch of a step; with several ranks each trains on its contiguous share of the rows. `fn(step, rank,
+            world_size) -> tokens` instead gives this rank's rows itself (for data that each rank should load alone).
+        eval_fn: called as `eval_fn(model, step)` every `cfg.eval_every` steps and at the end, in eval mode (on every
+            rank).
         resume: continue from `cfg.checkpoint_dir` when it holds a checkpoint. A resume is announced with a
             `ResumeWarning`; it is refused (ValueError) when the checkpoint was made with other settings, another
-            model (config, codebooks, or initial weights) or other data.
+            model (config, codebooks, or initial weights) or other data. Any number of ranks resumes any checkpoint.
+        loggers: objects with `log(step, metrics)` and `close()` (`cbinterp.core.metrics`), called on rank 0 only.
+
+    Data parallel: when a `torch.distributed` process group is initialised (e.g. under `torchrun`, see
+    `cbinterp.core.distributed.init_from_env`), every rank runs `train` with the same arguments; rank 0's model is
+    copied to all ranks first, the gradients are averaged (DistributedDataParallel), codebook usage is summed over the
+    ranks, and rank 0 alone writes checkpoints, shows progress and logs, while the others wait for it.
     """
     require_hooked_transformer(model)
     _check_trainable_dtype(model)
     data = _Data(batches, cfg)
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt is not None:
-        recover_dir(ckpt)  # a crash between the two renames of a checkpoint write left it aside
+        if dd.is_main():
+            recover_dir(ckpt)  # a crash between the two renames of a checkpoint write left it aside
+        dd.barrier("the recovery of the checkpoint directory", 0)
         mf.check_replaceable(ckpt, (mf.CHECKPOINT,), "training checkpoint")  # refuse before any work
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     device = next(model.parameters()).device
+    dd.broadcast_module_(model)  # one model on every rank: rank 0's (its k-means codes, its initial weights)
     with _restored_requires_grad(model):
         optimizer = make_optimizer(model, cfg)
         init_weights = base_fingerprint(model)
@@ -530,97 +628,243 @@ def train(
             init_weights, first_batch = state.get("init_weights", init_weights), state.get("data", {}).get("first")
             resumed_from = step
             left = cfg.steps - step
-            warnings.warn(
-                f"Resuming from the checkpoint at {ckpt} (step {step} of {cfg.steps}): "
-                + (
-                    f"{left} steps to go."
-                    if left
-                    else "training is already complete; no steps are run and the model now holds the checkpoint's "
-                    "weights. Pass resume=False or another checkpoint_dir to train again."
-                ),
-                ResumeWarning,
-                stacklevel=2,
-            )
-        with fast_kernels(model, enabled=cfg.fast_kernels):
-            result = _loop(
-                model, data, cfg, optimizer, step, losses, evals, eval_fn, ckpt, init_weights, first_batch, device
-            )
-    return TrainResult(steps=result, losses=losses, evals=evals, resumed_from=resumed_from)
-
-
-def _loop(model, data, cfg, optimizer, step, losses, evals, eval_fn, ckpt, init_weights, first_batch, device) -> int:
-    forward = torch.compile(model) if cfg.compile else model
-    codebooks = list(get_codebooks(model).items())
-    window = {name: cb.counts.clone() for name, cb in codebooks} if cfg.progress else {}
-    last = None
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
-    flags = [(cb, cb.in_train_loop) for _, cb in codebooks]
-    for cb, _ in flags:
-        cb.in_train_loop = True  # training statistics and dead-code replacement: only in these forwards
-    try:
-        while step < cfg.steps:
-            last = _check_batch(data.get(step), step, model)
-            if step == 0:
-                first_batch = batch_fingerprint(last)
-            tokens = last.to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
-            loss = forward(tokens, return_type="loss")
-            if not torch.isfinite(loss):
-                sites = [name for name, cb in codebooks if not torch.isfinite(cb.last_mse)]
-                where = f" (first non-finite codebook input: {sites[0]})" if sites else ""
-                bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-                hint = (
-                    f"; the weights are already non-finite ({bad[:3]})"
-                    if bad
-                    else "; lower the learning rate or clip gradients"
+            if dd.is_main():
+                warnings.warn(
+                    f"Resuming from the checkpoint at {ckpt} (step {step} of {cfg.steps}): "
+                    + (
+                        f"{left} steps to go."
+                        if left
+                        else "training is already complete; no steps are run and the model now holds the checkpoint's "
+                        "weights. Pass resume=False or another checkpoint_dir to train again."
+                    ),
+                    ResumeWarning,
+                    stacklevel=2,
                 )
-                raise FloatingPointError(f"Loss is {loss.item()} at step {step}{where}{hint}.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            losses.append(loss.item())
-            if cfg.progress and (step % cfg.log_every == 0 or step == cfg.steps):
-                bar.set_postfix(_progress_stats(losses, codebooks, window, cfg.log_every))
-            bar.update(1)
-            if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                model.eval()
-                with training_codebooks(model, on=False):
-                    evals.append((step, eval_fn(model, step)))
-                model.train()
-            if ckpt is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps):
-                save_checkpoint(
-                    ckpt,
+        dd.check_same_on_ranks(
+            step,
+            "the step to resume from",
+            f"Every rank must see the same checkpoint_dir ({ckpt}): put it on a file system all nodes share.",
+        )
+        try:
+            with fast_kernels(model, enabled=cfg.fast_kernels):
+                result = _loop(
                     model,
+                    data,
+                    cfg,
                     optimizer,
                     step,
                     losses,
-                    settings=_settings(cfg),
-                    init_weights=init_weights,
-                    weights=base_fingerprint(model),
-                    data=data.record(first_batch, last),
+                    evals,
+                    eval_fn,
+                    ckpt,
+                    init_weights,
+                    first_batch,
+                    device,
+                    list(loggers) if dd.is_main() else [],
                 )
+        finally:
+            if dd.is_main():
+                for logger in loggers:
+                    logger.close()
+    return TrainResult(steps=result, losses=losses, evals=evals, resumed_from=resumed_from)
+
+
+def _non_finite_error(loss: float, step: int, model: HookedTransformer, codebooks, where_steps: str = "") -> Exception:
+    sites = [name for name, cb in codebooks if not torch.isfinite(cb.last_mse)]
+    where = f" (first non-finite codebook input: {sites[0]})" if sites else ""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    hint = f"; the weights are already non-finite ({bad[:3]})" if bad else "; lower the learning rate or clip gradients"
+    return FloatingPointError(f"Loss is {loss} at step {step}{where_steps}{where}{hint}.")
+
+
+def _checks_each_step(device: torch.device) -> bool:
+    """Whether each step's loss is checked to be finite at once: free on the CPU; on an accelerator it would wait for
+    the device every step, so the losses are checked at log, eval and checkpoint steps instead."""
+    return device.type == "cpu"
+
+
+class _Losses:
+    """The steps' losses kept on the device and copied to `losses` (as floats, averaged over the ranks) only at
+    log, eval and checkpoint steps: one host synchronisation per `log_every` steps instead of per step."""
+
+    def __init__(self, losses: list[float], check_each_step: bool):
+        self.losses, self.pending, self.check_each_step = losses, [], check_each_step
+
+    def flush(self, step: int, model, codebooks) -> None:
+        if not self.pending:
+            return
+        values = torch.stack(self.pending)
+        dd.all_reduce_(values, "the averaging of the losses", step)
+        values = (values / dd.world_size() if dd.active() else values).tolist()
+        first = step - len(values)
+        self.pending = []
+        for i, value in enumerate(values):
+            if not math.isfinite(value):  # on CUDA, found here rather than at once
+                span = f" (checked every log_every steps, here {first}..{step - 1}; lower log_every to stop sooner)"
+                raise _non_finite_error(value, first + i, model, codebooks, "" if self.check_each_step else span)
+        self.losses.extend(values)
+
+
+def _loop(
+    model, data, cfg, optimizer, step, losses, evals, eval_fn, ckpt, init_weights, first_batch, device, loggers
+) -> int:
+    distributed = dd.active()
+    wrapped = model
+    if distributed:
+        # broadcast_buffers=False: the codebooks keep their buffers equal themselves (counts are summed over the ranks
+        # by CodebookStepSync); DDP's default, rank 0's buffers copied over every forward, would drop the other ranks'
+        # counts. The model's own buffers are constants.
+        device_ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel
+        quiet_buffers = (
+            {"forward_sync_buffers": False}  # torch >= 2.13 name; it still syncs at init, as broadcast_module_ did
+            if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+            else {"broadcast_buffers": False}
+        )
+        wrapped = ddp(model, device_ids=device_ids, **quiet_buffers)
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
+    codebooks = list(get_codebooks(model).items())
+    show = cfg.progress and dd.is_main()
+    watch = show or bool(loggers)
+    window = {name: cb.counts.clone() for name, cb in codebooks} if watch else {}
+    sync = dd.CodebookStepSync()
+    check_each_step = _checks_each_step(device)
+    pending = _Losses(losses, check_each_step)
+    autocast = (
+        torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.autocast])
+        if cfg.autocast is not None
+        else contextlib.nullcontext()
+    )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    last_fp, tokens_seen, since = None, 0, time.perf_counter()
+    logged_at = len(losses)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc="train", dynamic_ncols=True)
+    flags = [(cb, cb.in_train_loop, cb.step_sync) for _, cb in codebooks]
+    for cb, _, _ in flags:
+        cb.in_train_loop = True  # training statistics and dead-code replacement: only in these forwards
+        cb.step_sync = sync
+    try:
+        while step < cfg.steps:
+            batch = _check_batch(data.get(step), step, model)
+            local = data.local(batch, step)
+            if step == 0:
+                first_batch = data.fingerprint(batch, 0)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            micro = local.split(local.shape[0] // cfg.accumulate)
+            step_loss = None
+            for i, tokens in enumerate(micro):
+                sync.start_micro(step, i, len(micro))
+                # gradients are averaged over the ranks once per step: in the backward of its last micro-batch
+                quiet = wrapped.no_sync() if distributed and i < len(micro) - 1 else contextlib.nullcontext()
+                with quiet:
+                    with autocast:
+                        loss = forward(tokens.to(device), return_type="loss")
+                    if check_each_step and not torch.isfinite(loss):
+                        raise _non_finite_error(loss.item(), step, model, codebooks)
+                    loss.backward()
+                step_loss = loss.detach().float() if step_loss is None else step_loss + loss.detach().float()
+            if len(micro) > 1:
+                # each micro-batch's gradient is its own mean (and the codebooks' reconstruction gradient, added in
+                # their backward, is not scaled by the loss): the mean of the n is the whole batch's gradient
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(len(micro))
+                step_loss = step_loss / len(micro)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            tokens_seen += local.numel() * dd.world_size()
+            pending.pending.append(step_loss)
+            log_now = step % cfg.log_every == 0 or step == cfg.steps
+            eval_now = eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+            ckpt_now = ckpt is not None and (
+                (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
+            )
+            if log_now or eval_now or ckpt_now:
+                pending.flush(step, model, codebooks)
+            if log_now:
+                mse = _mean_mse(codebooks, step)  # a collective: every rank, whoever shows or logs
+                if watch:
+                    now = time.perf_counter()
+                    metrics = _metrics(losses[logged_at:], codebooks, window, mse, optimizer, cfg)
+                    metrics["tokens_per_s"] = tokens_seen / max(now - since, 1e-9)
+                    tokens_seen, since, logged_at = 0, now, len(losses)
+                    if show:
+                        bar.set_postfix(_postfix(metrics, codebooks))
+                    for logger in loggers:
+                        logger.log(step, metrics)
+            bar.update(1)
+            if eval_now:
+                model.eval()
+                with training_codebooks(model, on=False):
+                    evals.append((step, eval_fn(model, step)))
+                for logger in loggers:
+                    numbers_ = {f"eval/{k}": float(v) for k, v in evals[-1][1].items() if _is_real(v)}
+                    if numbers_:
+                        logger.log(step, numbers_)
+                model.train()
+            if ckpt_now:
+                last_fp = data.fingerprint(batch, step - 1)
+                if dd.is_main():
+                    save_checkpoint(
+                        ckpt,
+                        model,
+                        optimizer,
+                        step,
+                        losses,
+                        settings=_settings(cfg),
+                        init_weights=init_weights,
+                        weights=base_fingerprint(model),
+                        data=data.record(first_batch, last_fp),
+                        world_size=dd.world_size(),
+                        accumulate=cfg.accumulate,
+                    )
+                dd.barrier(f"waiting for rank 0 to write the checkpoint of step {step}", step)
     finally:
-        for cb, was in flags:
-            cb.in_train_loop = was
+        for cb, was, had in flags:
+            cb.in_train_loop, cb.step_sync = was, had
         bar.close()
         model.eval()
+        del forward, wrapped  # DDP's hooks on the parameters go with it
     return step
 
 
-def _progress_stats(losses: list[float], codebooks, window: dict, n: int) -> dict:
-    """Loss over the last `n` steps; codebook MSE and the codes unused since the last display (from the counts'
-    increase, so nothing is reset)."""
-    stats = {"loss": f"{np.mean(losses[-n:]):.4f}"}
+def _mean_mse(codebooks, step: int) -> list[float]:
+    """Every codebook's last reconstruction MSE, averaged over the ranks."""
+    if not codebooks:
+        return []
+    mse = torch.stack([cb.last_mse.detach().float() for _, cb in codebooks])
+    if dd.active():
+        mse = dd.all_reduce_(mse.to(dd._comm_device()), "the averaging of the codebook MSE", step) / dd.world_size()
+    return mse.tolist()
+
+
+def _metrics(recent: list[float], codebooks, window: dict, mse: list[float], optimizer, cfg: TrainConfig) -> dict:
+    """The logged metrics (see `cbinterp.core.metrics`); moves the dead-code window on."""
+    groups = optimizer.param_groups
+    metrics = {"loss": float(np.mean(recent)) if recent else float("nan"), "lr": float(groups[-1]["lr"])}
     if codebooks:
-        stats["mse"] = f"{np.mean([float(cb.last_mse) for _, cb in codebooks]):.4g}"
-        dead = 0
-        for name, cb in codebooks:
-            dead += int(((cb.counts - window[name]).sum(0) == 0).sum())
-            window[name] = cb.counts.clone()
-        stats["dead"] = dead
+        metrics["lr/codebooks"] = float(groups[0]["lr"])
+    dead_total, codes_total = 0, 0
+    for (name, cb), value in zip(codebooks, mse):
+        unused = int(((cb.counts - window[name]) == 0).sum())
+        window[name] = cb.counts.clone()
+        metrics[f"mse/{name}"] = value
+        metrics[f"dead_fraction/{name}"] = unused / cb.counts.numel()
+        dead_total, codes_total = dead_total + unused, codes_total + cb.counts.numel()
+    if codes_total:
+        metrics["dead_fraction"] = dead_total / codes_total
+    return metrics
+
+
+def _postfix(metrics: dict, codebooks) -> dict:
+    """The progress bar's summary: loss, mean codebook MSE, dead-code fraction."""
+    stats = {"loss": f"{metrics['loss']:.4f}"}
+    if codebooks:
+        stats["mse"] = f"{np.mean([metrics[f'mse/{name}'] for name, _ in codebooks]):.4g}"
+        stats["dead"] = f"{metrics['dead_fraction']:.1%}"
     return stats

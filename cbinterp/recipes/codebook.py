@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from cbinterp.core import distributed as dd
 from cbinterp.core.atomic import recover_dir
 from cbinterp.core.attach import attach_codebooks, kmeans_init_codebooks, require_hooked_transformer
 from cbinterp.core.train import TRAINER_FILE, TrainConfig, train
@@ -130,7 +131,7 @@ def run_recipe(
     checkpoint_dir: Optional[str | Path] = None,
     progress: bool = True,
     compile: bool = False,
-    log: Callable[[str], None] = lambda message: print(message, flush=True),
+    log: Optional[Callable[[str], None]] = None,
     after_phase: Optional[Callable[[str, HookedTransformer], None]] = None,
 ) -> RecipeResult:
     """Run `recipe` on `model` (changed in place: it ends with codebooks, trained).
@@ -143,6 +144,8 @@ def run_recipe(
         after_phase: called as `after_phase(name, model)` after each phase (e.g. to evaluate).
     """
     require_hooked_transformer(model)
+    if log is None:  # under torchrun, rank 0 alone reports
+        log = (lambda message: print(message, flush=True)) if dd.is_main() else (lambda message: None)
     spec = recipe.codebooks
     if spec.kmeans and kmeans_tokens is None:
         raise ValueError("recipe.codebooks.kmeans is set: pass kmeans_tokens (the tokens k-means reads).")
