@@ -406,10 +406,12 @@ class Codebook(HookPoint):
         c = self.cfg
         mse = F.mse_loss(x.detach().float(), q.detach().float())  # one fused pass, no temporaries
         self.last_mse.copy_(mse)
-        # The check syncs the device and breaks a torch.compile graph; compiled, `train` names the site instead.
+        # The check syncs the device and breaks a torch.compile graph. Compiled, or inside `train` on an accelerator
+        # (where a per-forward sync would stall every step), `train`'s own loss check names the site from `last_mse`.
         if (
             (self.training or self.in_train_loop)
             and self.check_finite
+            and (mse.device.type == "cpu" or not self.in_train_loop)
             and not torch.compiler.is_compiling()
             and not bool(torch.isfinite(mse))
         ):
