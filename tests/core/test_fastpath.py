@@ -92,3 +92,17 @@ def test_an_attention_result_config_is_not_fused(make_tiny_model):
     assert not any(attention_fusable(m) for m in model.modules() if isinstance(m, Attention))
     with fast_kernels(model) as switched:
         assert switched == 5  # the layer norms only
+
+
+def test_train_with_and_without_the_fused_kernels_agrees(make_tiny_model):
+    from cbinterp import TrainConfig, train
+
+    tokens = torch.randint(0, 11, (16, 16), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for fused in (True, False):
+        model = make_tiny_model(seed=5)
+        attach_codebooks(model, sites=["attn", "mlp"], n_codes=16, seed=0)
+        cfg = TrainConfig(steps=4, batch_size=8, progress=False, fast_kernels=fused)
+        runs[fused] = (train(model, tokens, cfg).losses, model)
+    torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), rtol=1e-4, atol=1e-5)
+    assert "forward" not in runs[True][1].blocks[0].attn.__dict__  # train put TransformerLens's own forward back
