@@ -84,7 +84,7 @@ class TrainConfig:
         freeze_model: train the codebooks only; the model's `requires_grad` flags are restored afterwards.
         compile: run the forward through `torch.compile` (about 50 s to compile on CPU).
         fast_kernels: fused attention and layer norm in the training forwards (`cbinterp.core.fastpath`): the same
-            results to float tolerance, about 1.4x faster on a CPU; a forward that hooks what they skip does not
+            results to float tolerance, 1.3-1.5x faster steps on a CPU; a forward that hooks what they skip does not
             take them.
         eval_every: call `eval_fn(model, step)` every this many steps (0: only at the end).
         checkpoint_every, checkpoint_dir: write a resumable checkpoint there every this many steps and at the end.
