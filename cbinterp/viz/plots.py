@@ -155,7 +155,7 @@ def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held
         fig.update_layout(title=title)
         return fig
     names = list(table["feature_name"])
-    code_label = [
+    code_names = [
         code_label(r.codebook, r.head, r.code) if r.code >= 0 else "no code" for r in table.itertuples(index=False)
     ]
     fig.add_bar(
@@ -163,7 +163,7 @@ def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held
         x=names,
         y=list(table["precision_b"]),
         text=[f"R {r:.2f}" for r in table["recall_b"]],
-        hovertext=code_label,
+        hovertext=code_names,
         marker_color=_COLORS[0],
     )
     if "neuron_best_precision_b" in table.columns:
