@@ -2,12 +2,14 @@
 
 TransformerLens computes attention and layer norm op by op so that each intermediate (`hook_attn_scores`,
 `hook_pattern`, `hook_scale`, `hook_normalized`) can be read and edited. Training reads none of them, and the op-by-op
-form costs more than the model's matmuls on a CPU (see benchmarks/train_profile.py). Inside `fast_kernels(model)`
-an attention layer runs `F.scaled_dot_product_attention` and a layer norm `F.layer_norm`, but only in forwards where
-nothing could notice: no hook on the skipped hook points, no KV cache, no padding mask, and a plain causal
-configuration. Any other forward (`run_with_cache`, a hooked pattern, generation with a cache) takes TransformerLens's
-own code. Every hook point on the fused path's way (`hook_q`, `hook_k`, `hook_v`, `hook_rot_q`, `hook_rot_k`,
-`hook_z`, and so codebooks at `hook_z`) still runs. Results match the op-by-op forms to float tolerance.
+form costs about as much as the model's matmuls on a CPU (see benchmarks/train_profile.py). Inside
+`fast_kernels(model)` (where `train` runs its steps and its `eval_fn`) an attention layer runs
+`F.scaled_dot_product_attention` and a layer norm `F.layer_norm`, but only in forwards where nothing could notice: no
+hook and no module other than a bare `HookPoint` (such as a codebook) on the skipped hook points, no KV cache, no
+padding mask, and a plain causal, global configuration. Any other forward (`run_with_cache`, a hooked pattern,
+generation with a cache) takes TransformerLens's own code. Every hook point on the fused path's way (`hook_q`,
+`hook_k`, `hook_v`, `hook_rot_q`, `hook_rot_k`, `hook_z`, and so codebooks at `hook_z`) still runs. Results match the
+op-by-op forms to float tolerance.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ _OLMO = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 def _hooked(*points: HookPoint) -> bool:
-    return any(p._forward_hooks or p._forward_pre_hooks or p._backward_hooks for p in points)
+    """Whether anything would see these hook points: a hook on one, or a module other than a bare `HookPoint`
+    placed there (a `Codebook` attached at `hook_pattern` changes the pattern, with no hook of its own)."""
+    return any(
+        type(p) is not HookPoint or p._forward_hooks or p._forward_pre_hooks or p._backward_hooks for p in points
+    )
 
 
 def attention_fusable(attn: Attention) -> bool:
@@ -36,6 +42,7 @@ def attention_fusable(attn: Attention) -> bool:
     soft_cap = getattr(cfg, "attn_scores_soft_cap", -1.0)
     return (
         type(attn) is Attention
+        and getattr(attn, "attn_type", "global") == "global"  # local layers mask to a window, not just causally
         and cfg.positional_embedding_type in ("standard", "rotary", "shortformer")
         and (attn._attention_dir_override or cfg.attention_dir) == "causal"
         and not cfg.use_attn_result

@@ -106,3 +106,31 @@ def test_train_with_and_without_the_fused_kernels_agrees(make_tiny_model):
         runs[fused] = (train(model, tokens, cfg).losses, model)
     torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), rtol=1e-4, atol=1e-5)
     assert "forward" not in runs[True][1].blocks[0].attn.__dict__  # train put TransformerLens's own forward back
+
+
+def test_a_codebook_on_a_skipped_hook_point_keeps_transformer_lens_own_path(make_tiny_model):
+    from transformer_lens.hook_points import HookPoint
+
+    from cbinterp import Codebook
+
+    class Sharpened(HookPoint):  # a module in place of a hook point changes what flows on, with no hook of its own
+        def forward(self, x):
+            return x * 2
+
+    model = make_tiny_model(seed=6)
+    model.blocks[0].attn.hook_pattern = Sharpened()
+    model.setup()
+    attach_codebooks(model, {"blocks.1.ln2.hook_normalized": Codebook(32, 8, seed=1)})
+    tokens = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(3))
+    expected = model(tokens, return_type="loss")
+    with fast_kernels(model):
+        torch.testing.assert_close(model(tokens, return_type="loss"), expected)
+
+
+def test_local_attention_is_not_fused(make_tiny_model):
+    model = make_tiny_model(seed=7, use_local_attn=True, attn_types=["local", "global"], window_size=2).train()
+    assert [attention_fusable(block.attn) for block in model.blocks] == [False, True]
+    tokens = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(4))
+    expected = model(tokens, return_type="loss")
+    with fast_kernels(model):
+        torch.testing.assert_close(model(tokens, return_type="loss"), expected, rtol=1e-5, atol=1e-6)
