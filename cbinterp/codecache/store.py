@@ -460,7 +460,6 @@ def _store_tokenizer(path: Path, meta: dict, tokenizer) -> None:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def cache_codes(
     model: HookedTransformer,
     tokens_or_iterable: Union[Tensor, Iterable[Tensor]],

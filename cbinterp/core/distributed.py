@@ -132,14 +132,6 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def split_rows(batch: Tensor, step: int, parts: int, what: str, fix: str) -> int:
-    """Rows per part of `batch`, refusing a batch that does not split evenly."""
-    rows = batch.shape[0]
-    if rows % parts:
-        raise ValueError(f"The batch of step {step} has {rows} rows, which {what} ({parts}) does not divide. {fix}")
-    return rows // parts
-
-
 class CodebookStepSync:
     """Set on each codebook (`Codebook.step_sync`) by `train`: one optimizer step's usage counts are summed over its
     micro-batches and over the ranks before they update the codebook's statistics (so that `counts`,

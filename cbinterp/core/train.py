@@ -95,7 +95,9 @@ class TrainConfig:
         batch_size: only for a bare token tensor as data: seeded shuffled batches of this many rows (the global
             batch: under torchrun each rank trains on its share of the rows).
         accumulate: split each step's batch (each rank's share of it) into this many micro-batches, one forward and
-            backward each, and step the optimizer once: the same update as the whole batch, in less memory.
+            backward each, and step the optimizer once: the same update as the whole batch, in less memory. One
+            exception: with `dead_after`, dead codes are replaced from the first micro-batch's inputs (each rank's
+            first, under torchrun), so which vectors replace them depends on `accumulate`.
         autocast: None (full precision) or "bf16" (`torch.autocast` to bfloat16 in the forward; the codebooks'
             code search stays float32). On CUDA bf16 is faster; on a CPU it is usually slower, so the default is None.
     """
@@ -271,7 +273,8 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
+        # this process's own device only: a checkpoint then resumes on another number of GPUs or ranks
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -279,8 +282,11 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints hold every visible device's state
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
 
 
 def _settings(cfg: TrainConfig) -> dict:
@@ -694,7 +700,8 @@ class _Losses:
         if not self.pending:
             return
         values = torch.stack(self.pending)
-        dd.all_reduce_(values, "the averaging of the losses", step)
+        if dd.active():  # through the group's own device, as every collective here (gloo takes CPU tensors)
+            values = dd.all_reduce_(values.to(dd._comm_device()), "the averaging of the losses", step)
         values = (values / dd.world_size() if dd.active() else values).tolist()
         first = step - len(values)
         self.pending = []
@@ -798,6 +805,7 @@ def _loop(
                     for logger in loggers:
                         logger.log(step, metrics)
             bar.update(1)
+            paused = time.perf_counter()  # evaluation and checkpoints are left out of tokens/s
             if eval_now:
                 model.eval()
                 with training_codebooks(model, on=False):
@@ -824,6 +832,7 @@ def _loop(
                         accumulate=cfg.accumulate,
                     )
                 dd.barrier(f"waiting for rank 0 to write the checkpoint of step {step}", step)
+            since += time.perf_counter() - paused
     finally:
         for cb, was, had in flags:
             cb.in_train_loop, cb.step_sync = was, had
