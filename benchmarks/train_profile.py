@@ -137,29 +137,22 @@ def labelled(model):
 def classify(events) -> tuple[dict[str, float], dict[str, float]]:
     """Self time (s) per family, and per operator name for the operators in no family ("other operators")."""
 
-    def scope_of(e) -> Optional[str]:
+    def ancestor(e, prefix: str):
+        """`e` or the nearest event around it whose name starts with `prefix` (None if none does)."""
         node = e
-        while node is not None:
-            if node.name.startswith(SCOPE):
-                return node.name[len(SCOPE) :]
+        while node is not None and not node.name.startswith(prefix):
             node = node.cpu_parent
-        return None
+        return node
+
+    def scope_of(e) -> Optional[str]:
+        scope = ancestor(e, SCOPE)
+        return None if scope is None else scope.name[len(SCOPE) :]
 
     def backward_root(e):
-        node = e
-        while node is not None:
-            if node.name.startswith("autograd::engine::evaluate_function"):
-                return node
-            node = node.cpu_parent
-        return None
+        return ancestor(e, "autograd::engine::evaluate_function")
 
     def in_optimizer(e) -> bool:
-        node = e
-        while node is not None:
-            if node.name.startswith("Optimizer."):
-                return True
-            node = node.cpu_parent
-        return False
+        return ancestor(e, "Optimizer.") is not None
 
     forward_family = {}  # sequence number of a forward operator -> the family it ran in
     for e in events:

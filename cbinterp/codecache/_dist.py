@@ -6,12 +6,12 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from cbinterp.core import distributed as dd
+
 
 def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size; (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """This process's rank and the world size; (0, 1) without an initialised process group (or a group of one)."""
+    return dd.rank(), dd.world_size()
 
 
 def broadcast_from_zero(value):
