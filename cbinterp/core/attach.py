@@ -14,6 +14,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import Slice
 
 from cbinterp.core.codebook import Codebook, CodebookConfig
+from cbinterp.core.determinism import deterministic_on_cpu
 from cbinterp.core.naming import CODES_HOOK, CODES_SUFFIX, INPUT_HOOK, INPUT_SUFFIX, did_you_mean
 
 #: Site aliases and the hook name each stands for in every selected layer.
@@ -356,11 +357,13 @@ def kmeans_init_codebooks(
 
     if dd.active():
         if dd.is_main():
-            _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
+            with deterministic_on_cpu(next(model.parameters()).device):
+                _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
         for name, codebook in codebooks.items():  # the other ranks wait here for rank 0's codes
             dd.broadcast_(codebook.weight.data, f"the k-means codes of {name}", 0)
         return
-    _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
+    with deterministic_on_cpu(next(model.parameters()).device):
+        _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
 
 
 def _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress) -> None:

@@ -37,6 +37,7 @@ from cbinterp.core import distributed as dd
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, recover_dir
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer, training_codebooks
+from cbinterp.core.determinism import deterministic_on_cpu
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.core.io import MODEL_FILES, WEIGHTS_FILE, load_weights, model_description, read_config, write_model
 from cbinterp.core.manifest import ResumeWarning
@@ -652,7 +653,7 @@ def train(
             f"Every rank must see the same checkpoint_dir ({ckpt}): put it on a file system all nodes share.",
         )
         try:
-            with fast_kernels(model, enabled=cfg.fast_kernels):
+            with fast_kernels(model, enabled=cfg.fast_kernels), deterministic_on_cpu(device):
                 result = _loop(
                     model,
                     data,
