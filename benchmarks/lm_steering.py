@@ -50,7 +50,13 @@ from cbinterp.codecache.vocab import Vocabulary  # noqa: E402
 from cbinterp.core.attach import codebooks_bypassed, get_codebooks  # noqa: E402
 from cbinterp.core.interventions import generate_with_codes  # noqa: E402
 from cbinterp.metrics.steering import steering_codes, topic_codes  # noqa: E402
-from cbinterp.tasks.lm_features import TOPICS, is_repetitive, mentions_topic, topic_regex  # noqa: E402
+from cbinterp.tasks.lm_features import (  # noqa: E402
+    TOPIC_PROMPTS,
+    TOPICS,
+    is_repetitive,
+    mentions_topic,
+    topic_regex,
+)
 from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint  # noqa: E402
 
 #: Neutral openings without a topic word. One word each, so that they tokenize to the same length and every seed's
@@ -300,6 +306,11 @@ def main(argv=None) -> dict:
             "met": False,
         }
         per_topic[topic] = entry
+        # the ceiling: what the model does with the topic in its context (a topic sentence as the prompt)
+        topic_prompt = TOPIC_PROMPTS[topic]
+        room = model.cfg.n_ctx - len(model.to_tokens(topic_prompt)[0])
+        prompted = generate(model, [topic_prompt], args.seeds, len(prompts) * args.rows, min(new_tokens, room))
+        entry["prompted"], _ = summary(prompted, topic, vocab, eos, baseline, bypass, loss_cap)
         candidates = [(t, n) for t in args.targets if found[topic][t]["force"] for n in strengths]
         if not candidates:
             print(f"{topic}: no codebook has a topic code on half A; not steered")
@@ -368,6 +379,7 @@ def main(argv=None) -> dict:
             "min_fires": args.min_fires,
             "code_search_tokens": cache.n_tokens,
             "topics": {t: TOPICS[t] for t in args.topics},
+            "topic_prompts": {t: TOPIC_PROMPTS[t] for t in args.topics},
         },
         "headline": headline,
         "paper": PAPER,
@@ -405,7 +417,8 @@ def print_table(per_topic, headline, base_label) -> None:
         f"topic on dev seeds; loss = {base_label}, nats per new token"
     )
     head = (
-        f"{'topic':<10} {'unsteered':>9} {'steered':>8} {'readable':>8} {'repet.':>7} {'>cap':>5} {'codes':>18} "
+        f"{'topic':<10} {'unsteered':>9} {'prompted':>8} {'steered':>8} {'readable':>8} {'repet.':>7} {'>cap':>5} "
+        f"{'codes':>18} "
         f"{'loss un':>8} {'loss st':>8}  target"
     )
     print(head)
@@ -413,10 +426,11 @@ def print_table(per_topic, headline, base_label) -> None:
     for topic, e in per_topic.items():
         s = e.get("steered")
         if s is None:
-            print(f"{topic:<10} {e['unsteered']['rate']:>9.0%}  (no topic code)")
+            print(f"{topic:<10} {e['unsteered']['rate']:>9.0%} {e['prompted']['rate']:>8.0%}  (no topic code)")
             continue
         print(
-            f"{topic:<10} {e['unsteered']['rate']:>9.0%} {s['rate']:>8.0%} {s['rate_readable']:>8.0%} "
+            f"{topic:<10} {e['unsteered']['rate']:>9.0%} {e['prompted']['rate']:>8.0%} {s['rate']:>8.0%} "
+            f"{s['rate_readable']:>8.0%} "
             f"{s['repetitive_share']:>7.0%} {s['high_loss_share']:>5.0%} {e['target'] + ' x' + str(e['n_slots']):>18} "
             f"{e['unsteered']['baseline_loss']:>8.2f} {s['baseline_loss']:>8.2f}  {'met' if e['met'] else '-'}"
         )
@@ -424,6 +438,10 @@ def print_table(per_topic, headline, base_label) -> None:
     print(
         f"unsteered samples: {headline['unsteered_repetitive_share']:.0%} repetitive; loss cap (95th percentile of "
         f"their per-sample loss) {headline['loss_cap']:.2f}"
+    )
+    print(
+        "prompted = the same number of samples continuing a topic sentence (TOPIC_PROMPTS; the prompt itself is not "
+        "counted): what the model does with the topic in its context"
     )
     print(
         "readable = mentions in samples that are not one word repeated and whose baseline loss is within the cap "
@@ -438,6 +456,7 @@ def steering_figure(per_topic, title):
     topics = [t for t, e in per_topic.items() if e.get("steered")]
     fig = go.Figure()
     fig.add_bar(name="unsteered", x=topics, y=[per_topic[t]["unsteered"]["rate"] for t in topics])
+    fig.add_bar(name="topic sentence as prompt", x=topics, y=[per_topic[t]["prompted"]["rate"] for t in topics])
     fig.add_bar(
         name="steered (readable samples only)",
         x=topics,

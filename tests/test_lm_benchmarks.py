@@ -89,6 +89,8 @@ def test_lm_steering_quick(tiny_lm, tmp_path, load_benchmark, capsys):
     for topic in ("war", "religion"):
         entry = results["topics"][topic]
         assert entry["unsteered"]["n"] == 4
+        assert entry["prompted"]["n"] == 4  # as many samples continuing the topic sentence
+        assert 0.0 <= entry["prompted"]["rate"] <= 1.0
         if entry["steered"] is not None:
             steered = entry["steered"]
             assert 0.0 <= steered["rate_readable"] <= steered["rate_excluding_repetitive"] <= steered["rate"] <= 1.0

@@ -22,6 +22,7 @@ __all__ = [
     "FEATURES",
     "FEATURE_DESCRIPTIONS",
     "TOPICS",
+    "TOPIC_PROMPTS",
     "TOPIC_WORDS",
     "compile_feature",
     "is_repetitive",
@@ -102,6 +103,22 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
 
 #: Steering topics: name -> case-insensitive whole-word regex deciding "the sample mentions the topic".
 TOPICS: dict[str, str] = {name: "(?i)" + _words(words) for name, words in TOPIC_WORDS.items()}
+
+
+#: One sentence per steering topic, dense in its words: a prompt that puts the topic in the model's context. How often
+#: the model's continuation of it mentions the topic is what the model itself does with the topic in context, the
+#: ceiling that steering is read against (a model that does not continue a topic it was given cannot be steered into
+#: one by its own features).
+TOPIC_PROMPTS: dict[str, str] = {
+    "war": "The soldiers of the army fought a great battle in the war.",
+    "sea": "The sailors took the ship out to sea, and the boat sailed on the ocean.",
+    "royalty": "The king and the queen sat on the throne of the kingdom.",
+    "music": "The musician played a song on the piano, and the band sang music.",
+    "money": "He paid the price in gold and silver, for money made him rich.",
+    "marriage": "She married her husband at the wedding, and became his wife.",
+    "religion": "The priest prayed to God in the church, and the people worshipped the Lord.",
+    "food": "They ate bread and meat for dinner, with wine and fruit at the meal.",
+}
 
 
 def compile_feature(pattern: Union[str, "re.Pattern"]) -> "re.Pattern":

@@ -9,6 +9,7 @@ import pytest
 from cbinterp.tasks.lm_features import (
     FEATURE_DESCRIPTIONS,
     FEATURES,
+    TOPIC_PROMPTS,
     TOPICS,
     is_repetitive,
     mentions_topic,
@@ -78,6 +79,12 @@ def test_topics():
     assert not mentions_topic("the godmother", "religion")
     assert topic_rate(["a war", "peace", "the battle", "calm"], "war") == 0.5
     assert topic_rate([], "war") == 0.0
+
+
+def test_every_topic_has_a_prompt_that_mentions_it_more_than_once():
+    assert set(TOPIC_PROMPTS) == set(TOPICS)
+    for topic, prompt in TOPIC_PROMPTS.items():
+        assert len(topic_regex(topic).findall(prompt)) >= 3, topic
     assert mentions_topic("a Boat", re.compile(r"(?i)\bboat\b"))
     assert "battle" in word_list("war")
     with pytest.raises(KeyError, match="known topics"):
