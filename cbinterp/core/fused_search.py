@@ -235,6 +235,30 @@ def _build(cc: str, target: Path) -> None:
         os.replace(out, target)
 
 
+def library_name(cc: str) -> str:
+    """The cached library's file name: a hash of the source, the flags and the compiler."""
+    return f"fused_search_{hashlib.sha256(chr(0).join((SOURCE, *FLAGS, cc)).encode()).hexdigest()[:16]}.so"
+
+
+def _load(cc: str) -> ctypes.CDLL:
+    """The library from the cache, built there first if missing (or rebuilt if it does not load); in a folder of
+    the temporary directory where the cache can't be written."""
+    errors = []
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"cbinterp_fused_search-{os.getuid()}"):
+        target = folder / library_name(cc)
+        try:
+            if target.exists():
+                try:
+                    return ctypes.CDLL(str(target))
+                except OSError:  # a damaged file (a build cut short elsewhere): build it again
+                    pass
+            _build(cc, target)
+            return ctypes.CDLL(str(target))
+        except Exception as err:  # noqa: BLE001 - try the next folder, then report every reason
+            errors.append(f"{folder}: {err}")
+    raise RuntimeError("; ".join(errors))
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel():
     """The ctypes function `cb_fused_argmax`, or None (the reason logged once) where the fused search can't run."""
@@ -249,12 +273,8 @@ def _kernel():
     if cc is None:
         logger.warning("fused code search: no C compiler found (gcc, cc or $CC); the matmul search runs")
         return None
-    key = hashlib.sha256("\0".join((SOURCE, *FLAGS, cc)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"fused_search_{key}.so"
     try:
-        if not target.exists():
-            _build(cc, target)
-        lib = ctypes.CDLL(str(target))
+        lib = _load(cc)
         if not lib.cb_supported():
             logger.info("fused code search: this CPU lacks AVX2/FMA; the matmul search runs")
             return None

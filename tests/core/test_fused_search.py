@@ -194,3 +194,13 @@ def test_not_under_cpu_autocast():
     x, w = torch.randn(10, 1, 32), torch.randn(1, 100, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_search.applies(x, w)
+
+
+@needs_kernel
+def test_a_damaged_cached_library_is_rebuilt(fresh_kernel):
+    """A file under the library's name that does not load (a build cut short elsewhere) is built again."""
+    target = fresh_kernel / "cbinterp_fused_search" / fused_search.library_name(fused_search._compiler())
+    target.parent.mkdir()
+    target.write_bytes(b"not a shared library")
+    assert fused_search.available()
+    assert target.read_bytes()[:4] == b"\x7fELF"
