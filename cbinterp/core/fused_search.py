@@ -7,19 +7,21 @@ the attention codebooks' shape (head size 32, 1000 codes) the matmul's inner dim
 its index: nothing but the best score and its id leave the core.
 
 * Results: the same ids and best scores as the matmul search. Each dot product is summed in order over the
-  dimension with fused multiply-adds (MKL's small-matmul kernels add in the same order, so on the machines measured
-  the scores were bitwise identical); the first maximum wins a tie, as in `Tensor.max`. A different order could only
-  flip a near-tie within float rounding (`tests/core/test_fused_search.py` counts them: none).
+  dimension with fused multiply-adds, and the first maximum wins a tie, as in `Tensor.max`. On the 2-core AVX2
+  machine measured, MKL's matmul adds in the same order up to a dimension of 128 (16 codes or more): the scores
+  were bitwise identical and so were the ids (0 differences in 1.6 million searches at the FSM model's shapes, on
+  random and on data-drawn codes). At dimension 256 the scores differ by rounding (up to ~1e-5) and no id
+  differed in 200,000 rows; at 512 one near-tie in 50,000 rows flipped (euclidean), so the kernel stops at 256.
 * Non-finite values: a row whose scores could overflow (its sum of |x| times the largest |code entry| near the
   float limit), or that holds a NaN or an infinity, is not searched here (id -2) and the caller searches it the
   matmul way, so NaN propagation stays as it was; codes with a non-finite entry refuse the whole call.
 * Threads: OpenMP over blocks of (group, 96 rows), `torch.get_num_threads()` of them; a row's result does not depend
   on the number of threads.
-* Where: CPU, float32, x86-64 with AVX2 and FMA (checked at run time), not while `torch.compile` traces, and only at
-  shapes where it is faster (`MAX_DIM`, `MIN_CODES`); elsewhere, or if the build fails (logged once, and then
-  `available()` is False), the matmul search runs.
+* Where: CPU, float32, x86-64 with AVX2 and FMA (checked at run time), not while `torch.compile` traces nor under
+  CPU autocast, and only at shapes where it is faster (`MAX_DIM`, `MIN_CODES`); elsewhere, or if the build fails
+  (logged once, and then `available()` is False), the matmul search runs.
 
-The library is plain C called through ctypes (no torch headers: it builds in about a second with `gcc -O3`), cached
+The library is plain C called through ctypes (no torch headers: it builds in 1.5 to 3 s with `gcc -O3`), cached
 under `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) as `cbinterp_fused_search/<hash>.so`, the hash
 naming the source, flags and compiler. `CBINTERP_FUSED_SEARCH=0` turns it off.
 """
@@ -293,10 +295,11 @@ def available() -> bool:
     return _kernel() is not None
 
 
-#: The shapes where the kernel is faster than the matmul search (measured on a 2-core AVX2 machine; both give the
-#: same results): from a dimension of about 768 up MKL's blocked matmul is as fast, and below about 64 codes the
-#: score matrix is small anyway while the kernel pads the codes to a multiple of 16.
-MAX_DIM = 512
+#: The shapes the kernel takes (measured on a 2-core AVX2 machine): up to dimension 256 it is 1.4x (256) to 4x
+#: (32) faster than the matmul search; from 512 up MKL's blocked matmul is about as fast and its sums part from the
+#: kernel's in order (a rare near-tie flips); below about 64 codes the score matrix is small anyway while the
+#: kernel pads the codes to a multiple of 16.
+MAX_DIM = 256
 MIN_CODES = 64
 
 
