@@ -14,6 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from cbinterp.core import fused_search
 from cbinterp.core.codes import NO_CODE
 from cbinterp.core.heads import check_head
 from cbinterp.core.naming import did_you_mean
@@ -251,6 +252,10 @@ class Codebook(HookPoint):
     #: group at a time: a block stays in cache instead of a whole (tokens, groups, n_codes) tensor going to memory.
     _chunk_scores = 1 << 21
 
+    #: Whether k = 1 searches on a CPU in float32 take the fused kernel (`cbinterp.core.fused_search`): the same
+    #: results, without the score matrix. A class attribute, so that a benchmark or test can set it off.
+    use_fused_search = True
+
     def _prepare(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """The input as scored, flattened to (n, groups, dim); the codes as scored (groups, n_codes, dim); and for
         euclidean the per-code term |c|^2 (None otherwise): scores are x.c, or 2x.c - |c|^2 for euclidean."""
@@ -298,12 +303,31 @@ class Codebook(HookPoint):
     def _search(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor]:
         """The top-k code ids `(*batch, groups, k)` and the best score `(*batch, groups)` of every position.
 
-        One batched matmul scores a block of positions against all groups' codes at once (no loop over heads), in
-        blocks of about `_chunk_scores` elements so that a block of scores stays in cache.
+        For k = 1 on a CPU in float32 the fused kernel of `cbinterp.core.fused_search` takes it (no score matrix;
+        the same ids and scores); otherwise, and for the rows it leaves (non-finite input), `_search_matmul`.
         """
         c = self.cfg
         lead = xg.shape[:-2]
         flat, w, bias = self._prepare(xg)
+        if c.k == 1 and self.use_fused_search and fused_search.applies(flat, w):
+            found = fused_search.argmax(flat, w, bias)
+            if found is not None:
+                ids, best = found
+                left = (ids == fused_search.UNSEARCHED).any(-1).nonzero()[:, 0]
+                if left.numel():  # NaN or infinite input, or near overflow: exactly as the matmul search does it
+                    codes, top = self._search_matmul(flat[left], w, bias)
+                    ids[left], best[left] = codes[..., 0].transpose(0, 1), top.transpose(0, 1)
+                return ids.reshape(*lead, c.groups, 1), best.reshape(*lead, c.groups)
+        codes, best = self._search_matmul(flat, w, bias)
+        return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
+
+    def _search_matmul(self, flat: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """`_search` on `_prepare`'s output, as ids `(groups, n, k)` and best scores `(groups, n)`.
+
+        One batched matmul scores a block of positions against all groups' codes at once (no loop over heads), in
+        blocks of about `_chunk_scores` elements so that a block of scores stays in cache.
+        """
+        c = self.cfg
         n = flat.shape[0]
         codes = torch.empty(c.groups, n, c.k, dtype=torch.long, device=flat.device)
         best = torch.empty(c.groups, n, dtype=flat.dtype, device=flat.device)
@@ -320,7 +344,7 @@ class Codebook(HookPoint):
                 top = scores.topk(c.k, dim=-1)
             codes[:, start : start + rows] = top.indices
             best[:, start : start + rows] = top.values[..., 0]
-        return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
+        return codes, best
 
     def _search_fp32(self, xg: Tensor) -> tuple[Tensor, Tensor]:
         """`_search` in float32 under autocast: bf16 scores would tie and reorder close codes, changing the choice."""
