@@ -5,7 +5,8 @@ codebook (4 heads x 32 dims, groups=4, input 64x128x4x32) -- this times
 
 * ours: one training-mode forward+backward of `cbinterp.Codebook` (default settings: inner-product similarity,
   usage statistics on), and the same with `normalize_input=True` ("ours+LN": the authors' layer always
-  layer-normalises its input first);
+  layer-normalises its input first); and "ours, matmul search" (`use_fused_search` off: the search as one matmul
+  then top-k, as before the fused kernel of `cbinterp.core.fused_search`);
 * the floor: the bare similarity matmul + top-k on the same data and codes, nothing else;
 * the reference: `codebook-features` 0.1.2 (`models.CodebookLayer` / `models.GroupCodebookLayer` with
   `InnerProductSnapFunction`, loss "aeloss"), forward+backward, run by benchmarks/_reference_codebook.py with the
@@ -76,7 +77,9 @@ def measure(
     grad = torch.randn(shape, device=device)
     plain = Codebook(dim, n_codes, k=k, groups=groups, seed=seed, device=device).train()
     with_ln = Codebook(dim, n_codes, k=k, groups=groups, seed=seed, normalize_input=True, device=device).train()
-    for cb in (plain, with_ln):
+    matmul = Codebook(dim, n_codes, k=k, groups=groups, seed=seed, device=device).train()
+    matmul.use_fused_search = False  # the search as one matmul then top-k: what the fused kernel saves
+    for cb in (plain, with_ln, matmul):
         cb.in_train_loop = True  # a training step as inside `train`: usage statistics on
 
     def step(codebook: Codebook) -> Callable[[], None]:
@@ -98,7 +101,12 @@ def measure(
             scores = torch.bmm(data.transpose(0, 1), codes.transpose(1, 2))
         scores.topk(k, dim=-1)
 
-    fns: dict[str, Callable[[], Optional[float]]] = {"floor": floor, "ours": step(plain), "ours_ln": step(with_ln)}
+    fns: dict[str, Callable[[], Optional[float]]] = {
+        "floor": floor,
+        "ours": step(plain),
+        "ours_ln": step(with_ln),
+        "ours_matmul_search": step(matmul),
+    }
     if reference is not None:
         fns["reference"] = reference.step
     return time_interleaved(fns, warmup, repeats, device)
@@ -188,6 +196,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         row["ours_ln_over_floor"] = ratio(row["ours_ln_s"], row["floor_s"])
         row["ours_over_reference"] = ratio(row["ours_s"], row.get("reference_s"))
         row["ours_ln_over_reference"] = ratio(row["ours_ln_s"], row.get("reference_s"))
+        row["ours_matmul_search_over_reference"] = ratio(row["ours_matmul_search_s"], row.get("reference_s"))
         results[name] = row
 
     header = [
@@ -195,6 +204,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "input",
         "ours ms",
         "ours+LN ms",
+        "matmul search ms",
         "floor ms",
         "reference ms",
         "ours/floor",
@@ -210,6 +220,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 "x".join(map(str, row["input_shape"])),
                 ms(row["ours_s"]),
                 ms(row["ours_ln_s"]),
+                ms(row["ours_matmul_search_s"]),
                 ms(row["floor_s"]),
                 ms(row.get("reference_s")),
                 fmt(row["ours_over_floor"]),

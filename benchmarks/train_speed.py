@@ -6,6 +6,8 @@ AdamW. Timed side by side, one step of each in turn (rotating order, so that loa
 
 * ours: `attach_codebooks` on a HookedTransformer, eager, stepped as `cbinterp.train` steps it: fused attention
   and layer norm (`cbinterp.core.fastpath.fast_kernels`) and fused AdamW;
+* ours_matmul_search: ours with the nearest-code search as one matmul then a max (`Codebook.use_fused_search`
+  off), so that the fused search kernel (`cbinterp.core.fused_search`) shows on its own;
 * ours_compiled: the same through `torch.compile` (compile time reported separately, not in the step time);
 * ours_tl_kernels: TransformerLens's own op-by-op attention and layer norm, default AdamW (cbinterp before the
   fused kernels), and ours_tl_kernels_fused_adamw: the same with fused AdamW, so that each change shows on its own;
@@ -36,7 +38,7 @@ import torch
 from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved
 from transformer_lens import HookedTransformer
 
-from cbinterp import attach_codebooks
+from cbinterp import attach_codebooks, get_codebooks
 from cbinterp.core.atomic import atomic_file
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.recipes.fsm import FSMRecipe
@@ -141,6 +143,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     fns: dict[str, Callable[[], Optional[float]]] = {}
     ours = build(args, codebooks=True)
     fns["ours"] = stepper(ours, ours, tokens)
+    matmul_search = build(args, codebooks=True)
+    for codebook in get_codebooks(matmul_search).values():
+        codebook.use_fused_search = False  # this model's codebooks only (the class default stays on)
+    fns["ours_matmul_search"] = stepper(matmul_search, matmul_search, tokens)
     before = build(args, codebooks=True)
     fns["ours_tl_kernels"] = stepper(before, before, tokens, fused=False)
     before_adamw = build(args, codebooks=True)
@@ -208,7 +214,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         flops = step_flops(args.batch, args.seq_len, args.n_codes, codebooks=not name.startswith("no_codebooks"))
         row["roofline_tokens_per_s"] = n_tokens * peak / flops
         row["roofline_fraction"] = row["tokens_per_s"] / row["roofline_tokens_per_s"]
-    for name, plain_name in (("ours", "no_codebooks"), ("ours_compiled", "no_codebooks_compiled")):
+    pairs = (
+        ("ours", "no_codebooks"),
+        ("ours_matmul_search", "no_codebooks"),
+        ("ours_compiled", "no_codebooks_compiled"),
+    )
+    for name, plain_name in pairs:
         if name in rows:  # each against the model without codebooks run the same way
             rows[name]["over_no_codebooks"] = rows[name]["tokens_per_s"] / rows[plain_name]["tokens_per_s"]
 

@@ -304,20 +304,14 @@ class Codebook(HookPoint):
         """The top-k code ids `(*batch, groups, k)` and the best score `(*batch, groups)` of every position.
 
         For k = 1 on a CPU in float32 the fused kernel of `cbinterp.core.fused_search` takes it (no score matrix;
-        the same ids and scores); otherwise, and for the rows it leaves (non-finite input), `_search_matmul`.
+        the same ids and scores; the rows it leaves, non-finite input, searched as below); otherwise `_search_matmul`.
         """
         c = self.cfg
         lead = xg.shape[:-2]
         flat, w, bias = self._prepare(xg)
         if c.k == 1 and self.use_fused_search and fused_search.applies(flat, w):
-            found = fused_search.argmax(flat, w, bias)
-            if found is not None:
-                ids, best = found
-                left = (ids == fused_search.UNSEARCHED).any(-1).nonzero()[:, 0]
-                if left.numel():  # NaN or infinite input, or near overflow: exactly as the matmul search does it
-                    codes, top = self._search_matmul(flat[left], w, bias)
-                    ids[left], best[left] = codes[..., 0].transpose(0, 1), top.transpose(0, 1)
-                return ids.reshape(*lead, c.groups, 1), best.reshape(*lead, c.groups)
+            ids, best = fused_search.nearest_code(flat, w, bias)
+            return ids.reshape(*lead, c.groups, 1), best.reshape(*lead, c.groups)
         codes, best = self._search_matmul(flat, w, bias)
         return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
 

@@ -17,9 +17,10 @@ its index: nothing but the best score and its id leave the core.
   matmul way, so NaN propagation stays as it was; codes with a non-finite entry refuse the whole call.
 * Threads: OpenMP over blocks of (group, 96 rows), `torch.get_num_threads()` of them; a row's result does not depend
   on the number of threads.
-* Where: CPU, float32, x86-64 with AVX2 and FMA (checked at run time), not while `torch.compile` traces nor under
-  CPU autocast, and only at shapes where it is faster (`MAX_DIM`, `MIN_CODES`); elsewhere, or if the build fails
-  (logged once, and then `available()` is False), the matmul search runs.
+* Where: CPU, float32, x86-64 with AVX2 and FMA (checked at run time), not under CPU autocast, and only at shapes
+  where it is faster (`MAX_DIM`, `MIN_CODES`); elsewhere, or if the build fails (logged once, and then
+  `available()` is False), the matmul search runs. `nearest_code` is a torch operator (`cbinterp::nearest_code`),
+  so a compiled model calls the kernel as one opaque step.
 
 The library is plain C called through ctypes (no torch headers: it builds in 1.5 to 3 s with `gcc -O3`), cached
 under `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) as `cbinterp_fused_search/<hash>.so`, the hash
@@ -303,10 +304,17 @@ MAX_DIM = 256
 MIN_CODES = 64
 
 
+@torch.compiler.assume_constant_result
+def _ready() -> bool:
+    """`available()`, read once at trace time by torch.compile (the answer does not change within a process)."""
+    return available()
+
+
 def applies(x: Tensor, w: Tensor) -> bool:
     """Whether the fused search takes these tensors (x (n, groups, dim), w (groups, n_codes, dim)): CPU float32,
-    a shape where it is the faster one, outside torch.compile and CPU autocast (where the matmul would run in
-    bf16: `Codebook._search_fp32` turns autocast off first), and the library built."""
+    a shape where it is the faster one, outside CPU autocast (where the matmul would run in bf16:
+    `Codebook._search_fp32` turns autocast off first), and the library built. Under torch.compile the search runs
+    as the opaque operator `nearest_code`, so compiled training gets the kernel too."""
     return (
         x.shape[-1] <= MAX_DIM
         and w.shape[-2] >= MIN_CODES
@@ -314,9 +322,8 @@ def applies(x: Tensor, w: Tensor) -> bool:
         and w.device.type == "cpu"
         and x.dtype == torch.float32
         and w.dtype == torch.float32
-        and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
-        and available()
+        and _ready()
     )
 
 
@@ -352,3 +359,35 @@ def argmax(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Optional[tuple[Tenso
         torch.get_num_threads(),
     )
     return (ids, best) if rc == 0 else None
+
+
+def _matmul_argmax(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The plain search for rows the kernel leaves: one batched matmul, then the first maximum (as
+    `Codebook._search_matmul` with k = 1): ids and best scores `(n, groups)`."""
+    scores = torch.bmm(x.transpose(0, 1), w.transpose(1, 2))  # (groups, n, n_codes)
+    if bias is not None:
+        scores = scores.mul_(2).sub_(bias.unsqueeze(1))
+    top = scores.max(dim=-1)
+    return top.indices.transpose(0, 1).contiguous(), top.values.transpose(0, 1).contiguous()
+
+
+@torch.library.custom_op("cbinterp::nearest_code", mutates_args=())
+def nearest_code(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The first best code id `(n, groups)` and its score `(n, groups)` of every row, complete: the kernel, and the
+    matmul search for the rows it leaves (non-finite input, possible overflow) or for all of them where it refuses
+    the call (codes not finite). An operator of its own (`torch.ops.cbinterp.nearest_code`), so that torch.compile
+    calls it as one opaque step instead of tracing ctypes; only for tensors that `applies` takes."""
+    found = argmax(x, w, bias)
+    if found is None:
+        return _matmul_argmax(x, w, bias)
+    ids, best = found
+    left = (ids == UNSEARCHED).any(-1).nonzero()[:, 0]
+    if left.numel():
+        ids[left], best[left] = _matmul_argmax(x[left], w, bias)
+    return ids, best
+
+
+@nearest_code.register_fake
+def _(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    n, groups = x.shape[0], x.shape[1]
+    return x.new_empty((n, groups), dtype=torch.int64), x.new_empty((n, groups))

@@ -204,3 +204,68 @@ def test_a_damaged_cached_library_is_rebuilt(fresh_kernel):
     target.write_bytes(b"not a shared library")
     assert fused_search.available()
     assert target.read_bytes()[:4] == b"\x7fELF"
+
+
+@needs_kernel
+def test_a_compiled_codebook_calls_the_kernel_and_agrees(monkeypatch):
+    """Under torch.compile the search is the opaque operator `cbinterp::nearest_code`: the kernel still runs (it is
+    not traced away into the matmul path), with the same codes, outputs and gradients as eager."""
+    calls = []
+    kernel = fused_search.argmax
+    monkeypatch.setattr(fused_search, "argmax", lambda *args: calls.append(1) or kernel(*args))
+    torch.manual_seed(0)
+    cb = Codebook(32, 100, groups=4, seed=0).train()
+    x = torch.randn(2, 8, 4, 32, requires_grad=True)
+    eager = cb(x)
+    eager.sum().backward()
+    eager_grad, x.grad = x.grad.clone(), None
+    n_eager = len(calls)
+    torch._dynamo.reset()
+    compiled = torch.compile(cb, backend="aot_eager")(x)
+    compiled.sum().backward()
+    assert n_eager == 1 and len(calls) > n_eager
+    assert torch.equal(compiled, eager)
+    assert torch.allclose(x.grad, eager_grad)
+    torch._dynamo.reset()
+
+
+def test_nearest_code_searches_every_row_even_where_the_kernel_leaves_some():
+    torch.manual_seed(1)
+    x, w = torch.randn(20, 2, 16), torch.randn(2, 80, 16)
+    x[3, 1, 0] = float("nan")
+    x[7, 0, 2] = float("inf")
+    ids, best = fused_search.nearest_code(x, w, None)
+    plain_ids, plain_best = fused_search._matmul_argmax(x, w, None)
+    finite = torch.isfinite(plain_best)
+    assert not finite[3, 1] and not finite[7, 0]
+    assert torch.equal(ids[finite], plain_ids[finite])
+    assert torch.allclose(best[finite], plain_best[finite], rtol=1e-5, atol=1e-5)  # sums in another order
+    assert not torch.isfinite(best[3, 1]) and not torch.isfinite(best[7, 0])
+    assert (ids >= 0).all()  # no row is left as UNSEARCHED
+
+
+@needs_kernel
+def test_training_with_the_kernel_matches_the_matmul_search(make_tiny_model):
+    """The FSM benchmark's figures rest on this: a few training steps of a codebook model, with the fused search
+    and with the matmul search, give the same losses and codes (attention heads and MLP, k = 1)."""
+    from cbinterp import attach_codebooks, get_codebooks
+    from cbinterp.core.train import TrainConfig, train
+    from cbinterp.tasks.fsm import FSM
+
+    task = FSM.random(6, 2, 10, seed=0)
+    runs = []
+    for fused in (True, False):
+        model = make_tiny_model()
+        attach_codebooks(model, ["attn", "mlp"], n_codes=64, k=1, seed=0)
+        for cb in get_codebooks(model).values():
+            cb.use_fused_search = fused
+        result = train(model, task.token_batches(8, 16, seed=0), TrainConfig(steps=6, lr=3e-3, progress=False))
+        tokens = task.token_batches(4, 16, seed=1)(0)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens)
+        runs.append((result.losses, {k: v for k, v in cache.items() if k.endswith("hook_codes")}))
+    (fused_losses, fused_codes), (plain_losses, plain_codes) = runs
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert fused_codes.keys() == plain_codes.keys() and len(fused_codes) > 0
+    for name in fused_codes:
+        assert torch.equal(fused_codes[name], plain_codes[name]), name
