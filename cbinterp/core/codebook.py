@@ -316,29 +316,9 @@ class Codebook(HookPoint):
         return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
 
     def _search_matmul(self, flat: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """`_search` on `_prepare`'s output, as ids `(groups, n, k)` and best scores `(groups, n)`.
-
-        One batched matmul scores a block of positions against all groups' codes at once (no loop over heads), in
-        blocks of about `_chunk_scores` elements so that a block of scores stays in cache.
-        """
-        c = self.cfg
-        n = flat.shape[0]
-        codes = torch.empty(c.groups, n, c.k, dtype=torch.long, device=flat.device)
-        best = torch.empty(c.groups, n, dtype=flat.dtype, device=flat.device)
-        by_group = flat.transpose(0, 1)  # (groups, n, dim), a view
-        w_t = w.transpose(1, 2)  # (groups, dim, n_codes)
-        rows = max(1, self._chunk_scores // (c.n_codes * c.groups))
-        for start in range(0, n, rows):
-            scores = torch.bmm(by_group[:, start : start + rows], w_t)  # (groups, rows, n_codes)
-            if bias is not None:
-                scores = scores.mul_(2).sub_(bias.unsqueeze(1))
-            if c.k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
-                top = scores.max(dim=-1, keepdim=True)
-            else:
-                top = scores.topk(c.k, dim=-1)
-            codes[:, start : start + rows] = top.indices
-            best[:, start : start + rows] = top.values[..., 0]
-        return codes, best
+        """`_search` on `_prepare`'s output the matmul way (`fused_search.matmul_search`, in blocks of about
+        `_chunk_scores` scores), as ids `(groups, n, k)` and best scores `(groups, n)`."""
+        return fused_search.matmul_search(flat, w, bias, self.cfg.k, self._chunk_scores)
 
     def _search_fp32(self, xg: Tensor) -> tuple[Tensor, Tensor]:
         """`_search` in float32 under autocast: bf16 scores would tie and reorder close codes, changing the choice."""

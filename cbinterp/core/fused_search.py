@@ -21,6 +21,8 @@ its index: nothing but the best score and its id leave the core.
   where it is faster (`MAX_DIM`, `MIN_CODES`); elsewhere, or if the build fails (logged once, and then
   `available()` is False), the matmul search runs. `nearest_code` is a torch operator (`cbinterp::nearest_code`),
   so a compiled model calls the kernel as one opaque step.
+* `matmul_search` is the search it stands in for (any device, any k, one batched matmul per block of rows, then
+  the top k): `Codebook` runs it wherever the kernel does not, and `nearest_code` for the rows the kernel leaves.
 
 The library is plain C called through ctypes (no torch headers: it builds in 1.5 to 3 s with `gcc -O3`), cached
 under `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) as `cbinterp_fused_search/<hash>.so`, the hash
@@ -361,14 +363,37 @@ def argmax(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Optional[tuple[Tenso
     return (ids, best) if rc == 0 else None
 
 
+def matmul_search(
+    x: Tensor, w: Tensor, bias: Optional[Tensor], k: int = 1, block_scores: int = 1 << 21
+) -> tuple[Tensor, Tensor]:
+    """The search the kernel stands in for, on any device: per block of rows, one batched matmul of x (n, groups,
+    dim) against every group's codes w (groups, n_codes, dim) (no loop over groups), then the top k. Blocks hold
+    about `block_scores` scores, so that a block stays in cache. Returns ids `(groups, n, k)`, best first, and the
+    best scores `(groups, n)`; score x.w, or 2x.w - bias for euclidean."""
+    groups, n_codes = w.shape[0], w.shape[1]
+    n = x.shape[0]
+    codes = torch.empty(groups, n, k, dtype=torch.long, device=x.device)
+    best = torch.empty(groups, n, dtype=x.dtype, device=x.device)
+    by_group = x.transpose(0, 1)  # (groups, n, dim), a view
+    w_t = w.transpose(1, 2)  # (groups, dim, n_codes)
+    rows = max(1, block_scores // (n_codes * groups))
+    for start in range(0, n, rows):
+        scores = torch.bmm(by_group[:, start : start + rows], w_t)  # (groups, rows, n_codes)
+        if bias is not None:
+            scores = scores.mul_(2).sub_(bias.unsqueeze(1))
+        if k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
+            top = scores.max(dim=-1, keepdim=True)
+        else:
+            top = scores.topk(k, dim=-1)
+        codes[:, start : start + rows] = top.indices
+        best[:, start : start + rows] = top.values[..., 0]
+    return codes, best
+
+
 def _matmul_argmax(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """The plain search for rows the kernel leaves: one batched matmul, then the first maximum (as
-    `Codebook._search_matmul` with k = 1): ids and best scores `(n, groups)`."""
-    scores = torch.bmm(x.transpose(0, 1), w.transpose(1, 2))  # (groups, n, n_codes)
-    if bias is not None:
-        scores = scores.mul_(2).sub_(bias.unsqueeze(1))
-    top = scores.max(dim=-1)
-    return top.indices.transpose(0, 1).contiguous(), top.values.transpose(0, 1).contiguous()
+    """`matmul_search` with k = 1 as the kernel answers: ids and best scores `(n, groups)`."""
+    codes, best = matmul_search(x, w, bias)
+    return codes[..., 0].transpose(0, 1).contiguous(), best.transpose(0, 1).contiguous()
 
 
 @torch.library.custom_op("cbinterp::nearest_code", mutates_args=())
