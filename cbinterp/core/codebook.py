@@ -253,7 +253,7 @@ class Codebook(HookPoint):
     _chunk_scores = 1 << 21
 
     #: Whether k = 1 searches on a CPU in float32 take the fused kernel (`cbinterp.core.fused_search`): the same
-    #: results, without the score matrix. A class attribute, so that a benchmark or test can set it off.
+    #: results, without the score matrix. Set it False on one codebook (benchmarks do) or on the class to switch it off.
     use_fused_search = True
 
     def _prepare(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
