@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import warnings
 from typing import Literal, Optional
 
@@ -15,6 +13,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from cbinterp.core import fused_search
+from cbinterp.core.checks import is_int, is_real
 from cbinterp.core.codes import NO_CODE
 from cbinterp.core.heads import check_head
 from cbinterp.core.naming import did_you_mean
@@ -68,7 +67,7 @@ class CodebookConfig:
         """Check every setting (types and ranges); the one place codebook settings are validated."""
         for field in ("dim", "n_codes", "k", "groups", "dead_check_every"):
             value = getattr(self, field)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"Codebook {field} must be a positive int, got {value!r}.")
             setattr(self, field, int(value))
         if self.k > self.n_codes:
@@ -83,26 +82,18 @@ class CodebookConfig:
         if not isinstance(self.normalize_input, bool):
             raise ValueError(f"normalize_input must be True or False, got {self.normalize_input!r}.")
         if self.dead_after is not None:
-            if not _is_int(self.dead_after) or self.dead_after < 1:
+            if not is_int(self.dead_after) or self.dead_after < 1:
                 raise ValueError(f"dead_after must be None or an int >= 1 (steps), got {self.dead_after!r}.")
             self.dead_after = int(self.dead_after)
         for field in ("recon_weight", "beta", "replace_noise", "init_std"):
             value = getattr(self, field)
-            if not _is_real(value) or value < 0 or (field == "init_std" and value == 0):
+            if not is_real(value) or value < 0 or (field == "init_std" and value == 0):
                 need = "> 0" if field == "init_std" else ">= 0"
                 raise ValueError(f"Codebook {field} must be a finite number {need}, got {value!r}.")
             setattr(self, field, float(value))
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"Codebook seed must be an int, got {self.seed!r}.")
         self.seed = int(self.seed)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 OPTIONS = tuple(f.name for f in dataclasses.fields(CodebookConfig) if f.name not in ("dim", "n_codes"))

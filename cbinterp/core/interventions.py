@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -26,6 +25,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer
+from cbinterp.core.checks import is_int
 from cbinterp.core.codebook import Codebook
 from cbinterp.core.heads import is_missing_head
 from cbinterp.core.naming import CODES_SUFFIX, codes_hook_name, did_you_mean
@@ -35,10 +35,6 @@ Hook = tuple[str, HookFn]
 CodesLike = Union[int, Sequence[int], Tensor]
 PositionsLike = Union[None, int, slice, Sequence[int], Sequence[Sequence[int]], Tensor]
 HeadsLike = Union[None, int, Sequence[int]]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # -- finding the codebook -----------------------------------------------------------------------------------
@@ -82,7 +78,7 @@ class _Positions:
             positions = torch.as_tensor(positions)
         if isinstance(positions, bool):
             raise TypeError("positions must be None, an int, a slice, a list of ints or a tensor, got a bool.")
-        if _is_int(positions):
+        if is_int(positions):
             return cls("int", int(positions))
         if isinstance(positions, slice):
             return cls("slice", positions)
@@ -105,7 +101,7 @@ class _Positions:
                         f"{sorted(lengths)}."
                     )
                 return cls("per_example", torch.tensor(items, dtype=torch.long))
-            if not items or not all(_is_int(p) for p in items):
+            if not items or not all(is_int(p) for p in items):
                 raise TypeError(
                     f"positions as a list must be a non-empty list of ints (or of lists of ints), got {positions!r}."
                 )
@@ -160,7 +156,7 @@ def _parse_heads(heads: HeadsLike, name: str, codebook: Codebook) -> Optional[Te
     if not isinstance(heads, (Tensor, Sequence)) and is_missing_head(heads):
         heads = None
     if not codebook.grouped:
-        if heads is not None and not (_is_int(heads) and int(heads) == 0):
+        if heads is not None and not (is_int(heads) and int(heads) == 0):
             raise ValueError(
                 f"heads={heads!r} given for {name}, which has one codebook for the whole activation (no heads); "
                 f"leave heads out (None; 0 is accepted as its only group), or choose a per-head attention codebook "
@@ -171,9 +167,9 @@ def _parse_heads(heads: HeadsLike, name: str, codebook: Codebook) -> Optional[Te
         return torch.arange(groups)
     if isinstance(heads, Tensor):
         heads = heads.tolist()
-    single = _is_int(heads)
+    single = is_int(heads)
     items = [int(heads)] if single else list(heads) if isinstance(heads, Sequence) else []
-    if not items or not all(_is_int(h) for h in items):
+    if not items or not all(is_int(h) for h in items):
         raise TypeError(f"heads must be None, an int or a non-empty list of ints, got {heads!r}.")
     bad = [h for h in items if not 0 <= h < groups]
     if bad:
@@ -187,7 +183,7 @@ def _parse_codes(codes: CodesLike, name: str, codebook: Codebook, allow_empty: b
         codes = torch.as_tensor(codes)
     if isinstance(codes, bool):
         raise TypeError(f"{what} must be an int, a list of ints or an integer tensor, got a bool.")
-    if _is_int(codes):
+    if is_int(codes):
         ids = torch.tensor([int(codes)])
     elif isinstance(codes, Tensor):
         if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dtype.is_complex:

@@ -18,7 +18,6 @@ import hashlib
 import inspect
 import json
 import math
-import numbers
 import random
 import time
 import warnings
@@ -37,6 +36,7 @@ from cbinterp.core import distributed as dd
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, recover_dir
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer, training_codebooks
+from cbinterp.core.checks import is_int, is_real
 from cbinterp.core.determinism import deterministic_on_cpu
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.core.io import MODEL_FILES, WEIGHTS_FILE, load_weights, model_description, read_config, write_model
@@ -61,14 +61,6 @@ NOT_CHECKED_ON_RESUME = (
     "accumulate",
 )
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass
@@ -132,31 +124,31 @@ class TrainConfig:
             raise ValueError(f"Unknown schedule {self.schedule!r}; use 'cosine' or 'constant'.")
         for field in ("steps", "warmup_steps", "eval_every", "checkpoint_every"):
             value = getattr(self, field)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{field} must be an int >= 0, got {value!r}.")
             setattr(self, field, int(value))
-        if not _is_int(self.log_every) or self.log_every < 1:
+        if not is_int(self.log_every) or self.log_every < 1:
             raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}.")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}.")
-        if not _is_real(self.lr) or self.lr <= 0:
+        if not is_real(self.lr) or self.lr <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}.")
-        if self.codebook_lr is not None and (not _is_real(self.codebook_lr) or self.codebook_lr < 0):
+        if self.codebook_lr is not None and (not is_real(self.codebook_lr) or self.codebook_lr < 0):
             raise ValueError(f"codebook_lr must be None or a finite number >= 0, got {self.codebook_lr!r}.")
         for field in ("weight_decay", "codebook_weight_decay"):
             value = getattr(self, field)
             if value is None and field == "codebook_weight_decay":
                 continue
-            if not _is_real(value) or value < 0:
+            if not is_real(value) or value < 0:
                 raise ValueError(f"{field} must be a finite number >= 0, got {value!r}.")
-        if self.grad_clip is not None and (not _is_real(self.grad_clip) or self.grad_clip < 0):
+        if self.grad_clip is not None and (not is_real(self.grad_clip) or self.grad_clip < 0):
             raise ValueError(
                 f"grad_clip must be None or a finite number >= 0 (0: no clipping), got {self.grad_clip!r}."
             )
-        if not _is_real(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+        if not is_real(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}.")
         betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
-        if betas is None or len(betas) != 2 or not all(_is_real(b) and 0 <= b < 1 for b in betas):
+        if betas is None or len(betas) != 2 or not all(is_real(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}.")
         self.betas = (float(betas[0]), float(betas[1]))
         for field in ("freeze_model", "compile", "fast_kernels", "progress"):
@@ -168,9 +160,9 @@ class TrainConfig:
             )
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
             raise ValueError(f"checkpoint_dir must be a path, got {self.checkpoint_dir!r}.")
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
             raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}.")
-        if not _is_int(self.accumulate) or self.accumulate < 1:
+        if not is_int(self.accumulate) or self.accumulate < 1:
             raise ValueError(f"accumulate must be an int >= 1 (micro-batches per step), got {self.accumulate!r}.")
         self.accumulate = int(self.accumulate)
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
@@ -812,7 +804,7 @@ def _loop(
                 with training_codebooks(model, on=False):
                     evals.append((step, eval_fn(model, step)))
                 for logger in loggers:
-                    numbers_ = {f"eval/{k}": float(v) for k, v in evals[-1][1].items() if _is_real(v)}
+                    numbers_ = {f"eval/{k}": float(v) for k, v in evals[-1][1].items() if is_real(v)}
                     if numbers_:
                         logger.log(step, numbers_)
                 model.train()
