@@ -82,7 +82,8 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this (None: no clipping).
         warmup_steps: linear warmup from 0 to lr over this many steps.
         schedule: after warmup, "cosine" (decay to `min_lr_ratio * lr` at `steps`) or "constant".
-        freeze_model: train the codebooks only; the model's `requires_grad` flags are restored afterwards.
+        freeze_model: train the codebooks only; the model's `requires_grad` flags are restored afterwards. A
+            parameter whose flag the caller cleared is never trained, with or without this.
         compile: run the forward through `torch.compile` (about 50 s to compile on CPU).
         fast_kernels: fused attention and layer norm in the training forwards (`cbinterp.core.fastpath`): the same
             results to float tolerance, 1.3-1.5x faster steps on a CPU; a forward that hooks what they skip does not
@@ -616,9 +617,9 @@ def _check_batch(tokens, step: int, model: HookedTransformer, ids_checked: bool 
             f"The batch of step {step} has sequences of {tokens.shape[1]} tokens, longer than the model's context "
             f"n_ctx={model.cfg.n_ctx}. Cut the sequences, or build the model with a larger n_ctx."
         )
-    return (
-        tokens if ids_checked else check_token_ids(tokens, model.cfg.d_vocab, f"The tokens of the batch of step {step}")
-    )
+    if not ids_checked:
+        check_token_ids(tokens, model.cfg.d_vocab, f"The tokens of the batch of step {step}")
+    return tokens
 
 
 def _check_trainable_dtype(model: HookedTransformer) -> None:
@@ -651,17 +652,24 @@ def train(
 ) -> TrainResult:
     """Train `model` on next-token loss.
 
+    Only the parameters with `requires_grad` set are trained (`cfg.freeze_model` adds the model's own weights to the
+    frozen ones); the flags are left as they were.
+
     Args:
         batches: `fn(step) -> tokens` (resumes exactly), an iterable of token batches (on resume, the batches already
             used are skipped, and checked to be the same), or a `(n_sequences, seq)` token tensor with
             `cfg.batch_size` set (seeded shuffled batches of its rows, a new order each epoch). Each is the global
             batch of a step; with several ranks each trains on its contiguous share of the rows. `fn(step, rank,
             world_size) -> tokens` instead gives this rank's rows itself (for data that each rank should load alone).
-        eval_fn: called as `eval_fn(model, step)` every `cfg.eval_every` steps and at the end, in eval mode (on every
-            rank).
+            Every step takes one batch: an iterable with a `len()` shorter than `cfg.steps` is refused before any
+            training; one that runs out mid-way writes a checkpoint of the last step (with `cfg.checkpoint_dir`) and
+            raises a ValueError. Token ids outside [0, d_vocab) are refused, naming the step.
+        eval_fn: `eval_fn(model, step) -> dict`, called every `cfg.eval_every` steps and at the end, in eval mode
+            (on every rank).
         resume: continue from `cfg.checkpoint_dir` when it holds a checkpoint. A resume is announced with a
             `ResumeWarning`; it is refused (ValueError) when the checkpoint was made with other settings, another
-            model (config, codebooks, or initial weights) or other data. Any number of ranks resumes any checkpoint.
+            model (config, codebooks, or initial weights), other frozen parameters or other data. Any number of ranks
+            resumes any checkpoint.
         loggers: objects with `log(step, metrics)` and `close()` (`cbinterp.core.metrics`), called on rank 0 only.
 
     Data parallel: when a `torch.distributed` process group is initialised (e.g. under `torchrun`, see
@@ -670,7 +678,9 @@ def train(
     ranks, and rank 0 alone writes checkpoints, shows progress and logs, while the others wait for it.
     """
     require_hooked_transformer(model)
-    check_call(cfg, eval_fn, resume, loggers)
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train takes its settings as a TrainConfig, got {type(cfg).__name__}: TrainConfig(steps=...).")
+    check_call(eval_fn, resume, loggers)
     cfg = dataclasses.replace(cfg)  # checked again: a setting changed after construction is normalised or refused
     _check_trainable_dtype(model)
     check_frozen_codebooks(model)
@@ -934,7 +944,9 @@ def _ran_out_message(step: int, start: int, cfg: TrainConfig, ckpt: Optional[Pat
     ran = f"{step - start} step{'s' if step - start != 1 else ''} ran in this call" + (
         f" (resumed at step {start})" if start else ""
     )
-    if ckpt is None:
+    if step == 0:
+        kept = "No step ran, so nothing was written."
+    elif ckpt is None:
         kept = (
             f"The model holds the weights of step {step}, but no checkpoint was written (no checkpoint_dir); set "
             "one to be able to resume."

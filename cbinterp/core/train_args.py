@@ -18,12 +18,8 @@ class DataRanOut(Exception):
     """The batches of an iterable ran out before `cfg.steps` (raised inside the loop, turned into a ValueError)."""
 
 
-def check_call(cfg, eval_fn, resume, loggers) -> None:
+def check_call(eval_fn, resume, loggers) -> None:
     """Refuse, before any work, arguments of `train` that would fail only later (after steps already ran)."""
-    from cbinterp.core.train import TrainConfig  # train imports this module
-
-    if not isinstance(cfg, TrainConfig):
-        raise TypeError(f"train takes its settings as a TrainConfig, got {type(cfg).__name__}: TrainConfig(steps=...).")
     if eval_fn is not None and not callable(eval_fn):
         raise TypeError(f"eval_fn must be None or a function eval_fn(model, step) -> dict, got {eval_fn!r}.")
     if not isinstance(resume, bool):

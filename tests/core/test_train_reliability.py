@@ -259,6 +259,9 @@ def test_iterator_running_dry_after_a_resume_and_without_a_checkpoint(make_tiny_
     assert checkpoint_step(tmp_path) == 3
     with pytest.raises(ValueError, match="no checkpoint was written"):
         train(make_tiny_model(seed=0), iter(data[:1]), config(steps=2))
+    with pytest.raises(ValueError, match="ran out at step 0.*No step ran, so nothing was written"):
+        train(make_tiny_model(seed=0), iter([]), config(steps=2, checkpoint_dir=str(tmp_path / "empty")))
+    assert not (tmp_path / "empty").exists()
 
 
 # -- other arguments ------------------------------------------------------------------------------------------
