@@ -12,6 +12,7 @@
 `run_lm` trains the phases through the phase runner, `cbinterp.recipes.codebook.run_recipe` (the FSM model's
 runner too), with the phases of `LMRecipe.codebook_recipe()`: (a) is its warm start, (b) its codebook phase, (c) its
 control. Every phase has its own checkpoint folder, so an interrupted run resumes where it stopped.
+
 `evaluate` measures, on packed held-out windows, the mean next-token loss (nats per predicted token), the
 next-token accuracy (argmax) and, for a codebook model, which codes fire: a code that no held-out token selects
 (in any of its k slots) is dead. `run_lm` runs everything and writes each model as a folder that
@@ -180,11 +181,11 @@ def run_lm(
         record["load_average_1min_at_end"] = os.getloadavg()[0]  # other jobs on the machine slow the run down
         phases[phase] = _kept_record(ckpt / f"{phase}.json", record)
         timings[f"{phase}_train_s"] = seconds
-        rate = phases[phase]["tokens_per_s"]
-        log(
-            f"  ({'abc'[PHASES.index(phase)]}) {phase} trained in {phases[phase]['wall_s_this_run']:.0f} s"
-            + (f", {rate:,.0f} tokens/s" if rate else "")
-        )
+        record, letter = phases[phase], "abc"[PHASES.index(phase)]
+        if record["trained_by_earlier_run"]:
+            log(f"  ({letter}) trained by an earlier run in {record['wall_s_this_run']:.0f} s")
+        elif record["tokens_per_s"]:
+            log(f"  ({letter}) {record['tokens_per_s']:,.0f} tokens/s")
 
     def evaluated(key: str, phase_model: HookedTransformer) -> None:
         mark = time.perf_counter()

@@ -21,8 +21,8 @@ from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase
 __all__ = ["PHASES", "STREAM_BASELINE", "STREAM_CONTINUED", "LMRecipe", "default_device", "train_config"]
 
 PHASES = ("baseline", "codebook", "finetuned")
-#: Data streams of the phase runner: (a) reads the training batches from the first; (b) and (c) read them from
-#: where (a) stopped, so neither sees a batch that (a) saw in its last pass.
+#: Data streams of the phase runner: (a) reads the training batches from the first; (b) and (c) both read the
+#: batches that follow (a)'s, as one uninterrupted run would.
 STREAM_BASELINE, STREAM_CONTINUED = 0, 1
 
 
