@@ -25,7 +25,7 @@ from transformer_lens import HookedTransformer
 from cbinterp.core import manifest as mf
 from cbinterp.core.attach import get_codebooks
 
-__all__ = ["check_runnable", "describe_difference", "run_conditions"]
+__all__ = ["check_runnable", "check_same_run", "describe_difference", "run_conditions"]
 
 _SEARCH_SETTINGS = ("similarity", "normalize_input")  # the codebook settings besides n_codes, k, groups and dim
 _MAX_DEPTH = 12
@@ -70,13 +70,8 @@ def run_conditions(model: HookedTransformer) -> dict:
     }
 
 
-def describe_difference(stored: Optional[dict], current: dict) -> Optional[str]:
+def describe_difference(stored: dict, current: dict) -> Optional[str]:
     """What differs between the conditions a cache recorded and this run's, or None if nothing does."""
-    if stored is None:
-        return (
-            "the cache was written by an older cbinterp that did not record the conditions of its run (hooks, "
-            "observed codebooks), so a resume cannot check them"
-        )
     diffs = []
     for name in sorted(set(stored.get("codebooks", {})) | set(current["codebooks"])):
         a, b = stored.get("codebooks", {}).get(name), current["codebooks"].get(name)
@@ -92,6 +87,32 @@ def describe_difference(stored: Optional[dict], current: dict) -> Optional[str]:
         if [h.get("sha256") for h in a] != [h.get("sha256") for h in b]:
             diffs.append(f"hooks at {name}: the cache was made with {_names(a)}, this run has {_names(b)}")
     return "; ".join(diffs) if diffs else None
+
+
+def check_same_run(path, old: dict, meta: dict) -> None:
+    """Refuse a resume whose conditions (hooks, observed codebooks, search settings) or settings (activation_dtype,
+    token_strings) differ from those the cache was made with: it would mix codes made two ways."""
+    how = "Run it as the cache was made, or use another directory (or delete this one) to start over."
+    if not isinstance(old.get("conditions"), dict):
+        raise ValueError(
+            f"Cannot resume the code cache at {path}: it was written by an older cbinterp that did not record the "
+            "conditions of its run (hooks on the model, observed codebooks), so a resume cannot check them. Read it "
+            "with CodeCache.open, or use another directory (or delete this one) to cache again."
+        )
+    different = describe_difference(old["conditions"], meta["conditions"])
+    if different:
+        raise ValueError(f"Cannot resume the code cache at {path}: {different}. {how}")
+    if old.get("hooks") and old.get("activation_dtype") != meta["activation_dtype"]:
+        raise ValueError(
+            f"Cannot resume the code cache at {path}: its activations are stored as activation_dtype="
+            f"{old.get('activation_dtype')}, this call asks for {meta['activation_dtype']}. {how}"
+        )
+    if old.get("token_strings") != meta.get("token_strings"):
+        given = "other token_strings" if meta.get("token_strings") else "no token_strings"
+        kept = "its own token_strings" if old.get("token_strings") else "no token_strings (the model's tokenizer)"
+        raise ValueError(
+            f"Cannot resume the code cache at {path}: it was made with {kept}, this call gives {given}. {how}"
+        )
 
 
 def _names(hooks: list[dict]) -> str:

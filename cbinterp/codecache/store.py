@@ -11,18 +11,21 @@ skips. Token ids, document index and position are ``int32`` on disk; activations
 On disk (``directory=...``) the cache is a cbinterp folder (see `cbinterp.core.manifest`) of kind
 "cbinterp-code-cache": chunk files, each holding consecutive whole documents and written atomically, and the marker
 ``cbinterp.json``, rewritten atomically, which holds the metadata, the sha256 of every chunk, and the fingerprints
-of the model's weights and of the documents cached. Layout 2 (``"layout": 2`` in the marker, this version):
-``chunk_d<first doc, 12 digits>.safetensors`` holds ``doc_lengths`` (int64, one per document: the document
-offsets), ``tokens``, ``codes/<codebook>``, ``act/<hook>`` and, only where a mask leaves positions that are not 0,
-1, ... in a row, ``pos``; its safetensors header records its documents and their fingerprint, so a finished chunk
-that the marker does not list yet (another rank's, or a killed run's) is adopted by the next run. Layout 1 (older
-caches: ``chunk_000000.safetensors`` with int32 ``doc`` and ``pos`` per token) is still read, but not resumed.
+of the model's weights and of the documents cached, the whole covered by its own ``meta_sha256``
+(`cbinterp.codecache.integrity`: edited metadata, chunk names leaving the folder, links and damaged chunks are
+refused). Layout 2 (``"layout": 2`` in the marker, this version): ``chunk_d<first doc, 12 digits>.safetensors``
+holds ``doc_lengths`` (int64, one per document: the document offsets), ``tokens``, ``codes/<codebook>``,
+``act/<hook>`` and, in caches of older versions that took masks with holes, ``pos``; its safetensors header records
+its documents, their fingerprint and the run's, so a finished chunk that the marker does not list yet (another
+rank's, or a killed run's) is adopted by the next run of the same kind. Layout 1 (older caches:
+``chunk_000000.safetensors`` with int32 ``doc`` and ``pos`` per token) is still read, but not resumed.
 
 The marker lists the chunks that cover documents 0.. without a gap, so what opens is always a whole cache of the
 first ``n_docs`` documents. An interrupted run keeps its finished chunks; running `cache_codes` again on the same
-folder with the same model, weights and data (any batch size, any number of ranks) skips the documents already
-cached (checking that they are the same) and caches the rest; anything else is refused. Under `torch.distributed`
-the ranks write disjoint chunks into the same folder and rank 0 alone writes the marker, once all are done.
+folder with the same model, weights, data, hooks on the model, codebook modes and settings
+(`cbinterp.codecache.conditions`; any batch size, any number of ranks) skips the documents already cached (checking
+that they are the same) and caches the rest; anything else is refused. Under `torch.distributed` the ranks write
+disjoint chunks into the same folder and rank 0 alone writes the marker, once all are done.
 """
 
 from __future__ import annotations
@@ -420,30 +423,10 @@ def _open_for_writing(path: Path, meta: dict, identity: dict, hooks: list[str]) 
         raise ValueError(
             f"The cache at {path} stores hooks {old.get('hooks')}, not {hooks}; use the same hooks to resume."
         )
-    _check_same_run(path, old, meta)
+    cond.check_same_run(path, old, meta)
     old["layout"] = LAYOUT
     _clean_debris(path, old, keep=_pending_chunks(path, old))
     return old
-
-
-def _check_same_run(path: Path, old: dict, meta: dict) -> None:
-    """Refuse a resume whose conditions (hooks, observed codebooks, search settings) or settings (activation_dtype,
-    token_strings) differ from those the cache was made with: it would mix codes made two ways."""
-    how = "Run it as the cache was made, or use another directory (or delete this one) to start over."
-    different = cond.describe_difference(old.get("conditions"), meta["conditions"])
-    if different:
-        raise ValueError(f"Cannot resume the code cache at {path}: {different}. {how}")
-    if old.get("hooks") and old.get("activation_dtype") != meta["activation_dtype"]:
-        raise ValueError(
-            f"Cannot resume the code cache at {path}: its activations are stored as activation_dtype="
-            f"{old.get('activation_dtype')}, this call asks for {meta['activation_dtype']}. {how}"
-        )
-    if old.get("token_strings") != meta.get("token_strings"):
-        given = "other token_strings" if meta.get("token_strings") else "no token_strings"
-        kept = "its own token_strings" if old.get("token_strings") else "no token_strings (the model's tokenizer)"
-        raise ValueError(
-            f"Cannot resume the code cache at {path}: it was made with {kept}, this call gives {given}. {how}"
-        )
 
 
 def _checked_strings(token_strings: Sequence[str], d_vocab: int) -> list[str]:
@@ -481,7 +464,8 @@ def cache_codes(
     """Run `model` over documents and record every codebook's code ids for every token.
 
     Args:
-        tokens_or_iterable: a `(n_docs, seq)` int tensor of token ids, or an iterable of such batches.
+        tokens_or_iterable: a `(n_docs, seq)` int tensor of token ids, or an iterable of such batches (or of
+            single documents of any length: tensors or lists of ids).
         batch_size: documents per forward pass.
         hooks: hook names whose activations are stored too (as `activation_dtype`), e.g. "blocks.0.mlp.hook_post".
         directory: stream to this folder in chunk files (resuming a previous, interrupted run there);
@@ -491,9 +475,10 @@ def cache_codes(
         tokenizer_name: recorded with the model's metadata when the tokenizer is not the model's own
             (`model.tokenizer`), so that a cache resumed or checked with another tokenizer is refused.
         mask: bool `(n_docs, seq)` beside a token tensor, False on padding (e.g. `tokenize_documents(...).mask`);
-            for an iterable, give `(tokens, mask)` pairs. Masked positions are run through the model (they sit
-            after the real tokens, so they change nothing before them) but not cached: they count in no
-            statistic, and `pos` keeps every real token's place in its row.
+            for an iterable, give `(tokens, mask)` pairs. Padding must come after a row's real tokens (each row's
+            True positions a prefix; left padding and holes are refused, see `cbinterp.codecache.inputs`); it is run
+            as token 0 (after the real tokens of a causal model, it changes nothing of theirs), may hold any id, and
+            is not cached. Without a mask every id must lie in [0, d_vocab).
         token_strings: one string per token id, kept in the cache as its text, for models without a tokenizer
             (e.g. the FSM's digits). Otherwise the model's tokenizer is kept (its files, on disk), so queries,
             probes and views read the cache's text without being told how.
@@ -742,7 +727,8 @@ def cache_codes(
         meta = _read_meta(path)
     if resumed and path is not None and rank == 0:
         warnings.warn(
-            f"Resumed the code cache at {path}: {already} documents were already cached (checked to be the same), "
+            f"Resumed the code cache at {path}: {already} documents were already cached (checked to be the same "
+            "documents, made by the same model, weights, hooks and codebook modes), "
             f"{meta['n_docs'] - already} added.",
             ResumeWarning,
             stacklevel=3,

@@ -125,6 +125,14 @@ def test_conditions_are_recorded(cb_model, docs):
     assert cache.meta["conditions"]["hooks"] == {}
 
 
+def test_a_cache_without_recorded_conditions_opens_but_is_not_resumed(cb_model, docs, tmp_path):
+    cache_part(cb_model, docs, tmp_path / "c")
+    edit_marker(tmp_path / "c", lambda meta: meta.pop("conditions"))  # as an older cbinterp wrote it
+    assert CodeCache.open(tmp_path / "c").n_docs == 3
+    with pytest.raises(ValueError, match="older cbinterp.*CodeCache.open"):
+        resume(cb_model, docs, tmp_path / "c")
+
+
 # -- 2. masks -----------------------------------------------------------------------------------------------------
 def test_left_padding_is_refused(cb_model):
     doc = [3, 5, 7, 2]
