@@ -292,16 +292,22 @@ def _read_meta(directory: Path, check_files: bool = False) -> dict:
     for key, kind in (("codebooks", dict), ("hooks", list), ("chunks", list), ("n_tokens", int), ("n_docs", int)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"Damaged code cache marker {directory / META_FILE}: no valid {key!r}.")
-    integrity.check_marker(directory, meta)
-    if check_files:  # presence, no link, size and sha256 of each, with an error naming the file and the fix
-        for name in meta["files"]:
-            integrity.check_member(directory, meta, name)
     layout = meta.get("layout", 1)
     if not isinstance(layout, int) or layout > LAYOUT:
         raise ValueError(
             f"The code cache at {directory} has layout {layout!r}, newer than this cbinterp reads (up to {LAYOUT}); "
             "upgrade cbinterp."
         )
+    integrity.check_marker(directory, meta)
+    if "run_sha256" in meta and meta["run_sha256"] != _run_fingerprint(meta):  # checked against every chunk's too
+        raise ValueError(
+            f"The metadata in {directory / META_FILE} was changed after cbinterp wrote it: the model, codebooks, "
+            "hooks or conditions it records no longer give its run_sha256. Restore the marker, or delete the folder "
+            "and run cache_codes again."
+        )
+    if check_files:  # presence, no link, size and sha256 of each, with an error naming the file and the fix
+        for name in meta["files"]:
+            integrity.check_member(directory, meta, name)
     return meta
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cbinterp import CodeCache, attach_codebooks, cache_codes
+from cbinterp.codecache import integrity
 from cbinterp.codecache.documents import cache_documents
 from cbinterp.core.attach import codebooks_bypassed, codebooks_observed
 from cbinterp.core.interventions import ablate_codes, intervene
@@ -127,7 +128,8 @@ def test_conditions_are_recorded(cb_model, docs):
 
 def test_a_cache_without_recorded_conditions_opens_but_is_not_resumed(cb_model, docs, tmp_path):
     cache_part(cb_model, docs, tmp_path / "c")
-    edit_marker(tmp_path / "c", lambda meta: meta.pop("conditions"))  # as an older cbinterp wrote it
+    older = ("conditions", "run_sha256", "activation_dtype")  # what an older cbinterp did not write
+    edit_marker(tmp_path / "c", lambda meta: [meta.pop(key) for key in older])
     assert CodeCache.open(tmp_path / "c").n_docs == 3
     with pytest.raises(ValueError, match="older cbinterp.*CodeCache.open"):
         resume(cb_model, docs, tmp_path / "c")
@@ -204,12 +206,15 @@ def test_cache_documents_checks_token_ids(model):
 
 
 # -- 4. the marker ------------------------------------------------------------------------------------------------
-def edit_marker(directory, change, reseal=False):
+def edit_marker(directory, change, checksum="drop"):
+    """Edit the marker; its checksum dropped (as an older cbinterp wrote it), kept as it was, or recomputed."""
     path = directory / "cbinterp.json"
     meta = json.loads(path.read_text())
     change(meta)
-    if not reseal:
-        meta.pop("meta_sha256", None)  # as an older cbinterp (or a careless edit) leaves it
+    if checksum == "drop":
+        meta.pop("meta_sha256", None)
+    elif checksum == "recompute":
+        integrity.seal(meta)
     path.write_text(json.dumps(meta))
 
 
@@ -254,11 +259,19 @@ def test_symlinked_chunks_are_refused(cb_model, docs, tmp_path):
 )
 def test_edited_metadata_is_refused(cb_model, docs, tmp_path, change):
     cache_codes(cb_model, docs, hooks=[HOOK], directory=tmp_path / "c", progress=False)
-    edit_marker(tmp_path / "c", change, reseal=True)
+    edit_marker(tmp_path / "c", change, checksum="keep")
     with pytest.raises(ValueError, match="metadata.*changed"):
         CodeCache.open(tmp_path / "c")
     with pytest.raises(ValueError, match="metadata.*changed"):
         cache_codes(cb_model, docs, hooks=[HOOK], directory=tmp_path / "c", progress=False)
+
+
+def test_metadata_edited_with_a_new_checksum_is_refused(cb_model, docs, tmp_path):
+    """The chunks record the run that made them: an n_codes edited even with a fresh checksum does not match."""
+    cache_codes(cb_model, docs, directory=tmp_path / "c", progress=False)
+    edit_marker(tmp_path / "c", lambda m: m["codebooks"][MLP0].update(n_codes=10), checksum="recompute")
+    with pytest.raises(ValueError, match="run_sha256"):
+        CodeCache.open(tmp_path / "c").codes(MLP0)
 
 
 def test_metadata_that_disagrees_with_the_chunks_is_refused(cb_model, docs, tmp_path):
