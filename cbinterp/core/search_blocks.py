@@ -29,7 +29,7 @@ MAX_BLOCK_SCORES = 2**31 - 1
 def bytes_per_row(groups: int, n_codes: int, k: int, dtype: torch.dtype) -> int:
     """The memory one row of a block takes on CUDA: per score, the score and room for a same-size temporary and
     an int64 index (what a sort-based top-k may use), plus the k best values and int64 ids of every group."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return groups * (n_codes * (2 * size + 8) + k * (size + 8))
 
 
