@@ -50,6 +50,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
 from cbinterp.core import fused_search
 from cbinterp.core.atomic import atomic_file
+from cbinterp.core.attach import training_codebooks
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.core.search_blocks import CPU_BLOCK_SCORES, search_block_rows
 from cbinterp.core.train import TrainConfig, train
@@ -246,8 +247,8 @@ def stepper(model: HookedTransformer, tokens: torch.Tensor, bf16: bool, losses: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=tokens.device.type == "cuda")
     autocast = torch.autocast(tokens.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    def step() -> None:
-        with fast_kernels(model), autocast:
+    def step() -> None:  # as `train` steps: fused kernels, codebooks in their training mode (no per-forward sync)
+        with training_codebooks(model), fast_kernels(model), autocast:
             loss = model(tokens, return_type="loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
