@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from transformer_lens import HookedTransformer
@@ -155,7 +156,7 @@ def _checks_each_step(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _optimizer_step(loop: _Loop, local: Tensor) -> Tensor:
+def _optimizer_step(loop: _Loop, local: Int[Tensor, "rows seq"]) -> Float[Tensor, ""]:
     """One optimizer step on this rank's rows, in `cfg.accumulate` micro-batches; returns its loss on the device."""
     cfg, optimizer, step = loop.setup.cfg, loop.setup.optimizer, loop.run.step
     set_learning_rates(optimizer, step, cfg)
@@ -196,7 +197,7 @@ def _evaluate(loop: _Loop) -> None:
     model.train()
 
 
-def _save(loop: _Loop, batch: Tensor) -> None:
+def _save(loop: _Loop, batch: Optional[Int[Tensor, "batch seq"]]) -> None:
     """Write the checkpoint of the steps done (on rank 0; the other ranks wait for it)."""
     setup, run = loop.setup, loop.run
     loop.losses.flush(run.step, setup.model, loop.codebooks)
