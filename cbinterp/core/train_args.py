@@ -1,21 +1,15 @@
-"""Checks of `train`'s arguments beyond `TrainConfig`: the call itself, frozen weights, how much data there is."""
+"""Checks of `train`'s arguments beyond `TrainConfig`: the call itself, the model's weights, eval_fn's result."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Optional
 
-from torch import Tensor
+import torch
 from transformer_lens import HookedTransformer
 
 from cbinterp.core.attach import get_codebooks
 
-__all__ = ["DataRanOut", "check_call", "check_eval_result", "check_frozen_codebooks", "known_length", "trained_names"]
-
-
-class DataRanOut(Exception):
-    """The batches of an iterable ran out before `cfg.steps` (raised inside the loop, turned into a ValueError)."""
+__all__ = ["check_call", "check_eval_result", "check_frozen_codebooks", "check_trainable_dtype"]
 
 
 def check_call(eval_fn, resume, loggers) -> None:
@@ -54,17 +48,12 @@ def check_frozen_codebooks(model: HookedTransformer) -> None:
             )
 
 
-def known_length(batches) -> Optional[int]:
-    """How many batches an iterable holds, when it says so (`len()`); None for a tensor, callable or plain iterator."""
-    if isinstance(batches, (Tensor, str, bytes, Path)) or callable(batches):
-        return None
-    try:
-        return int(len(batches))
-    except TypeError:  # no __len__, or one that refuses (e.g. a DataLoader over an IterableDataset)
-        return None
-
-
-def trained_names(model: HookedTransformer, optimizer) -> list[list[str]]:
-    """The names of the parameters each optimizer group trains, in the optimizer's order."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+def check_trainable_dtype(model: HookedTransformer) -> None:
+    """Refuse float16 parameters, which AdamW cannot update."""
+    half = sorted({str(p.dtype) for p in model.parameters() if p.dtype == torch.float16})
+    if half:
+        raise TypeError(
+            "train cannot update float16 parameters: AdamW's state and updates under- and overflow in float16, and "
+            "the weights turn NaN after a step or two. Build the model in float32 (or bfloat16), e.g. "
+            "HookedTransformerConfig(dtype=torch.float32), and use torch.autocast for float16 compute."
+        )

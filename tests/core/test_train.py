@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cbinterp
-import cbinterp.core.train as train_module
+import cbinterp.core.train_checkpoint as train_checkpoint
 from cbinterp import attach_codebooks, get_codebooks
 from cbinterp.core.io import WEIGHTS_FILE, read_config
 from cbinterp.core.train import TRAINER_FILE, TRAINER_TENSORS, TrainConfig, lr_factor, make_optimizer, train
@@ -280,7 +280,7 @@ def check_checkpoint(path, step: int):
 def test_checkpoint_survives_crash_while_saving(make_tiny_model, tmp_path, monkeypatch, fail_in):
     """A save that dies part way leaves the previous checkpoint whole, and training resumes from it."""
     ckpt = tmp_path / "ckpt"
-    real = getattr(train_module, fail_in)
+    real = getattr(train_checkpoint, fail_in)
     calls = []
 
     def flaky(*args, **kwargs):
@@ -291,7 +291,7 @@ def test_checkpoint_survives_crash_while_saving(make_tiny_model, tmp_path, monke
             raise OSError("No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, fail_in, flaky)
+    monkeypatch.setattr(train_checkpoint, fail_in, flaky)
     model = with_codebooks(make_tiny_model(seed=0))
     with pytest.raises(OSError, match="No space"):
         train(model, batches(), config(steps=6, checkpoint_every=2, checkpoint_dir=str(ckpt)))

@@ -87,9 +87,9 @@ def test_codes_under_bf16_autocast_are_the_float32_codes(similarity):
 
 def test_deferred_finite_check_names_the_step_and_the_range(monkeypatch):
     """As on CUDA: no host sync per step; the check at the log step finds the first non-finite loss."""
-    import cbinterp.core.train as train_module
+    import cbinterp.core.train_loop as train_loop
 
-    monkeypatch.setattr(train_module, "_checks_each_step", lambda device: False)
+    monkeypatch.setattr(train_loop, "_checks_each_step", lambda device: False)
     model = make_model(seed=0)
     with torch.no_grad():
         model.unembed.W_U[0, 3] = float("nan")
