@@ -434,3 +434,17 @@ def test_a_codebook_config_describing_a_huge_codebook_is_refused_before_it_is_bu
     monkeypatch.setattr(Codebook, "__init__", init)
     with pytest.raises(ValueError, match=r"weight: \(1, 8, 32\) in the file, \(1, 100000000000, 32\) by the config"):
         load_codebook(d)
+
+
+def test_save_tokenizer_replaces_only_a_tokenizer(bpe, tmp_path):
+    from cbinterp.core.tokenizer import load_tokenizer, save_tokenizer
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        save_tokenizer(bpe, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    save_tokenizer(bpe, tmp_path / "tok")
+    save_tokenizer(bpe, tmp_path / "tok")  # a tokenizer folder is replaced
+    assert len(load_tokenizer(tmp_path / "tok")) == len(bpe)
