@@ -518,10 +518,12 @@ def test_hook_name_errors_suggest_only_acceptable_names(model):
 
 # -- issue 12: one verifier, one list of codebook settings ------------------------------------------------------------
 def test_one_verifier_for_models_checkpoints_and_caches(model, tmp_path, monkeypatch):
+    from cbinterp.core import folder
+
     calls = []
-    real = mf.open_folder
+    real = folder.open_folder
     monkeypatch.setattr(
-        mf, "open_folder", lambda path, kinds, *a, **k: calls.append(kinds) or real(path, kinds, *a, **k)
+        folder, "open_folder", lambda path, kinds, *a, **k: calls.append(kinds) or real(path, kinds, *a, **k)
     )
     save(model, tmp_path / "m")
     load(tmp_path / "m", device="cpu")

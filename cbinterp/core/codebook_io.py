@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
 
+from cbinterp.core import folder as fd
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, readable_dir, recover_dir, user_path
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer
@@ -113,7 +114,7 @@ def save_codebooks(model: HookedTransformer, directory: str | os.PathLike) -> Pa
     return directory
 
 
-def _codebook_from(folder: mf.Folder, device) -> tuple[Codebook, Optional[str]]:
+def _codebook_from(folder: fd.Folder, device) -> tuple[Codebook, Optional[str]]:
     """The codebook in the checked `folder`, and the hook name it records."""
     where = folder.path / CODEBOOK_CONFIG
     config = mf.parse_json_object(folder.read_bytes(CODEBOOK_CONFIG), where, "codebook")
@@ -139,12 +140,12 @@ def load_codebook(path: str | os.PathLike, device: Optional[str | torch.device] 
     """A codebook saved with `save_codebook`, checked against its recorded checksums, on `device`."""
     path = user_path(path)
     recover_dir(path)
-    with mf.open_folder(readable_dir(path), (mf.CODEBOOK,), ONE) as folder:
+    with fd.open_folder(readable_dir(path), (mf.CODEBOOK,), ONE) as folder:
         return _codebook_from(folder, device)[0]
 
 
 def _read_set(path: Path, device) -> dict[str, Codebook]:
-    with mf.open_folder(path, (mf.CODEBOOK_SET,), SET) as folder:
+    with fd.open_folder(path, (mf.CODEBOOK_SET,), SET) as folder:
         members = folder.manifest.get("codebooks")
         if not isinstance(members, dict) or not all(isinstance(m, dict) for m in members.values()):
             raise ValueError(f"Damaged marker file {path / MANIFEST_FILE}: no codebook list. Save the set again.")
@@ -179,7 +180,7 @@ def _read_side_by_side(path: Path, device) -> dict[str, Codebook]:
     out, found_in = {}, {}
     for folder in folders:
         recover_dir(folder)
-        with mf.open_folder(folder, (mf.CODEBOOK,), ONE) as opened:
+        with fd.open_folder(folder, (mf.CODEBOOK,), ONE) as opened:
             codebook, hook_name = _codebook_from(opened, device)
         key = hook_name or folder.name
         if key in out:
@@ -198,5 +199,5 @@ def load_codebooks(directory: str | os.PathLike, device: Optional[str | torch.de
     recover_dir(directory)
     source = readable_dir(directory)
     if os.path.lexists(source / MANIFEST_FILE):
-        return mf.read_consistently(lambda: _read_set(source, device), source, SET)
+        return fd.read_consistently(lambda: _read_set(source, device), source, SET)
     return _read_side_by_side(source, device)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from cbinterp.core import folder as fd
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, readable_dir, recover_dir, user_path
 from cbinterp.core.attach import get_codebooks, insert_codebook, refresh_hooks, require_hooked_transformer
@@ -160,7 +161,7 @@ def _is_legacy(path: Path) -> bool:
     return not os.path.lexists(path / MANIFEST_FILE) and (path / CONFIG_FILE).is_file()
 
 
-def _folder_config(folder: mf.Folder) -> dict:
+def _folder_config(folder: fd.Folder) -> dict:
     config = mf.parse_json_object(folder.read_bytes(CONFIG_FILE), folder.path / CONFIG_FILE, "model")
     if config.get("format") != FORMAT:
         raise ValueError(
@@ -174,7 +175,7 @@ def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
     path = user_path(path)
     if _is_legacy(path):
         return _legacy_config(path)
-    with mf.open_folder(path, (mf.MODEL, mf.CHECKPOINT), "cbinterp model", check_files=verify) as folder:
+    with fd.open_folder(path, (mf.MODEL, mf.CHECKPOINT), "cbinterp model", check_files=verify) as folder:
         return _folder_config(folder)
 
 
@@ -269,7 +270,7 @@ def load_weights(model: HookedTransformer, weights_path: Path) -> None:
     _load_state(model, state, weights_path)
 
 
-def _saved_tokenizer(folder: mf.Folder, record) -> Optional[object]:
+def _saved_tokenizer(folder: fd.Folder, record) -> Optional[object]:
     """The tokenizer the config's `record` names, rebuilt from the folder's checked files only."""
     where = folder.path / CONFIG_FILE
     files = record.get("files") if isinstance(record, dict) else None
@@ -285,7 +286,7 @@ def _saved_tokenizer(folder: mf.Folder, record) -> Optional[object]:
     return tokenizer
 
 
-def _load_folder(folder: mf.Folder, device) -> HookedTransformer:
+def _load_folder(folder: fd.Folder, device) -> HookedTransformer:
     config = _folder_config(folder)
     header = read_header(folder, WEIGHTS_FILE)
     model = build_model(config, folder.path, device, header=header)
@@ -312,5 +313,5 @@ def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -
         model = build_model(config, source, device)
         load_weights(model, source / WEIGHTS_FILE)
         return model.eval()
-    with mf.open_folder(source, (mf.MODEL, mf.CHECKPOINT), "cbinterp model") as folder:
+    with fd.open_folder(source, (mf.MODEL, mf.CHECKPOINT), "cbinterp model") as folder:
         return _load_folder(folder, device)

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
-from cbinterp.core.manifest import Folder
+from cbinterp.core.folder import Folder
 
 __all__ = ["check_shapes", "load_tensors", "read_header", "skeleton_shapes"]
 

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from cbinterp import attach_codebooks, get_codebooks, load, save
+from cbinterp.core import folder
 from cbinterp.core import io as serialization
-from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import HOST
 from cbinterp.core.codebook import Codebook
 from cbinterp.core.io import CONFIG_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_config, sha256_of
@@ -279,7 +279,7 @@ def test_a_load_between_the_renames_of_a_save_gets_the_new_model(model, make_tin
             waiting.wait(timeout=10)
 
     monkeypatch.setattr(
-        mf, "time", types.SimpleNamespace(sleep=lambda s: (waiting.set(), real_sleep(s))), raising=False
+        folder, "time", types.SimpleNamespace(sleep=lambda s: (waiting.set(), real_sleep(s))), raising=False
     )
     monkeypatch.setattr(os, "replace", replace)
     save(new, d)
