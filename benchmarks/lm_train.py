@@ -258,8 +258,7 @@ def ship(out: Path) -> None:
         if size > SHIP_LIMIT_BYTES:
             print(f"warning: {source} is {size / 2**20:.1f} MiB, over the {SHIP_LIMIT_BYTES / 2**20:.0f} MiB budget")
         with atomic_dir(MODELS_DIR / name) as tmp:
-            for item in ("model", "tokenizer"):
-                shutil.copytree(source / item, tmp / item)
+            shutil.copytree(source / "model", tmp / "model")  # holds the tokenizer, checksummed: the one loaded
             shutil.copy2(source / "card.json", tmp / "card.json")
         print(f"shipped {source} -> {MODELS_DIR / name} ({size / 2**20:.2f} MiB)")
 

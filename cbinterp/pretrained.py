@@ -5,9 +5,11 @@
     pretrained_card(name_or_path)        the full card: settings, held-out metrics, corpus hash, token counts, timings
     heldout_documents(name_or_path)      the held-out corpus documents the model was evaluated on (never trained on)
 
-A model folder holds ``model/`` (written by `cbinterp.save`), ``tokenizer/`` (`save_tokenizer`) and ``card.json``.
-`load_pretrained` also opens such a folder by path, or the output folder of a `lm_train.py` run (its codebook
-model; ``<out>/baseline`` and ``<out>/finetuned`` are the other two). Nothing here touches the network.
+A model folder holds ``model/`` (written by `cbinterp.save`, with the model's tokenizer among its checksummed files)
+and ``card.json``; a ``tokenizer/`` folder beside them (as `lm_train.py` writes one) is not read: the tokenizer
+attached is the one saved, and checked, with the model. `load_pretrained` also opens such a folder by path, or the
+output folder of a `lm_train.py` run (its codebook model; ``<out>/baseline`` and ``<out>/finetuned`` are the other
+two). Nothing here touches the network or runs code from a folder.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import Any, Optional, Union
 
 from transformer_lens import HookedTransformer
 
+from cbinterp.core.atomic import user_path
 from cbinterp.core.io import load
-from cbinterp.recipes.model_card import CARD_FILE, MODEL_DIR, TOKENIZER_DIR
-from cbinterp.tasks.text import attach_tokenizer, load_tokenizer
+from cbinterp.recipes.model_card import CARD_FILE, MODEL_DIR
 
 __all__ = [
     "BASELINE_MODEL",
@@ -50,7 +52,20 @@ def _shipped() -> dict[str, Path]:
 
 
 def _is_model_folder(path: Path) -> bool:
-    return (path / MODEL_DIR).is_dir() and (path / TOKENIZER_DIR).is_dir()
+    return (path / MODEL_DIR).is_dir()
+
+
+def _read_card(card_path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"Damaged model card {card_path}: {err}. Write it again (benchmarks/lm_train.py writes it), or reinstall "
+            "cbinterp for a shipped model."
+        ) from err
+    if not isinstance(card, dict):
+        raise ValueError(f"Damaged model card {card_path}: not a JSON object. Write it again, or reinstall cbinterp.")
+    return card
 
 
 def pretrained_path(name_or_path: PathLike) -> Path:
@@ -58,15 +73,15 @@ def pretrained_path(name_or_path: PathLike) -> Path:
     shipped = _shipped()
     if isinstance(name_or_path, str) and name_or_path in shipped:
         return shipped[name_or_path]
-    path = Path(name_or_path).expanduser()
+    path = user_path(name_or_path)
     if path.is_dir():
         if _is_model_folder(path):
             return path.resolve()
         if _is_model_folder(path / "codebook"):  # the --out folder of benchmarks/lm_train.py
             return (path / "codebook").resolve()
         raise FileNotFoundError(
-            f"{path} is not a model folder: expected {MODEL_DIR}/ and {TOKENIZER_DIR}/ in it (as benchmarks/"
-            f"lm_train.py writes under <out>/codebook, <out>/baseline, <out>/finetuned), or a codebook/ subfolder."
+            f"{path} is not a model folder: expected {MODEL_DIR}/ in it (as benchmarks/lm_train.py writes under "
+            f"<out>/codebook, <out>/baseline, <out>/finetuned), or a codebook/ subfolder."
         )
     known = ", ".join(shipped) or "none (the package was installed without its model assets)"
     raise ValueError(
@@ -80,7 +95,7 @@ def pretrained_card(name_or_path: PathLike = DEFAULT_MODEL) -> dict[str, Any]:
     card_path = path / CARD_FILE
     if not card_path.is_file():
         raise FileNotFoundError(f"{path} has no {CARD_FILE}; it is written by benchmarks/lm_train.py.")
-    return json.loads(card_path.read_text())
+    return _read_card(card_path)
 
 
 def _summary(card: dict) -> dict[str, Any]:
@@ -105,15 +120,16 @@ def _summary(card: dict) -> dict[str, Any]:
 
 def list_pretrained() -> dict[str, dict[str, Any]]:
     """Every shipped model by name, with a summary of its card (settings and held-out loss / accuracy)."""
-    return {name: _summary(json.loads((path / CARD_FILE).read_text())) for name, path in _shipped().items()}
+    return {name: _summary(_read_card(path / CARD_FILE)) for name, path in _shipped().items()}
 
 
 def load_pretrained(name_or_path: PathLike = DEFAULT_MODEL, device: Optional[str] = None) -> HookedTransformer:
     """Load a shipped model by name (see `list_pretrained`) or a model folder, with its tokenizer attached.
 
     `model.to_tokens`, `to_string`, `to_str_tokens` and `generate` then work offline; a codebook model has its
-    codebooks in place (`cbinterp.get_codebooks(model)`). `device` defaults to CUDA when present, else the CPU.
-    The model is returned in eval mode.
+    codebooks in place (`cbinterp.get_codebooks(model)`). The tokenizer is the one saved in ``model/``, checked
+    against its checksum like every other file there. `device` defaults to CUDA when present, else the CPU. The
+    model is returned in eval mode.
     """
     path = pretrained_path(name_or_path)
     if device is None:
@@ -121,7 +137,11 @@ def load_pretrained(name_or_path: PathLike = DEFAULT_MODEL, device: Optional[str
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load(path / MODEL_DIR, device=device)
-    attach_tokenizer(model, load_tokenizer(path / TOKENIZER_DIR))
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(
+            f"{path / MODEL_DIR} was saved without its tokenizer. Attach it (cbinterp.attach_tokenizer) and save the "
+            "model again: the tokenizer is then saved, and checked, with the model."
+        )
     return model.eval()
 
 

@@ -3,6 +3,10 @@
 Protocol (one JSON object per line): the test sends {"op": name, "args": {...}} and gets {"pid": child}; the child
 touches `args["ready"]` once its model is built, then runs the operation and exits 0 (or 3 on an exception). The test
 kills the child with SIGKILL whenever it likes and sends {"wait": pid}, answered with {"killed": bool, "code": int}.
+Operations: "save", "train", "cache" (each killed at random by the test), "save_loop" (saves two models, seed 1 and
+seed 2 with MLP codebooks only, in turn to one path until `args["stop"]` exists) and "load_check" (loads
+`args["path"]` without write permission, as the user nobody when run as root, and checks it is the model of one of
+`args["seeds"]`).
 The server warms up single-threaded (no thread pool for a child to inherit) before it forks.
 """
 
@@ -23,10 +27,10 @@ import cbinterp
 from cbinterp.core.train import TrainConfig, train
 
 
-def make_model(seed: int) -> HookedTransformer:
+def make_model(seed: int, sites: tuple = ("attn", "mlp")) -> HookedTransformer:
     torch.manual_seed(seed)
     model = HookedTransformer(HookedTransformerConfig(**TINY, seed=seed, device="cpu")).eval()
-    return cbinterp.attach_codebooks(model, ["attn", "mlp"], n_codes=16, seed=seed)
+    return cbinterp.attach_codebooks(model, list(sites), n_codes=16, seed=seed)
 
 
 def batch_at(step: int) -> torch.Tensor:
@@ -50,6 +54,23 @@ def run(op: str, args: dict) -> None:
         model = make_model(seed=0)
         Path(args["ready"]).touch()
         train(model, batch_at, train_config(args["path"]))
+    elif op == "save_loop":
+        models = [make_model(seed=1), make_model(seed=2, sites=("mlp",))]  # other codebooks: a mix cannot load
+        Path(args["ready"]).touch()
+        stop = Path(args["stop"])
+        for i in range(args.get("max_saves", 2000)):
+            if stop.exists():
+                break
+            cbinterp.save(models[i % 2], args["path"])
+    elif op == "load_check":
+        expected = [make_model(seed=seed).state_dict() for seed in args["seeds"]]
+        Path(args["ready"]).touch()
+        if os.geteuid() == 0:  # permissions do not stop root: read as a user who may not change the folder
+            os.setgid(65534)
+            os.setuid(65534)
+        state = cbinterp.load(args["path"], device="cpu").state_dict()
+        if not any(s.keys() == state.keys() and all(torch.equal(s[k], state[k]) for k in s) for s in expected):
+            raise AssertionError(f"{args['path']} holds none of the models of seeds {args['seeds']}")
     elif op == "cache":
         model = make_model(seed=0)
         Path(args["ready"]).touch()

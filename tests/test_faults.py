@@ -2,7 +2,9 @@
 
 After every kill the result must be the old state, the new state, or a correct resumable prefix; the next load or
 resume must reach the right final state, and no debris (temporaries, folders set aside, stray chunks) may be left.
-The children are forked from one server process (tests/_fault_worker.py) that imports torch once.
+A killed save must also load from a read-only folder, and a reader loading while another process saves to the same
+path must get the old or the new model, never an error. The children are forked from one server process
+(tests/_fault_worker.py) that imports torch once.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +25,7 @@ import pytest
 import torch
 
 import cbinterp
+from cbinterp.core.atomic import HOST
 from cbinterp.core.manifest import MANIFEST_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,14 +56,21 @@ class Server:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
-    def run(self, op: str, path: Path, ready: Path, delay: float | None, timeout: float = 60.0) -> tuple[bool, float]:
-        """Run `op` in a child; kill it `delay` s after it is ready (None: let it finish). Returns (killed, s)."""
+    def start(self, op: str, path: Path, ready: Path, timeout: float = 60.0, **args) -> int:
+        """Start `op` in a child and wait until it is ready; returns its pid."""
         ready.unlink(missing_ok=True)
-        pid = self.ask({"op": op, "args": {"path": str(path), "ready": str(ready)}})["pid"]
+        pid = self.ask({"op": op, "args": {"path": str(path), "ready": str(ready), **args}})["pid"]
         deadline = time.monotonic() + timeout
         while not ready.exists():
             assert time.monotonic() < deadline, f"{op} child never got ready"
             time.sleep(0.002)
+        return pid
+
+    def run(
+        self, op: str, path: Path, ready: Path, delay: float | None, timeout: float = 60.0, **args
+    ) -> tuple[bool, float]:
+        """Run `op` in a child; kill it `delay` s after it is ready (None: let it finish). Returns (killed, s)."""
+        pid = self.start(op, path, ready, timeout, **args)
         start = time.monotonic()
         if delay is not None:
             time.sleep(delay)
@@ -81,6 +93,12 @@ def server():
     s = Server()
     yield s
     s.close()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def entries(path: Path) -> set[str]:
@@ -189,3 +207,64 @@ def test_killed_cacher_keeps_a_correct_prefix(server, tmp_path):
         listed = set(json.loads((path / MANIFEST_FILE).read_text())["files"])
         assert entries(path) == listed | {MANIFEST_FILE}, entries(path) - listed
     report("cache", outcomes)
+
+
+def test_killed_saver_then_a_read_only_load(server, tmp_path):
+    """After each kill the folder is made read-only (and, run as root, the load runs as nobody): the load must
+    still give the old or the new model, skipping the cleanup it cannot do."""
+    # A folder outside pytest's private tmp, so that the user nobody may read it.
+    base = Path(tempfile.mkdtemp(prefix="cbinterp-faults-"))
+    base.chmod(0o755)
+
+    def writable(root: Path, mode: int) -> None:
+        for p in (root, *(q for q in root.rglob("*") if q.is_dir())):
+            p.chmod(mode)
+
+    try:
+        old = worker.make_model(seed=0)
+        ready = base / "ready"
+        _, duration = server.run("save", base / "probe" / "d", ready, None)
+        outcomes = {"debris_left_read_only": 0}
+        for i, delay in enumerate(delays(4, duration)):
+            root = base / f"trial{i}"
+            root.mkdir(mode=0o755)
+            cbinterp.save(old, root / "d")
+            server.run("save", root / "d", ready, delay)
+            # and a killed writer's temporary file, under the name cbinterp gives it and the one of earlier versions
+            gone = dead_pid()
+            (root / f".d.cbinterp-{HOST}.{gone}-0badc0de.tmp").write_bytes(b"debris")
+            (root / f".d.{gone}-0badc0de.tmp").write_bytes(b"debris")
+            writable(root, 0o555)
+            try:
+                server.run("load_check", root / "d", ready, None, seeds=[0, 1])  # exits 0 only if one of them
+                outcomes["debris_left_read_only"] += bool(entries(root) - {"d"})
+            finally:
+                writable(root, 0o755)
+            cbinterp.load(root / "d", device="cpu")  # writable again: cbinterp's debris goes
+            assert entries(root) == {"d", f".d.{gone}-0badc0de.tmp"}, entries(root)  # not named by cbinterp: kept
+        report("read-only load", outcomes)
+    finally:
+        writable(base, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_concurrent_reader_sees_old_or_new(server, tmp_path):
+    """One process saves two models in turn to one path while this one loads it LOADS times."""
+    loads = 40
+    path, ready, stop = tmp_path / "d", tmp_path / "ready", tmp_path / "stop"
+    models = {1: worker.make_model(seed=1), 2: worker.make_model(seed=2, sites=("mlp",))}  # as save_loop saves
+    cbinterp.save(models[1], path)
+    pid = server.start("save_loop", path, ready, stop=str(stop))
+    seen = {1: 0, 2: 0}
+    try:
+        for _ in range(loads):
+            loaded = cbinterp.load(path, device="cpu")
+            which = [seed for seed, model in models.items() if state_equal(loaded, model)]
+            assert which, "neither of the two models"
+            seen[which[0]] += 1
+    finally:
+        stop.touch()
+        status = server.ask({"wait": pid})
+    assert status == {"killed": False, "code": 0}, status  # and the writer never failed either
+    print(f"\n[faults] concurrent: {loads} loads during saves, models seen {seen}")
+    assert entries(tmp_path) == {"d", "ready", "stop"}, entries(tmp_path)

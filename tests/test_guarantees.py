@@ -377,28 +377,35 @@ def test_train_mode_forwards_change_neither_codes_nor_counts(model, tokens):
 
 # -- 7. atomic writes leave no debris ---------------------------------------------------------------------------------
 def test_stale_temporaries_of_the_path_are_removed(model, tmp_path):
+    from cbinterp.core.atomic import HOST
+
     d = tmp_path / "d"
     pid = dead_pid()
-    stale_dir = tmp_path / f".d.{pid}-0badc0de.tmp"
+    stale_dir = tmp_path / f".d.cbinterp-{HOST}.{pid}-0badc0de.tmp"
     stale_dir.mkdir()
     (stale_dir / "model.safetensors").write_bytes(b"x" * 1000)
-    older = tmp_path / ".d.abcd1234.tmp"  # a temporary of the format before pids
-    older.mkdir()
-    keep = [tmp_path / f".other.{pid}-0badc0de.tmp", tmp_path / ".d.notes", tmp_path / "d.tmp"]
+    keep = [
+        tmp_path / f".other.cbinterp-{HOST}.{pid}-0badc0de.tmp",  # another path's
+        tmp_path / ".d.abcd1234.tmp",  # not named by cbinterp: never removed, whatever it looks like
+        tmp_path / ".d.notes",
+        tmp_path / "d.tmp",
+    ]
     for p in keep:
         p.write_text("not ours")
     save(model, d)
-    assert not stale_dir.exists() and not older.exists()
+    assert not stale_dir.exists()
     assert all(p.exists() for p in keep)
-    (tmp_path / f".d.{pid}-00000001.tmp").mkdir()
+    (tmp_path / f".d.cbinterp-{HOST}.{pid}-00000001.tmp").mkdir()
     load(d, device="cpu")  # load cleans up too
-    assert not (tmp_path / f".d.{pid}-00000001.tmp").exists()
+    assert not (tmp_path / f".d.cbinterp-{HOST}.{pid}-00000001.tmp").exists()
 
 
 def test_load_recovers_a_save_killed_between_its_renames(model, tokens, tmp_path):
+    from cbinterp.core.atomic import HOST
+
     d = tmp_path / "d"
     save(model, d)
-    os.replace(d, tmp_path / ".d.old")  # the first rename happened, the second did not
+    os.replace(d, tmp_path / f".d.cbinterp-{HOST}.{dead_pid()}-0badc0de.old")  # the first rename happened only
     loaded = load(d, device="cpu")
     assert torch.equal(loaded(tokens), model(tokens))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
@@ -511,10 +518,12 @@ def test_hook_name_errors_suggest_only_acceptable_names(model):
 
 # -- issue 12: one verifier, one list of codebook settings ------------------------------------------------------------
 def test_one_verifier_for_models_checkpoints_and_caches(model, tmp_path, monkeypatch):
+    from cbinterp.core import folder
+
     calls = []
-    real = mf.verify_dir
+    real = folder.open_folder
     monkeypatch.setattr(
-        mf, "verify_dir", lambda path, kinds, *a, **k: calls.append(kinds) or real(path, kinds, *a, **k)
+        folder, "open_folder", lambda path, kinds, *a, **k: calls.append(kinds) or real(path, kinds, *a, **k)
     )
     save(model, tmp_path / "m")
     load(tmp_path / "m", device="cpu")

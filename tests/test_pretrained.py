@@ -76,3 +76,45 @@ def test_baseline_loads_without_codebooks():
     baseline = load_pretrained(BASELINE_MODEL, device="cpu")
     assert not cbinterp.get_codebooks(baseline)
     assert baseline.cfg.d_vocab == load_pretrained(DEFAULT_MODEL, device="cpu").cfg.d_vocab
+
+
+def _swap_two_ids(tokenizer_json, a: int, b: int) -> None:
+    """Swap the ids of two vocabulary entries of a tokenizer.json (same size, another tokenizer)."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    ta, tb = (next(t for t, i in vocab.items() if i == n) for n in (a, b))
+    vocab[ta], vocab[tb] = b, a
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def test_one_tokenizer_the_checked_one(model, tmp_path):
+    import shutil
+
+    import torch
+
+    shipped = pretrained.pretrained_path(DEFAULT_MODEL)
+    assert sorted(p.name for p in shipped.iterdir()) == ["card.json", "model"]  # no second, unchecked copy
+    copy = tmp_path / "m"
+    shutil.copytree(shipped, copy)
+    text = "The king sat."
+    a, b = (int(i) for i in model.to_tokens(text)[0, 1:3])
+    (copy / "tokenizer").mkdir()  # a copy beside the model, as lm_train.py writes one, edited
+    shutil.copy(copy / "model" / "tokenizer.json", copy / "tokenizer" / "tokenizer.json")
+    shutil.copy(copy / "model" / "tokenizer_config.json", copy / "tokenizer" / "tokenizer_config.json")
+    _swap_two_ids(copy / "tokenizer" / "tokenizer.json", a, b)
+    assert torch.equal(load_pretrained(copy, device="cpu").to_tokens(text), model.to_tokens(text))
+    _swap_two_ids(copy / "model" / "tokenizer.json", a, b)
+    with pytest.raises(ValueError, match=r"tokenizer\.json does not match the checksum"):
+        load_pretrained(copy, device="cpu")
+
+
+def test_a_damaged_card_is_a_clear_error(tmp_path, monkeypatch):
+    folder = tmp_path / "broken"
+    (folder / "model").mkdir(parents=True)
+    (folder / "tokenizer").mkdir()
+    (folder / "card.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"Damaged model card .*broken/card\.json"):
+        pretrained_card(folder)
+    monkeypatch.setattr(pretrained, "MODELS_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"Damaged model card .*broken/card\.json"):
+        list_pretrained()

@@ -1,8 +1,11 @@
 """Save and load a HookedTransformer with its codebooks: safetensors weights beside a JSON config.
 
 A saved model is a cbinterp folder (see `cbinterp.core.manifest`): `config.json` (the model and codebook configs),
-`model.safetensors` (the state dict) and the marker `cbinterp.json` with the sha256 of both. Models saved by the
-previous format (config.json with `weights_sha256`, no marker) still load.
+`model.safetensors` (the state dict), the tokenizer's files when one is attached, and the marker `cbinterp.json`
+with the sha256 of each. Loading reads only files the marker lists, each checked first; it never runs code and
+never touches the network (the model is built with no tokenizer name and `trust_remote_code=False`, then the saved
+tokenizer is attached). Models saved by the previous format (config.json with `weights_sha256`, no marker) still
+load. Codebooks on their own: `cbinterp.core.codebook_io`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -18,11 +22,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from cbinterp.core import folder as fd
 from cbinterp.core import manifest as mf
-from cbinterp.core.atomic import atomic_dir, recover_dir
+from cbinterp.core.atomic import atomic_dir, readable_dir, recover_dir, user_path
 from cbinterp.core.attach import get_codebooks, insert_codebook, refresh_hooks, require_hooked_transformer
+from cbinterp.core.checks import is_int
 from cbinterp.core.codebook import Codebook, CodebookConfig
+from cbinterp.core.codebook_io import (
+    CODEBOOK_CONFIG,
+    CODEBOOK_WEIGHTS,
+    load_codebook,
+    load_codebooks,
+    save_codebook,
+    save_codebooks,
+)
 from cbinterp.core.manifest import MANIFEST_FILE, sha256_of
+from cbinterp.core.tensorfile import check_shapes, load_tensors, read_header, skeleton_shapes
 from cbinterp.core.tokenizer import attach_tokenizer, load_tokenizer, tokenizer_fingerprint, write_tokenizer_files
 
 CONFIG_FILE = "config.json"
@@ -42,6 +57,8 @@ __all__ = [
     "write_model",
     "sha256_of",
     "CONFIG_FILE",
+    "CODEBOOK_CONFIG",
+    "CODEBOOK_WEIGHTS",
     "WEIGHTS_FILE",
     "MANIFEST_FILE",
 ]
@@ -100,7 +117,8 @@ def write_model(
 
 
 def save(model: HookedTransformer, path: str | os.PathLike, extra: Optional[dict] = None) -> Path:
-    """Write `model` (with its codebooks) to the directory `path`, atomically. Returns the path.
+    """Write `model` (with its codebooks) to the directory `path`, atomically. Returns the path (absolute, `~`
+    expanded).
 
     `extra` is any JSON-serialisable metadata kept in the config (e.g. how the model was trained). An attached
     tokenizer (`model.tokenizer`) is saved beside the weights, and `load` attaches it again. Only a previous
@@ -108,7 +126,7 @@ def save(model: HookedTransformer, path: str | os.PathLike, extra: Optional[dict
     else at `path` is refused with FileExistsError.
     """
     require_hooked_transformer(model)
-    path = Path(path)
+    path = user_path(path)
     check = lambda p: mf.check_replaceable(p, (mf.MODEL, mf.CHECKPOINT), "cbinterp model")
     with atomic_dir(path, check=check) as tmp:
         names = write_model(model, tmp, extra, with_tokenizer=True)
@@ -117,13 +135,7 @@ def save(model: HookedTransformer, path: str | os.PathLike, extra: Optional[dict
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"Corrupt cbinterp config {path}: {err}. Re-save the model with cbinterp.save.") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"Corrupt cbinterp config {path}: not a JSON object. Re-save the {what}.")
-    return data
+    return mf.parse_json_object(path.read_bytes(), path, what)
 
 
 def _legacy_config(path: Path) -> dict:
@@ -135,7 +147,7 @@ def _legacy_config(path: Path) -> dict:
     if config.get("version", 0) > 1:
         raise ValueError(f"{config_path} has version {config['version']} but no {MANIFEST_FILE}; re-save the model.")
     weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+    if weights.is_symlink() or not weights.is_file():
         raise FileNotFoundError(f"The cbinterp model at {path} is incomplete: its file {WEIGHTS_FILE} is missing.")
     if not isinstance(config.get("weights_sha256"), str) or sha256_of(weights) != config["weights_sha256"]:
         raise ValueError(
@@ -145,41 +157,96 @@ def _legacy_config(path: Path) -> dict:
     return config
 
 
-def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
-    """The JSON config of a saved model or checkpoint, after checking the folder (marker, version, checksums)."""
-    path = Path(path)
-    if not (path / MANIFEST_FILE).exists() and (path / CONFIG_FILE).is_file():
-        return _legacy_config(path)
-    mf.verify_dir(path, (mf.MODEL, mf.CHECKPOINT), "cbinterp model", check_files=verify)
-    config = _read_json(path / CONFIG_FILE, "model")
+def _is_legacy(path: Path) -> bool:
+    return not os.path.lexists(path / MANIFEST_FILE) and (path / CONFIG_FILE).is_file()
+
+
+def _folder_config(folder: fd.Folder) -> dict:
+    config = mf.parse_json_object(folder.read_bytes(CONFIG_FILE), folder.path / CONFIG_FILE, "model")
     if config.get("format") != FORMAT:
-        raise ValueError(f"{path / CONFIG_FILE} is not a cbinterp model config (format {config.get('format')!r}).")
+        raise ValueError(
+            f"{folder.path / CONFIG_FILE} is not a cbinterp model config (format {config.get('format')!r})."
+        )
     return config
 
 
-def build_model(config: dict, path: Path, device=None) -> HookedTransformer:
-    """A model (with its codebooks) as `config` describes it, weights not loaded yet."""
-    try:
-        model = HookedTransformer(model_config_from_dict(config["model_config"], device))
-        codebooks = config["codebooks"]
-        if not isinstance(codebooks, dict):
-            raise TypeError(f"'codebooks' must be a mapping, got {type(codebooks).__name__}")
-        for name, cb_config in codebooks.items():
-            cb = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
-            insert_codebook(model, name, cb, setup=False)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"Damaged cbinterp config {path / CONFIG_FILE}: {type(err).__name__}: {err}. Re-save the model."
-        ) from err
-    refresh_hooks(model)
+def read_config(path: str | os.PathLike, verify: bool = True) -> dict:
+    """The JSON config of a saved model or checkpoint, after checking the folder (marker, version, checksums)."""
+    path = user_path(path)
+    if _is_legacy(path):
+        return _legacy_config(path)
+    with fd.open_folder(path, (mf.MODEL, mf.CHECKPOINT), "cbinterp model", check_files=verify) as folder:
+        return _folder_config(folder)
+
+
+# -- building the model a config describes -------------------------------------------------------------------------
+_DIMS = ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_vocab")
+_OPTIONAL_DIMS = ("d_mlp", "d_vocab_out", "n_key_value_heads")
+
+
+def _check_model_config(config: dict, where: Path, header: Optional[dict]) -> dict:
+    """The model config of `config`, its sizes checked (and its layer count against the weights' `header`) before
+    anything is built from it."""
+    damaged = f"Damaged cbinterp config {where}"
+    data = config.get("model_config")
+    if not isinstance(data, dict):
+        raise ValueError(f"{damaged}: KeyError: no 'model_config' mapping. Re-save the model.")
+    for key in _DIMS + _OPTIONAL_DIMS:
+        value = data.get(key)
+        if key in _OPTIONAL_DIMS and (value is None or (key == "d_vocab_out" and value == -1)):
+            continue
+        if not is_int(value) or value <= 0:
+            raise ValueError(f"{damaged}: model_config.{key} is {value!r}, not a positive integer. Re-save the model.")
+    if header is not None:  # bounds the model built to compare shapes with (one Python module per layer)
+        blocks = {key.split(".")[1] for key in header if key.startswith("blocks.")}
+        if data["n_layers"] > len(blocks):
+            raise ValueError(
+                f"Weights in {where.parent / WEIGHTS_FILE} do not match the model its config describes: the config "
+                f"says n_layers={data['n_layers']}, the weights hold {len(blocks)} blocks. Re-save the model."
+            )
+    return data
+
+
+def _construct(model_config: dict, codebooks: dict, device) -> HookedTransformer:
+    # Loading never runs code or downloads: no tokenizer name for TransformerLens to fetch (the saved tokenizer is
+    # attached afterwards), and no remote code for a tokenizer or config to name.
+    data = {**model_config, "tokenizer_name": None, "trust_remote_code": False}
+    model = HookedTransformer(model_config_from_dict(data, device))
+    for name, cb_config in codebooks.items():
+        cb = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
+        insert_codebook(model, name, cb, setup=False)
     return model
 
 
-def load_weights(model: HookedTransformer, weights_path: Path) -> None:
+def build_model(config: dict, path: Path, device=None, header: Optional[dict] = None) -> HookedTransformer:
+    """A model (with its codebooks) as `config` describes it, weights not loaded yet. With the weights' `header`
+    ({name: shape}), the shapes the config implies are checked against it first, on the meta device, so that a
+    config describing another (or a huge) model is refused before anything is allocated."""
+    where = path / CONFIG_FILE
+    model_config = _check_model_config(config, where, header)
+    codebooks = config.get("codebooks")
+    if not isinstance(codebooks, dict):
+        raise ValueError(f"Damaged cbinterp config {where}: 'codebooks' is not a mapping. Re-save the model.")
+    damaged = (KeyError, TypeError, ValueError, AttributeError)
+    if header is not None:
+        try:
+            expected = skeleton_shapes(lambda: _construct(model_config, codebooks, "meta"))
+        except damaged as err:
+            raise ValueError(
+                f"Damaged cbinterp config {where}: {type(err).__name__}: {err}. Re-save the model."
+            ) from err
+        check_shapes(expected, header, path / WEIGHTS_FILE, "Re-save the model with cbinterp.save.")
     try:
-        state = load_file(weights_path)
-    except SafetensorError as err:
-        raise ValueError(f"Corrupt weights file {weights_path}: {err}. Re-save the model.") from err
+        model = _construct(model_config, codebooks, device)
+    except damaged as err:
+        raise ValueError(f"Damaged cbinterp config {where}: {type(err).__name__}: {err}. Re-save the model.") from err
+    refresh_hooks(model)
+    if model_config.get("tokenizer_name") is not None:
+        model.cfg.tokenizer_name = model_config["tokenizer_name"]  # a record of its name; nothing is fetched
+    return model
+
+
+def _load_state(model: HookedTransformer, state: dict, weights_path: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches: the config describes other codebooks or another model
@@ -194,91 +261,57 @@ def load_weights(model: HookedTransformer, weights_path: Path) -> None:
         )
 
 
-def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -> HookedTransformer:
-    """Rebuild a model saved with `save` (or the model of a `train` checkpoint), on `device` (default: the config's
-    default, CUDA when present). Every file is checked against its recorded sha256 first; a save that was killed
-    between its two renames is recovered. A saved tokenizer is attached (`model.to_tokens` etc. work offline)."""
-    path = Path(path)
-    recover_dir(path)
-    config = read_config(path)
-    model = build_model(config, path, device)
-    load_weights(model, path / WEIGHTS_FILE)
+def load_weights(model: HookedTransformer, weights_path: Path) -> None:
+    """Load the safetensors file `weights_path` into `model` (all of it, shape for shape)."""
+    try:
+        state = load_file(weights_path)
+    except SafetensorError as err:
+        raise ValueError(f"Corrupt weights file {weights_path}: {err}. Re-save the model.") from err
+    _load_state(model, state, weights_path)
+
+
+def _saved_tokenizer(folder: fd.Folder, record) -> Optional[object]:
+    """The tokenizer the config's `record` names, rebuilt from the folder's checked files only."""
+    where = folder.path / CONFIG_FILE
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, list) or not files:
+        raise ValueError(f"Damaged cbinterp config {where}: a bad 'tokenizer' entry {record!r}. Re-save the model.")
+    with tempfile.TemporaryDirectory(prefix="cbinterp-tokenizer-") as tmp:
+        for name in files:
+            mf.check_name(name, f"Damaged cbinterp config {where}: tokenizer file: ")
+            (Path(tmp) / name).write_bytes(folder.read_bytes(name))  # refused unless the marker lists it
+        tokenizer = load_tokenizer(tmp)
+    if tokenizer_fingerprint(tokenizer) != record.get("fingerprint"):
+        raise ValueError(f"The tokenizer saved in {folder.path} is not the one its config records. Re-save the model.")
+    return tokenizer
+
+
+def _load_folder(folder: fd.Folder, device) -> HookedTransformer:
+    config = _folder_config(folder)
+    header = read_header(folder, WEIGHTS_FILE)
+    model = build_model(config, folder.path, device, header=header)
+    _load_state(model, load_tensors(folder, WEIGHTS_FILE), folder.path / WEIGHTS_FILE)
     if config.get("tokenizer"):
-        tokenizer = load_tokenizer(path)
-        if tokenizer_fingerprint(tokenizer) != config["tokenizer"].get("fingerprint"):
-            raise ValueError(f"The tokenizer saved in {path} is not the one its config records. Re-save the model.")
-        attach_tokenizer(model, tokenizer)
+        attach_tokenizer(model, _saved_tokenizer(folder, config["tokenizer"]))
     return model.eval()
 
 
-# -- codebooks on their own ----------------------------------------------------------------------------------------
-CODEBOOK_CONFIG = "codebook.json"
-CODEBOOK_WEIGHTS = "codebook.safetensors"
+def load(path: str | os.PathLike, device: Optional[str | torch.device] = None) -> HookedTransformer:
+    """Rebuild a model saved with `save` (or the model of a `train` checkpoint), on `device` (default: the config's
+    default, CUDA when present).
 
-
-def save_codebook(codebook: Codebook, path: str | os.PathLike, hook_name: Optional[str] = None) -> Path:
-    """Write one codebook (its `CodebookConfig` as JSON beside its weights and usage buffers) to the folder `path`,
-    atomically; `hook_name` (default: where it is attached) is recorded so `load_codebooks` can place it again."""
-    if not isinstance(codebook, Codebook):
-        raise TypeError(f"save_codebook needs a Codebook, got {type(codebook).__name__}.")
-    path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in codebook.state_dict().items()}
-    config = {
-        "format": mf.CODEBOOK,
-        "version": VERSION,
-        "config": dataclasses.asdict(codebook.cfg),
-        "hook_name": hook_name or getattr(codebook, "name", None),
-    }
-    check = lambda p: mf.check_replaceable(p, (mf.CODEBOOK,), "cbinterp codebook")
-    with atomic_dir(path, check=check) as tmp:
-        save_file(state, tmp / CODEBOOK_WEIGHTS)
-        mf.write_json(tmp / CODEBOOK_CONFIG, json.loads(json.dumps(config)))
-        mf.write_manifest(tmp, mf.CODEBOOK, [CODEBOOK_CONFIG, CODEBOOK_WEIGHTS], hasher=sha256_of)
-    return path
-
-
-def load_codebook(path: str | os.PathLike, device: Optional[str | torch.device] = None) -> Codebook:
-    """A codebook saved with `save_codebook`, checked against its recorded checksums, on `device`."""
-    return _read_codebook(Path(path), device)[0]
-
-
-def _read_codebook(path: Path, device) -> tuple[Codebook, Optional[str]]:
+    Every file is checked against its recorded sha256 first, and only files the marker lists are read. A save that
+    was killed between its two renames is recovered; a save running meanwhile in another process is waited for, so
+    the model read is the old or the new one, whole. A saved tokenizer is attached (`model.to_tokens` etc. work
+    offline). Nothing is downloaded and no code from the folder is run; a read-only folder loads too.
+    """
+    path = user_path(path)
     recover_dir(path)
-    mf.verify_dir(path, (mf.CODEBOOK,), "cbinterp codebook")
-    config = _read_json(path / CODEBOOK_CONFIG, "codebook")
-    try:
-        codebook = Codebook.from_config(CodebookConfig(**config["config"]), device=device)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"Damaged codebook config {path / CODEBOOK_CONFIG}: {err}. Save the codebook again.") from err
-    try:
-        codebook.load_state_dict(load_file(path / CODEBOOK_WEIGHTS, device=str(device or "cpu")))
-    except (SafetensorError, RuntimeError) as err:
-        raise ValueError(f"The weights in {path / CODEBOOK_WEIGHTS} do not fit its config: {err}.") from err
-    return codebook, config.get("hook_name")
-
-
-def save_codebooks(model: HookedTransformer, directory: str | os.PathLike) -> Path:
-    """Every codebook of `model` with `save_codebook`, one folder each, named by its hook name, in `directory`."""
-    require_hooked_transformer(model)
-    codebooks = get_codebooks(model)
-    if not codebooks:
-        raise ValueError("The model has no codebooks to save; attach some with attach_codebooks first.")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, codebook in codebooks.items():
-        save_codebook(codebook, directory / name, hook_name=name)
-    return directory
-
-
-def load_codebooks(directory: str | os.PathLike, device: Optional[str | torch.device] = None) -> dict[str, Codebook]:
-    """The codebooks `save_codebooks` wrote, keyed by hook name: attach them to another instance of the same
-    architecture with `attach_codebooks(model, load_codebooks(directory))`."""
-    directory = Path(directory)
-    folders = sorted(p for p in directory.iterdir() if (p / mf.MANIFEST_FILE).is_file()) if directory.is_dir() else []
-    if not folders:
-        raise FileNotFoundError(f"No saved codebooks in {directory}; write them with save_codebooks(model, directory).")
-    out = {}
-    for folder in folders:
-        codebook, hook_name = _read_codebook(folder, device)
-        out[hook_name or folder.name] = codebook
-    return out
+    source = readable_dir(path)
+    if _is_legacy(source):
+        config = _legacy_config(source)
+        model = build_model(config, source, device)
+        load_weights(model, source / WEIGHTS_FILE)
+        return model.eval()
+    with fd.open_folder(source, (mf.MODEL, mf.CHECKPOINT), "cbinterp model") as folder:
+        return _load_folder(folder, device)

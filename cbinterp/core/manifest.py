@@ -1,15 +1,17 @@
-"""The one on-disk format of cbinterp folders (models, checkpoints, code caches): a marker file listing every file.
+"""The one on-disk format of cbinterp folders (models, checkpoints, code caches, codebooks): a marker listing files.
 
 A cbinterp folder holds `cbinterp.json` (the marker and manifest)::
 
-    {"format": "cbinterp-model" | "cbinterp-checkpoint" | "cbinterp-code-cache" | "cbinterp-codebook",
+    {"format": "cbinterp-model" | "cbinterp-checkpoint" | "cbinterp-code-cache" | "cbinterp-codebook"
+               | "cbinterp-codebooks",
      "version": 2,
      "files": {"<name>": {"sha256": "<hex>", "bytes": <size>}, ...},
      ...}                                   # anything else the kind of folder records (a code cache's metadata)
 
-`verify_dir` is the one verifier (marker, format, version, and the size and sha256 of every listed file), used by
-`load`, by `train` on resume, and by the code cache. `check_replaceable` decides whether a write may replace what
-is at a path: only a cbinterp folder of an allowed kind, holding nothing it does not list, or an empty folder.
+`cbinterp.core.folder.open_folder` is the one reader (marker, format, version, and the size and sha256 of every
+listed file, read through one open folder; see there); `verify_dir` (used by `train` on resume and by the code
+cache) and `read_manifest` are built on it. `check_replaceable` decides whether a write may replace what is at a
+path: only a cbinterp folder of an allowed kind, holding nothing it does not list, or an empty folder.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import BinaryIO, Iterable, Optional, Sequence
 
 import torch
+
+from cbinterp.core.atomic import user_path
 
 
 class ResumeWarning(UserWarning):
@@ -33,7 +37,8 @@ MODEL = "cbinterp-model"
 CHECKPOINT = "cbinterp-checkpoint"
 CODE_CACHE = "cbinterp-code-cache"
 CODEBOOK = "cbinterp-codebook"
-KINDS = (MODEL, CHECKPOINT, CODE_CACHE, CODEBOOK)
+CODEBOOK_SET = "cbinterp-codebooks"
+KINDS = (MODEL, CHECKPOINT, CODE_CACHE, CODEBOOK, CODEBOOK_SET)
 
 #: Files of a version-1 model or checkpoint (before the marker file existed): config.json says "cbinterp-model".
 LEGACY_FILES = ("config.json", "model.safetensors", "trainer.pt")
@@ -41,10 +46,14 @@ LEGACY_CACHE_META = "meta.json"
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return sha256_stream(f)
+
+
+def sha256_stream(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -58,7 +67,7 @@ def write_manifest(directory: Path, kind: str, names: Iterable[str], extra: Opti
         raise ValueError(f"Unknown cbinterp folder kind {kind!r}.")
     hasher = hasher or sha256_of
     manifest = {**(extra or {}), "format": kind, "version": VERSION}
-    manifest["files"] = {name: file_entry(directory / name, hasher) for name in names}
+    manifest["files"] = {check_name(name): file_entry(directory / name, hasher) for name in names}
     write_json(directory / MANIFEST_FILE, manifest)
     return manifest
 
@@ -71,17 +80,24 @@ def write_json(path: Path, data) -> None:
         os.fsync(f.fileno())
 
 
-def read_manifest(path: Path, kinds: Sequence[str], what: str = "cbinterp folder") -> dict:
-    """The parsed marker of the folder `path`, checked for format and version (the files are not read)."""
+def check_name(name, where: str = "") -> str:
+    """`name` if it names an entry directly inside a folder (no separator, not '.', '..' or the marker), else
+    ValueError: a marker's names never lead out of its folder."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..", MANIFEST_FILE)
+        or any(c in name for c in "/\\\0")
+        or (os.name == "nt" and ":" in name)
+    ):
+        raise ValueError(f"{where}bad file name {name!r}: a cbinterp folder lists only files directly inside it.")
+    return name
+
+
+def parse_manifest(data: bytes, path: Path, kinds: Sequence[str], what: str = "cbinterp folder") -> dict:
+    """The marker `data` of the folder `path`, checked for format, version and entries (the files are not read)."""
     marker = path / MANIFEST_FILE
-    if not path.is_dir():
-        if path.exists():
-            raise NotADirectoryError(f"{path} is a file, not a {what} (a folder).")
-        raise FileNotFoundError(f"No {what} at {path}: the folder does not exist.")
-    if not marker.is_file():
-        raise FileNotFoundError(f"No {what} at {path}: its marker file {MANIFEST_FILE} is missing.")
     try:
-        manifest = json.loads(marker.read_text())
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"Damaged marker file {marker}: {err}. The {what} cannot be trusted; write it again.") from err
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
@@ -89,7 +105,7 @@ def read_manifest(path: Path, kinds: Sequence[str], what: str = "cbinterp folder
     kind, version = manifest.get("format"), manifest.get("version")
     if kind not in KINDS:
         raise ValueError(f"{marker} is not a cbinterp marker (format {kind!r}).")
-    if not isinstance(version, int) or version > VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
         raise ValueError(
             f"{marker} was written by a newer cbinterp (format version {version!r}; this one reads up to {VERSION}); "
             "upgrade cbinterp."
@@ -97,32 +113,42 @@ def read_manifest(path: Path, kinds: Sequence[str], what: str = "cbinterp folder
     if kind not in kinds:
         raise ValueError(f"{path} is a {kind} folder, not a {what} ({' or '.join(kinds)}).")
     for name, entry in manifest["files"].items():
+        check_name(name, f"Damaged marker file {marker}: ")
+        size = entry.get("bytes") if isinstance(entry, dict) else None
         if (
-            not isinstance(name, str)
-            or "/" in name
-            or name in ("", ".", "..", MANIFEST_FILE)
-            or not isinstance(entry, dict)
-            or not isinstance(entry.get("sha256"), str)
-            or not isinstance(entry.get("bytes"), int)
+            not isinstance(entry.get("sha256") if isinstance(entry, dict) else None, str)
+            or not isinstance(size, int)
+            or isinstance(size, bool)
+            or size < 0
         ):
             raise ValueError(f"Damaged marker file {marker}: bad entry {name!r}: {entry!r}.")
     return manifest
 
 
+def parse_json_object(data: bytes, where: Path, what: str) -> dict:
+    """The JSON object `data` (the file `where` of a `what`), or ValueError naming the file."""
+    try:
+        parsed = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Corrupt cbinterp config {where}: {err}. Re-save the {what} with cbinterp.") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"Corrupt cbinterp config {where}: not a JSON object. Re-save the {what}.")
+    return parsed
+
+
+# -- reading (cbinterp.core.folder builds on this module, so it is imported where used) ---------------------------
+def read_manifest(path: Path, kinds: Sequence[str], what: str = "cbinterp folder") -> dict:
+    """The parsed marker of the folder `path`, checked for format and version (the files are not read)."""
+    from cbinterp.core import folder
+
+    return folder.read_manifest(path, kinds, what)
+
+
 def verify_file(path: Path, manifest: dict, name: str, what: str = "cbinterp folder") -> Path:
-    """Check one listed file of the folder `path` against its recorded size and sha256."""
-    entry = manifest["files"].get(name)
-    target = path / name
-    if entry is None:
-        raise ValueError(f"{target} is not listed in {path / MANIFEST_FILE}; the {what} is incomplete or mixed.")
-    if not target.is_file():
-        raise FileNotFoundError(f"The {what} at {path} is incomplete: its file {name} is missing.")
-    if target.stat().st_size != entry["bytes"] or sha256_of(target) != entry["sha256"]:
-        raise ValueError(
-            f"{target} does not match the checksum recorded in {MANIFEST_FILE} (checksum differs): the file is "
-            f"truncated, corrupt, or from another save. Write the {what} again."
-        )
-    return target
+    """Check one listed file of the folder `path` against its recorded size and sha256 (never through a link)."""
+    from cbinterp.core import folder
+
+    return folder.verify_file(path, manifest, name, what)
 
 
 def verify_dir(
@@ -132,24 +158,12 @@ def verify_dir(
     check_files: bool = True,
     strict: bool = False,
 ) -> dict:
-    """The one verifier: marker, format version, and (with `check_files`) the size and sha256 of every listed file.
+    """The marker, format version, and (with `check_files`) the size and sha256 of every listed file of `path`
+    (see `cbinterp.core.folder.open_folder`, the one reader). `strict` also refuses files the marker does not list
+    (a checkpoint must be exactly what was written). Returns the manifest."""
+    from cbinterp.core import folder
 
-    `strict` also refuses files the marker does not list (a checkpoint must be exactly what was written).
-    Returns the manifest.
-    """
-    path = Path(path)
-    manifest = read_manifest(path, kinds, what)
-    if check_files:
-        for name in manifest["files"]:
-            verify_file(path, manifest, name, what)
-    if strict:
-        extra = sorted(p.name for p in path.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest["files"])
-        if extra:
-            raise ValueError(
-                f"The {what} at {path} holds files its marker does not list ({extra[:5]}): it is mixed with other "
-                "data. Remove them, or write it again."
-            )
-    return manifest
+    return folder.verify_dir(path, kinds, what, check_files, strict)
 
 
 # -- what a write may replace ------------------------------------------------------------------------------------
@@ -167,7 +181,7 @@ def legacy_kind(path: Path) -> Optional[str]:
 def check_replaceable(path: Path, kinds: Sequence[str], what: str) -> None:
     """Raise unless a write of a `what` may replace `path`: nothing there, an empty folder, or a cbinterp folder of
     one of `kinds` that holds only the files its marker lists (so nothing of the user's is ever deleted)."""
-    path = Path(path)
+    path = user_path(path)
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():

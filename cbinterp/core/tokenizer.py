@@ -23,12 +23,49 @@ from cbinterp.core.attach import require_hooked_transformer
 __all__ = ["attach_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_fingerprint", "write_tokenizer_files"]
 
 
+#: What ``save_pretrained`` writes for a tokenizer: a folder holding only these may be replaced by `save_tokenizer`.
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer.model",
+    }
+)
+
+
+def _check_tokenizer_replaceable(path: Path) -> None:
+    """Raise FileExistsError unless `path` is absent, an empty folder, or a tokenizer folder (only the files
+    ``save_pretrained`` writes): replacing anything else would delete the user's files."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise FileExistsError(
+            f"Refusing to write the tokenizer to {path}: a file is there, not a folder. Choose another path."
+        )
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in TOKENIZER_FILES or not p.is_file())
+    if foreign:
+        raise FileExistsError(
+            f"Refusing to replace {path}: it holds files that are not a tokenizer's ({foreign[:5]}), which replacing "
+            "it would delete. Move them away, or choose another path."
+        )
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Union[str, os.PathLike]) -> Path:
-    """Write `tokenizer` with ``save_pretrained`` into `directory`, atomically (the old folder stays on failure)."""
+    """Write `tokenizer` with ``save_pretrained`` into `directory`, atomically (the old folder stays on failure).
+
+    Only an empty folder or a previous tokenizer folder is replaced; anything else is refused with FileExistsError.
+    """
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"save_tokenizer needs a transformers tokenizer, got {type(tokenizer).__name__}.")
     path = Path(directory).expanduser().resolve()
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, check=_check_tokenizer_replaceable) as tmp:
         tokenizer.save_pretrained(str(tmp))
     return path
 

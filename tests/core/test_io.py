@@ -249,9 +249,15 @@ def test_public_api():
 
 
 def test_recover_dir_puts_back_the_copy_left_aside(tmp_path):
-    from cbinterp.core.atomic import recover_dir
+    import subprocess
+    import sys
 
-    target, aside = tmp_path / "ckpt", tmp_path / ".ckpt.old"
+    from cbinterp.core.atomic import HOST, recover_dir
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a writer that is gone
+    target = tmp_path / "ckpt"
+    aside = tmp_path / f".ckpt.cbinterp-{HOST}.{proc.pid}-0badc0de.old"
     aside.mkdir()
     (aside / "f").write_text("last good")
     recover_dir(target)  # crashed between the renames: only the copy aside exists
@@ -301,7 +307,7 @@ def test_codebooks_saved_on_their_own_attach_to_another_instance(cb_model, make_
     from cbinterp import load_codebook, load_codebooks, save_codebook, save_codebooks
 
     save_codebooks(cb_model, tmp_path / "cbs")
-    assert sorted(p.name for p in (tmp_path / "cbs").iterdir()) == sorted(get_codebooks(cb_model))
+    assert sorted(p.name for p in (tmp_path / "cbs").iterdir()) == sorted([*get_codebooks(cb_model), MANIFEST_FILE])
     loaded = load_codebooks(tmp_path / "cbs")
     assert set(loaded) == set(get_codebooks(cb_model))
     other = attach_codebooks(make_tiny_model(seed=0), loaded)
