@@ -191,7 +191,9 @@ def test_model_not_moved_and_progress(cb_model, docs, capsys):
 
 
 def test_code_dtype_boundaries_round_trip():
-    from cbinterp.codecache.store import _read_codes, _stored_codes, code_dtype
+    from cbinterp.codecache.layout import code_dtype
+    from cbinterp.codecache.layout import read_codes as _read_codes
+    from cbinterp.codecache.layout import stored_codes as _stored_codes
 
     for n_codes, dtype in [
         (1, torch.uint8),
