@@ -94,22 +94,8 @@ def cache_codes(
     """
     require_hooked_transformer(model)
     hooks = check_hooks(model.hook_dict, hooks)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
-    codebooks = get_codebooks(model)
-    if not codebooks:
-        raise ValueError("The model has no codebooks; attach some with attach_codebooks(model, ...) first.")
     rank, world = dd.rank(), dd.world_size()
-    if world > 1 and directory is None:
-        raise ValueError(
-            f"cache_codes runs under torch.distributed ({world} ranks) and needs directory=...: the ranks write "
-            "their shares into one cache folder. Pass a directory (the same on every rank), or cache in one process."
-        )
-    cond.check_runnable(model)
-    if not isinstance(activation_dtype, torch.dtype) or not activation_dtype.is_floating_point:
-        raise ValueError(
-            f"activation_dtype must be a floating torch dtype (e.g. torch.float32), got {activation_dtype!r}."
-        )
+    codebooks = _checked_run(model, chunk_tokens, activation_dtype, directory, world)
     # token ids and masks are checked here, a tensor's whole before anything is written; an iterable's per batch
     causal = getattr(model.cfg, "attention_dir", "causal") != "bidirectional"
     batches, total = input_batches(tokens_or_iterable, batch_size, mask, model.cfg.d_vocab, causal)
@@ -176,3 +162,29 @@ def cache_codes(
             stacklevel=3,
         )
     return writer.result(n_docs)
+
+
+def _checked_run(
+    model: HookedTransformer,
+    chunk_tokens: int,
+    activation_dtype: torch.dtype,
+    directory: Optional[Union[str, os.PathLike]],
+    world: int,
+) -> dict:
+    """The model's codebooks, once the settings of a `cache_codes` run are checked (a ValueError names the fix)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}.")
+    codebooks = get_codebooks(model)
+    if not codebooks:
+        raise ValueError("The model has no codebooks; attach some with attach_codebooks(model, ...) first.")
+    if world > 1 and directory is None:
+        raise ValueError(
+            f"cache_codes runs under torch.distributed ({world} ranks) and needs directory=...: the ranks write "
+            "their shares into one cache folder. Pass a directory (the same on every rank), or cache in one process."
+        )
+    cond.check_runnable(model)
+    if not isinstance(activation_dtype, torch.dtype) or not activation_dtype.is_floating_point:
+        raise ValueError(
+            f"activation_dtype must be a floating torch dtype (e.g. torch.float32), got {activation_dtype!r}."
+        )
+    return codebooks

@@ -154,3 +154,12 @@ def test_two_ranks_resume_what_one_process_began(tmp_path):
     assert 0 < before.n_docs < 11
     assert run_ranks(tmp_path, directory) == {0: {"ok": True}, 1: {"ok": True}}
     assert_identical(CodeCache.open(directory), one_process())
+
+
+def test_object_collectives_need_no_group_in_one_process():
+    from cbinterp.core import distributed as dd
+
+    assert not dd.active()
+    assert dd.broadcast_object({"failure": None}) == {"failure": None}
+    assert dd.gather_objects("done") == ["done"]
+    dd.wait_for_all_ranks()  # returns at once: no other rank to wait for
