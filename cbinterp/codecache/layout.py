@@ -2,11 +2,11 @@
 
 Codes are stored in the smallest integer dtype that holds ids ``0 .. n_codes - 1`` *and* a "no code" value that no
 real id can take (the -1 that `ablate_codes` / `replace_codes` write, or a non-finite activation): ``uint8`` for
-``n_codes <= 255`` (no code = 255), ``uint16`` for ``n_codes <= 65535`` (no code = 65535; 2 bytes per code, the
-budget of the analysis issue) and ``int32`` above (no code = -1); ``uint16`` is only stored, concatenated and
-widened, which torch supports. `CodeCache.codes` gives int64 ids with -1 for no code, which every query and probe
-skips. Token ids, document index and position are ``int32`` on disk; activations of extra hooks are ``float16``.
-`CodeCache` accessors return codes, tokens, doc and pos as ``int64``.
+``n_codes <= 255`` (no code = 255), ``uint16`` for ``n_codes <= 65535`` (no code = 65535; 2 bytes per code) and
+``int32`` above (no code = -1); ``uint16`` is only stored, concatenated and widened, which torch supports.
+`CodeCache.codes` gives int64 ids with -1 for no code, which every query and probe skips. Token ids, document
+index and position are ``int32`` on disk; activations of extra hooks are ``float16``. `CodeCache` accessors return
+codes, tokens, doc and pos as ``int64``.
 
 On disk (``directory=...``) the cache is a cbinterp folder (see `cbinterp.core.manifest`) of kind
 "cbinterp-code-cache": chunk files, each holding consecutive whole documents and written atomically, and the marker
@@ -37,7 +37,20 @@ from torch import Tensor
 from cbinterp.core import manifest as mf
 from cbinterp.core.codes import NO_CODE
 
-__all__ = ["LAYOUT", "code_dtype", "no_code_value"]
+__all__ = [
+    "CHUNK",
+    "DEFAULT_CHUNK_TOKENS",
+    "EMPTY_CHAIN",
+    "LAYOUT",
+    "chain_docs",
+    "chunk_info",
+    "chunk_name",
+    "code_dtype",
+    "combined_fingerprint",
+    "no_code_value",
+    "read_codes",
+    "stored_codes",
+]
 
 FORMAT_NAME = mf.CODE_CACHE
 FORMAT_VERSION = mf.VERSION
