@@ -77,7 +77,10 @@ def batches(
     rows_seen = [0]
 
     def checked(t, m) -> Batch:
+        given = t
         t = torch.as_tensor(t)
+        if isinstance(given, (list, tuple)) and t.numel() == 0:
+            t = t.long()  # torch reads an empty list as float: here it is a document (or rows) of no ids
         if t.dim() == 1:
             t = t.unsqueeze(0)
         if t.dim() != 2 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:

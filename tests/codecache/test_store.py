@@ -95,6 +95,15 @@ def test_iterable_equals_tensor(cb_model, docs):
     assert_same(a, b)
 
 
+def test_an_empty_list_is_an_empty_document(cb_model, docs):
+    """A document given as a list of ids may be empty, as an empty int tensor may: it keeps its number."""
+    lists = [docs[0].tolist(), [], docs[1].tolist()]
+    cache = cache_codes(cb_model, lists, batch_size=1, progress=False)
+    assert cache.n_docs == 3 and cache.doc_offsets.diff().tolist() == [6, 0, 6]
+    assert torch.equal(cache.tokens, torch.cat([docs[0], docs[1]]))
+    assert cache_codes(cb_model, [docs[:2], [[], []]], progress=False).doc_offsets.diff().tolist() == [6, 6, 0, 0]
+
+
 def test_directory_roundtrip(cb_model, docs, tmp_path):
     memory = cache_codes(cb_model, docs, batch_size=2, hooks=[HOOK], progress=False)
     on_disk = cache_codes(
