@@ -12,15 +12,16 @@ Padding may hold any id (-1 too), since it never reaches the model; every real i
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from cbinterp.core.checks import check_token_ids, is_int
+from cbinterp.core.naming import did_you_mean
 
-__all__ = ["batches", "check_documents"]
+__all__ = ["batches", "check_documents", "check_hooks", "check_token_strings"]
 
 Batch = tuple[Int[Tensor, "n seq"], Optional[Bool[Tensor, "n seq"]]]
 
@@ -76,7 +77,10 @@ def batches(
     rows_seen = [0]
 
     def checked(t, m) -> Batch:
+        given = t
         t = torch.as_tensor(t)
+        if isinstance(given, (list, tuple)) and t.numel() == 0:
+            t = t.long()  # torch reads an empty list as float: here it is a document (or rows) of no ids
         if t.dim() == 1:
             t = t.unsqueeze(0)
         if t.dim() != 2 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -124,3 +128,27 @@ def _is_pair(item) -> bool:
         return torch.as_tensor(item[1]).dtype == torch.bool
     except (TypeError, ValueError, RuntimeError):
         return False
+
+
+def check_hooks(hook_dict: dict, hooks: Sequence[str]) -> list[str]:
+    """`hooks` (one name or several) as a list, each a hook of the model (`hook_dict`), none twice."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    for name in hooks:
+        if name not in hook_dict:
+            raise ValueError(
+                f"Unknown hook name {name!r}{did_you_mean(name, hook_dict, n=5)} "
+                "`model.hook_dict` lists every hook name."
+            )
+    if len(set(hooks)) != len(hooks):
+        raise ValueError(f"A hook is listed twice in {hooks}.")
+    return hooks
+
+
+def check_token_strings(token_strings: Sequence[str], d_vocab: int) -> list[str]:
+    """`token_strings` as a list, checked: strings, at least one per token id of the model."""
+    strings = list(token_strings)
+    if isinstance(token_strings, str) or not all(isinstance(t, str) for t in strings):
+        raise TypeError("token_strings must be a sequence of str, one per token id.")
+    if len(strings) < d_vocab:
+        raise ValueError(f"token_strings has {len(strings)} entries but the model has d_vocab={d_vocab} token ids.")
+    return strings

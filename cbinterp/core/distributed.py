@@ -4,6 +4,10 @@
 `init_from_env` turns into one): the model runs under `DistributedDataParallel`, which averages the gradients, and
 every codebook gets a `CodebookStepSync` that sums its usage counts over the ranks (and, with gradient accumulation,
 over the micro-batches) before they decide anything, and makes dead-code replacement identical on every rank.
+
+`cache_codes` uses the same process group through the object collectives at the end (`broadcast_object`,
+`gather_objects`, `wait_for_all_ranks`): bookkeeping outside training, whose errors pass through unchanged for the
+caller to explain.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -187,3 +191,27 @@ class CodebookStepSync:
             comm = _comm_device()
             moved = broadcast_(tensor.to(comm), f"the replaced codes of codebook {codebook.name!r}", self.step)
             tensor.copy_(moved)
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself in one process."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank; `[value]` in one process."""
+    if not active():
+        return [value]
+    out: list[Optional[object]] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def wait_for_all_ranks() -> None:
+    """Return once every rank has called it (a no-op in one process); a failure is torch's own error."""
+    if active():
+        dist.barrier()

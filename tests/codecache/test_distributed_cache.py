@@ -1,22 +1,71 @@
-"""`cache_codes` under torch.distributed: 2 gloo ranks on the CPU, checked against the one-process cache."""
+"""`cache_codes` under torch.distributed: 2 gloo ranks on the CPU, checked against the one-process cache.
+
+Each rank is a process forked from the test, which joins a gloo group (file rendezvous), caches the same input into
+the same folder, and writes what happened to `<out>/rank<r>.json`: {"ok": true} or {"error": type, "message": ...}.
+`die_after` makes one rank exit abruptly (no exception, no goodbye) once it has read that many batches, as a killed
+or crashed process would.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
-import sys
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from conftest import make_model
 
+import cbinterp
 from cbinterp import CodeCache, cache_codes, code_contexts, code_frequencies, token_positions, top_tokens
 from cbinterp.core.manifest import ResumeWarning
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import _dist_cache_worker as worker  # noqa: E402
+HOOK = "blocks.0.mlp.hook_post"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cb_model():
+    return cbinterp.attach_codebooks(make_model(seed=0), ["attn", "mlp"], n_codes=16, seed=0)
+
+
+def docs() -> tuple[torch.Tensor, torch.Tensor]:
+    """11 documents of up to 8 tokens, right-padded (padding marked -1), one of them empty."""
+    tokens = torch.randint(0, 11, (11, 8), generator=torch.Generator().manual_seed(5))
+    lengths = torch.tensor([8, 5, 8, 0, 3, 8, 8, 6, 1, 8, 7])
+    mask = torch.arange(8)[None, :] < lengths[:, None]
+    tokens = tokens.masked_fill(~mask, -1)  # padding may hold any id: it is never run as itself nor cached
+    return tokens, mask
+
+
+def cache_kwargs() -> dict:
+    return dict(batch_size=2, hooks=[HOOK], chunk_tokens=10, progress=False, token_strings=[str(i) for i in range(11)])
+
+
+def rank_main(rank: int, world: int, rdv: str, directory: str, out: str, die_rank: int, die_after: int) -> None:
+    """One rank (in a forked process): cache `docs()` into `directory`, report to `out`/rank<r>.json."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rdv}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    tokens, mask = docs()
+
+    def batches():
+        for i, start in enumerate(range(0, tokens.shape[0], 2)):
+            if rank == die_rank and i == die_after:
+                os._exit(17)  # abrupt: what SIGKILL or a segfault leaves
+            yield tokens[start : start + 2], mask[start : start + 2]
+
+    try:
+        cbinterp.cache_codes(cb_model(), batches(), directory=directory, **cache_kwargs())
+        result = {"ok": True}
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        result = {"error": type(err).__name__, "message": str(err)}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
 
 
 def run_ranks(tmp_path: Path, directory: Path, world: int = 2, die_rank: int = -1, die_after: int = -1) -> dict:
@@ -27,7 +76,7 @@ def run_ranks(tmp_path: Path, directory: Path, world: int = 2, die_rank: int = -
     ctx = multiprocessing.get_context("fork")
     rdv = out / "rendezvous"
     procs = [
-        ctx.Process(target=worker.rank_main, args=(r, world, str(rdv), str(directory), str(out), die_rank, die_after))
+        ctx.Process(target=rank_main, args=(r, world, str(rdv), str(directory), str(out), die_rank, die_after))
         for r in range(world)
     ]
     for p in procs:
@@ -41,8 +90,8 @@ def run_ranks(tmp_path: Path, directory: Path, world: int = 2, die_rank: int = -
 
 
 def one_process(directory=None) -> CodeCache:
-    tokens, mask = worker.docs()
-    return cache_codes(worker.cb_model(), tokens, mask=mask, directory=directory, **worker.cache_kwargs())
+    tokens, mask = docs()
+    return cache_codes(cb_model(), tokens, mask=mask, directory=directory, **cache_kwargs())
 
 
 def assert_identical(a: CodeCache, b: CodeCache) -> None:
@@ -93,15 +142,24 @@ def test_a_dead_rank_leaves_the_cache_as_it_was_and_the_run_resumes(tmp_path):
 
 def test_two_ranks_resume_what_one_process_began(tmp_path):
     directory = tmp_path / "c"
-    tokens, mask = worker.docs()
+    tokens, mask = docs()
 
     def interrupted():
         yield tokens[:5], mask[:5]
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cache_codes(worker.cb_model(), interrupted(), directory=directory, **worker.cache_kwargs())
+        cache_codes(cb_model(), interrupted(), directory=directory, **cache_kwargs())
     before = CodeCache.open(directory)
     assert 0 < before.n_docs < 11
     assert run_ranks(tmp_path, directory) == {0: {"ok": True}, 1: {"ok": True}}
     assert_identical(CodeCache.open(directory), one_process())
+
+
+def test_object_collectives_need_no_group_in_one_process():
+    from cbinterp.core import distributed as dd
+
+    assert not dd.active()
+    assert dd.broadcast_object({"failure": None}) == {"failure": None}
+    assert dd.gather_objects("done") == ["done"]
+    dd.wait_for_all_ranks()  # returns at once: no other rank to wait for

@@ -95,6 +95,15 @@ def test_iterable_equals_tensor(cb_model, docs):
     assert_same(a, b)
 
 
+def test_an_empty_list_is_an_empty_document(cb_model, docs):
+    """A document given as a list of ids may be empty, as an empty int tensor may: it keeps its number."""
+    lists = [docs[0].tolist(), [], docs[1].tolist()]
+    cache = cache_codes(cb_model, lists, batch_size=1, progress=False)
+    assert cache.n_docs == 3 and cache.doc_offsets.diff().tolist() == [6, 0, 6]
+    assert torch.equal(cache.tokens, torch.cat([docs[0], docs[1]]))
+    assert cache_codes(cb_model, [docs[:2], [[], []]], progress=False).doc_offsets.diff().tolist() == [6, 6, 0, 0]
+
+
 def test_directory_roundtrip(cb_model, docs, tmp_path):
     memory = cache_codes(cb_model, docs, batch_size=2, hooks=[HOOK], progress=False)
     on_disk = cache_codes(
@@ -191,7 +200,9 @@ def test_model_not_moved_and_progress(cb_model, docs, capsys):
 
 
 def test_code_dtype_boundaries_round_trip():
-    from cbinterp.codecache.store import _read_codes, _stored_codes, code_dtype
+    from cbinterp.codecache.layout import code_dtype
+    from cbinterp.codecache.layout import read_codes as _read_codes
+    from cbinterp.codecache.layout import stored_codes as _stored_codes
 
     for n_codes, dtype in [
         (1, torch.uint8),
