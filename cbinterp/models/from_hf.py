@@ -8,6 +8,7 @@ can be given codebooks, trained, saved and loaded offline.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +27,9 @@ from transformers import (
 )
 
 from cbinterp.core.tokenizer import attach_tokenizer
+
+# The name of the record `cbinterp.models.to_hf` leaves in its exports (to_hf imports this module's names, not back).
+EXPORT_FILE = "cbinterp_export.json"
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "from_hf"]
 
@@ -168,6 +172,15 @@ def _tokenizer(tokenizer, path: Optional[Path]) -> Optional[PreTrainedTokenizerB
     raise TypeError(f"tokenizer must be a transformers tokenizer or a folder, got {type(tokenizer).__name__}.")
 
 
+def _exported_prepend_bos(path: Path) -> Optional[bool]:
+    """What the model `to_hf` exported into `path` did by default about BOS (None when it is no such export)."""
+    try:
+        value = json.loads((path / EXPORT_FILE).read_text()).get("default_prepend_bos")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, bool) else None
+
+
 def check_logits(hf_model: PreTrainedModel, model: HookedTransformer, n_tokens: int = 8, seed: int = 0) -> float:
     """Run both models on the same `n_tokens` random ids (from `seed`); return max |logit difference| (raise
     ValueError when it is too large to be rounding, so a conversion is never silently wrong)."""
@@ -200,6 +213,7 @@ def from_hf(
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
     n_ctx: Optional[int] = None,
+    default_prepend_bos: Optional[bool] = None,
     check: bool = True,
 ) -> HookedTransformer:
     """A Hugging Face causal LM as a HookedTransformer in eval mode, with its tokenizer attached; never online.
@@ -213,11 +227,14 @@ def from_hf(
         dtype: the model's dtype (default float32).
         n_ctx: the longest context the model takes (default: the config's); lower it for long-context models,
             whose causal-mask and rotary buffers grow with n_ctx squared and n_ctx.
+        default_prepend_bos: whether ``to_tokens`` etc. start text with BOS by default (default: what a `to_hf`
+            export in the folder records, else TransformerLens' choice for the family: False for GPT-NeoX / Pythia,
+            Phi, Qwen, Bloom).
         check: compare the two models' logits on a few tokens and refuse a conversion that disagrees (one short
             forward pass of each).
 
     The weights are converted unprocessed (no layer-norm folding or centring), so logits match the Hugging Face
-    model's; ``cfg.default_prepend_bos`` follows TransformerLens (False for GPT-NeoX / Pythia, for instance).
+    model's.
     """
     dtype = torch.float32 if dtype is None else dtype
     if not isinstance(dtype, torch.dtype):
@@ -238,7 +255,11 @@ def from_hf(
     else:
         raise TypeError(f"from_hf needs a folder or a transformers PreTrainedModel, got {type(source).__name__}.")
     tok = _tokenizer(tokenizer, path)
+    if default_prepend_bos is None and path is not None:
+        default_prepend_bos = _exported_prepend_bos(path)
     cfg, state = _hooked_config(hf_model, architecture, name, device, dtype, n_ctx)
+    if default_prepend_bos is not None:
+        cfg.default_prepend_bos = bool(default_prepend_bos)
     if "pos_embed.W_pos" in state:  # a learned position table longer than the n_ctx asked for
         state["pos_embed.W_pos"] = state["pos_embed.W_pos"][: cfg.n_ctx]
     model = HookedTransformer(cfg)
