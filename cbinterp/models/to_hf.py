@@ -1,0 +1,241 @@
+"""Export a HookedTransformer (one trained with cbinterp, say) to a Hugging Face folder that plain `transformers`
+loads with ``AutoModelForCausalLM.from_pretrained(folder)``, giving the same logits.
+
+cbinterp's models are pre-LayerNorm transformers with rotary attention, biases everywhere and an unembedding bias.
+GPT-NeoX would take everything but that last bias (its output layer has none, and the bias is not in the span of
+the unembedding, so it cannot be folded in). Phi (``PhiForCausalLM``) has it, but runs attention and MLP in
+parallel from one LayerNorm; a sequential block is therefore written as two Phi layers, the first with the block's
+attention (and an MLP of zeros), the second with its MLP (and an attention of zeros). Adding an exact zero changes
+nothing, so the export is exact; it costs the zero sublayers' compute. A model whose attention and MLP already run
+in parallel from one LayerNorm (e.g. one read from a Phi folder by `from_hf`) maps to one Phi layer per block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Union
+
+import einops
+import torch
+from jaxtyping import Float
+from transformer_lens import HookedTransformer
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+from transformers import PhiConfig, PhiForCausalLM
+
+from cbinterp.core.atomic import atomic_dir
+from cbinterp.core.attach import get_codebooks, require_hooked_transformer
+from cbinterp.models.from_hf import EXPORT_FILE  # written beside the Hugging Face files: layer map, files, BOS
+
+__all__ = ["EXPORT_FILE", "to_hf"]
+
+#: TransformerLens activation name -> the transformers name of the same function.
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_fast", "relu": "relu", "silu": "silu"}
+
+Tensor = torch.Tensor
+
+
+def _problems(model: HookedTransformer) -> list[str]:
+    """Every setting of `model` that a Phi model cannot reproduce exactly."""
+    cfg = model.cfg
+    wanted = {
+        "positional_embedding_type": "rotary",
+        "rotary_adjacent_pairs": False,
+        "attention_dir": "causal",
+        "attn_only": False,
+        "gated_mlp": False,
+        "final_rms": False,
+        "use_local_attn": False,
+        "use_attn_scale": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "use_qk_norm": False,
+        "use_NTK_by_parts_rope": False,
+        "use_yarn_rope": False,
+        "use_dynamic_ntk_rope": False,
+        "use_logn_attn": False,
+        "use_attention_sinks": False,
+        "post_embedding_ln": False,
+        "use_normalization_before_and_after": False,
+        "num_experts": None,
+        "clip_qkv": None,
+    }
+    out = [f"cfg.{k} is {getattr(cfg, k, v)!r} (needs {v!r})" for k, v in wanted.items() if getattr(cfg, k, v) != v]
+    if cfg.normalization_type not in ("LN", "LNPre"):
+        out.append(f"cfg.normalization_type is {cfg.normalization_type!r} (needs 'LN' or 'LNPre')")
+    if cfg.act_fn not in ACTIVATIONS:
+        out.append(f"cfg.act_fn is {cfg.act_fn!r} (needs one of {sorted(ACTIVATIONS)})")
+    if cfg.n_key_value_heads not in (None, cfg.n_heads):
+        out.append(f"cfg.n_key_value_heads is {cfg.n_key_value_heads} (grouped-query attention; needs n_heads)")
+    if cfg.d_head * cfg.n_heads != cfg.d_model:
+        out.append(f"d_head * n_heads = {cfg.d_head * cfg.n_heads} differs from d_model = {cfg.d_model}")
+    if cfg.d_vocab != cfg.d_vocab_out:
+        out.append(f"d_vocab {cfg.d_vocab} differs from d_vocab_out {cfg.d_vocab_out}")
+    if not math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head), rel_tol=1e-6):
+        out.append(f"cfg.attn_scale is {cfg.attn_scale} (needs sqrt(d_head) = {math.sqrt(cfg.d_head)})")
+    if (cfg.attn_scores_soft_cap or -1) > 0 or (cfg.output_logits_soft_cap or -1) > 0:
+        out.append("logit soft caps are set")
+    if getattr(cfg, "rotary_scaling_factor", 1.0) != 1.0:
+        out.append(f"cfg.rotary_scaling_factor is {cfg.rotary_scaling_factor} (needs 1.0)")
+    if cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        out.append(f"{cfg.original_architecture} normalises after each sublayer")
+    if cfg.positional_embedding_type == "rotary" and int(cfg.d_head * (cfg.rotary_dim / cfg.d_head)) != cfg.rotary_dim:
+        out.append(f"rotary_dim {cfg.rotary_dim} is not a fraction of d_head {cfg.d_head} Phi can express")
+    if cfg.parallel_attn_mlp and cfg.normalization_type == "LN":
+        for i, block in enumerate(model.blocks):
+            if not (torch.equal(block.ln1.w, block.ln2.w) and torch.equal(block.ln1.b, block.ln2.b)):
+                out.append(f"block {i} runs attention and MLP in parallel from two different LayerNorms")
+                break
+    return out
+
+
+def _norm(module, d_model: int) -> dict[str, Tensor]:
+    if hasattr(module, "w"):
+        return {"weight": module.w, "bias": module.b}
+    ones = torch.ones(d_model, dtype=module.cfg.dtype)  # LNPre: a LayerNorm with the identity affine map
+    return {"weight": ones, "bias": torch.zeros_like(ones)}
+
+
+def _attention(attn) -> dict[str, Tensor]:
+    def heads_in(w: Float[Tensor, "n_heads d_model d_head"]) -> Float[Tensor, "n_heads_d_head d_model"]:
+        return einops.rearrange(w, "n m h -> (n h) m")
+
+    def heads_bias(b: Float[Tensor, "n_heads d_head"]) -> Float[Tensor, " n_heads_d_head"]:
+        return einops.rearrange(b, "n h -> (n h)")
+
+    return {
+        "q_proj.weight": heads_in(attn.W_Q),
+        "q_proj.bias": heads_bias(attn.b_Q),
+        "k_proj.weight": heads_in(attn.W_K),
+        "k_proj.bias": heads_bias(attn.b_K),
+        "v_proj.weight": heads_in(attn.W_V),
+        "v_proj.bias": heads_bias(attn.b_V),
+        "dense.weight": einops.rearrange(attn.W_O, "n h m -> m (n h)"),
+        "dense.bias": attn.b_O,
+    }
+
+
+def _mlp(mlp) -> dict[str, Tensor]:
+    return {"fc1.weight": mlp.W_in.T, "fc1.bias": mlp.b_in, "fc2.weight": mlp.W_out.T, "fc2.bias": mlp.b_out}
+
+
+def _zeros(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: torch.zeros_like(v) for k, v in tensors.items()}
+
+
+def phi_state_dict(model: HookedTransformer) -> tuple[dict[str, Tensor], list[dict]]:
+    """The PhiForCausalLM state dict of `model` (checked by `to_hf`), and which block part each Phi layer holds."""
+    d_model = model.cfg.d_model
+    state: dict[str, Tensor] = {"model.embed_tokens.weight": model.W_E}
+    layout: list[dict] = []
+
+    def layer(ln, attention: dict, mlp: dict, part: dict) -> None:
+        prefix = f"model.layers.{len(layout)}."
+        state.update({f"{prefix}input_layernorm.{k}": v for k, v in _norm(ln, d_model).items()})
+        state.update({f"{prefix}self_attn.{k}": v for k, v in attention.items()})
+        state.update({f"{prefix}mlp.{k}": v for k, v in mlp.items()})
+        layout.append(part)
+
+    for i, block in enumerate(model.blocks):
+        attention, mlp = _attention(block.attn), _mlp(block.mlp)
+        if model.cfg.parallel_attn_mlp:
+            layer(block.ln1, attention, mlp, {"block": i, "holds": "attention and MLP"})
+        else:
+            layer(block.ln1, attention, _zeros(mlp), {"block": i, "holds": "attention (its MLP is zeros)"})
+            layer(block.ln2, _zeros(attention), mlp, {"block": i, "holds": "MLP (its attention is zeros)"})
+    state.update({f"model.final_layernorm.{k}": v for k, v in _norm(model.ln_final, d_model).items()})
+    state["lm_head.weight"] = model.W_U.T
+    state["lm_head.bias"] = model.b_U
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, layout
+
+
+def phi_config(model: HookedTransformer, n_layers: int) -> PhiConfig:
+    cfg = model.cfg
+    tokenizer = getattr(model, "tokenizer", None)
+    ids = {}
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        ids["pad_token_id"] = tokenizer.pad_token_id
+    return PhiConfig(
+        vocab_size=cfg.d_vocab,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        hidden_act=ACTIVATIONS[cfg.act_fn],
+        max_position_embeddings=cfg.n_ctx,
+        layer_norm_eps=cfg.eps,
+        tie_word_embeddings=False,
+        qk_layernorm=False,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": float(cfg.rotary_base),
+            "partial_rotary_factor": cfg.rotary_dim / cfg.d_head,
+        },
+        dtype="float32",
+        **ids,
+    )
+
+
+def _check_replaceable(path: Path) -> None:
+    """Replace only an empty folder or an earlier export holding nothing but the files it wrote."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"Refusing to export to {path}: a file is there. Choose another folder.")
+    entries = {p.name for p in path.iterdir()}
+    if not entries:
+        return
+    try:
+        written = set(json.loads((path / EXPORT_FILE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        written = set()
+    if not written or not entries <= written | {EXPORT_FILE}:
+        raise FileExistsError(
+            f"Refusing to export to {path}: it holds files that an earlier to_hf did not write. Choose an empty or "
+            f"new folder."
+        )
+
+
+def to_hf(model: HookedTransformer, folder: Union[str, os.PathLike]) -> Path:
+    """Write `model` (without codebooks) as a Hugging Face PhiForCausalLM folder, with its tokenizer; returns it.
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` then gives the same logits (float32), and
+    `cbinterp.models.from_hf(folder)` reads it back. A sequential block becomes two Phi layers (see the module
+    docstring); ``cbinterp_export.json`` in the folder says which. The write is atomic, and replaces only an empty
+    folder or an earlier export. Settings Phi cannot reproduce exactly are refused, each named.
+    """
+    require_hooked_transformer(model)
+    codebooks = get_codebooks(model)
+    if codebooks:
+        raise ValueError(
+            f"The model has codebooks attached ({', '.join(codebooks)}); Hugging Face architectures have no "
+            f"codebooks. Export the base model: `cbinterp.detach_codebooks(model)` (its logits then differ from the "
+            f"model with codebooks), or the model the codebooks were trained on."
+        )
+    problems = _problems(model)
+    if problems:
+        raise ValueError(
+            "This model cannot be exported exactly as a Hugging Face PhiForCausalLM: " + "; ".join(problems) + "."
+        )
+    state, layout = phi_state_dict(model)
+    hf_model = PhiForCausalLM(phi_config(model, len(layout)))
+    hf_model.load_state_dict(state, strict=True)
+    path = Path(folder).expanduser()
+    with atomic_dir(path, check=_check_replaceable) as tmp:
+        hf_model.save_pretrained(str(tmp))
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        files = sorted(p.name for p in tmp.iterdir())
+        record = {
+            "format": "cbinterp-hf-export",
+            "architecture": "PhiForCausalLM",
+            "default_prepend_bos": bool(model.cfg.default_prepend_bos),
+            "layers": layout,
+            "files": files,
+        }
+        (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return path
