@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+__all__ = ["atomic_dir", "atomic_file", "recover_dir", "remove_stale_temps", "stale_temps"]
+
 
 def current_umask() -> int:
     """The process's umask, read without changing it where the platform tells (Linux), else set and restored."""

@@ -46,6 +46,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+__all__ = ["applies", "argmax", "available", "matmul_search"]
+
 logger = logging.getLogger(__name__)
 
 #: Returned as the id of a row that the kernel left to the caller (non-finite, or scores that could overflow).

@@ -30,6 +30,8 @@ from cbinterp.core.codebook import Codebook
 from cbinterp.core.heads import is_missing_head
 from cbinterp.core.naming import CODES_SUFFIX, codes_hook_name, did_you_mean
 
+__all__ = ["ablate_codes", "force_codes", "generate_with_codes", "intervene", "replace_codes", "steering_hooks"]
+
 HookFn = Callable[..., Tensor]
 Hook = tuple[str, HookFn]
 CodesLike = Union[int, Sequence[int], Tensor]

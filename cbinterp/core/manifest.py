@@ -22,6 +22,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+__all__ = ["MANIFEST_FILE", "ResumeWarning", "read_manifest", "verify_dir", "verify_file"]
+
 
 class ResumeWarning(UserWarning):
     """`train` or `cache_codes` continues what an earlier run left (the message says from where)."""

@@ -43,6 +43,8 @@ from cbinterp.core.io import MODEL_FILES, WEIGHTS_FILE, load_weights, model_desc
 from cbinterp.core.manifest import ResumeWarning
 from cbinterp.core.metrics import TrainLogger
 
+__all__ = ["TrainConfig", "TrainResult", "train"]
+
 Batches = Union[Callable[[int], Tensor], Iterable[Tensor], Tensor]
 TRAINER_FILE = "trainer.json"
 TRAINER_TENSORS = "trainer.safetensors"
