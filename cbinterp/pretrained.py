@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 from transformer_lens import HookedTransformer
 
 from cbinterp.core.io import load
+from cbinterp.recipes.model_card import CARD_FILE, MODEL_DIR, TOKENIZER_DIR
 from cbinterp.tasks.text import attach_tokenizer, load_tokenizer
 
 __all__ = [
@@ -38,7 +39,6 @@ MODELS_DIR = Path(__file__).resolve().parent / "assets" / "models"
 DEFAULT_MODEL = "english-codebook"
 #: The same network before codebooks were attached (phase (a) of the recipe), without codebooks.
 BASELINE_MODEL = "english-baseline"
-MODEL_DIR, TOKENIZER_DIR, CARD_FILE = "model", "tokenizer", "card.json"
 
 PathLike = Union[str, os.PathLike]
 

@@ -29,11 +29,11 @@ def cb_model():
 
 
 def docs() -> tuple[torch.Tensor, torch.Tensor]:
-    """11 documents of up to 8 tokens, right-padded, one of them empty, one with a hole in its mask."""
+    """11 documents of up to 8 tokens, right-padded (padding marked -1), one of them empty."""
     tokens = torch.randint(0, 11, (11, 8), generator=torch.Generator().manual_seed(5))
     lengths = torch.tensor([8, 5, 8, 0, 3, 8, 8, 6, 1, 8, 7])
     mask = torch.arange(8)[None, :] < lengths[:, None]
-    mask[6, 2] = False  # positions 0, 1, 3, ...: this document's chunk stores pos
+    tokens = tokens.masked_fill(~mask, -1)  # padding may hold any id: it is never run as itself nor cached
     return tokens, mask
 
 

@@ -466,10 +466,10 @@ def test_empty_sites_are_refused(model):
 
 
 def test_data_errors_name_the_step(model):
-    with pytest.raises(ValueError, match="ran out at step 0"):
+    with pytest.raises(ValueError, match="got 0 batches for steps=3"):
         train(model, [], cfg())
     with pytest.raises(ValueError, match="ran out at step 2"):
-        train(model, [batch_fn()(0), batch_fn()(1)], cfg(steps=3))
+        train(model, iter([batch_fn()(0), batch_fn()(1)]), cfg(steps=3))
     with pytest.raises(ValueError, match="step 0 is empty"):
         train(model, lambda step: torch.zeros(4, 0, dtype=torch.long), cfg())
     with pytest.raises(ValueError, match="n_ctx=16"):

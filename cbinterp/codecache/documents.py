@@ -47,7 +47,7 @@ def subset_cache(
         arrays[f"codes/{name}"] = cache._get(f"codes/{name}")[keep]
     for hook in cache.hook_names:
         arrays[f"act/{hook}"] = cache._get(f"act/{hook}")[keep]
-    meta = {k: v for k, v in cache.meta.items() if k != "chunks"}
+    meta = {k: v for k, v in cache.meta.items() if k not in ("chunks", "meta_sha256")}  # its own numbers below
     meta["n_tokens"] = int(keep.sum())
     meta["n_docs"] = int(torch.unique(arrays["doc"]).numel())
     return CodeCache(meta, arrays=arrays, tokenizer=cache.tokenizer)
@@ -69,9 +69,13 @@ def cache_documents(
 ) -> CodeCache:
     """Cache the codes (and `hooks`' activations) of `documents` (a `DocumentTokens` from `tokenize_documents`),
     keeping only text tokens (no BOS, no padding). `doc` is the document index and `pos` the
-    place of the token in its document (rows laid end to end, BOS not counted)."""
-    tokens, mask, doc_index = documents.tokens, documents.mask, documents.doc_index
-    cache = cache_codes(model, tokens, batch_size=batch_size, hooks=hooks, progress=progress)
+    place of the token in its document (rows laid end to end, BOS not counted).
+
+    Real tokens (mask True) must be ids in [0, d_vocab); padding (mask False, after the text) may hold any id: it
+    is never run as itself nor cached."""
+    tokens, mask, doc_index = _checked_documents(documents)
+    # padding is not cached: the cache holds each row's BOS and text, row after row
+    cache = cache_codes(model, tokens, mask=mask, batch_size=batch_size, hooks=hooks, progress=progress)
     rows, seq = tokens.shape
     body = seq - 1
     row_in_doc = torch.zeros(rows, dtype=torch.long)
@@ -80,5 +84,28 @@ def cache_documents(
     position = row_in_doc[:, None] * body + torch.arange(seq)[None, :] - 1  # BOS (dropped) would get row start - 1
     keep = text_token_mask(mask)
     doc = doc_index[:, None].expand(rows, seq)
-    # the flat order of cache_codes is row-major over (rows, seq), as here
-    return subset_cache(cache, keep.reshape(-1), doc=doc.reshape(-1), pos=position.clamp(min=0).reshape(-1))
+    # the flat order of cache_codes is row-major over the real positions of (rows, seq), as indexing by `mask`
+    return subset_cache(cache, keep[mask], doc=doc[mask], pos=position.clamp(min=0)[mask])
+
+
+def _checked_documents(documents) -> tuple[Tensor, Tensor, Tensor]:
+    """The tokens, mask and doc_index of a `DocumentTokens`, checked to fit one another (ids are checked by
+    `cache_codes`)."""
+    tokens, mask = torch.as_tensor(documents.tokens), torch.as_tensor(documents.mask)
+    doc_index = torch.as_tensor(documents.doc_index).reshape(-1)
+    if tokens.dim() != 2 or mask.dtype != torch.bool or mask.shape != tokens.shape or len(doc_index) != len(tokens):
+        raise ValueError(
+            f"documents must be a DocumentTokens (tokenize_documents): tokens (rows, seq), a bool mask of that shape "
+            f"and one doc_index per row; got tokens {tuple(tokens.shape)}, mask {mask.dtype} {tuple(mask.shape)}, "
+            f"doc_index {tuple(doc_index.shape)}."
+        )
+    starts = torch.ones(len(doc_index), dtype=torch.bool)
+    starts[1:] = doc_index[1:] != doc_index[:-1]
+    firsts = doc_index[starts]
+    if firsts.unique().numel() != firsts.numel():
+        repeated = int(next(d for d in firsts.unique() if int((firsts == d).sum()) > 1))
+        raise ValueError(
+            f"The rows of document {repeated} are not consecutive in doc_index; a document's rows must follow one "
+            "another (as tokenize_documents lays them out), or their positions cannot be numbered."
+        )
+    return tokens, mask, doc_index

@@ -8,8 +8,10 @@ every (codebook, head, code) separately.
 
 An ungrouped (MLP) codebook has no head: pass `head=None` (the default). A missing value (`pd.NA`, what the
 `head` column of a table holds for such a codebook) means the same, so `head=row.head` works for any table row;
-`head=0` is still accepted for an ungrouped codebook (its only group), any other head is an error
-(`cbinterp.core.heads`).
+`head=0` is still accepted for an ungrouped codebook (its only group), any other head is an error, and so is a
+negative head (`cbinterp.core.heads`: the one rule the interventions' `heads=` follow too).
+
+Counts (`n`, `max_examples`, `window`) and `seed` are ints (never bools or floats) at or above their bound.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from cbinterp.codecache.features import VocabularyLike, doc_token_indices
 from cbinterp.codecache.vocab import vocabulary_of
+from cbinterp.core.checks import check_token_ids, is_int
 from cbinterp.core.codes import dedupe_codes
 from cbinterp.core.heads import as_index as _as_index
 from cbinterp.core.heads import check_head
@@ -57,6 +60,15 @@ def head_of(cache, name: str, head) -> Optional[int]:
     """`head` of codebook `name` in `cache` as checked by `check_head`: an index, or None for no head."""
     codes = _codes_of(cache, name, stored=True)
     return check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
+
+
+def _count(value, what: str, low: int) -> int:
+    """`value` as an int >= `low`; a bool, a float (even 2.0) or a smaller int is refused."""
+    if not is_int(value):
+        raise TypeError(f"{what} must be an int >= {low}, got {value!r} ({type(value).__name__}).")
+    if value < low:
+        raise ValueError(f"{what} must be an int >= {low}, got {value}.")
+    return int(value)
 
 
 def _check_code(cache, name: str, code: int) -> int:
@@ -97,7 +109,11 @@ def codes_for_token(cache, name: str, token_id: int, head: Optional[int] = None)
     """The codes that fire on occurrences of `token_id`: columns `code`, `count` (occurrences on which it fires;
     (occurrence, head) pairs for head=None on a per-head codebook) and `share` (count / occurrences of the token),
     most frequent first (ties: lower code)."""
-    at = cache.tokens == int(token_id)
+    token_id = _count(token_id, "token_id", 0)
+    d_vocab = (getattr(cache, "meta", None) or {}).get("model", {}).get("d_vocab")
+    if d_vocab is not None:
+        check_token_ids(torch.tensor([token_id]), int(d_vocab), "token_id")
+    at = cache.tokens == token_id
     n_occ = int(at.sum())
     codes = _head_codes(cache, name, head)[at]
     rows = dedupe_codes(codes.reshape(-1, codes.shape[-1])).reshape(-1)
@@ -174,16 +190,18 @@ def code_contexts(
     decoded through a `Vocabulary` (`token_strings` may be a tokenizer; None takes the cache's own), each piece
     as a whole.
     """
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}.")
-    if sample not in SAMPLES:
+    window = _count(window, "window", 0)
+    if max_examples is not None:
+        max_examples = _count(max_examples, "max_examples (None for all)", 1)
+    seed = _count(seed, "seed", 0)
+    if not isinstance(sample, str) or sample not in SAMPLES:
         raise ValueError(f"sample must be one of {SAMPLES}, got {sample!r}.")
     where = torch.nonzero(code_fires(cache, name, code, head)).flatten().numpy()
-    if max_examples is not None and len(where) > int(max_examples):
+    if max_examples is not None and len(where) > max_examples:
         if sample == "first":
-            where = where[: int(max_examples)]
+            where = where[:max_examples]
         else:
-            pick = np.random.default_rng(seed).choice(len(where), size=int(max_examples), replace=False)
+            pick = np.random.default_rng(seed).choice(len(where), size=max_examples, replace=False)
             where = where[np.sort(pick)]
     if len(where) == 0:
         return []
@@ -231,11 +249,12 @@ def top_tokens(
     """The `n` tokens on which `code` fires most often: columns `token` (id), `text` (when the cache knows its
     text, or `token_strings` is given), `count` and `share` (count / tokens at which the code fires); ties: lower
     token id first."""
+    n = _count(n, "n", 1)
     fires = code_fires(cache, name, code, head)
     toks = _stored_tokens(cache)[fires].long()
     counts = torch.bincount(toks).numpy() if len(toks) else np.zeros(0, dtype=np.int64)
     ids = np.flatnonzero(counts)
-    ids = ids[np.lexsort((ids, -counts[ids]))][: int(n)].astype(np.int64)
+    ids = ids[np.lexsort((ids, -counts[ids]))][:n].astype(np.int64)
     table = {"token": ids}
     if token_strings is not None or getattr(cache, "vocabulary", None) is not None:
         vocab = vocabulary_of(cache, token_strings)
@@ -247,7 +266,8 @@ def top_tokens(
 
 def codes_at(cache, doc: int, pos: int) -> dict[str, Tensor]:
     """Every codebook's code ids at token (`doc`, `pos`): `(k,)` or `(heads, k)` per codebook name."""
-    hit = torch.nonzero((cache.doc == int(doc)) & (cache.pos == int(pos))).flatten()
+    doc, pos = _count(doc, "doc", 0), _count(pos, "pos", 0)
+    hit = torch.nonzero((cache.doc == doc) & (cache.pos == pos)).flatten()
     if len(hit) == 0:
         raise KeyError(f"No token at doc {doc}, pos {pos} in this cache.")
     i = int(hit[0])

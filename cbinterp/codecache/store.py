@@ -11,18 +11,21 @@ skips. Token ids, document index and position are ``int32`` on disk; activations
 On disk (``directory=...``) the cache is a cbinterp folder (see `cbinterp.core.manifest`) of kind
 "cbinterp-code-cache": chunk files, each holding consecutive whole documents and written atomically, and the marker
 ``cbinterp.json``, rewritten atomically, which holds the metadata, the sha256 of every chunk, and the fingerprints
-of the model's weights and of the documents cached. Layout 2 (``"layout": 2`` in the marker, this version):
-``chunk_d<first doc, 12 digits>.safetensors`` holds ``doc_lengths`` (int64, one per document: the document
-offsets), ``tokens``, ``codes/<codebook>``, ``act/<hook>`` and, only where a mask leaves positions that are not 0,
-1, ... in a row, ``pos``; its safetensors header records its documents and their fingerprint, so a finished chunk
-that the marker does not list yet (another rank's, or a killed run's) is adopted by the next run. Layout 1 (older
-caches: ``chunk_000000.safetensors`` with int32 ``doc`` and ``pos`` per token) is still read, but not resumed.
+of the model's weights and of the documents cached, the whole covered by its own ``meta_sha256``
+(`cbinterp.codecache.integrity`: edited metadata, chunk names leaving the folder, links and damaged chunks are
+refused). Layout 2 (``"layout": 2`` in the marker, this version): ``chunk_d<first doc, 12 digits>.safetensors``
+holds ``doc_lengths`` (int64, one per document: the document offsets), ``tokens``, ``codes/<codebook>``,
+``act/<hook>`` and, in caches of older versions that took masks with holes, ``pos``; its safetensors header records
+its documents, their fingerprint and the run's, so a finished chunk that the marker does not list yet (another
+rank's, or a killed run's) is adopted by the next run of the same kind. Layout 1 (older caches:
+``chunk_000000.safetensors`` with int32 ``doc`` and ``pos`` per token) is still read, but not resumed.
 
 The marker lists the chunks that cover documents 0.. without a gap, so what opens is always a whole cache of the
 first ``n_docs`` documents. An interrupted run keeps its finished chunks; running `cache_codes` again on the same
-folder with the same model, weights and data (any batch size, any number of ranks) skips the documents already
-cached (checking that they are the same) and caches the rest; anything else is refused. Under `torch.distributed`
-the ranks write disjoint chunks into the same folder and rank 0 alone writes the marker, once all are done.
+folder with the same model, weights, data, hooks on the model, codebook modes and settings
+(`cbinterp.codecache.conditions`; any batch size, any number of ranks) skips the documents already cached (checking
+that they are the same) and caches the rest; anything else is refused. Under `torch.distributed` the ranks write
+disjoint chunks into the same folder and rank 0 alone writes the marker, once all are done.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool
@@ -44,7 +47,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from cbinterp.codecache import conditions as cond
+from cbinterp.codecache import integrity
 from cbinterp.codecache._dist import barrier, broadcast_from_zero, gather_all, rank_and_world
+from cbinterp.codecache.inputs import batches as _batches
 from cbinterp.codecache.vocab import Vocabulary
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import _pid_alive, atomic_file
@@ -177,48 +183,16 @@ def _check_hooks(model: HookedTransformer, hooks: Sequence[str]) -> list[str]:
     return hooks
 
 
-def _batches(
-    tokens_or_iterable, batch_size: int, mask: Optional[Tensor] = None
-) -> tuple[Iterator[tuple[Tensor, Optional[Tensor]]], Optional[int]]:
-    """(tokens, mask) batches of at most batch_size documents, and the number of documents if known. Items of an
-    iterable are token tensors or `(tokens, mask)` pairs; a mask is bool of the tokens' shape (True = real)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-
-    def split(t, m) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
-        t = torch.as_tensor(t)
-        if t.dim() == 1:
-            t = t.unsqueeze(0)
-        if t.dim() != 2 or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(
-                f"Expected an int tensor of token ids of shape (n_docs, seq), got {t.dtype} {tuple(t.shape)}."
-            )
-        if m is not None:
-            m = torch.as_tensor(m)
-            m = m.unsqueeze(0) if m.dim() == 1 else m
-            if m.dtype != torch.bool or m.shape != t.shape:
-                raise ValueError(
-                    f"mask must be a bool tensor of the tokens' shape {tuple(t.shape)} (True where a token is real, "
-                    f"False on padding), got {m.dtype} {tuple(m.shape)}."
-                )
-        for start in range(0, t.shape[0], batch_size):
-            yield t[start : start + batch_size], (None if m is None else m[start : start + batch_size])
-
-    if isinstance(tokens_or_iterable, Tensor):
-        t = tokens_or_iterable
-        return split(t, mask), (t.shape[0] if t.dim() == 2 else 1)
-    if mask is not None:
-        raise ValueError("mask= goes with a token tensor; give an iterable's masks as (tokens, mask) pairs instead.")
-
-    def gen():
-        for item in tokens_or_iterable:
-            yield from split(*item) if isinstance(item, (tuple, list)) and len(item) == 2 else split(item, None)
-
-    return gen(), None
-
-
 def _chunk_name(first_doc: int) -> str:
     return f"chunk_d{first_doc:012d}.safetensors"
+
+
+def _run_fingerprint(meta: dict) -> str:
+    """What a chunk's header records of the run that made it, beside the weights: model, hooks, conditions,
+    settings (a chunk is adopted by a later run only when they are the same)."""
+    keys = ("codebooks", "model", "weights_sha256", "hooks", "conditions", "activation_dtype", "token_strings")
+    body = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _combined_fingerprint(entries: Sequence[dict]) -> str:
@@ -233,8 +207,9 @@ class _Writer:
     """Collects one contiguous run of documents at a time and writes it as one chunk (directory mode), or keeps
     every piece (memory mode)."""
 
-    def __init__(self, directory: Optional[Path], weights_sha256: str, on_chunk=None):
+    def __init__(self, directory: Optional[Path], weights_sha256: str, run_sha256: Optional[str], on_chunk=None):
         self.directory, self.weights_sha256, self.on_chunk = directory, weights_sha256, on_chunk
+        self.run_sha256 = run_sha256
         self.kept: list[dict[str, Tensor]] = []
         self._reset()
 
@@ -285,7 +260,8 @@ class _Writer:
         with atomic_file(self.directory / name) as tmp:
             # serialised here and written to our own temporary: safetensors' save_file makes a temporary of its
             # own (".tmpXXXXXX") beside the target, which a killed writer would leave in the cache folder
-            header = {_CHUNK_INFO: json.dumps({**info, "weights_sha256": self.weights_sha256})}
+            run = {"weights_sha256": self.weights_sha256, "run_sha256": self.run_sha256}
+            header = {_CHUNK_INFO: json.dumps({**info, **run})}
             tmp.write_bytes(save_tensors({k: v.contiguous() for k, v in merged.items()}, metadata=header))
             entry = mf.file_entry(tmp)
         self._reset()
@@ -295,7 +271,7 @@ class _Writer:
 
 def _write_meta(directory: Path, meta: dict) -> None:
     with atomic_file(directory / META_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.write_text(json.dumps(integrity.seal(meta), indent=2))
 
 
 def _read_meta(directory: Path, check_files: bool = False) -> dict:
@@ -308,8 +284,11 @@ def _read_meta(directory: Path, check_files: bool = False) -> dict:
             raise ValueError(f"Damaged code cache metadata {path}: {err}.") from err
         if meta.get("format") != FORMAT_NAME or meta.get("version") != 1:
             raise ValueError(f"{path} is not a cbinterp code cache (format {meta.get('format')!r}).")
+        if not isinstance(meta.get("chunks"), list):
+            raise ValueError(f"Damaged code cache metadata {path}: no valid 'chunks'.")
+        integrity.check_marker(directory, meta)
         return meta
-    meta = mf.verify_dir(directory, (mf.CODE_CACHE,), "code cache", check_files=check_files)
+    meta = mf.verify_dir(directory, (mf.CODE_CACHE,), "code cache", check_files=False)
     for key, kind in (("codebooks", dict), ("hooks", list), ("chunks", list), ("n_tokens", int), ("n_docs", int)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"Damaged code cache marker {directory / META_FILE}: no valid {key!r}.")
@@ -319,11 +298,23 @@ def _read_meta(directory: Path, check_files: bool = False) -> dict:
             f"The code cache at {directory} has layout {layout!r}, newer than this cbinterp reads (up to {LAYOUT}); "
             "upgrade cbinterp."
         )
+    integrity.check_marker(directory, meta)
+    if "run_sha256" in meta and meta["run_sha256"] != _run_fingerprint(meta):  # checked against every chunk's too
+        raise ValueError(
+            f"The metadata in {directory / META_FILE} was changed after cbinterp wrote it: the model, codebooks, "
+            "hooks or conditions it records no longer give its run_sha256. Restore the marker, or delete the folder "
+            "and run cache_codes again."
+        )
+    if check_files:  # presence, no link, size and sha256 of each, with an error naming the file and the fix
+        for name in meta["files"]:
+            integrity.check_member(directory, meta, name)
     return meta
 
 
 def _chunk_info(file: Path) -> Optional[dict]:
     """What a chunk file of this layout says about itself (its header), or None if it is not one."""
+    if file.is_symlink():  # never read through a link, not even to adopt it
+        return None
     try:
         with safe_open(str(file), framework="pt") as f:
             info = json.loads((f.metadata() or {})[_CHUNK_INFO])
@@ -347,6 +338,8 @@ def _pending_chunks(path: Path, meta: dict) -> dict[str, dict]:
         info = _chunk_info(file)
         if info is None or info["weights_sha256"] != meta.get("weights_sha256"):
             continue
+        if info.get("run_sha256") is None or info.get("run_sha256") != meta.get("run_sha256"):
+            continue  # made under other conditions (hooks, observed codebooks, settings), or by an older cbinterp
         start, end = info["first_doc"], info["first_doc"] + info["n_docs"]
         if any(start < b and a < end for a, b in taken):
             continue
@@ -436,6 +429,7 @@ def _open_for_writing(path: Path, meta: dict, identity: dict, hooks: list[str]) 
         raise ValueError(
             f"The cache at {path} stores hooks {old.get('hooks')}, not {hooks}; use the same hooks to resume."
         )
+    cond.check_same_run(path, old, meta)
     old["layout"] = LAYOUT
     _clean_debris(path, old, keep=_pending_chunks(path, old))
     return old
@@ -476,7 +470,8 @@ def cache_codes(
     """Run `model` over documents and record every codebook's code ids for every token.
 
     Args:
-        tokens_or_iterable: a `(n_docs, seq)` int tensor of token ids, or an iterable of such batches.
+        tokens_or_iterable: a `(n_docs, seq)` int tensor of token ids, or an iterable of such batches (or of
+            single documents of any length: tensors or lists of ids).
         batch_size: documents per forward pass.
         hooks: hook names whose activations are stored too (as `activation_dtype`), e.g. "blocks.0.mlp.hook_post".
         directory: stream to this folder in chunk files (resuming a previous, interrupted run there);
@@ -486,9 +481,10 @@ def cache_codes(
         tokenizer_name: recorded with the model's metadata when the tokenizer is not the model's own
             (`model.tokenizer`), so that a cache resumed or checked with another tokenizer is refused.
         mask: bool `(n_docs, seq)` beside a token tensor, False on padding (e.g. `tokenize_documents(...).mask`);
-            for an iterable, give `(tokens, mask)` pairs. Masked positions are run through the model (they sit
-            after the real tokens, so they change nothing before them) but not cached: they count in no
-            statistic, and `pos` keeps every real token's place in its row.
+            for an iterable, give `(tokens, mask)` pairs. Padding must come after a row's real tokens (each row's
+            True positions a prefix; left padding and holes are refused, see `cbinterp.codecache.inputs`); it is run
+            as token 0 (after the real tokens of a causal model, it changes nothing of theirs), may hold any id, and
+            is not cached. Without a mask every id must lie in [0, d_vocab).
         token_strings: one string per token id, kept in the cache as its text, for models without a tokenizer
             (e.g. the FSM's digits). Otherwise the model's tokenizer is kept (its files, on disk), so queries,
             probes and views read the cache's text without being told how.
@@ -516,6 +512,14 @@ def cache_codes(
             f"cache_codes runs under torch.distributed ({world} ranks) and needs directory=...: the ranks write "
             "their shares into one cache folder. Pass a directory (the same on every rank), or cache in one process."
         )
+    cond.check_runnable(model)
+    if not isinstance(activation_dtype, torch.dtype) or not activation_dtype.is_floating_point:
+        raise ValueError(
+            f"activation_dtype must be a floating torch dtype (e.g. torch.float32), got {activation_dtype!r}."
+        )
+    # token ids and masks are checked here, a tensor's whole before anything is written; an iterable's per batch
+    causal = getattr(model.cfg, "attention_dir", "causal") != "bidirectional"
+    batches, total = _batches(tokens_or_iterable, batch_size, mask, model.cfg.d_vocab, causal)
     identity = _model_meta(model, tokenizer_name)
     meta = {
         "format": FORMAT_NAME,
@@ -530,10 +534,13 @@ def cache_codes(
         "files": {},
         "data_sha256": _combined_fingerprint([]),
         "seq_lens": [],
+        "conditions": cond.run_conditions(model),
+        "activation_dtype": str(activation_dtype).removeprefix("torch."),
     }
     tokenizer = getattr(model, "tokenizer", None) if token_strings is None else None
     if token_strings is not None:
         meta["token_strings"] = _checked_strings(token_strings, model.cfg.d_vocab)
+    meta["run_sha256"] = _run_fingerprint(meta)
     path = None
     known: dict[str, dict] = {}  # chunk name -> entry: listed, adoptable and (rank 0, one process) new ones
     file_entries: dict[str, dict] = {}
@@ -577,8 +584,7 @@ def cache_codes(
         if world == 1:  # one process: the marker follows every chunk, so an interrupted run keeps its prefix
             _relist(path, meta, known, file_entries)
 
-    writer = _Writer(path, meta["weights_sha256"], on_chunk=chunk_done)
-    batches, total = _batches(tokens_or_iterable, batch_size, mask)
+    writer = _Writer(path, meta["weights_sha256"], meta.get("run_sha256"), on_chunk=chunk_done)
     doc_index = 0  # documents seen so far in the input (including skipped ones)
     seen_tokens = 0
     block, block_tokens = 0, 0  # blocks of ~chunk_tokens cached tokens, block i cached by rank i % world
@@ -727,7 +733,8 @@ def cache_codes(
         meta = _read_meta(path)
     if resumed and path is not None and rank == 0:
         warnings.warn(
-            f"Resumed the code cache at {path}: {already} documents were already cached (checked to be the same), "
+            f"Resumed the code cache at {path}: {already} documents were already cached (checked to be the same "
+            "documents, made by the same model, weights, hooks and codebook modes), "
             f"{meta['n_docs'] - already} added.",
             ResumeWarning,
             stacklevel=3,
@@ -772,11 +779,12 @@ class _Part:
     def __init__(self, first_doc: int, n_docs: int, n_tokens: int, keys: Optional[set] = None, file=None, arrays=None):
         self.first_doc, self.n_docs, self.n_tokens = first_doc, n_docs, n_tokens
         self.file, self.arrays, self._keys = file, arrays, keys
+        self.opener = None  # set by CodeCache: opens the file once it is checked
 
     @property
     def keys(self) -> set:
         if self._keys is None:
-            with safe_open(str(self.file), framework="pt") as f:
+            with self.opener(self) as f:
                 self._keys = set(f.keys())
         return self._keys
 
@@ -812,7 +820,7 @@ class CodeCache:
         """The tokenizer the cache was made with (kept from the model), or None."""
         if self._tokenizer is None and self.meta.get("tokenizer_files") and self.directory is not None:
             for name in self.meta["tokenizer_files"]:
-                mf.verify_file(self.directory, self.meta, name, "code cache")
+                integrity.check_member(self.directory, self.meta, name)
             self._tokenizer = load_tokenizer(self.directory)
         return self._tokenizer
 
@@ -841,22 +849,32 @@ class CodeCache:
                 self._part_list = [_Part(0, n_docs, n_tokens, keys=set(self._arrays), arrays=self._arrays)]
             else:
                 parts, first = [], 0
-                for chunk in sorted(self.meta["chunks"], key=lambda c: c.get("first_doc", 0)):
+                for chunk in self.meta["chunks"]:  # checked on open: in document order, names inside the folder
                     first = chunk.get("first_doc", first)  # layout 1 chunks follow each other in listed order
-                    parts.append(_Part(first, chunk["n_docs"], chunk["n_tokens"], file=self.directory / chunk["file"]))
+                    part = _Part(first, chunk["n_docs"], chunk["n_tokens"], file=self.directory / chunk["file"])
+                    part.opener = self._open_part
+                    parts.append(part)
                     first += chunk["n_docs"]
                 self._part_list = parts
         return self._part_list
+
+    def _open_part(self, part: _Part):
+        """The chunk file of `part`, opened; checked first (the first time): a file of the folder, no link, its
+        recorded size and sha256, and a header that agrees with the marker."""
+        name = part.file.name
+        if name not in self._verified:
+            integrity.check_member(self.directory, self.meta, name)
+            header = _chunk_info(part.file) if self.meta.get("layout", 1) >= 2 else None
+            entry = {"first_doc": part.first_doc, "n_docs": part.n_docs, "n_tokens": part.n_tokens}
+            integrity.check_header(self.directory, name, entry, header, self.meta)
+            self._verified.add(name)
+        return integrity.open_chunk(part.file)
 
     def _read(self, part: _Part, key: str) -> Tensor:
         """One array of one part, as stored."""
         if part.arrays is not None:
             return part.arrays[key]
-        name = part.file.name
-        if name not in self._verified and "files" in self.meta:  # checked against its sha256 before it is read
-            mf.verify_file(self.directory, self.meta, name, "code cache")
-            self._verified.add(name)
-        with safe_open(str(part.file), framework="pt") as f:
+        with self._open_part(part) as f:
             return f.get_tensor(key)
 
     def _raw(self, key: str) -> Tensor:
@@ -878,7 +896,16 @@ class CodeCache:
         return self._raw(key)
 
     def _part_lengths(self, part: _Part) -> Optional[Tensor]:
-        return self._read(part, "doc_lengths").long() if "doc_lengths" in part.keys else None
+        if "doc_lengths" not in part.keys:
+            return None
+        lengths = self._read(part, "doc_lengths").long()
+        if lengths.shape != (part.n_docs,) or int(lengths.sum()) != part.n_tokens:
+            raise ValueError(
+                f"The chunk {part.file} holds {lengths.numel()} documents of {int(lengths.sum())} tokens, but the "
+                f"marker lists it with {part.n_docs} documents of {part.n_tokens} tokens. Restore the cache, or delete "
+                "the folder and run cache_codes again."
+            )
+        return lengths
 
     @property
     def doc_offsets(self) -> Optional[Tensor]:

@@ -104,17 +104,22 @@ def _per_site(value: PerSite, site: str, hook_name: str, what: str) -> int:
     return value
 
 
-def _activation_shapes(model: HookedTransformer, names: list[str]) -> dict[str, tuple[int, ...]]:
-    """Trailing (non batch, non position) shape of each hook's activation, read off a one-token forward pass."""
-    shapes = {}
+def _activation_sites(
+    model: HookedTransformer, names: list[str]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.device]]:
+    """Trailing (non batch, non position) shape of each hook's activation, and the device it is on, read off a
+    one-token forward pass. The device is where a codebook at the hook must sit: in a model split over devices
+    (`n_devices > 1`) each block computes on its own, and a codebook on `model.cfg.device` would mix them."""
+    shapes, devices = {}, {}
 
     def record(tensor, hook):
         shapes[hook.name] = tuple(tensor.shape[2:])
+        devices[hook.name] = tensor.device
 
     tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=[(n, record) for n in names])
-    return shapes
+    return shapes, devices
 
 
 def attach_codebooks(
@@ -128,11 +133,14 @@ def attach_codebooks(
 ) -> HookedTransformer:
     """Insert codebooks into `model` in place at the given sites and return it.
 
+    Each codebook goes on the device its site's activation is on (in a model split over devices, its block's),
+    in the model's dtype.
+
     Args:
         sites: "attn" (one codebook per head at `blocks.{l}.attn.hook_z`), "mlp" (`blocks.{l}.hook_mlp_out`),
             "resid" (`blocks.{l}.hook_resid_post`), hook names, or hook-name templates with `{layer}`; or a
             mapping from hook name to an existing `Codebook` (e.g. one trained in another instance of the same
-            architecture, or loaded with `load_codebook`), attached as it is (moved to the model's device).
+            architecture, or loaded with `load_codebook`), attached as it is (moved to its site's device).
         n_codes, k: an int for every site, or a mapping from site alias or hook name to int.
         layers: which layers the aliases and templates expand to (default: all).
         seed: codebook i gets seed `seed + i`.
@@ -144,7 +152,7 @@ def attach_codebooks(
     pairs = resolve_sites(model, sites, layers)
     names = [name for _, name in pairs]
     _check_free(model, names, sites)
-    shapes = _activation_shapes(model, names)
+    shapes, devices = _activation_sites(model, names)
     user_groups = codebook_kwargs.pop("groups", None)
     new_codebooks = []
     for site_index, (site, name) in enumerate(pairs):
@@ -171,7 +179,7 @@ def attach_codebooks(
             seed=seed + site_index,
             **codebook_kwargs,
         )
-        new_codebooks.append((name, Codebook.from_config(cfg, device=model.cfg.device, dtype=model.cfg.dtype)))
+        new_codebooks.append((name, Codebook.from_config(cfg, device=devices[name], dtype=model.cfg.dtype)))
     # Insert only once every site's codebook is built, so that a bad argument leaves the model untouched.
     for name, codebook in new_codebooks:
         insert_codebook(model, name, codebook, setup=False)
@@ -203,7 +211,7 @@ def _attach_existing(model: HookedTransformer, codebooks: Mapping[str, Codebook]
             raise TypeError(f"The value for {name!r} is a {type(codebook).__name__}, not a Codebook.")
     names = [name for _, name in resolve_sites(model, list(codebooks))]
     _check_free(model, names, list(codebooks))
-    shapes = _activation_shapes(model, names)
+    shapes, devices = _activation_sites(model, names)
     placed = []
     for name, codebook in zip(names, codebooks.values()):
         c = codebook.cfg
@@ -215,7 +223,7 @@ def _attach_existing(model: HookedTransformer, codebooks: Mapping[str, Codebook]
             )
         if any(other is codebook for _, other in placed):
             raise ValueError(f"The same Codebook object is given for two sites ({name} among them); copy it first.")
-        placed.append((name, codebook.to(device=model.cfg.device, dtype=model.cfg.dtype)))
+        placed.append((name, codebook.to(device=devices[name], dtype=model.cfg.dtype)))
     for name, codebook in placed:
         insert_codebook(model, name, codebook, setup=False)
     refresh_hooks(model)

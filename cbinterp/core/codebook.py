@@ -12,7 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from cbinterp.core import fused_search
+from cbinterp.core import fused_search, search_blocks
 from cbinterp.core.checks import is_int, is_real
 from cbinterp.core.codes import NO_CODE
 from cbinterp.core.heads import check_head
@@ -241,9 +241,10 @@ class Codebook(HookPoint):
         s = self._scores(xg, exact=True)
         return s if self.grouped else s.squeeze(-2)
 
-    #: The top-k search goes through the scores in blocks of about this many elements (8 MB of float32), one
-    #: group at a time: a block stays in cache instead of a whole (tokens, groups, n_codes) tensor going to memory.
-    _chunk_scores = 1 << 21
+    #: On a CPU the top-k search goes through the scores in blocks of about this many elements (8 MB of float32):
+    #: a block stays in cache instead of a whole (tokens, groups, n_codes) tensor going to memory. On CUDA blocks are
+    #: sized by the free memory instead (`cbinterp.core.search_blocks.search_block_rows` states the rule).
+    _chunk_scores = search_blocks.CPU_BLOCK_SCORES
 
     #: Whether k = 1 searches on a CPU in float32 take the fused kernel (`cbinterp.core.fused_search`): the same
     #: results, without the score matrix. Set it False on one codebook (benchmarks do) or on the class to switch it off.
@@ -309,14 +310,16 @@ class Codebook(HookPoint):
         return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
 
     def _search_matmul(self, flat: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """`_search` on `_prepare`'s output the matmul way (`fused_search.matmul_search`, in blocks of about
-        `_chunk_scores` scores), as ids `(groups, n, k)` and best scores `(groups, n)`."""
+        """`_search` on `_prepare`'s output the matmul way (`fused_search.matmul_search`; on a CPU in blocks of about
+        `_chunk_scores` scores, on CUDA in blocks sized by the free memory), as ids `(groups, n, k)` and best scores
+        `(groups, n)`."""
         return fused_search.matmul_search(flat, w, bias, self.cfg.k, self._chunk_scores)
 
     def _search_fp32(self, xg: Tensor) -> tuple[Tensor, Tensor]:
         """`_search` in float32 under autocast: bf16 scores would tie and reorder close codes, changing the choice."""
         device = xg.device.type
-        if not torch.is_autocast_enabled(device):
+        # Devices without autocast (meta, used to plan placement without memory) have nothing to turn off.
+        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
             return self._search(xg)
         with torch.autocast(device, enabled=False):
             return self._search(xg.float())

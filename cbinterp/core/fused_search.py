@@ -22,7 +22,8 @@ its index: nothing but the best score and its id leave the core.
   `available()` is False), the matmul search runs. `nearest_code` is a torch operator (`cbinterp::nearest_code`),
   so a compiled model calls the kernel as one opaque step.
 * `matmul_search` is the search it stands in for (any device, any k, one batched matmul per block of rows, then
-  the top k): `Codebook` runs it wherever the kernel does not, and `nearest_code` for the rows the kernel leaves.
+  the top k; blocks sized per device by `cbinterp.core.search_blocks`): `Codebook` runs it wherever the kernel
+  does not, and `nearest_code` for the rows the kernel leaves.
 
 The library is plain C called through ctypes (no torch headers: it builds in 1.5 to 3 s with `gcc -O3`), cached
 under `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) as `cbinterp_fused_search/<hash>.so`, the hash
@@ -44,7 +45,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
+
+from cbinterp.core.search_blocks import CPU_BLOCK_SCORES, block_rows_for
 
 __all__ = ["applies", "argmax", "available", "matmul_search"]
 
@@ -366,30 +370,48 @@ def argmax(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Optional[tuple[Tenso
 
 
 def matmul_search(
-    x: Tensor, w: Tensor, bias: Optional[Tensor], k: int = 1, block_scores: int = 1 << 21
-) -> tuple[Tensor, Tensor]:
+    x: Float[Tensor, "n groups dim"],
+    w: Float[Tensor, "groups n_codes dim"],
+    bias: Optional[Float[Tensor, "groups n_codes"]],
+    k: int = 1,
+    block_scores: int = CPU_BLOCK_SCORES,
+    block_rows: Optional[int] = None,
+) -> tuple[Int[Tensor, "groups n k"], Float[Tensor, "groups n"]]:
     """The search the kernel stands in for, on any device: per block of rows, one batched matmul of x (n, groups,
-    dim) against every group's codes w (groups, n_codes, dim) (no loop over groups), then the top k. Blocks hold
-    about `block_scores` scores, so that a block stays in cache. Returns ids `(groups, n, k)`, best first, and the
-    best scores `(groups, n)`; score x.w, or 2x.w - bias for euclidean."""
-    groups, n_codes = w.shape[0], w.shape[1]
-    n = x.shape[0]
-    codes = torch.empty(groups, n, k, dtype=torch.long, device=x.device)
-    best = torch.empty(groups, n, dtype=x.dtype, device=x.device)
+    dim) against every group's codes w (groups, n_codes, dim) (no loop over groups), then the top k. Returns ids
+    `(groups, n, k)`, best first, and the best scores `(groups, n)`; score x.w, or 2x.w - bias for euclidean.
+
+    Blocks of `block_rows` rows, by default `search_blocks.block_rows_for`'s: on a CPU about `block_scores` scores,
+    so that a block stays in cache; on CUDA as many rows as half the free memory holds (often all of them). The
+    block size does not change the ids (the scores only by the rounding of another matmul order)."""
+    groups, n = w.shape[0], x.shape[0]
     by_group = x.transpose(0, 1)  # (groups, n, dim), a view
     w_t = w.transpose(1, 2)  # (groups, dim, n_codes)
-    rows = max(1, block_scores // (n_codes * groups))
+    rows = block_rows_for(x, w, k, block_scores) if block_rows is None else max(1, int(block_rows))
+    if rows >= n:  # one block: the results come straight out of top-k, without copies into codes and best
+        return _top(_block(by_group, w_t, bias), k)
+    codes = torch.empty(groups, n, k, dtype=torch.long, device=x.device)
+    best = torch.empty(groups, n, dtype=x.dtype, device=x.device)
     for start in range(0, n, rows):
-        scores = torch.bmm(by_group[:, start : start + rows], w_t)  # (groups, rows, n_codes)
-        if bias is not None:
-            scores = scores.mul_(2).sub_(bias.unsqueeze(1))
-        if k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
-            top = scores.max(dim=-1, keepdim=True)
-        else:
-            top = scores.topk(k, dim=-1)
-        codes[:, start : start + rows] = top.indices
-        best[:, start : start + rows] = top.values[..., 0]
+        ids, values = _top(_block(by_group[:, start : start + rows], w_t, bias), k)
+        codes[:, start : start + rows] = ids
+        best[:, start : start + rows] = values
     return codes, best
+
+
+def _block(by_group: Tensor, w_t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The scores (groups, rows, n_codes) of a block of rows (groups, rows, dim) against w_t (groups, dim, n_codes)."""
+    scores = torch.bmm(by_group, w_t)
+    return scores if bias is None else scores.mul_(2).sub_(bias.unsqueeze(1))
+
+
+def _top(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k ids (groups, rows, k), best first, and the best score (groups, rows) of a block of scores."""
+    if k == 1:  # max(dim) is about twice as fast as argmax on CPU, and also returns the first maximum
+        top = scores.max(dim=-1, keepdim=True)
+    else:
+        top = scores.topk(k, dim=-1)
+    return top.indices, top.values[..., 0]
 
 
 def _matmul_argmax(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,8 @@ Arguments (`head=` of the cache queries, `context_view`, `code_frequency_figure`
 interventions) follow one rule: None and a missing value (`pd.NA`, NaN) mean "no head" (the whole codebook; for a
 per-head codebook, every head), so `head=row.head` works for a row of any table. For an ungrouped codebook, `0`
 is accepted too, as the index of its only group (backward compatibility: tables used to report head 0); any other
-head of an ungrouped codebook is an error.
+head of an ungrouped codebook is an error. A head is never negative: -1 does not count from the end (a table never
+holds a negative head, and elsewhere -1 reads as "none"), so a head outside 0..n_heads-1 is an error.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def check_head(head, name: str, n_heads: Optional[int]) -> Optional[int]:
     """`head` of codebook `name` (`n_heads` None for an ungrouped codebook) as an index in 0..n_heads-1, or None.
 
     None or a missing value gives None (the whole codebook; every head of a per-head codebook). For an ungrouped
-    codebook `0` also gives None (its only group); any other value is refused. For a per-head codebook a negative
-    head counts from the end, as in Python.
+    codebook `0` also gives None (its only group); any other value is refused. A negative head is refused, as
+    everywhere in the package (the queries, the interventions' `heads=`): heads are labels, not Python indices.
     """
     if is_missing_head(head):
         return None
@@ -68,9 +69,12 @@ def check_head(head, name: str, n_heads: Optional[int]) -> Optional[int]:
                 f"head=None (0 is accepted as its only group), got head={head}."
             )
         return None
-    if not -n_heads <= head < n_heads:
-        raise ValueError(f"head {head} out of range for codebook {name!r} with {n_heads} heads (0..{n_heads - 1}).")
-    return head % n_heads
+    if not 0 <= head < n_heads:
+        hint = f"; for the last head pass {n_heads - 1}" if head < 0 else ""
+        raise ValueError(
+            f"head {head} is out of range for codebook {name!r} with {n_heads} heads: use 0..{n_heads - 1}{hint}."
+        )
+    return head
 
 
 def head_column(values: Iterable) -> pd.arrays.IntegerArray:

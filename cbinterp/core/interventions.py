@@ -7,17 +7,18 @@ rewriting the ids is the whole intervention.
 
 Selections follow numpy indexing of the code tensor `(batch, pos, k)` or `(batch, pos, heads, k)`:
 `positions` picks along `pos` (an int or a per-example `(batch,)` tensor drops the axis, a slice, a list or a
-`(batch, n)` tensor keeps it), `heads` along `heads` (an int drops the axis, a list keeps it), and the codes given
-broadcast against the selected `(..., k)`.
+`(batch, n)` tensor keeps it), `heads` along `heads` (an int drops the axis, a list or None keeps it). The selection
+thus has the axes `(batch, [positions], [heads], ids)`, and the codes given are either 1-d ids (the same at every
+selected place) or have exactly one axis per selected axis, each of its size or of size 1 (the same along it): per
+example codes for every position are `(batch, 1, n)`, never `(batch, n)`, which numpy would read as one row per
+position, silently so when the batch size equals the number of positions.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from typing import Callable, Iterator, Literal, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -25,18 +26,25 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer
-from cbinterp.core.checks import is_int
+from cbinterp.core.checks import check_token_ids, is_int
 from cbinterp.core.codebook import Codebook
-from cbinterp.core.heads import is_missing_head
 from cbinterp.core.naming import CODES_SUFFIX, codes_hook_name, did_you_mean
+from cbinterp.core.selection import (
+    CodesLike,
+    HeadsLike,
+    PositionsLike,
+    _broadcast,
+    _parse_codes,
+    _parse_heads,
+    _Positions,
+    _selected_axes,
+    _shape_hint,
+)
 
 __all__ = ["ablate_codes", "force_codes", "generate_with_codes", "intervene", "replace_codes", "steering_hooks"]
 
 HookFn = Callable[..., Tensor]
 Hook = tuple[str, HookFn]
-CodesLike = Union[int, Sequence[int], Tensor]
-PositionsLike = Union[None, int, slice, Sequence[int], Sequence[Sequence[int]], Tensor]
-HeadsLike = Union[None, int, Sequence[int]]
 
 
 # -- finding the codebook -----------------------------------------------------------------------------------
@@ -64,165 +72,31 @@ def resolve_codebook(model: HookedTransformer, codebook: Union[str, Codebook]) -
     )
 
 
-# -- what a hook selects ---------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Positions:
-    """A parsed `positions` argument; its ranges are checked per run, when the sequence length is known."""
-
-    kind: Literal["all", "int", "slice", "list", "per_example", "generated"]
-    value: object = None
-
-    @classmethod
-    def parse(cls, positions: PositionsLike) -> "_Positions":
-        if positions is None:
-            return cls("all")
-        if isinstance(positions, np.ndarray):
-            positions = torch.as_tensor(positions)
-        if isinstance(positions, bool):
-            raise TypeError("positions must be None, an int, a slice, a list of ints or a tensor, got a bool.")
-        if is_int(positions):
-            return cls("int", int(positions))
-        if isinstance(positions, slice):
-            return cls("slice", positions)
-        if isinstance(positions, Tensor):
-            if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.dim() not in (0, 1, 2):
-                raise TypeError(
-                    f"A positions tensor must hold integers, shape (batch,) or (batch, n); got {positions.dtype} "
-                    f"of shape {tuple(positions.shape)}."
-                )
-            if positions.dim() == 0:
-                return cls("int", int(positions))
-            return cls("per_example", positions.detach().long().cpu())
-        if isinstance(positions, Sequence) and not isinstance(positions, str):
-            items = list(positions)
-            if items and all(isinstance(p, Sequence) and not isinstance(p, str) for p in items):
-                lengths = {len(p) for p in items}
-                if len(lengths) != 1 or 0 in lengths:
-                    raise ValueError(
-                        "Per-example positions need the same number (>= 1) for every example, got lengths "
-                        f"{sorted(lengths)}."
-                    )
-                return cls("per_example", torch.tensor(items, dtype=torch.long))
-            if not items or not all(is_int(p) for p in items):
-                raise TypeError(
-                    f"positions as a list must be a non-empty list of ints (or of lists of ints), got {positions!r}."
-                )
-            return cls("list", torch.tensor(items, dtype=torch.long))
-        raise TypeError(
-            f"positions must be None, an int, a slice, a list of ints or a tensor, got {type(positions).__name__}."
-        )
-
-    def index(self, batch: int, n_pos: int, device: torch.device, where: str) -> tuple[Tensor, Tensor]:
-        """Broadcastable (batch index, position index) for a run of `batch` sequences of `n_pos` positions."""
-        rows = torch.arange(batch, device=device)
-        if self.kind == "all":
-            return rows[:, None], torch.arange(n_pos, device=device)[None, :]
-        if self.kind == "slice":
-            picked = torch.arange(n_pos, device=device)[self.value]
-            if picked.numel() == 0:
-                raise IndexError(f"positions {self.value} select nothing in a run of {n_pos} positions at {where}.")
-            return rows[:, None], picked[None, :]
-        if self.kind == "generated":  # see generate_with_codes: a cached step sees one new position
-            prompt_len, with_prompt = self.value
-            start = 0 if with_prompt or n_pos < prompt_len else prompt_len - 1
-            return rows[:, None], torch.arange(start, n_pos, device=device)[None, :]
-        if self.kind == "int":
-            return rows, _in_range(torch.tensor(self.value), n_pos, where).to(device).expand(batch)
-        picked = _in_range(self.value, n_pos, where).to(device)
-        if self.kind == "list":
-            return rows[:, None], picked[None, :]
-        if picked.shape[0] != batch:
-            raise ValueError(
-                f"Per-example positions have {picked.shape[0]} rows but the run at {where} has batch size {batch}; "
-                f"give one row of positions per example (or a list of ints for the same positions in every example)."
-            )
-        return (rows, picked) if picked.dim() == 1 else (rows[:, None], picked)
-
-
-def _in_range(positions: Tensor, n_pos: int, where: str) -> Tensor:
-    bad = (positions < -n_pos) | (positions >= n_pos)
-    if bool(bad.any()):
-        raise IndexError(
-            f"Position {int(positions[bad].flatten()[0])} is out of range for this run at {where}, which has "
-            f"{n_pos} positions (valid: {-n_pos}..{n_pos - 1}). Choose positions inside the sequence."
-        )
-    return positions % n_pos  # negative positions count from the end, as in Python
-
-
-def _parse_heads(heads: HeadsLike, name: str, codebook: Codebook) -> Optional[Tensor]:
-    """The head index (0-dim drops the axis, 1-dim keeps it), or None for a codebook without heads.
-
-    A missing value (`pd.NA`, NaN: a table's `head` for a codebook without heads) reads as None; for a codebook
-    without heads `0` (its only group) is accepted too (`cbinterp.core.heads`)."""
-    groups = codebook.cfg.groups
-    if not isinstance(heads, (Tensor, Sequence)) and is_missing_head(heads):
-        heads = None
-    if not codebook.grouped:
-        if heads is not None and not (is_int(heads) and int(heads) == 0):
-            raise ValueError(
-                f"heads={heads!r} given for {name}, which has one codebook for the whole activation (no heads); "
-                f"leave heads out (None; 0 is accepted as its only group), or choose a per-head attention codebook "
-                f"(e.g. blocks.0.attn.hook_z)."
-            )
-        return None
-    if heads is None:
-        return torch.arange(groups)
-    if isinstance(heads, Tensor):
-        heads = heads.tolist()
-    single = is_int(heads)
-    items = [int(heads)] if single else list(heads) if isinstance(heads, Sequence) else []
-    if not items or not all(is_int(h) for h in items):
-        raise TypeError(f"heads must be None, an int or a non-empty list of ints, got {heads!r}.")
-    bad = [h for h in items if not 0 <= h < groups]
-    if bad:
-        raise ValueError(f"Head {bad[0]} is out of range for {name}, which has {groups} heads (0..{groups - 1}).")
-    return torch.tensor(int(items[0])) if single else torch.tensor([int(h) for h in items])
-
-
-def _parse_codes(codes: CodesLike, name: str, codebook: Codebook, allow_empty: bool, what: str) -> Tensor:
-    """Code ids as an int64 tensor with a trailing id axis, checked against the codebook's range."""
-    if isinstance(codes, np.ndarray):
-        codes = torch.as_tensor(codes)
-    if isinstance(codes, bool):
-        raise TypeError(f"{what} must be an int, a list of ints or an integer tensor, got a bool.")
-    if is_int(codes):
-        ids = torch.tensor([int(codes)])
-    elif isinstance(codes, Tensor):
-        if codes.dtype.is_floating_point or codes.dtype == torch.bool or codes.dtype.is_complex:
-            raise TypeError(f"{what} must be integer code ids, got a {codes.dtype} tensor.")
-        ids = codes.detach().long().reshape(1) if codes.dim() == 0 else codes.detach().long()
-    elif isinstance(codes, Sequence) and not isinstance(codes, str):
-        ids = torch.tensor(list(codes)) if len(codes) else torch.zeros(0, dtype=torch.long)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"{what} must be integer code ids, got {codes!r}.")
-        ids = ids.long()
-    else:
-        raise TypeError(f"{what} must be an int, a list of ints or an integer tensor, got {type(codes).__name__}.")
-    if ids.shape[-1] == 0:
-        raise ValueError(f"No {what} given for {name}; pass at least one code id.")
-    low = -1 if allow_empty else 0
-    bad = (ids < low) | (ids >= codebook.n_codes)
-    if bool(bad.any()):
-        allowed = f"[0, {codebook.n_codes - 1}]" + (", or -1 for no code" if allow_empty else "")
-        raise ValueError(
-            f"Code id {int(ids[bad][0])} is out of range for {name}, which has {codebook.n_codes} codes: use ids in "
-            f"{allowed}."
-        )
-    return ids
-
-
+# -- one hook ----------------------------------------------------------------------------------------------
 def _make_hook(
     model: HookedTransformer,
     codebook: Union[str, Codebook],
     positions: PositionsLike,
     heads: HeadsLike,
-    rewrite: Callable[[Tensor, str], Tensor],
+    rewrite: Callable[[Tensor, str, tuple[str, ...]], Tensor],
+    codes: Optional[Tensor] = None,
+    what: str = "codes",
 ) -> Hook:
-    """A hook on `<codebook>.hook_codes` that passes the selected `(..., k)` code ids through `rewrite`."""
+    """A hook on `<codebook>.hook_codes` that passes the selected `(..., k)` code ids through `rewrite`.
+
+    `codes`, when given, are the ids `rewrite` writes: checked here to be 1-d or to have one axis per selected
+    axis (`_selected_axes`), so they never broadcast along an axis they were not meant for."""
     name, cb = resolve_codebook(model, codebook)
     where = _Positions.parse(positions) if not isinstance(positions, _Positions) else positions
     head_index = _parse_heads(heads, name, cb)
     hook_name = codes_hook_name(name)
+    axes = _selected_axes(where, head_index)
+    if codes is not None and codes.dim() not in (1, len(axes)):
+        raise ValueError(
+            f"{what} of shape {tuple(codes.shape)} for {name} are ambiguous: the selected codes have the axes "
+            f"({', '.join(axes)}). Give 1-d ids (the same at every selected place) or a tensor with one axis per "
+            f"selected axis, size 1 where the same ids apply along it; {_shape_hint(axes)}."
+        )
 
     # TransformerLens calls fn(activation, hook=hook_point): the second argument must be named `hook`.
     def fn(codes: Int[Tensor, "batch pos *heads k"], hook: HookPoint) -> Int[Tensor, "batch pos *heads k"]:
@@ -235,22 +109,11 @@ def _make_hook(
             index = (rows[..., None], pos[..., None], head_index.to(codes.device))
         index = torch.broadcast_tensors(*index)
         out = codes.clone()  # never write into the tensor the codebook (or a cache) holds
-        out[index] = rewrite(codes[index], hook_name)
+        out[index] = rewrite(codes[index], hook_name, axes)
         return out
 
     fn.__name__ = fn.__qualname__ = f"{rewrite.__name__}@{hook_name}"  # shows in model.list_hooks()
     return hook_name, fn
-
-
-def _broadcast(ids: Tensor, shape: tuple[int, ...], hook_name: str, what: str) -> Tensor:
-    try:
-        return ids.to(dtype=torch.long).expand(shape)
-    except RuntimeError:
-        raise ValueError(
-            f"{what} of shape {tuple(ids.shape)} do not broadcast to the selected codes at {hook_name}, of shape "
-            f"{shape} (batch, [positions], [heads], ids): give one row of ids, or one per selected "
-            "example/position/head."
-        ) from None
 
 
 # -- the three interventions ------------------------------------------------------------------------------
@@ -266,8 +129,10 @@ def replace_codes(
 
     Args:
         codebook: the codebook's hook name (e.g. "blocks.2.hook_mlp_out") or the Codebook itself.
-        codes: an int, a list of up to k ids, or a tensor broadcastable to the selected `(..., k)`; fewer than k ids
-            fill the remaining slots with -1 (no code), and -1 may be given explicitly.
+        codes: an int, a list of up to k ids, or a tensor: 1-d ids, or one axis per selected axis `(batch,
+            [positions], [heads], ids)`, each of the selection's size or 1 (e.g. `(batch, 1, n)` for per-example
+            codes at every position); fewer than k ids fill the remaining slots with -1 (no code), and -1 may be
+            given explicitly.
         positions: None (all), an int (negative counts from the end), a slice, a list of ints (the same in every
             example), a `(batch,)` tensor (one position per example) or a `(batch, n)` tensor / list of lists.
         heads: for per-head attention codebooks, None (all), an int or a list of ints. A codebook without heads
@@ -288,10 +153,10 @@ def replace_codes(
     if ids.shape[-1] < cb.k:  # the unnamed slots hold no code
         ids = torch.cat([ids, ids.new_full((*ids.shape[:-1], cb.k - ids.shape[-1]), -1)], dim=-1)
 
-    def replace(selected: Tensor, hook_name: str) -> Tensor:
-        return _broadcast(ids.to(selected.device), tuple(selected.shape), hook_name, "codes")
+    def replace(selected: Tensor, hook_name: str, axes: tuple[str, ...]) -> Tensor:
+        return _broadcast(ids.to(selected.device), tuple(selected.shape), axes, hook_name, "codes")
 
-    return _make_hook(model, cb, positions, heads, replace)
+    return _make_hook(model, cb, positions, heads, replace, codes=ids, what="codes")
 
 
 def force_codes(
@@ -309,7 +174,8 @@ def force_codes(
     Repeat an id to give it more weight (its vector is summed once per slot).
 
     Args:
-        codes: an int, a list of n <= k ids, or a tensor broadcastable to the selected `(..., n)`.
+        codes: an int, a list of n <= k ids, or a tensor of n ids along its last axis, shaped as in
+            `replace_codes`.
         positions, heads: as in `replace_codes`.
     Returns:
         `(hook_name, fn)`.
@@ -324,8 +190,8 @@ def force_codes(
         )
     keep = cb.k - n
 
-    def force(selected: Tensor, hook_name: str) -> Tensor:
-        wanted = _broadcast(forced.to(selected.device), (*selected.shape[:-1], n), hook_name, "forced codes")
+    def force(selected: Tensor, hook_name: str, axes: tuple[str, ...]) -> Tensor:
+        wanted = _broadcast(forced.to(selected.device), (*selected.shape[:-1], n), axes, hook_name, "forced codes")
         if keep == 0:
             return wanted.clone()
         is_forced = (selected[..., :, None] == wanted[..., None, :]).any(-1)
@@ -334,7 +200,7 @@ def force_codes(
         kept = selected.gather(-1, order[..., :keep])
         return torch.cat([kept, wanted], dim=-1)
 
-    return _make_hook(model, cb, positions, heads, force)
+    return _make_hook(model, cb, positions, heads, force, codes=forced, what="forced codes")
 
 
 def ablate_codes(
@@ -356,7 +222,7 @@ def ablate_codes(
     name, cb = resolve_codebook(model, codebook)
     ids = _parse_codes(codes, name, cb, allow_empty=False, what="codes to ablate").flatten()
 
-    def ablate(selected: Tensor, hook_name: str) -> Tensor:
+    def ablate(selected: Tensor, hook_name: str, axes: tuple[str, ...]) -> Tensor:
         return selected.masked_fill(torch.isin(selected, ids.to(selected.device)), -1)
 
     return _make_hook(model, cb, positions, heads, ablate)
@@ -398,6 +264,30 @@ def intervene(model: HookedTransformer, *hook_lists: Union[Hook, Sequence[Hook]]
 
 
 # -- steered generation -----------------------------------------------------------------------------------
+def _steering_ids(ids: Tensor, name: str, cb: Codebook) -> Tensor:
+    """Steering codes `([batch,] [heads,] n)` with a size-1 positions axis put in: `(batch, 1, [heads,] n)` (1-d
+    ids stay 1-d). Generation has no fixed positions, so the axes besides the ids are named by the codebook: for
+    a per-head codebook a 2-d tensor lists ids per head, for one without heads it lists ids per example."""
+    if ids.dim() == 1:
+        return ids
+    if cb.grouped:
+        forms = "(n,), (heads, n) or (batch, heads, n)"
+        if ids.dim() == 2:
+            ids = ids[None]
+    else:
+        forms = "(n,) or (batch, n)"
+    if ids.dim() != (3 if cb.grouped else 2):
+        raise ValueError(
+            f"steering codes of shape {tuple(ids.shape)} for {name}: give {forms}, the last axis listing the ids."
+        )
+    if cb.grouped and ids.shape[1] not in (1, cb.cfg.groups):
+        raise ValueError(
+            f"steering codes of shape {tuple(ids.shape)} for {name}, which has {cb.cfg.groups} heads: the axis "
+            f"before the ids lists heads, so it needs {cb.cfg.groups} entries (or 1: the same ids in every head)."
+        )
+    return ids[:, None]
+
+
 def steering_hooks(
     model: HookedTransformer,
     codebook_codes: Mapping[str, CodesLike],
@@ -409,29 +299,44 @@ def steering_hooks(
     positions that predict new tokens (from the prompt's last position on; all positions with `prompt=True`).
 
     Args:
-        codebook_codes: codebook name -> code ids (an int, a list, or a tensor whose last axis lists the ids,
-            e.g. `(heads, n)` for per-head codebooks).
+        codebook_codes: codebook name -> code ids: an int, a list, or a tensor whose last axis lists the ids, with
+            the axes `(n,)` or `(batch, n)` for a codebook without heads, and `(n,)`, `(heads, n)` or
+            `(batch, heads, n)` for a per-head codebook.
         n_slots: how many of the k slots the forced codes take (the strength): None = one per code given; an int
             for every codebook or a mapping by name. Codes are repeated in turn to fill the slots.
         prompt_len: the prompt's length (needed unless `prompt=True`).
     """
+    if not isinstance(codebook_codes, Mapping):
+        raise TypeError(
+            f"codebook_codes must be a mapping from codebook name to code ids, got {type(codebook_codes).__name__}."
+        )
     if not codebook_codes:
         raise ValueError("codebook_codes is empty; give at least one codebook name -> code ids.")
-    if not prompt and (prompt_len is None or prompt_len < 1):
+    if not isinstance(prompt, bool):
+        raise TypeError(f"prompt must be True or False, got {prompt!r}.")
+    if not prompt and not (is_int(prompt_len) and prompt_len >= 1):
         raise ValueError(f"prompt_len must be a positive int to steer only the new positions, got {prompt_len!r}.")
-    where = _Positions("generated", (prompt_len or 1, prompt))
+    if isinstance(n_slots, Mapping):
+        names = {resolve_codebook(model, key)[0] for key in codebook_codes}
+        unknown = [key for key in n_slots if resolve_codebook(model, key)[0] not in names]
+        if unknown:
+            raise ValueError(
+                f"n_slots names {unknown}, which codebook_codes does not steer; give n_slots only for the codebooks "
+                f"in codebook_codes ({list(codebook_codes)})."
+            )
+    where = _Positions("generated", (int(prompt_len or 1), prompt))
     hooks = []
     for key, codes in codebook_codes.items():
         name, cb = resolve_codebook(model, key)
-        ids = _parse_codes(codes, name, cb, allow_empty=False, what="steering codes")
+        ids = _steering_ids(_parse_codes(codes, name, cb, allow_empty=False, what="steering codes"), name, cb)
         slots = n_slots.get(key, n_slots.get(name)) if isinstance(n_slots, Mapping) else n_slots
         slots = ids.shape[-1] if slots is None else slots
-        if not isinstance(slots, int) or not ids.shape[-1] <= slots <= cb.k:
+        if not is_int(slots) or not ids.shape[-1] <= slots <= cb.k:
             raise ValueError(
                 f"n_slots={slots!r} for {name}: it must be an int from the number of codes given ({ids.shape[-1]}) "
                 f"to the codebook's k={cb.k}."
             )
-        ids = ids[..., torch.arange(slots) % ids.shape[-1]]
+        ids = ids[..., torch.arange(int(slots)) % ids.shape[-1]]
         hooks.append(force_codes(model, cb, ids, positions=where))
     return hooks
 
@@ -473,10 +378,15 @@ def generate_with_codes(
         )
     if tokens.dim() == 1:
         tokens = tokens[None]
-    if tokens.dim() != 2 or tokens.dtype.is_floating_point:
+    if tokens.dim() != 2 or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(
             f"tokens must be integer token ids of shape (batch, pos), got {tokens.dtype} {tuple(tokens.shape)}."
         )
+    if tokens.numel() == 0:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} hold no prompt; give at least one token per example.")
+    check_token_ids(tokens, model.cfg.d_vocab)
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
     hooks = steering_hooks(model, codebook_codes, n_slots, prompt_len=tokens.shape[1], prompt=prompt)
     generate_kwargs.setdefault("verbose", False)
     if model.tokenizer is None and generate_kwargs.get("eos_token_id") is None:

@@ -36,12 +36,20 @@ from cbinterp.core import distributed as dd
 from cbinterp.core import manifest as mf
 from cbinterp.core.atomic import atomic_dir, recover_dir
 from cbinterp.core.attach import get_codebooks, require_hooked_transformer, training_codebooks
-from cbinterp.core.checks import is_int, is_real
+from cbinterp.core.checks import check_token_ids, is_int, is_real
 from cbinterp.core.determinism import deterministic_on_cpu
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.core.io import MODEL_FILES, WEIGHTS_FILE, load_weights, model_description, read_config, write_model
 from cbinterp.core.manifest import ResumeWarning
 from cbinterp.core.metrics import TrainLogger
+from cbinterp.core.train_args import (
+    DataRanOut,
+    check_call,
+    check_eval_result,
+    check_frozen_codebooks,
+    known_length,
+    trained_names,
+)
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -76,7 +84,8 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this (None: no clipping).
         warmup_steps: linear warmup from 0 to lr over this many steps.
         schedule: after warmup, "cosine" (decay to `min_lr_ratio * lr` at `steps`) or "constant".
-        freeze_model: train the codebooks only; the model's `requires_grad` flags are restored afterwards.
+        freeze_model: train the codebooks only; the model's `requires_grad` flags are restored afterwards. A
+            parameter whose flag the caller cleared is never trained, with or without this.
         compile: run the forward through `torch.compile` (about 50 s to compile on CPU).
         fast_kernels: fused attention and layer norm in the training forwards (`cbinterp.core.fastpath`): the same
             results to float tolerance, 1.3-1.5x faster steps on a CPU; a forward that hooks what they skip does not
@@ -121,53 +130,66 @@ class TrainConfig:
     autocast: Optional[str] = None
 
     def __post_init__(self) -> None:
-        """The one place training settings are validated."""
-        if self.schedule not in ("cosine", "constant"):
+        """The one place training settings are validated; numbers become plain Python int and float (numpy scalars
+        would not go into the checkpoint's JSON, nor into the seeding) and flags plain bool."""
+        if not isinstance(self.schedule, str) or self.schedule not in ("cosine", "constant"):
             raise ValueError(f"Unknown schedule {self.schedule!r}; use 'cosine' or 'constant'.")
-        for field in ("steps", "warmup_steps", "eval_every", "checkpoint_every"):
+        self.schedule = str(self.schedule)
+        for field, least in (
+            ("steps", 0),
+            ("warmup_steps", 0),
+            ("eval_every", 0),
+            ("checkpoint_every", 0),
+            ("log_every", 1),
+            ("accumulate", 1),
+            ("batch_size", 1),
+            ("seed", None),
+        ):
             value = getattr(self, field)
-            if not is_int(value) or value < 0:
-                raise ValueError(f"{field} must be an int >= 0, got {value!r}.")
-            setattr(self, field, int(value))
-        if not is_int(self.log_every) or self.log_every < 1:
-            raise ValueError(f"log_every must be an int >= 1, got {self.log_every!r}.")
-        if not is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}.")
-        if not is_real(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}.")
-        if self.codebook_lr is not None and (not is_real(self.codebook_lr) or self.codebook_lr < 0):
-            raise ValueError(f"codebook_lr must be None or a finite number >= 0, got {self.codebook_lr!r}.")
-        for field in ("weight_decay", "codebook_weight_decay"):
-            value = getattr(self, field)
-            if value is None and field == "codebook_weight_decay":
+            if field == "batch_size" and value is None:
                 continue
-            if not is_real(value) or value < 0:
-                raise ValueError(f"{field} must be a finite number >= 0, got {value!r}.")
-        if self.grad_clip is not None and (not is_real(self.grad_clip) or self.grad_clip < 0):
-            raise ValueError(
-                f"grad_clip must be None or a finite number >= 0 (0: no clipping), got {self.grad_clip!r}."
-            )
+            if not is_int(value) or (least is not None and value < least):
+                what = "an int" if least is None else f"an int >= {least}"
+                what = f"None or {what}" if field == "batch_size" else what
+                why = " (micro-batches per step)" if field == "accumulate" else ""
+                raise ValueError(f"{field} must be {what}{why}, got {value!r}.")
+            setattr(self, field, int(value))
+        for field, least, optional in (
+            ("lr", None, False),
+            ("codebook_lr", 0, True),
+            ("weight_decay", 0, False),
+            ("codebook_weight_decay", 0, True),
+            ("grad_clip", 0, True),
+        ):
+            value = getattr(self, field)
+            if optional and value is None:
+                continue
+            if not is_real(value) or (value <= 0 if least is None else value < least):
+                what = "a finite number > 0" if least is None else "a finite number >= 0"
+                what = f"None or {what}" if optional else what
+                why = " (0: no clipping)" if field == "grad_clip" else ""
+                raise ValueError(f"{field} must be {what}{why}, got {value!r}.")
+            setattr(self, field, float(value))
         if not is_real(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {self.min_lr_ratio!r}.")
-        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list)) else None
+        self.min_lr_ratio = float(self.min_lr_ratio)
+        betas = tuple(self.betas) if isinstance(self.betas, (tuple, list, np.ndarray)) else None
         if betas is None or len(betas) != 2 or not all(is_real(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}.")
         self.betas = (float(betas[0]), float(betas[1]))
         for field in ("freeze_model", "compile", "fast_kernels", "progress"):
-            if not isinstance(getattr(self, field), bool):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
                 raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}.")
+            setattr(self, field, bool(getattr(self, field)))
+        if self.checkpoint_dir is not None and (
+            not isinstance(self.checkpoint_dir, (str, Path)) or not str(self.checkpoint_dir)
+        ):
+            raise ValueError(f"checkpoint_dir must be None or a non-empty path, got {self.checkpoint_dir!r}.")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError(
                 f"checkpoint_every={self.checkpoint_every} needs a checkpoint_dir to write the checkpoints to."
             )
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, Path)):
-            raise ValueError(f"checkpoint_dir must be a path, got {self.checkpoint_dir!r}.")
-        if self.batch_size is not None and (not is_int(self.batch_size) or self.batch_size < 1):
-            raise ValueError(f"batch_size must be None or an int >= 1, got {self.batch_size!r}.")
-        if not is_int(self.accumulate) or self.accumulate < 1:
-            raise ValueError(f"accumulate must be an int >= 1 (micro-batches per step), got {self.accumulate!r}.")
-        self.accumulate = int(self.accumulate)
-        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+        if self.autocast is not None and (not isinstance(self.autocast, str) or self.autocast not in AUTOCAST_DTYPES):
             hint = (
                 " float16 needs loss scaling, which train does not do;" if self.autocast in ("fp16", "float16") else ""
             )
@@ -198,14 +220,30 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with the codebooks in their own parameter group (own lr and weight decay)."""
+    """AdamW with the codebooks in their own parameter group (own lr and weight decay).
+
+    Only parameters with `requires_grad` set are trained: one the caller froze is left out of the optimizer (so
+    neither its gradient nor weight decay moves it). `cfg.freeze_model` clears the flag of every weight outside the
+    codebooks; `train` restores all flags afterwards, calling this directly leaves them so.
+    """
     codebook_params = {id(cb.weight) for cb in get_codebooks(model).values()}
-    cb = [p for p in model.parameters() if id(p) in codebook_params]
-    rest = [p for p in model.parameters() if id(p) not in codebook_params]
+    cb_all = [p for p in model.parameters() if id(p) in codebook_params]
+    cb = [p for p in cb_all if p.requires_grad]
+    rest = [p for p in model.parameters() if id(p) not in codebook_params and p.requires_grad]
     if cfg.freeze_model and not cb:
-        raise ValueError("freeze_model=True but the model has no codebooks to train; attach codebooks first.")
-    for p in rest:
-        p.requires_grad_(not cfg.freeze_model)
+        why = "all its codebooks are frozen (requires_grad=False)" if cb_all else "the model has no codebooks"
+        raise ValueError(
+            f"freeze_model=True but {why}, so nothing would be trained. Attach codebooks, or unfreeze them with "
+            "requires_grad_(True)."
+        )
+    if not cb and not rest:
+        raise ValueError(
+            "Every parameter of the model is frozen (requires_grad=False), so train has nothing to update. Unfreeze "
+            "what should be trained with requires_grad_(True)."
+        )
+    if cfg.freeze_model:
+        for p in rest:
+            p.requires_grad_(False)
     groups = [
         {
             "params": cb,
@@ -384,6 +422,21 @@ def _check_fits(path: Path, config: dict, state: dict, model: HookedTransformer,
         raise ValueError(f"Cannot resume from {path}: it is at step {state['step']}, beyond steps={cfg.steps}.")
 
 
+def _check_trained(path: Path, state: dict, trained: list[list[str]]) -> None:
+    """Refuse a checkpoint whose run trained other parameters (other `requires_grad` flags) than this one would."""
+    stored = state.get("trained")
+    if stored is None or stored == trained:  # None: a checkpoint of a cbinterp that did not record them
+        return
+    before, now = {n for g in stored for n in g}, {n for g in trained for n in g}
+    diff = [f"{n} trained only by the checkpoint's run" for n in sorted(before - now)]
+    diff += [f"{n} trained only now" for n in sorted(now - before)]
+    raise ValueError(
+        f"Cannot resume from {path}: its run trained other parameters than this one would "
+        f"({'; '.join(diff[:4]) or 'other groups'}): the requires_grad flags differ. Freeze the same parameters as for "
+        "that run, use another checkpoint_dir, or resume=False to start over."
+    )
+
+
 # -- data ----------------------------------------------------------------------------------------------------------
 def batch_fingerprint(tokens: Tensor) -> str:
     return mf.tensor_fingerprint(tokens.detach().to("cpu", torch.int64))
@@ -411,6 +464,8 @@ class _Data:
         self.chain = None
         self.sharded = False  # fn(step, rank, world_size): each rank draws its own rows
         self.rank, self.world, self.accumulate = dd.rank(), dd.world_size(), cfg.accumulate
+        if isinstance(batches, np.ndarray):  # a token array, not an iterable of one-row batches
+            batches = torch.from_numpy(batches)
         if isinstance(batches, Tensor):
             if cfg.batch_size is None:
                 raise TypeError(
@@ -434,6 +489,15 @@ class _Data:
             else:
                 self.get = batches
         elif isinstance(batches, Iterable):
+            # Every step takes one batch (accumulate splits it), and a resumed run reads the batches already trained
+            # on again to check them: a run needs `steps` batches in all, resumed or not.
+            n = known_length(batches)
+            if n is not None and n < cfg.steps:
+                raise ValueError(
+                    f"train got {n} batches for steps={cfg.steps}: every step takes one batch (a resumed run reads "
+                    f"the ones already trained on again, to check them), so it needs {cfg.steps}. Give more batches "
+                    "(e.g. itertools.cycle(batches)) or lower steps."
+                )
             self.source, self.iterator, self.chain = "iterable", iter(batches), hashlib.sha256(b"").hexdigest()
             self.get = self._next
         else:
@@ -491,10 +555,7 @@ class _Data:
         try:
             tokens = next(self.iterator)
         except StopIteration:
-            raise ValueError(
-                f"The batches ran out at step {step}: the iterable gave {step} batches, but steps={self.steps} needs "
-                f"{self.steps}. Give more batches (e.g. itertools.cycle) or lower steps."
-            ) from None
+            raise DataRanOut(step) from None
         self.chain = hashlib.sha256((self.chain + batch_fingerprint(torch.as_tensor(tokens))).encode()).hexdigest()
         return tokens
 
@@ -508,7 +569,14 @@ class _Data:
         if self.source == "iterable":
             seen = {}
             for i in range(step):
-                tokens = self.get(i)
+                try:
+                    tokens = self.get(i)
+                except DataRanOut:
+                    raise ValueError(
+                        f"Cannot resume from {path}: the batches ran out at step {i}, before the {step} batches the "
+                        f"checkpoint was trained on (steps={self.steps} needs {self.steps} batches). Give the same "
+                        "batches as that run, and more."
+                    ) from None
                 if i in (0, step - 1):
                     seen[i] = batch_fingerprint(torch.as_tensor(tokens))
             first, last = seen[0], seen[step - 1]
@@ -529,7 +597,12 @@ class _Data:
             )
 
 
-def _check_batch(tokens, step: int, model: HookedTransformer) -> Tensor:
+def _check_batch(tokens, step: int, model: HookedTransformer, ids_checked: bool = False) -> Tensor:
+    """The step's batch as a tensor, refused with a clear error unless it is (batch, seq) token ids the model takes.
+
+    `ids_checked`: the ids were all checked already (rows of a token tensor checked once), which saves the per-step
+    host synchronisation of the check on an accelerator.
+    """
     if not isinstance(tokens, Tensor):
         tokens = torch.as_tensor(tokens)
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool or tokens.dim() != 2:
@@ -546,6 +619,8 @@ def _check_batch(tokens, step: int, model: HookedTransformer) -> Tensor:
             f"The batch of step {step} has sequences of {tokens.shape[1]} tokens, longer than the model's context "
             f"n_ctx={model.cfg.n_ctx}. Cut the sequences, or build the model with a larger n_ctx."
         )
+    if not ids_checked:
+        check_token_ids(tokens, model.cfg.d_vocab, f"The tokens of the batch of step {step}")
     return tokens
 
 
@@ -579,17 +654,24 @@ def train(
 ) -> TrainResult:
     """Train `model` on next-token loss.
 
+    Only the parameters with `requires_grad` set are trained (`cfg.freeze_model` adds the model's own weights to the
+    frozen ones); the flags are left as they were.
+
     Args:
         batches: `fn(step) -> tokens` (resumes exactly), an iterable of token batches (on resume, the batches already
             used are skipped, and checked to be the same), or a `(n_sequences, seq)` token tensor with
             `cfg.batch_size` set (seeded shuffled batches of its rows, a new order each epoch). Each is the global
             batch of a step; with several ranks each trains on its contiguous share of the rows. `fn(step, rank,
             world_size) -> tokens` instead gives this rank's rows itself (for data that each rank should load alone).
-        eval_fn: called as `eval_fn(model, step)` every `cfg.eval_every` steps and at the end, in eval mode (on every
-            rank).
+            Every step takes one batch: an iterable with a `len()` shorter than `cfg.steps` is refused before any
+            training; one that runs out mid-way writes a checkpoint of the last step (with `cfg.checkpoint_dir`) and
+            raises a ValueError. Token ids outside [0, d_vocab) are refused, naming the step.
+        eval_fn: `eval_fn(model, step) -> dict`, called every `cfg.eval_every` steps and at the end, in eval mode
+            (on every rank).
         resume: continue from `cfg.checkpoint_dir` when it holds a checkpoint. A resume is announced with a
             `ResumeWarning`; it is refused (ValueError) when the checkpoint was made with other settings, another
-            model (config, codebooks, or initial weights) or other data. Any number of ranks resumes any checkpoint.
+            model (config, codebooks, or initial weights), other frozen parameters or other data. Any number of ranks
+            resumes any checkpoint.
         loggers: objects with `log(step, metrics)` and `close()` (`cbinterp.core.metrics`), called on rank 0 only.
 
     Data parallel: when a `torch.distributed` process group is initialised (e.g. under `torchrun`, see
@@ -598,8 +680,15 @@ def train(
     ranks, and rank 0 alone writes checkpoints, shows progress and logs, while the others wait for it.
     """
     require_hooked_transformer(model)
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train takes its settings as a TrainConfig, got {type(cfg).__name__}: TrainConfig(steps=...).")
+    check_call(eval_fn, resume, loggers)
+    cfg = dataclasses.replace(cfg)  # checked again: a setting changed after construction is normalised or refused
     _check_trainable_dtype(model)
+    check_frozen_codebooks(model)
     data = _Data(batches, cfg)
+    if data.source == "tensor":  # once, for all the batches drawn from it
+        check_token_ids(data.tokens, model.cfg.d_vocab, "The token tensor given to train")
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt is not None:
         if dd.is_main():
@@ -618,6 +707,7 @@ def train(
         if resume and ckpt is not None and is_checkpoint(ckpt):
             config, state, _ = read_checkpoint(ckpt)
             _check_fits(ckpt, config, state, model, cfg, init_weights)
+            _check_trained(ckpt, state, trained_names(model, optimizer))
             data.check_resume(ckpt, state.get("data", {}), state["step"])
             try:
                 load_weights(model, ckpt / WEIGHTS_FILE)
@@ -738,7 +828,29 @@ def _loop(
         else contextlib.nullcontext()
     )
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    last_fp, tokens_seen, since = None, 0, time.perf_counter()
+    trained = trained_names(model, optimizer)
+    tokens_seen, since, start, saved_at, batch = 0, time.perf_counter(), step, step, None
+
+    def save(step: int, batch) -> None:
+        pending.flush(step, model, codebooks)
+        last_fp = data.fingerprint(batch, step - 1)
+        if dd.is_main():
+            save_checkpoint(
+                ckpt,
+                model,
+                optimizer,
+                step,
+                losses,
+                settings=_settings(cfg),
+                init_weights=init_weights,
+                weights=base_fingerprint(model),
+                data=data.record(first_batch, last_fp),
+                world_size=dd.world_size(),
+                accumulate=cfg.accumulate,
+                trained=trained,
+            )
+        dd.barrier(f"waiting for rank 0 to write the checkpoint of step {step}", step)
+
     logged_at = len(losses)
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not show, desc="train", dynamic_ncols=True)
@@ -748,7 +860,13 @@ def _loop(
         cb.step_sync = sync
     try:
         while step < cfg.steps:
-            batch = _check_batch(data.get(step), step, model)
+            try:
+                got = data.get(step)
+            except DataRanOut:
+                if ckpt is not None and step > saved_at:  # keep the work done
+                    save(step, batch)
+                raise ValueError(_ran_out_message(step, start, cfg, ckpt)) from None
+            batch = _check_batch(got, step, model, ids_checked=data.source == "tensor")
             local = data.local(batch, step)
             if step == 0:
                 first_batch = data.fingerprint(batch, 0)
@@ -804,29 +922,15 @@ def _loop(
             if eval_now:
                 model.eval()
                 with training_codebooks(model, on=False):
-                    evals.append((step, eval_fn(model, step)))
+                    evals.append((step, check_eval_result(eval_fn(model, step), step)))
                 for logger in loggers:
                     numbers_ = {f"eval/{k}": float(v) for k, v in evals[-1][1].items() if is_real(v)}
                     if numbers_:
                         logger.log(step, numbers_)
                 model.train()
             if ckpt_now:
-                last_fp = data.fingerprint(batch, step - 1)
-                if dd.is_main():
-                    save_checkpoint(
-                        ckpt,
-                        model,
-                        optimizer,
-                        step,
-                        losses,
-                        settings=_settings(cfg),
-                        init_weights=init_weights,
-                        weights=base_fingerprint(model),
-                        data=data.record(first_batch, last_fp),
-                        world_size=dd.world_size(),
-                        accumulate=cfg.accumulate,
-                    )
-                dd.barrier(f"waiting for rank 0 to write the checkpoint of step {step}", step)
+                save(step, batch)
+                saved_at = step
             since += time.perf_counter() - paused
     finally:
         for cb, was, had in flags:
@@ -835,6 +939,29 @@ def _loop(
         model.eval()
         del forward, wrapped  # DDP's hooks on the parameters go with it
     return step
+
+
+def _ran_out_message(step: int, start: int, cfg: TrainConfig, ckpt: Optional[Path]) -> str:
+    """What happened when an iterable of unknown length ran out at `step`, and how to go on."""
+    ran = f"{step - start} step{'s' if step - start != 1 else ''} ran in this call" + (
+        f" (resumed at step {start})" if start else ""
+    )
+    if step == 0:
+        kept = "No step ran, so nothing was written."
+    elif ckpt is None:
+        kept = (
+            f"The model holds the weights of step {step}, but no checkpoint was written (no checkpoint_dir); set "
+            "one to be able to resume."
+        )
+    else:
+        kept = (
+            f"The checkpoint of step {step} is in {ckpt}: call train again with the same settings and checkpoint_dir "
+            f"and batches that repeat these {step} and go on (it checks them, skips them and resumes at step {step})."
+        )
+    return (
+        f"The batches ran out at step {step}: the iterable gave {step} batches, but steps={cfg.steps} needs "
+        f"{cfg.steps}. {ran}. {kept} Give enough batches (e.g. itertools.cycle(batches)) or lower steps."
+    )
 
 
 def _mean_mse(codebooks, step: int) -> list[float]:
@@ -851,7 +978,7 @@ def _metrics(recent: list[float], codebooks, window: dict, mse: list[float], opt
     """The logged metrics (see `cbinterp.core.metrics`); moves the dead-code window on."""
     groups = optimizer.param_groups
     metrics = {"loss": float(np.mean(recent)) if recent else float("nan"), "lr": float(groups[-1]["lr"])}
-    if codebooks:
+    if codebooks and any(groups[0]["params"][0] is cb.weight for _, cb in codebooks):  # frozen codebooks: no group
         metrics["lr/codebooks"] = float(groups[0]["lr"])
     dead_total, codes_total = 0, 0
     for (name, cb), value in zip(codebooks, mse):

@@ -13,6 +13,9 @@ Features = Union[Bool[Tensor, "n_positions n_features"], Int[Tensor, " n_positio
 
 
 def _as_int(value, what: str) -> int:
+    """`value` as an int (Python, numpy or a 0-d integer tensor); a bool is refused, not read as 0 or 1."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what} must be an int, got the bool {value!r}.")
     try:
         return operator.index(value)
     except TypeError:

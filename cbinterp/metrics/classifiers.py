@@ -172,7 +172,10 @@ class BestNeurons(NamedTuple):
 
 
 def _check_recalls(recalls) -> Float[Tensor, " m"]:
-    r = torch.as_tensor(recalls, dtype=torch.float64).cpu()
+    is_bool = recalls.dtype == torch.bool if isinstance(recalls, Tensor) else isinstance(recalls, bool)
+    if is_bool or (isinstance(recalls, (list, tuple)) and any(isinstance(x, bool) for x in recalls)):
+        raise TypeError(f"recalls must be floats in (0, 1], got bools {recalls!r}.")
+    r = torch.as_tensor(recalls, dtype=torch.float64).cpu()  # float64 straight away: a float32 step rounds 1/3
     if r.dim() == 0:
         r = r.unsqueeze(0)
     if r.dim() != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 import warnings
 from typing import Mapping, Optional, Sequence, Union
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor
 
 from cbinterp.codecache.features import VocabularyLike, token_positions
+from cbinterp.core.checks import is_int
 from cbinterp.core.heads import HEAD_DTYPE
 from cbinterp.metrics.tables import add_neuron_precision, code_feature_table
 
@@ -40,11 +42,15 @@ RANKINGS = ("precision", "recall", "f1")
 def _check_ranking(rank_by: str, min_recall: float, min_fires: int) -> tuple[float, int]:
     if rank_by not in RANKINGS:
         raise ValueError(f"rank_by must be one of {RANKINGS}, got {rank_by!r}.")
+    if isinstance(min_recall, bool) or not isinstance(min_recall, numbers.Real):
+        raise TypeError(f"min_recall must be a number in [0, 1], got {min_recall!r} ({type(min_recall).__name__}).")
     min_recall = float(min_recall)
-    if not 0.0 <= min_recall <= 1.0:
+    if not 0.0 <= min_recall <= 1.0:  # NaN fails this too
         raise ValueError(f"min_recall must lie in [0, 1], got {min_recall}.")
-    if isinstance(min_fires, bool) or int(min_fires) != min_fires or min_fires < 1:
-        raise ValueError(f"min_fires must be a whole number >= 1, got {min_fires!r}.")
+    if not is_int(min_fires):
+        raise TypeError(f"min_fires must be an int >= 1, got {min_fires!r} ({type(min_fires).__name__}).")
+    if min_fires < 1:
+        raise ValueError(f"min_fires must be an int >= 1, got {min_fires}.")
     return min_recall, int(min_fires)
 
 

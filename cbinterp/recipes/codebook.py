@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from cbinterp.core import distributed as dd
 from cbinterp.core.atomic import recover_dir
-from cbinterp.core.attach import attach_codebooks, kmeans_init_codebooks, require_hooked_transformer
-from cbinterp.core.train import TRAINER_FILE, TrainConfig, train
+from cbinterp.core.attach import attach_codebooks, get_codebooks, kmeans_init_codebooks, require_hooked_transformer
+from cbinterp.core.train import TRAINER_FILE, TrainConfig, TrainResult, train
 
 #: `batches(stream)` -> `fn(step) -> tokens`: the data of one phase, the same tokens for the same step.
 BatchSource = Callable[[int], Callable[[int], Tensor]]
@@ -38,20 +39,26 @@ class Phase:
     warmup_steps: int = 50
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    cap_warmup: bool = True  # warm up for at most a tenth of the steps; False: `warmup_steps` as given
+    checkpoint_every: int = 50
+    seed: Optional[int] = None  # None: the recipe's seed
 
     def train_config(self, seed: int, checkpoint_dir: Optional[Path], progress: bool, compile: bool) -> TrainConfig:
+        """This phase's `TrainConfig`; `seed` is the recipe's (used unless the phase has its own)."""
         return TrainConfig(
             steps=self.steps,
             lr=self.lr,
             codebook_lr=self.codebook_lr,
             freeze_model=self.freeze_model,
-            warmup_steps=min(self.warmup_steps, self.steps // 10),
+            warmup_steps=min(self.warmup_steps, self.steps // 10) if self.cap_warmup else self.warmup_steps,
             schedule=self.schedule,
             min_lr_ratio=self.min_lr_ratio,
-            checkpoint_every=50 if checkpoint_dir is not None else 0,
+            weight_decay=self.weight_decay,
+            checkpoint_every=self.checkpoint_every if checkpoint_dir is not None else 0,
             checkpoint_dir=str(checkpoint_dir / self.name) if checkpoint_dir is not None else None,
             compile=compile,
-            seed=seed,
+            seed=seed if self.seed is None else self.seed,
             progress=progress,
         )
 
@@ -67,6 +74,9 @@ class CodebookSpec:
     similarity: str = "inner_product"
     kmeans: bool = True
     kmeans_iters: int = 10
+    #: After k-means, divide the codes by k: each centroid approximates the input alone, but the output sums k
+    #: codes. The selection does not change (inner-product similarity scores x . c / |c|).
+    kmeans_mean_of_k: bool = False
 
 
 @dataclasses.dataclass
@@ -74,13 +84,15 @@ class CodebookRecipe:
     """Warm start (`warm`, without codebooks; None: the model is already trained), then codebooks, then `phases`
     with the codebooks in place. With `control`, a copy of the warm-started model is trained without codebooks
     through every phase that trains the model (same steps, lr, data), so that "with codebooks" can be compared
-    with a model that saw the same extra training."""
+    with a model that saw the same extra training; `controls` names the control's phases instead when they need
+    names or settings of their own."""
 
     warm: Optional[Phase]
     codebooks: CodebookSpec
     phases: list[Phase]
     control: bool = True
     seed: int = 0
+    controls: Optional[list[Phase]] = None  # None: each model-training phase, renamed control_<name>
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.all_phases()]
@@ -88,14 +100,19 @@ class CodebookRecipe:
             raise ValueError(f"Phase names must be unique, got {names}.")
         if any(p.freeze_model for p in ([self.warm] if self.warm else [])):
             raise ValueError("The warm phase trains a model without codebooks; it cannot freeze the model.")
+        if any(p.freeze_model for p in self.controls or []):
+            raise ValueError("The control phases train a model without codebooks; they cannot freeze the model.")
 
     def all_phases(self) -> list[Phase]:
         return ([self.warm] if self.warm else []) + list(self.phases) + self.control_phases()
 
     def control_phases(self) -> list[Phase]:
-        """The control model's phases: each codebook phase that trains the model, renamed `control_<name>`."""
+        """The control model's phases: `controls`, or each codebook phase that trains the model, renamed
+        `control_<name>`."""
         if not self.control:
             return []
+        if self.controls is not None:
+            return list(self.controls)
         return [dataclasses.replace(p, name=f"control_{p.name}") for p in self.phases if not p.freeze_model]
 
     def to_dict(self) -> dict:
@@ -105,7 +122,9 @@ class CodebookRecipe:
     def from_dict(cls, data: dict) -> "CodebookRecipe":
         warm = Phase(**data["warm"]) if data.get("warm") else None
         spec = CodebookSpec(**{**data["codebooks"], "sites": tuple(data["codebooks"]["sites"])})
-        return cls(warm, spec, [Phase(**p) for p in data["phases"]], data.get("control", True), data.get("seed", 0))
+        phases = [Phase(**p) for p in data["phases"]]
+        controls = [Phase(**p) for p in data["controls"]] if data.get("controls") is not None else None
+        return cls(warm, spec, phases, data.get("control", True), data.get("seed", 0), controls)
 
 
 @dataclasses.dataclass
@@ -133,6 +152,7 @@ def run_recipe(
     compile: bool = False,
     log: Optional[Callable[[str], None]] = None,
     after_phase: Optional[Callable[[str, HookedTransformer], None]] = None,
+    on_trained: Optional[Callable[[str, TrainResult, float], None]] = None,
 ) -> RecipeResult:
     """Run `recipe` on `model` (changed in place: it ends with codebooks, trained).
 
@@ -141,7 +161,10 @@ def run_recipe(
         kmeans_tokens: the tokens whose activations initialise the codebooks (required when
             `recipe.codebooks.kmeans`); skipped when resuming a codebook phase, whose checkpoint holds the codes.
         checkpoint_dir: each phase checkpoints under `<dir>/<phase name>` and resumes from there.
-        after_phase: called as `after_phase(name, model)` after each phase (e.g. to evaluate).
+        after_phase: called as `after_phase(name, model)` after each phase (e.g. to evaluate), and as
+            `after_phase("attached", model)` once the codebooks are attached and initialised.
+        on_trained: called as `on_trained(name, train_result, seconds)` as soon as a phase's training ends, before
+            `after_phase` (e.g. to record how many steps this run took and how long).
     """
     require_hooked_transformer(model)
     if log is None:  # under torchrun, rank 0 alone reports
@@ -160,6 +183,8 @@ def run_recipe(
         tokens[phase.name] = phase.steps * int(fn(0).numel())
         seconds[phase.name] = time.perf_counter() - start
         log(f"phase {phase.name}: {phase.steps} steps, {tokens[phase.name]:,} tokens, {seconds[phase.name]:.0f} s")
+        if on_trained is not None:
+            on_trained(phase.name, result, seconds[phase.name])
         if after_phase is not None:
             after_phase(phase.name, target)
 
@@ -175,13 +200,15 @@ def run_recipe(
         loss=spec.loss,
         similarity=spec.similarity,
     )
-    resuming = root is not None and any(
-        (recover_dir(root / p.name) / TRAINER_FILE).exists() for p in recipe.phases
-    )  # a resumed run loads its codes from the checkpoint
+    resuming = resumes_codebook_phases(recipe, root)  # a resumed run loads its codes from the checkpoint
     kmeans_done = False
     if spec.kmeans and not resuming:
         start = time.perf_counter()
-        kmeans_init_codebooks(model, kmeans_tokens, iters=spec.kmeans_iters, seed=recipe.seed)
+        kmeans_init_codebooks(model, kmeans_tokens, iters=spec.kmeans_iters, seed=recipe.seed, progress=progress)
+        if spec.kmeans_mean_of_k:
+            with torch.no_grad():
+                for codebook in get_codebooks(model).values():
+                    codebook.weight.div_(codebook.k)
         seconds["kmeans"] = time.perf_counter() - start
         tokens["kmeans"] = int(kmeans_tokens.numel())
         kmeans_done = True
@@ -195,6 +222,13 @@ def run_recipe(
         for phase in recipe.control_phases():
             run_phase(phase, control_model)
     return RecipeResult(model, warm_model, control_model, losses, steps, tokens, seconds, kmeans_done)
+
+
+def resumes_codebook_phases(recipe: CodebookRecipe, checkpoint_dir: Optional[str | Path]) -> bool:
+    """Whether `run_recipe` with this `checkpoint_dir` resumes a codebook phase (and so skips k-means)."""
+    if checkpoint_dir is None:
+        return False
+    return any((recover_dir(Path(checkpoint_dir) / p.name) / TRAINER_FILE).exists() for p in recipe.phases)
 
 
 def phases_summary(recipe: CodebookRecipe, tokens_per_step: int) -> list[dict]:
@@ -212,4 +246,12 @@ def phases_summary(recipe: CodebookRecipe, tokens_per_step: int) -> list[dict]:
     ]
 
 
-__all__: Sequence[str] = ["BatchSource", "CodebookRecipe", "CodebookSpec", "Phase", "RecipeResult", "run_recipe"]
+__all__: Sequence[str] = [
+    "BatchSource",
+    "CodebookRecipe",
+    "CodebookSpec",
+    "Phase",
+    "RecipeResult",
+    "resumes_codebook_phases",
+    "run_recipe",
+]

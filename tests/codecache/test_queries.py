@@ -228,6 +228,60 @@ def test_labels_name_a_head_only_for_per_head_codebooks(cache):
         assert code_frequency_figure(cache, MLP, head=head).layout.title.text.startswith(f"{MLP}: code frequency")
     code = int(cache.codes(ATTN)[0, 2, 0])
     assert context_view(cache, ATTN, code, CHARS, head=2).title.startswith(f"{ATTN} head 2, code {code}: ")
-    assert context_view(cache, ATTN, code, CHARS, head=-1).title.startswith(f"{ATTN} head 3, code {code}: ")
+    with pytest.raises(ValueError, match=r"head -1 is out of range.*0\.\.3; for the last head pass 3"):
+        context_view(cache, ATTN, code, CHARS, head=-1)
     assert context_view(cache, ATTN, code, CHARS).title.startswith(f"{ATTN}, code {code}: ")  # every head
     assert code_frequency_figure(cache, ATTN, head=1).layout.title.text.startswith(f"{ATTN} head 1: code frequency")
+
+
+def test_a_negative_head_is_refused_everywhere(cache):
+    """One rule for heads (cbinterp.core.heads.check_head), the interventions' rule too: heads are 0..n_heads-1."""
+    code = int(cache.codes(ATTN)[0, 3, 0])
+    calls = [
+        lambda h: top_tokens(cache, ATTN, code, head=h),
+        lambda h: code_contexts(cache, ATTN, code, CHARS, head=h),
+        lambda h: code_frequencies(cache, ATTN, head=h),
+        lambda h: dead_codes(cache, ATTN, head=h),
+        lambda h: code_fires(cache, ATTN, code, head=h),
+        lambda h: codes_for_token(cache, ATTN, 1, head=h),
+        lambda h: cooccurrence(cache, ATTN, code, MLP, 0, head_a=h),
+    ]
+    for call in calls:
+        for bad in (-1, -4, 4):
+            with pytest.raises(ValueError, match=rf"head {bad} is out of range.*0\.\.3"):
+                call(bad)
+        with pytest.raises(TypeError, match="head must be an int"):
+            call(True)
+    assert torch.equal(code_fires(cache, ATTN, code, head=np.int64(3)), code_fires(cache, ATTN, code, head=3))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda c, code: top_tokens(c, MLP, code, n=-1), ValueError, "n must be an int >= 1, got -1"),
+        (lambda c, code: top_tokens(c, MLP, code, n=0), ValueError, "n must be an int >= 1"),
+        (lambda c, code: top_tokens(c, MLP, code, n=2.5), TypeError, "n must be an int"),
+        (lambda c, code: top_tokens(c, MLP, code, n=2.0), TypeError, "n must be an int"),
+        (lambda c, code: top_tokens(c, MLP, code, n=True), TypeError, "n must be an int"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, max_examples=-1), ValueError, "max_examples"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, max_examples=0), ValueError, "max_examples"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, max_examples=2.5), TypeError, "max_examples"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, max_examples=True), TypeError, "max_examples"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, window=-1), ValueError, "window must be an int >= 0"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, window=1.5), TypeError, "window must be an int"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, window=float("nan")), TypeError, "window"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, seed=None), TypeError, "seed must be an int"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, seed=-3), ValueError, "seed must be an int >= 0"),
+        (lambda c, code: code_contexts(c, MLP, code, CHARS, sample=["first"]), ValueError, "sample must be one"),
+        (lambda c, code: context_view(c, MLP, code, CHARS, max_examples=-1), ValueError, "max_examples"),
+        (lambda c, code: codes_for_token(c, MLP, 11), ValueError, r"token id 11.*\[0, 11\)"),
+        (lambda c, code: codes_for_token(c, MLP, -1), ValueError, "token_id must be an int >= 0"),
+        (lambda c, code: codes_for_token(c, MLP, 2.7), TypeError, "token_id must be an int"),
+        (lambda c, code: codes_at(c, 1.9, 0), TypeError, "doc must be an int"),
+        (lambda c, code: codes_at(c, True, 0), TypeError, "doc must be an int"),
+        (lambda c, code: codes_at(c, 0, -1), ValueError, "pos must be an int >= 0"),
+    ],
+)
+def test_count_arguments_are_checked(cache, call, error, match):
+    with pytest.raises(error, match=match):
+        call(cache, int(cache.codes(MLP)[0, 0]))

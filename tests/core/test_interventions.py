@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -148,7 +149,8 @@ def test_replace_touches_only_chosen_heads(cb_model, tokens, heads):
 
 def test_replace_heads_with_per_head_codes(cb_model, tokens):
     wanted = torch.tensor([[1, 2, 3], [9, 8, 7]])  # one row per chosen head
-    _, cache = run(cb_model, tokens, replace_codes(cb_model, ATTN0, wanted, positions=[1, 2], heads=[2, 0]))
+    hook = replace_codes(cb_model, ATTN0, wanted[None, None], positions=[1, 2], heads=[2, 0])
+    _, cache = run(cb_model, tokens, hook)
     codes = cache[f"{ATTN0}.hook_codes"]
     assert bool((codes[:, 1:3, 2] == wanted[0]).all()) and bool((codes[:, 1:3, 0] == wanted[1]).all())
 
@@ -404,7 +406,7 @@ def test_unknown_codebook_lists_the_codebooks_and_suggests(cb_model, make_tiny_m
         (lambda m: replace_codes(m, MLP0, []), ValueError, "at least one"),
         (lambda m: replace_codes(m, MLP0, 1, heads=1), ValueError, "no heads"),
         (lambda m: replace_codes(m, MLP0, 1, heads=[0]), ValueError, "no heads"),
-        (lambda m: replace_codes(m, ATTN0, 1, heads=4), ValueError, "Head 4 is out of range"),
+        (lambda m: replace_codes(m, ATTN0, 1, heads=4), ValueError, "head 4 is out of range"),
         (lambda m: replace_codes(m, ATTN0, 1, heads=[]), TypeError, "heads"),
         (lambda m: replace_codes(m, MLP0, 1, positions="last"), TypeError, "positions"),
         (lambda m: replace_codes(m, MLP0, 1, positions=[[0, 1], [2]]), ValueError, "same number"),
@@ -438,3 +440,108 @@ def test_bad_positions_for_the_run_raise_inside_the_hook(cb_model, tokens, hook,
     with pytest.raises(error, match=match):
         cb_model.run_with_hooks(tokens, fwd_hooks=[hook(cb_model)])
     assert_no_hooks(cb_model)
+
+
+# -- shapes of the codes given: never broadcast along the wrong axis -------------------------------------------
+@pytest.mark.parametrize("make", [replace_codes, force_codes])
+def test_per_example_codes_need_their_positions_axis_when_batch_equals_seq(cb_model, make):
+    """(batch, 1) codes at every position would spread along positions when batch == seq: refused, naming the axes;
+    (batch, 1, 1) gives each example its own code at every position."""
+    square = torch.randint(0, 11, (4, 4), generator=torch.Generator().manual_seed(3))
+    wanted = torch.tensor([[1], [2], [3], [4]])
+    with pytest.raises(ValueError, match=r"ambiguous.*\(batch, positions, ids\).*ids\[:, None, :\]"):
+        make(cb_model, MLP0, wanted)
+    _, cache = run(cb_model, square, make(cb_model, MLP0, wanted[:, None]))
+    slot = 0 if make is replace_codes else -1  # replaced ids come first, forced ones last
+    codes = cache[f"{MLP0}.hook_codes"][..., slot]
+    assert bool((codes == torch.tensor([1, 2, 3, 4])[:, None]).all())  # per example, along every position
+
+
+def test_per_head_codes_need_the_batch_and_positions_axes(cb_model, tokens):
+    wanted = torch.tensor([[1], [2], [3], [4]])  # one code per head
+    with pytest.raises(ValueError, match=r"ambiguous.*\(batch, positions, heads, ids\).*ids\[None, None, :, :\]"):
+        replace_codes(cb_model, ATTN0, wanted)
+    _, cache = run(cb_model, tokens, replace_codes(cb_model, ATTN0, wanted[None, None]))
+    assert bool((cache[f"{ATTN0}.hook_codes"][..., 0] == torch.tensor([1, 2, 3, 4])).all())
+
+
+def test_codes_of_the_wrong_size_name_the_axis(cb_model, tokens):
+    hook = replace_codes(cb_model, MLP0, torch.zeros(2, 1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 entries along the batch axis, where the run selects 3"):
+        cb_model.run_with_hooks(tokens, fwd_hooks=[hook])
+    hook = force_codes(cb_model, ATTN0, torch.zeros(1, 1, 3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="3 entries along the heads axis, where the run selects 4"):
+        cb_model.run_with_hooks(tokens, fwd_hooks=[hook])
+    assert_no_hooks(cb_model)
+
+
+def test_heads_follow_the_one_rule_of_check_head(cb_model, tokens):
+    """A negative head is refused (as by the cache queries); numpy and tensor heads are read as ints."""
+    for heads in (-1, [0, -1], torch.tensor([-4])):
+        with pytest.raises(ValueError, match=r"head -\d+ is out of range.*0\.\.3"):
+            replace_codes(cb_model, ATTN0, 1, heads=heads)
+    with pytest.raises(TypeError, match="head must be an int"):
+        replace_codes(cb_model, ATTN0, 1, heads=1.5)
+    want = run(cb_model, tokens, replace_codes(cb_model, ATTN0, 1, heads=[1, 3]))[1][f"{ATTN0}.hook_codes"]
+    for heads in (np.array([1, 3]), torch.tensor([1, 3])):
+        got = run(cb_model, tokens, replace_codes(cb_model, ATTN0, 1, heads=heads))[1][f"{ATTN0}.hook_codes"]
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "positions, error, match",
+    [
+        (slice(0.5, 3), TypeError, "slice takes ints"),
+        (slice(0, 3, 0), ValueError, "step 0"),
+        ([[True], [False], [True]], TypeError, "lists of ints"),
+        ([[0.5], [1], [2]], TypeError, "lists of ints"),
+    ],
+)
+def test_bad_positions_are_refused_when_the_hook_is_made(cb_model, positions, error, match):
+    with pytest.raises(error, match=match):
+        replace_codes(cb_model, MLP0, 1, positions=positions)
+
+
+# -- steering: token ids, counts and the shapes of steering codes ------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(tokens=torch.tensor([[1, 2, 11]])), ValueError, r"token id 11.*\[0, 11\)"),
+        (dict(tokens=torch.tensor([[1, -1, 2]])), ValueError, r"token id -1.*d_vocab=11"),
+        (dict(tokens=torch.tensor([[True, False]])), ValueError, "integer token ids"),
+        (dict(tokens=torch.zeros(2, 0, dtype=torch.long)), ValueError, "no prompt"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 1"),
+        (dict(max_new_tokens=2.5), ValueError, "max_new_tokens must be an int >= 1"),
+        (dict(n_slots=True), ValueError, "n_slots=True"),
+        (dict(n_slots={MLP1: 1}), ValueError, "n_slots names.*does not steer"),
+        (dict(prompt="yes"), TypeError, "prompt must be True or False"),
+        (dict(codebook_codes={MLP0: torch.ones(2, 3, 1, dtype=torch.long)}), ValueError, r"give \(n,\) or \(batch"),
+        (dict(codebook_codes={ATTN0: torch.ones(3, 1, dtype=torch.long)}), ValueError, "lists heads.*4 entries"),
+    ],
+)
+def test_generate_with_codes_refuses_bad_tokens_and_counts(cb_model, tokens, kwargs, error, match):
+    args = dict(tokens=tokens[:, :3], codebook_codes={MLP0: 1}, max_new_tokens=2)
+    with pytest.raises(error, match=match):
+        generate_with_codes(cb_model, **{**args, **kwargs})
+    assert_no_hooks(cb_model)
+
+
+def test_steering_prompt_len_must_be_a_positive_int(cb_model):
+    for bad in (2.5, True, 0, None):
+        with pytest.raises(ValueError, match="prompt_len must be a positive int"):
+            steering_hooks(cb_model, {MLP0: 1}, prompt_len=bad)
+
+
+def test_steering_takes_per_example_codes(cb_model):
+    """(batch, n) steers each example with its own codes (batch == prompt length here, where a (batch, n) tensor
+    forced with positions would have spread along the positions)."""
+    prompt = torch.randint(0, 11, (3, 3), generator=torch.Generator().manual_seed(4))
+    seen = []
+    codes = {MLP0: torch.tensor([[5], [6], [7]]), ATTN1: torch.tensor([[[1]] * 4, [[2]] * 4, [[3]] * 4])}
+    steer = steering_hooks(cb_model, codes, prompt_len=3)
+    recorders = [record_outputs(f"{MLP0}.hook_codes", seen), record_outputs(f"{ATTN1}.hook_codes", seen)]
+    with intervene(cb_model, steer, recorders):  # the recorders run after the steering hooks
+        cb_model.generate(prompt, max_new_tokens=1, do_sample=False, stop_at_eos=False, verbose=False)
+    mlp, attn = seen[0], seen[1]  # the first step: the whole prompt, forced at its last position
+    assert mlp[:, -1, -1].tolist() == [5, 6, 7] and attn[:, -1, :, -1].tolist() == [[1] * 4, [2] * 4, [3] * 4]
+    assert not bool((mlp[:, :-1, -1] == torch.tensor([5, 6, 7])[:, None]).all())

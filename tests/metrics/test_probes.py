@@ -190,9 +190,11 @@ def test_probe_ranking_and_recall_floor(kwargs, code):
 
 
 def test_probe_and_search_reject_bad_rankings(cache):
-    for bad in ({"rank_by": "auc"}, {"min_recall": 1.5}, {"min_fires": 0}, {"min_fires": 2.5}):
+    for bad in ({"rank_by": "auc"}, {"min_recall": 1.5}, {"min_fires": 0}):
         with pytest.raises(ValueError):
             probe(cache, {"tok_c": "c"}, CHARS, **bad)
+    with pytest.raises(TypeError, match="min_fires must be an int"):  # a count: never a float
+        probe(cache, {"tok_c": "c"}, CHARS, min_fires=2.5)
 
 
 def test_probe_figure_shows_recall():

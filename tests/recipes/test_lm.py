@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -13,8 +14,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cbinterp
 from cbinterp.core.manifest import ResumeWarning
+from cbinterp.core.train import TrainConfig
 from cbinterp.pretrained import load_pretrained, pretrained_card
-from cbinterp.recipes.lm import LMRecipe, evaluate, heldout_sequences, run_lm, train_config
+from cbinterp.recipes.lm import (
+    LMRecipe,
+    build_model,
+    evaluate,
+    finetune_baseline,
+    heldout_sequences,
+    run_lm,
+    train_baseline,
+    train_batches,
+    train_codebook_model,
+    train_config,
+)
+from cbinterp.tasks.text import load_tokenizer
 from cbinterp.tasks.toytext import generate_corpus
 
 TINY = LMRecipe.quick(
@@ -67,6 +81,41 @@ def test_finetuned_baseline_trains_as_many_steps_as_the_codebook_model(tiny_run)
     assert phases["finetuned"]["tokens"] == phases["codebook"]["tokens"]
     b, c = train_config(TINY, "codebook"), train_config(TINY, "finetuned")
     assert (b.steps, b.lr, b.warmup_steps, b.schedule) == (c.steps, c.lr, c.warmup_steps, c.schedule)
+
+
+def test_train_config_is_each_phases_own():
+    """Warmup as set (not capped at a tenth of the steps), the recipe's weight decay and checkpoint interval, and
+    a seed per phase: the settings the LM trained with before its phases ran through `run_recipe`."""
+    saved = dict(checkpoint_every=10, checkpoint_dir="ckpt", progress=False)
+    expected = {
+        "baseline": TrainConfig(steps=40, lr=TINY.base_lr, warmup_steps=10, seed=0, **saved),
+        "codebook": TrainConfig(steps=12, lr=TINY.codebook_lr, warmup_steps=5, seed=1, **saved),
+        "finetuned": TrainConfig(steps=12, lr=TINY.codebook_lr, warmup_steps=5, seed=2, **saved),
+    }
+    for phase, cfg in expected.items():
+        assert train_config(TINY, phase, "ckpt", progress=False) == cfg
+        assert train_config(TINY, phase).checkpoint_every == 0 and train_config(TINY, phase).checkpoint_dir is None
+    training = TINY.codebook_recipe()
+    assert [p.name for p in training.all_phases()] == ["baseline", "codebook", "finetuned"]
+    assert training.phases[0].stream == training.controls[0].stream != training.warm.stream
+    with pytest.raises(ValueError, match="Unknown phase"):
+        train_config(TINY, "control_codebook")
+
+
+def test_the_phase_functions_train_what_run_lm_trains(tiny_run):
+    out, _, docs = tiny_run
+    tokenizer = load_tokenizer(out / "tokenizer")
+    model = build_model(TINY, tokenizer, "cpu")
+    batches = train_batches(TINY, docs[:280], tokenizer, model)
+    train_baseline(model, batches, TINY, progress=False)
+    finetuned = copy.deepcopy(model)
+    finetune_baseline(finetuned, batches, TINY, progress=False)
+    train_codebook_model(model, batches, TINY, progress=False)
+    for phase, trained in (("codebook", model), ("finetuned", finetuned)):
+        saved = load_pretrained(out / phase, device="cpu").state_dict()
+        here = trained.state_dict()
+        assert saved.keys() == here.keys()
+        assert all(torch.equal(saved[k], here[k]) for k in saved), phase
 
 
 def test_results_hold_every_evaluation(tiny_run):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cbinterp.tasks.bpe import _reservoir_sample
 from cbinterp.tasks.text import (
     END_OF_TEXT,
     TextBatches,
-    _reservoir_sample,
     attach_tokenizer,
     iter_texts,
     load_tokenizer,

@@ -1,0 +1,142 @@
+"""The parts of the codebook language model's run, one library call each: tokenizer, model, batches, codebooks,
+and each phase trained on its own (`run_lm` runs the phases through the phase runner, `run_recipe`, instead; both
+take their settings from `LMRecipe.codebook_recipe()`, so they train the same models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformers import PreTrainedTokenizerBase
+
+from cbinterp.core.atomic import recover_dir
+from cbinterp.core.attach import attach_codebooks, get_codebooks, kmeans_init_codebooks
+from cbinterp.core.train import TrainResult, is_checkpoint, train
+from cbinterp.recipes.codebook import BatchSource
+from cbinterp.recipes.lm_recipe import STREAM_BASELINE, STREAM_CONTINUED, LMRecipe, train_config
+from cbinterp.tasks.text import TextBatches, TextSource, attach_tokenizer, train_bpe_tokenizer
+
+__all__ = [
+    "add_codebooks",
+    "batch_source",
+    "build_model",
+    "finetune_baseline",
+    "kmeans_tokens",
+    "train_baseline",
+    "train_batches",
+    "train_codebook_model",
+    "train_tokenizer",
+]
+
+
+def train_tokenizer(
+    recipe: LMRecipe, train_texts: TextSource, directory: Optional[Union[str, Path]] = None
+) -> PreTrainedTokenizerBase:
+    """A byte-level BPE of `recipe.vocab_size` tokens trained on `train_texts` (the training split only)."""
+    return train_bpe_tokenizer(train_texts, recipe.vocab_size, seed=recipe.seed, directory=directory)
+
+
+def build_model(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, device: Optional[str] = None):
+    """A freshly initialised (seeded) HookedTransformer for `recipe`, with `tokenizer` attached."""
+    d_vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    torch.manual_seed(recipe.seed)
+    model = HookedTransformer(recipe.model_config(d_vocab, device))
+    return attach_tokenizer(model, tokenizer)
+
+
+def train_batches(
+    recipe: LMRecipe, texts: TextSource, tokenizer: PreTrainedTokenizerBase, model: Optional[HookedTransformer] = None
+) -> TextBatches:
+    """The training windows (BOS + seq_len - 1 tokens, documents joined by <|endoftext|>), seeded batches."""
+    return TextBatches.from_texts(texts, tokenizer, recipe.seq_len, recipe.batch_size, seed=recipe.seed, model=model)
+
+
+def _continued(batches: Callable[[int], Tensor], start: int) -> Callable[[int], Tensor]:
+    """The batches that follow the first `start` ones."""
+    return lambda step: batches(start + step)
+
+
+def batch_source(batches: TextBatches, recipe: LMRecipe) -> BatchSource:
+    """The phase runner's data streams: `STREAM_BASELINE` starts at batch 0, `STREAM_CONTINUED` where (a) stopped."""
+    starts = {STREAM_BASELINE: 0, STREAM_CONTINUED: recipe.base_steps}
+
+    def stream(index: int) -> Callable[[int], Tensor]:
+        if index not in starts:
+            raise ValueError(f"The LM recipe has data streams {sorted(starts)}, not {index}.")
+        return _continued(batches, starts[index])
+
+    return stream
+
+
+def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "n seq_len"]:
+    """`recipe.kmeans_sequences` training windows (a seeded sample) on which the codebooks are initialised."""
+    generator = torch.Generator().manual_seed(recipe.seed + 17)
+    pick = torch.randperm(batches.n_sequences, generator=generator)[: recipe.kmeans_sequences]
+    return batches.sequences[pick].long()
+
+
+def add_codebooks(
+    model: HookedTransformer, recipe: LMRecipe, init_tokens: Optional[Tensor] = None, progress: bool = False
+) -> HookedTransformer:
+    """Attach the recipe's codebooks; with `init_tokens`, initialise them by k-means on their inputs there."""
+    spec = recipe.codebook_recipe().codebooks
+    attach_codebooks(model, sites=list(spec.sites), n_codes=spec.n_codes, k=spec.k, seed=recipe.seed,
+                     loss=spec.loss, similarity=spec.similarity)  # fmt: skip
+    if init_tokens is not None:
+        kmeans_init_codebooks(model, init_tokens, iters=spec.kmeans_iters, seed=recipe.seed, progress=progress)
+        if spec.kmeans_mean_of_k:
+            with torch.no_grad():
+                for codebook in get_codebooks(model).values():
+                    codebook.weight.div_(codebook.k)
+    return model
+
+
+def train_baseline(
+    model: HookedTransformer,
+    batches: TextBatches,
+    recipe: LMRecipe,
+    checkpoint_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Phase (a): train `model` (no codebooks) for `recipe.base_steps` on batches 0 .. base_steps - 1."""
+    if get_codebooks(model):
+        raise ValueError("train_baseline trains a model without codebooks; this one has some.")
+    cfg = train_config(recipe, "baseline", checkpoint_dir, progress)
+    return train(model, batch_source(batches, recipe)(STREAM_BASELINE), cfg)
+
+
+def train_codebook_model(
+    model: HookedTransformer,
+    batches: TextBatches,
+    recipe: LMRecipe,
+    checkpoint_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+    on_init: Optional[Callable[[HookedTransformer], None]] = None,
+) -> TrainResult:
+    """Phase (b): attach codebooks to the trained baseline `model` (in place), k-means initialise them (unless a
+    checkpoint is resumed: it holds the codes), then train end to end for `recipe.codebook_steps` on the batches
+    after (a)'s. `on_init(model)` is called after initialisation, before training (e.g. to evaluate it)."""
+    resuming = checkpoint_dir is not None and is_checkpoint(recover_dir(Path(checkpoint_dir)))
+    add_codebooks(model, recipe, None if resuming else kmeans_tokens(batches, recipe), progress=progress)
+    if on_init is not None and not resuming:
+        on_init(model)
+    cfg = train_config(recipe, "codebook", checkpoint_dir, progress)
+    return train(model, batch_source(batches, recipe)(STREAM_CONTINUED), cfg)
+
+
+def finetune_baseline(
+    model: HookedTransformer,
+    batches: TextBatches,
+    recipe: LMRecipe,
+    checkpoint_dir: Optional[Union[str, Path]] = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Phase (c): train the baseline `model` (no codebooks) as long as (b), on (b)'s batches and schedule."""
+    if get_codebooks(model):
+        raise ValueError("finetune_baseline trains a model without codebooks; this one has some.")
+    cfg = train_config(recipe, "finetuned", checkpoint_dir, progress)
+    return train(model, batch_source(batches, recipe)(STREAM_CONTINUED), cfg)
