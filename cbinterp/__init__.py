@@ -1,7 +1,8 @@
 """cbinterp: codebook features for TransformerLens models.
 
 Every public name is importable from here (`from cbinterp import attach_codebooks, cache_codes`); `_EXPORTS` below is
-the one list of them, by the module that defines each. Names load on first use (PEP 562), so `import cbinterp` is
+the one list of them, each under the module the README's layout table names for it (its own, or the module that
+gathers a topic, such as `cbinterp.tasks.text`). Names load on first use (PEP 562), so `import cbinterp` is
 instant and imports neither torch nor TransformerLens; `cbinterp.<subpackage>` loads that subpackage the same way.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-#: module -> the public names it gives `cbinterp`, in the order of the README's layout table.
+#: module -> the public names it gives `cbinterp` (each also in that module's `__all__`), in the README's order.
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "cbinterp.core.codebook": ("Codebook", "CodebookConfig"),
     "cbinterp.core.attach": (

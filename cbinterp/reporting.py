@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from cbinterp.core.atomic import atomic_file
 
@@ -73,9 +73,14 @@ def _is_pandas_na(value: Any) -> bool:
     return pandas is not None and value is pandas.NA
 
 
-def json_ready(value: Any) -> Any:
+def json_ready(value: Any, default: Optional[Callable[[Any], Any]] = None) -> Any:
     """`value` as plain JSON data: NaN, infinities and `pd.NA` become None, numpy and torch values Python numbers
-    and lists, dataclasses dicts, paths strings; dict keys that are numpy scalars become Python scalars."""
+    and lists, dataclasses dicts, paths strings; dict keys that are numpy scalars become Python scalars.
+
+    Args:
+        default: called on any other value for something JSON can hold (as `json.dumps`'s `default`, e.g. `str`);
+            without it such a value is a TypeError.
+    """
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):  # numpy's float64 too
@@ -83,15 +88,17 @@ def json_ready(value: Any) -> Any:
     if _is_pandas_na(value):
         return None
     if isinstance(value, dict):
-        return {_json_key(k): json_ready(v) for k, v in value.items()}
+        return {_json_key(k): json_ready(v, default) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
+        return [json_ready(v, default) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return json_ready(dataclasses.asdict(value))
+        return json_ready(dataclasses.asdict(value), default)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
-        return json_ready(value.tolist())
+        return json_ready(value.tolist(), default)
+    if default is not None:
+        return json_ready(default(value))
     raise TypeError(
         f"{type(value).__name__} is not JSON data; convert it (e.g. to a dict, list, str or number) before writing."
     )
@@ -105,18 +112,23 @@ def _json_key(key: Any) -> Any:
     return str(key)
 
 
-def write_json(path: PathLike, data: Any, indent: Optional[int] = 2) -> Path:
-    """Write `data` (through `json_ready`) as strict JSON (no NaN), atomically, creating the folder; returns `path`."""
+def write_json(
+    path: PathLike, data: Any, indent: Optional[int] = 2, default: Optional[Callable[[Any], Any]] = None
+) -> Path:
+    """Write `data` (through `json_ready(data, default)`) as strict JSON (no NaN), atomically, creating the folder;
+    returns `path`."""
     path = Path(path)
-    text = json.dumps(json_ready(data), indent=indent, allow_nan=False)
+    text = json.dumps(json_ready(data, default), indent=indent, allow_nan=False)
     with atomic_file(path) as tmp:
         tmp.write_text(text)
     return path
 
 
-def write_report(path: PathLike, data: Any, indent: Optional[int] = 2) -> Path:
+def write_report(
+    path: PathLike, data: Any, indent: Optional[int] = 2, default: Optional[Callable[[Any], Any]] = None
+) -> Path:
     """`write_json`, then print "wrote <path>"."""
-    path = write_json(path, data, indent=indent)
+    path = write_json(path, data, indent=indent, default=default)
     print(f"wrote {path}")
     return path
 
