@@ -121,3 +121,8 @@ def test_timer_marks_stages():
     first = timer.mark("a")
     timer.mark("b")
     assert list(timer.marks) == ["a", "b"] and first >= 0.0 and timer.marks["a"] == first
+
+
+def test_a_default_turns_other_values_into_data(tmp_path):
+    path = write_json(tmp_path / "out.json", {"dtype": torch.float32, "nested": [torch.device("cpu")]}, default=str)
+    assert json.loads(path.read_text()) == {"dtype": "torch.float32", "nested": ["cpu"]}
