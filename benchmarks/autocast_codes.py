@@ -18,22 +18,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from cbinterp import attach_codebooks, get_codebooks, kmeans_init_codebooks
+from cbinterp.core.codebook import Codebook
+from cbinterp.core.naming import CODES_SUFFIX, INPUT_SUFFIX
+from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import write_report
 
-from cbinterp import attach_codebooks, get_codebooks, kmeans_init_codebooks  # noqa: E402
-from cbinterp.core.atomic import atomic_file  # noqa: E402
-from cbinterp.core.codebook import Codebook  # noqa: E402
-from cbinterp.core.naming import CODES_SUFFIX, INPUT_SUFFIX  # noqa: E402
-from cbinterp.recipes.fsm import FSMRecipe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -115,10 +111,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "per_codebook": rows,
         "overall": overall,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, result)
     return result
 
 

@@ -1,11 +1,13 @@
 """Peak memory of a code cache on disk: caching it, and reopening it for a typical query, now and before.
 
 The model is cache_speed.py's (the FSM benchmark's shape, a codebook after every attention head and every MLP,
-1000 codes) and also stores one hook's activations. Each measurement runs in a fresh subprocess and reports its peak
-resident memory (`resource.getrusage` max RSS) above what the imports took: caching the documents to a folder,
-and opening that folder and running `code_frequencies`, `top_tokens` and `code_contexts` for one code. The old
-path is the same child run against another commit of cbinterp (`--baseline main`, exported with `git archive`
-into a temporary folder: the repository is only read), which writes and reads its own cache.
+1000 codes, built by the child with the cbinterp it measures) and also stores one hook's activations. Each
+measurement runs in a fresh subprocess and reports its peak resident memory (`resource.getrusage` max RSS) above
+what the imports took: caching the documents to a folder, and opening that folder and running `code_frequencies`,
+`top_tokens` and `code_contexts` for one code. The old path is the same child run against another commit of
+cbinterp (`--baseline main`, exported with `git archive` into a temporary folder: the repository is only read),
+which writes and reads its own cache. Each child runs in the folder that holds the cbinterp it measures, which
+`python -c` puts first on its import path.
 
     .venv/bin/python benchmarks/cache_memory.py            # table + benchmarks/out/cache_memory.json
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -24,19 +25,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from cbinterp.core.atomic import atomic_file
+from cbinterp.reporting import environment, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The child: imports cbinterp from sys.path[0], then caches or queries, and prints one JSON line.
+#: The child: imports cbinterp from its working folder, then caches or queries, and prints one JSON line. It builds
+#: cache_speed.py's model itself from the library's public names (importing cache_speed would import the benchmark's
+#: own dependencies from the cbinterp measured, which an older commit may not have).
 CHILD = r"""
-import json, resource, sys, time
-sys.path.insert(0, sys.argv[1])
-args = json.loads(sys.argv[2])
+import dataclasses, json, resource, sys, time
+args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(1)
 import cbinterp
-from cbinterp import CodeCache, cache_codes, code_contexts, code_frequencies, top_tokens
+from cbinterp import CodeCache, attach_codebooks, cache_codes, code_contexts, code_frequencies, top_tokens
+from cbinterp.recipes.fsm import FSMRecipe
+from transformer_lens import HookedTransformer
 
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -45,10 +49,16 @@ def rss_mb():
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-sys.path.insert(0, args["benchmarks"])
+def build(m):  # as cache_speed.build
+    recipe = dataclasses.replace(
+        FSMRecipe.paper(), n_layers=m["n_layers"], d_model=m["d_model"], d_mlp=4 * m["d_model"],
+        seq_len=m["seq_len"], seed=m["seed"],
+    )
+    model = HookedTransformer(recipe.model_config(recipe.fsm(), device=m["device"]))
+    return attach_codebooks(model, ["attn", "mlp"], n_codes=m["n_codes"], k=m["k"], seed=m["seed"]).eval()
+
 if args["op"] == "cache":
-    from cache_speed import build
-    model = build(argparse_ns := __import__("argparse").Namespace(**args["model"]))
+    model = build(args["model"])
     tokens = torch.randint(0, 11, (args["docs"], args["seq_len"]), generator=torch.Generator().manual_seed(0))
     base = rss_mb()
     start = time.perf_counter()
@@ -72,7 +82,7 @@ print(json.dumps({"peak_mb": peak_mb(), "imports_mb": base, "over_imports_mb": p
 
 def child(lib: Path, args: dict) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(lib), json.dumps(args)], capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, json.dumps(args)], cwd=lib, capture_output=True, text=True, check=False
     )
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed ({args['op']} with {lib}):\n{out.stderr[-3000:]}")
@@ -103,8 +113,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.quick:
         args.docs, args.seq_len, args.batch = 64, 16, 16
         model.update(n_layers=1, d_model=32, seq_len=16, n_codes=64)
-    common = dict(docs=args.docs, seq_len=args.seq_len, batch=args.batch, hooks=[args.hook] if args.hook else [])
-    common.update(model=model, benchmarks=str(ROOT / "benchmarks"))
+    shared = dict(docs=args.docs, seq_len=args.seq_len, batch=args.batch, hooks=[args.hook] if args.hook else [])
+    shared["model"] = model
+    load_before = os.getloadavg()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -116,9 +127,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 print(f"baseline {args.baseline!r} skipped: cannot export it from git ({err})")
         for label, lib in libs.items():
             directory = str(tmp / f"cache_{label}")
-            cached = child(lib, {**common, "op": "cache", "dir": directory})
+            cached = child(lib, {**shared, "op": "cache", "dir": directory})
             disk = sum(p.stat().st_size for p in Path(directory).iterdir())
-            queried = child(lib, {**common, "op": "query", "dir": directory})
+            queried = child(lib, {**shared, "op": "query", "dir": directory})
             rows[label] = {"cache": cached, "query": queried, "disk_mb": disk / 2**20}
     n_tokens = args.docs * args.seq_len
     print(
@@ -146,15 +157,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "hook": args.hook,
         "baseline": args.baseline,
         "quick": args.quick,
-        "platform": platform.platform(),
-        "load_average": os.getloadavg(),
+        **environment(load_average_start=load_before),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "results": rows,
         "same_answers": same,
     }
-    with atomic_file(args.out) as tmp_out:
-        tmp_out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,8 +24,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
-from cbinterp.core.atomic import atomic_file
 from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import environment, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,21 +151,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "k": args.k,
         "rounds": args.rounds,
         "quick": args.quick,
-        "device": str(device),
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "load_average_start": load_before,
-        "load_average_end": os.getloadavg(),
+        **environment(device, load_average_start=load_before),
         "targets": TARGETS,
         "seconds": medians,
         "times_s": times,
         "ratios": ratios,
         "storage": storage,
     }
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 

@@ -25,28 +25,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from _speed import (
-    DEFAULT_REFERENCE_PYTHON,
-    ReferenceRunner,
-    ms,
-    ratio,
-    resolve_reference,
-    time_interleaved,
-)
 
-from cbinterp.core.atomic import atomic_file
 from cbinterp.core.codebook import Codebook
+from cbinterp.reporting import environment, print_table, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__:  # python -m benchmarks.codebook_speed
+    from . import common
+else:  # python benchmarks/codebook_speed.py: this folder is sys.path[0]
+    import common
 
-REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_codebook.py"
+REFERENCE_SCRIPT = common.REFERENCE_DIR / "time_codebook.py"
 TARGETS = {"ours_over_floor": 1.5, "ours_over_reference": 0.5}
 
 #: name -> (input shape, code dim, groups)
@@ -70,7 +64,7 @@ def measure(
     warmup: int,
     repeats: int,
     device: torch.device,
-    reference: Optional[ReferenceRunner] = None,
+    reference: Optional[common.ReferenceRunner] = None,
 ) -> dict[str, list[float]]:
     torch.manual_seed(seed)
     x = torch.randn(shape, device=device).requires_grad_()
@@ -109,12 +103,12 @@ def measure(
     }
     if reference is not None:
         fns["reference"] = reference.step
-    return time_interleaved(fns, warmup, repeats, device)
+    return common.time_interleaved(fns, warmup, repeats, device)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "codebook_speed.json"))
+    parser.add_argument("--out", default=str(common.OUT / "codebook_speed.json"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -125,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument(
         "--reference-python",
         default=None,
-        help=f"Python of the codebook-features 0.1.2 venv (default: {DEFAULT_REFERENCE_PYTHON} if it exists)",
+        help=f"Python of the codebook-features 0.1.2 venv (default: {common.DEFAULT_REFERENCE_PYTHON} if it exists)",
     )
     parser.add_argument(
         "--setup-reference", action="store_true", help="build the reference venv first if it is not ready"
@@ -136,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    reference_python, reference_note = resolve_reference(args)
+    reference_python, reference_note = common.resolve_reference(args)
     print(f"reference: {reference_note}")
     load_before = os.getloadavg()
 
@@ -147,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         reference, reference_error = None, None
         if reference_python is not None:
             try:
-                reference = ReferenceRunner(
+                reference = common.ReferenceRunner(
                     [
                         str(reference_python),
                         str(REFERENCE_SCRIPT),
@@ -192,11 +186,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             row["reference_layer"] = reference.meta
         if reference_error is not None:
             row["reference_error"] = reference_error
-        row["ours_over_floor"] = ratio(row["ours_s"], row["floor_s"])
-        row["ours_ln_over_floor"] = ratio(row["ours_ln_s"], row["floor_s"])
-        row["ours_over_reference"] = ratio(row["ours_s"], row.get("reference_s"))
-        row["ours_ln_over_reference"] = ratio(row["ours_ln_s"], row.get("reference_s"))
-        row["ours_matmul_search_over_reference"] = ratio(row["ours_matmul_search_s"], row.get("reference_s"))
+        row["ours_over_floor"] = common.ratio(row["ours_s"], row["floor_s"])
+        row["ours_ln_over_floor"] = common.ratio(row["ours_ln_s"], row["floor_s"])
+        row["ours_over_reference"] = common.ratio(row["ours_s"], row.get("reference_s"))
+        row["ours_ln_over_reference"] = common.ratio(row["ours_ln_s"], row.get("reference_s"))
+        row["ours_matmul_search_over_reference"] = common.ratio(row["ours_matmul_search_s"], row.get("reference_s"))
         results[name] = row
 
     header = [
@@ -218,23 +212,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
             [
                 name,
                 "x".join(map(str, row["input_shape"])),
-                ms(row["ours_s"]),
-                ms(row["ours_ln_s"]),
-                ms(row["ours_matmul_search_s"]),
-                ms(row["floor_s"]),
-                ms(row.get("reference_s")),
+                common.ms(row["ours_s"]),
+                common.ms(row["ours_ln_s"]),
+                common.ms(row["ours_matmul_search_s"]),
+                common.ms(row["floor_s"]),
+                common.ms(row.get("reference_s")),
                 fmt(row["ours_over_floor"]),
                 fmt(row["ours_over_reference"]),
                 fmt(row["ours_ln_over_reference"]),
             ]
         )
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    print()
-    print(line(header))
-    print(line(["-" * w for w in widths]))
-    for r in rows:
-        print(line(r))
+    print_table(header, rows, left=2)
     print(
         f"\ntargets: ours/floor <= {TARGETS['ours_over_floor']}, ours/reference <= {TARGETS['ours_over_reference']}; "
         f"median of {args.repeats} steps after {args.warmup} warmup, device {device}, {torch.get_num_threads()} "
@@ -254,13 +242,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report = {
         "benchmark": "codebook_speed",
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
-        "device": str(device),
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_start": load_before,
-        "load_average_end": os.getloadavg(),
+        **environment(device, load_average_start=load_before),
         "seed": args.seed,
         "warmup": args.warmup,
         "repeats": args.repeats,
@@ -271,9 +253,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "targets": TARGETS,
         "results": results,
     }
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 

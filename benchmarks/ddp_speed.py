@@ -20,9 +20,7 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,15 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script (or by torchrun) from anywhere: the project beside it
-    sys.path.insert(0, str(ROOT))
+from cbinterp import attach_codebooks
+from cbinterp.core import distributed as dd
+from cbinterp.core.train import TrainConfig, train
+from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import environment, write_report
 
-from cbinterp import attach_codebooks  # noqa: E402
-from cbinterp.core import distributed as dd  # noqa: E402
-from cbinterp.core.atomic import atomic_file  # noqa: E402
-from cbinterp.core.train import TrainConfig, train  # noqa: E402
-from cbinterp.recipes.fsm import FSMRecipe  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 _RECIPE = FSMRecipe.paper()
 
@@ -161,7 +157,7 @@ def report(args, rows: dict[int, dict]) -> dict:
     result = {
         "quick": args.quick,
         "device": args.device,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": environment(),
         "model": {
             "n_layers": recipe.n_layers,
             "d_model": recipe.d_model,
@@ -185,10 +181,7 @@ def report(args, rows: dict[int, dict]) -> dict:
         print(f"{w:>6}{row['threads_per_rank']:>14}{row['tokens_per_s']:>12.0f}{speed:>10}")
     if args.quick:
         print("  (--quick: a tiny model and 2 steps, the numbers say nothing about speed)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, result)
     return result
 
 

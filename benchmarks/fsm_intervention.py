@@ -32,6 +32,7 @@ import cbinterp
 from cbinterp.core.atomic import atomic_file
 from cbinterp.core.interventions import intervene, replace_codes
 from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import write_json
 from cbinterp.tasks.fsm import FSM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,9 +230,7 @@ def run(args: argparse.Namespace) -> dict:
         "timings_s": {"total_s": time.perf_counter() - start},
     }
     report(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
+    write_json(args.out / "results.json", results, indent=1)
     figure = swap_figure(results, title=f"FSM ({fsm.n_states} states): a's last position given b's codes")
     with atomic_file(args.out / "figure.html") as tmp:
         figure.write_html(tmp, include_plotlyjs="cdn")

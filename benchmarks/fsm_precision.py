@@ -43,6 +43,7 @@ from cbinterp.core.atomic import atomic_file
 from cbinterp.core.attach import codebooks_bypassed, get_codebooks
 from cbinterp.recipes.codebook import phases_summary
 from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import write_json
 from cbinterp.tasks.fsm import FSM, sampled_state_accuracy, teacher_forced_transition_accuracy
 from cbinterp.tasks.fsm_analysis import (
     MLP_NEURONS,
@@ -317,8 +318,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "timings_s": timings,
     }
     report(results, search)
-    with atomic_file(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1, default=_json_default))
+    write_json(out / "results.json", results, indent=1)
     try:
         from cbinterp.viz.plots import state_code_figure
 
@@ -425,8 +425,7 @@ def run(args: argparse.Namespace) -> dict:
     if not dd.is_main():
         return {}
     summary = {"seeds": args.seeds, "aggregate": aggregate(per_seed), "per_seed": [r["headline"] for r in per_seed]}
-    with atomic_file(args.out / "seeds.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
+    write_json(args.out / "seeds.json", summary, indent=1)
     print(f"\nover seeds {args.seeds} (mean ± std [min, max]):")
     for key, s in summary["aggregate"].items():
         print(f"  {key:<40} {s['mean']:.3f} ± {s['std']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
@@ -437,16 +436,6 @@ def run(args: argparse.Namespace) -> dict:
 def _records(table) -> list[dict]:
     """Rows as dicts, with NaN ("not measured") as null: JSON has no NaN."""
     return table.astype(object).where(table.notna(), None).to_dict(orient="records")
-
-
-def _json_default(value):
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if dataclasses.is_dataclass(value):
-        return dataclasses.asdict(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def main(argv=None) -> dict:

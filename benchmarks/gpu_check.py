@@ -32,9 +32,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -49,12 +47,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
 from cbinterp.core import fused_search
-from cbinterp.core.atomic import atomic_file
 from cbinterp.core.attach import training_codebooks
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.core.search_blocks import CPU_BLOCK_SCORES, search_block_rows
 from cbinterp.core.train import TrainConfig, train
 from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import environment, write_json, write_report
 
 SECTIONS = ("a", "b", "c", "d", "e", "f")
 NEAR_TIE = 1e-4  # a flip is a near tie when the CPU scores of the two choices differ by <= this x max(1, |best|)
@@ -441,9 +439,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     dry_run = device.type != "cuda"
     results: dict = {
         "benchmark": "gpu_check",
-        "device": str(device),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
+        **environment(device),
         "dry_run": dry_run,
         "quick": args.quick or dry_run,
         "budget_s": args.budget_s,
@@ -452,8 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         results["skipped"] = "no CUDA device: nothing measured (pass --device cpu for a dry run of the plumbing)"
         print(f"SKIPPED: {results['skipped']}")
-        with atomic_file(out) as tmp:
-            tmp.write_text(json.dumps(results, indent=2))
+        write_json(out, results)
         return 0
     if dry_run:
         print(f"DRY RUN on {device}: tiny shapes, checks the plumbing only; NOT a GPU measurement.")
@@ -489,9 +484,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dry_run:
         print("(dry run: the numbers above are not GPU measurements)")
     print(f"{'FAILED: ' + '; '.join(failed) if failed else 'all checks passed'}")
-    with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out}")
+    write_report(out, results, default=str)
     return 1 if failed else 0
 
 

@@ -17,36 +17,27 @@ is held out. Writes `results.json`, `figure.html` (best code vs best neuron per 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cbinterp.codecache.documents import cache_documents
+from cbinterp.codecache.queries import top_tokens
+from cbinterp.codecache.vocab import Vocabulary
+from cbinterp.core.attach import get_codebooks
+from cbinterp.core.heads import code_label
+from cbinterp.metrics.heldout import probe_heldout
+from cbinterp.reporting import Timer, save_figure, write_json
+from cbinterp.tasks.lm_features import FEATURE_DESCRIPTIONS, FEATURES
+from cbinterp.tasks.text import tokenize_documents
+from cbinterp.viz.html import context_view
+from cbinterp.viz.plots import heldout_probe_figure
 
-from _lm_common import (  # noqa: E402
-    OUT,
-    Timer,
-    default_model,
-    heldout_halves,
-    load_model,
-    save_figure,
-    set_threads,
-    take_chars,
-    write_json,
-)
-
-from cbinterp.codecache.documents import cache_documents  # noqa: E402
-from cbinterp.codecache.queries import top_tokens  # noqa: E402
-from cbinterp.codecache.vocab import Vocabulary  # noqa: E402
-from cbinterp.core.attach import get_codebooks  # noqa: E402
-from cbinterp.core.heads import code_label  # noqa: E402
-from cbinterp.metrics.heldout import probe_heldout  # noqa: E402
-from cbinterp.tasks.lm_features import FEATURE_DESCRIPTIONS, FEATURES  # noqa: E402
-from cbinterp.tasks.text import tokenize_documents  # noqa: E402
-from cbinterp.viz.html import context_view  # noqa: E402
-from cbinterp.viz.plots import heldout_probe_figure  # noqa: E402
+if __package__:  # python -m benchmarks.lm_probes
+    from . import common
+else:  # python benchmarks/lm_probes.py: this folder is sys.path[0]
+    import common
 
 PAPER = (
     "Tamkin et al. 2023 (Fig. 6b as cited in issue 15): the best codes are more precise classifiers of regex "
@@ -69,9 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more fight on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    args.model = args.model or default_model()
+    args.model = args.model or common.default_model()
     if args.out is None:
-        args.out = OUT / ("lm_probes_quick" if args.quick else "lm_probes")
+        args.out = common.OUT / ("lm_probes_quick" if args.quick else "lm_probes")
     if args.quick and args.max_chars is None:
         args.max_chars = 20000
     return args
@@ -100,13 +91,13 @@ def describe_code(cache, row, strings) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     torch.manual_seed(0)
     timer = Timer()
-    model = load_model(args.model)
+    model = common.load_model(args.model)
     tokenizer = model.tokenizer
-    half_a, half_b = heldout_halves(args.model)
-    texts_a, texts_b = take_chars(half_a, args.max_chars), take_chars(half_b, args.max_chars)
+    half_a, half_b = common.heldout_halves(args.model)
+    texts_a, texts_b = common.take_chars(half_a, args.max_chars), common.take_chars(half_b, args.max_chars)
     timer.mark("load")
     hooks = neuron_hooks(model)
     cache_a = cache_half(model, texts_a, hooks, args)

@@ -21,7 +21,6 @@ topic. Writes `results.json` (settings, per-topic rates, codes, the dev sweep, a
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,35 +28,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _lm_common import (  # noqa: E402
-    OUT,
-    Timer,
-    baseline_name,
-    default_model,
-    heldout_halves,
-    load_model,
-    save_figure,
-    set_threads,
-    take_chars,
-    write_json,
-)
-
-from cbinterp.codecache.documents import cache_documents  # noqa: E402
-from cbinterp.codecache.features import token_positions  # noqa: E402
-from cbinterp.codecache.vocab import Vocabulary  # noqa: E402
-from cbinterp.core.attach import codebooks_bypassed, get_codebooks  # noqa: E402
-from cbinterp.core.interventions import generate_with_codes  # noqa: E402
-from cbinterp.metrics.steering import steering_codes, topic_codes  # noqa: E402
-from cbinterp.tasks.lm_features import (  # noqa: E402
+from cbinterp.codecache.documents import cache_documents
+from cbinterp.codecache.features import token_positions
+from cbinterp.codecache.vocab import Vocabulary
+from cbinterp.core.attach import codebooks_bypassed, get_codebooks
+from cbinterp.core.interventions import generate_with_codes
+from cbinterp.metrics.steering import steering_codes, topic_codes
+from cbinterp.reporting import Timer, save_figure, write_json
+from cbinterp.tasks.lm_features import (
     TOPIC_PROMPTS,
     TOPICS,
     is_repetitive,
     mentions_topic,
     topic_regex,
 )
-from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint  # noqa: E402
+from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint
+
+if __package__:  # python -m benchmarks.lm_steering
+    from . import common
+else:  # python benchmarks/lm_steering.py: this folder is sys.path[0]
+    import common
 
 #: Neutral openings without a topic word. One word each, so that they tokenize to the same length and every seed's
 #: samples of all prompts come from one batched generate call.
@@ -113,9 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--max-chars", type=int, default=None, help="characters of half A to find codes on")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more fight on a shared CPU)")
     args = p.parse_args(argv)
-    args.model = args.model or default_model()
+    args.model = args.model or common.default_model()
     if args.out is None:
-        args.out = OUT / ("lm_steering_quick" if args.quick else "lm_steering")
+        args.out = common.OUT / ("lm_steering_quick" if args.quick else "lm_steering")
     if args.quick:
         args.topics = args.topics or ["war", "religion"]
         args.n_prompts, args.seeds, args.rows, args.new_tokens = min(args.n_prompts, 2), args.seeds[:1], 2, 12
@@ -130,8 +120,8 @@ def parse_args(argv=None):
 def default_baseline(model: str) -> str:
     """The shipped baseline for the shipped model; `<run>/baseline` for a `lm_train.py` run's codebook model; else
     "bypass" (the codebook model with its codebooks bypassed)."""
-    if model == default_model():
-        return baseline_name()
+    if model == common.default_model():
+        return common.baseline_name()
     path = Path(model)
     for candidate in (path / "baseline", path.parent / "baseline"):
         if (candidate / "model").is_dir():
@@ -256,9 +246,9 @@ def summary(samples, topic, vocab, eos, baseline, bypass, loss_cap: float) -> tu
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     timer = Timer()
-    model = load_model(args.model)
+    model = common.load_model(args.model)
     tokenizer = model.tokenizer
     eos = tokenizer.eos_token_id
     vocab = Vocabulary(tokenizer)
@@ -267,13 +257,13 @@ def main(argv=None) -> dict:
     if base_label == "bypass":
         baseline, bypass = model, True
     else:
-        baseline = load_model(base_label)
+        baseline = common.load_model(base_label)
         if get_codebooks(baseline):
             raise SystemExit(f"--baseline {base_label} has codebooks; give the no-codebook baseline LM (or 'bypass').")
         if tokenizer_fingerprint(baseline.tokenizer) != tokenizer_fingerprint(tokenizer):
             raise SystemExit(f"--baseline {base_label} has another tokenizer than --model {args.model}.")
-    half_a, _ = heldout_halves(args.model)
-    texts_a = take_chars(half_a, args.max_chars)
+    half_a, _ = common.heldout_halves(args.model)
+    texts_a = common.take_chars(half_a, args.max_chars)
     docs = tokenize_documents(texts_a, tokenizer, model.cfg.n_ctx, model)
     cache = cache_documents(model, docs, batch_size=16)
     timer.mark("cache")

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from cbinterp.core.atomic import atomic_dir, atomic_file  # noqa: E402
 from cbinterp.pretrained import BASELINE_MODEL, DEFAULT_MODEL, MODELS_DIR  # noqa: E402
 from cbinterp.recipes.lm import PHASES, LMRecipe, default_device, run_lm  # noqa: E402
+from cbinterp.reporting import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The paper's TinyStories figures (Tamkin et al. 2023, one-layer model, attention codebooks, k = 8).
@@ -202,8 +203,7 @@ def run(args) -> dict:
     gap = results["comparison"]["codebook_minus_finetuned_loss"]
     results["target"]["met"] = gap <= TARGET_GAP
     report(results)
-    with atomic_file(args.out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1))
+    write_json(args.out / "results.json", results, indent=1)
     print(f"wrote {args.out}/results.json and model folders {', '.join(str(args.out / p) for p in PHASES)}")
     if args.ship:
         ship(args.out)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -31,9 +30,9 @@ from transformer_lens.components import Attention, LayerNorm, LayerNormPre
 from transformer_lens.components.mlps.mlp import MLP
 
 from cbinterp.core import fastpath
-from cbinterp.core.atomic import atomic_file
 from cbinterp.core.codebook import Codebook
 from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import environment, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
@@ -241,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a tiny model and batch: a smoke test, not a measurement")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
     recipe = FSMRecipe.paper()
     if args.quick:
         recipe = FSMRecipe.quick(seq_len=16)
@@ -262,16 +262,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "batch": args.batch,
         "seq_len": recipe.seq_len,
         "n_codes": args.n_codes,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "load_average_start": os.getloadavg(),
+        **environment(load_average_start=load_before),
         "quick": args.quick,
         "variants": dict(zip(names, rows)),
     }
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 

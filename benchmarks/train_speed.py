@@ -26,26 +26,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from _speed import DEFAULT_REFERENCE_PYTHON, ReferenceRunner, resolve_reference, sync, time_interleaved
 from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, get_codebooks
-from cbinterp.core.atomic import atomic_file
 from cbinterp.core.fastpath import fast_kernels
 from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.reporting import environment, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__:  # python -m benchmarks.train_speed
+    from . import common
+else:  # python benchmarks/train_speed.py: this folder is sys.path[0]
+    import common
 
-REFERENCE_SCRIPT = Path(__file__).resolve().parent / "_reference_train.py"
+REFERENCE_SCRIPT = common.REFERENCE_DIR / "time_train.py"
 TARGET_OVER_REFERENCE = 1.5  # tokens/s of ours over the reference's (the goal is 2x)
 TARGET_OVER_NO_CODEBOOKS = 0.8  # tokens/s of ours over the same model without codebooks
 _RECIPE = FSMRecipe.paper()  # the FSM model's shape, written once in cbinterp.recipes.fsm
@@ -105,18 +104,18 @@ def matmul_rate(device: torch.device, n: int = 1024, repeats: int = 20) -> float
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
     for _ in range(3):
-        sync(device)
+        common.sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        sync(device)
+        common.sync(device)
         best = min(best, (time.perf_counter() - start) / repeats)
     return 2 * n**3 / best
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "train_speed.json"))
+    parser.add_argument("--out", default=str(common.OUT / "train_speed.json"))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--n-codes", type=int, default=1000)
@@ -125,7 +124,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (saves ~1 minute)")
-    parser.add_argument("--reference-python", default=None, help=f"default: {DEFAULT_REFERENCE_PYTHON} if it exists")
+    parser.add_argument(
+        "--reference-python", default=None, help=f"default: {common.DEFAULT_REFERENCE_PYTHON} if it exists"
+    )
     parser.add_argument("--setup-reference", action="store_true", help="build the reference venv first if needed")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument(
@@ -163,15 +164,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             start = time.perf_counter()
             fns[name]()  # the first steps compile
             fns[name]()
-            sync(device)
+            common.sync(device)
             compile_s[name] = time.perf_counter() - start
             print(f"torch.compile of {name} took {compile_s[name]:.0f} s (first two steps)", flush=True)
 
-    reference_python, reference_note = resolve_reference(args)
+    reference_python, reference_note = common.resolve_reference(args)
     print(f"reference: {reference_note}", flush=True)
     reference = None
     if reference_python is not None:
-        reference = ReferenceRunner(
+        reference = common.ReferenceRunner(
             [
                 str(reference_python),
                 str(REFERENCE_SCRIPT),
@@ -193,7 +194,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         )
         fns["reference"] = reference.step
     try:
-        times = time_interleaved(fns, args.warmup, args.repeats, device)
+        times = common.time_interleaved(fns, args.warmup, args.repeats, device)
     finally:
         if reference is not None:
             reference.close()
@@ -254,13 +255,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "batch": args.batch,
         "seq_len": args.seq_len,
         "n_codes": args.n_codes,
-        "device": str(device),
-        "torch_version": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_start": load_before,
-        "load_average_end": os.getloadavg(),
+        **environment(device, load_average_start=load_before),
         "warmup": args.warmup,
         "repeats": args.repeats,
         "quick": args.quick,
@@ -272,9 +267,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "matmul_flops_per_s": peak,
         "results": rows,
     }
-    with atomic_file(args.out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return report
 
 

@@ -1,90 +1,102 @@
-"""cbinterp: codebook features for TransformerLens models."""
+"""cbinterp: codebook features for TransformerLens models.
 
-from cbinterp.codecache.features import token_positions
-from cbinterp.codecache.queries import (
-    code_contexts,
-    code_fires,
-    code_frequencies,
-    codes_at,
-    codes_for_token,
-    cooccurrence,
-    dead_codes,
-    top_tokens,
-)
-from cbinterp.codecache.store import CodeCache, cache_codes
-from cbinterp.core.attach import (
-    SITE_HOOKS,
-    attach_codebooks,
-    codebooks_bypassed,
-    codebooks_observed,
-    counting_usage,
-    detach_codebooks,
-    get_codebooks,
-    kmeans_init_codebooks,
-)
-from cbinterp.core.codebook import Codebook, CodebookConfig
-from cbinterp.core.fastpath import fast_kernels
-from cbinterp.core.interventions import (
-    ablate_codes,
-    force_codes,
-    generate_with_codes,
-    intervene,
-    replace_codes,
-    steering_hooks,
-)
-from cbinterp.core.io import load, load_codebook, load_codebooks, save, save_codebook, save_codebooks
-from cbinterp.core.manifest import ResumeWarning
-from cbinterp.core.train import TrainConfig, TrainResult, train
-from cbinterp.metrics.probes import probe, search_codes
-from cbinterp.pretrained import list_pretrained, load_pretrained
-from cbinterp.viz.html import CodeContextView, context_view
-from cbinterp.viz.plots import probe_figure
+Every public name is importable from here (`from cbinterp import attach_codebooks, cache_codes`); `_EXPORTS` below is
+the one list of them, each under the module the README's layout table names for it (its own, or the module that
+gathers a topic, such as `cbinterp.tasks.text`). Names load on first use (PEP 562), so `import cbinterp` is
+instant and imports neither torch nor TransformerLens; `cbinterp.<subpackage>` loads that subpackage the same way.
+"""
 
-__all__ = [
-    "fast_kernels",
-    "CodeContextView",
-    "context_view",
-    "SITE_HOOKS",
-    "Codebook",
-    "CodeCache",
-    "CodebookConfig",
-    "ablate_codes",
-    "attach_codebooks",
-    "cache_codes",
-    "code_contexts",
-    "code_fires",
-    "code_frequencies",
-    "codebooks_bypassed",
-    "codebooks_observed",
-    "counting_usage",
-    "codes_at",
-    "codes_for_token",
-    "cooccurrence",
-    "dead_codes",
-    "detach_codebooks",
-    "force_codes",
-    "generate_with_codes",
-    "get_codebooks",
-    "intervene",
-    "kmeans_init_codebooks",
-    "list_pretrained",
-    "load",
-    "load_codebook",
-    "load_codebooks",
-    "load_pretrained",
-    "probe",
-    "probe_figure",
-    "replace_codes",
-    "ResumeWarning",
-    "save",
-    "save_codebook",
-    "save_codebooks",
-    "search_codes",
-    "steering_hooks",
-    "token_positions",
-    "top_tokens",
-    "train",
-    "TrainConfig",
-    "TrainResult",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+#: module -> the public names it gives `cbinterp` (each also in that module's `__all__`), in the README's order.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "cbinterp.core.codebook": ("Codebook", "CodebookConfig"),
+    "cbinterp.core.attach": (
+        "SITE_HOOKS",
+        "attach_codebooks",
+        "codebooks_bypassed",
+        "codebooks_observed",
+        "counting_usage",
+        "detach_codebooks",
+        "get_codebooks",
+        "kmeans_init_codebooks",
+    ),
+    "cbinterp.core.interventions": (
+        "ablate_codes",
+        "force_codes",
+        "generate_with_codes",
+        "intervene",
+        "replace_codes",
+        "steering_hooks",
+    ),
+    "cbinterp.core.train": ("TrainConfig", "TrainResult", "train"),
+    "cbinterp.core.fastpath": ("fast_kernels",),
+    "cbinterp.core.determinism": ("deterministic_on_cpu",),
+    "cbinterp.core.distributed": ("CodebookStepSync", "init_from_env", "is_main"),
+    "cbinterp.core.metrics": ("JSONLLogger", "WandbLogger"),
+    "cbinterp.core.io": ("load", "load_codebook", "load_codebooks", "save", "save_codebook", "save_codebooks"),
+    "cbinterp.core.manifest": ("ResumeWarning",),
+    "cbinterp.core.atomic": ("atomic_dir", "atomic_file"),
+    "cbinterp.core.tokenizer": ("attach_tokenizer", "load_tokenizer", "save_tokenizer"),
+    "cbinterp.core.codes": ("NO_CODE", "dedupe_codes"),
+    "cbinterp.codecache.store": ("CodeCache", "cache_codes"),
+    "cbinterp.codecache.queries": (
+        "code_contexts",
+        "code_fires",
+        "code_frequencies",
+        "codes_at",
+        "codes_for_token",
+        "cooccurrence",
+        "dead_codes",
+        "top_tokens",
+    ),
+    "cbinterp.codecache.vocab": ("Vocabulary",),
+    "cbinterp.codecache.features": ("token_positions",),
+    "cbinterp.codecache.documents": ("cache_documents",),
+    "cbinterp.metrics.probes": ("probe", "search_codes"),
+    "cbinterp.metrics.heldout": ("probe_heldout",),
+    "cbinterp.metrics.steering": ("steering_codes", "topic_codes"),
+    "cbinterp.viz.plots": (
+        "code_frequency_figure",
+        "code_vs_neuron_figure",
+        "heldout_probe_figure",
+        "precision_recall_figure",
+        "probe_figure",
+        "state_code_figure",
+    ),
+    "cbinterp.viz.html": ("CodeContextView", "context_view"),
+    "cbinterp.tasks.fsm": ("FSM", "sampled_state_accuracy", "teacher_forced_transition_accuracy"),
+    "cbinterp.tasks.corpus": ("load_corpus", "split_halves"),
+    "cbinterp.tasks.text": ("TextBatches", "iter_texts", "pack_documents", "tokenize_documents", "train_bpe_tokenizer"),
+    "cbinterp.recipes.codebook": ("CodebookRecipe", "CodebookSpec", "Phase", "run_recipe"),
+    "cbinterp.recipes.fsm": ("FSMRecipe",),
+    "cbinterp.recipes.lm": ("LMRecipe",),
+    "cbinterp.pretrained": ("heldout_documents", "list_pretrained", "load_pretrained", "pretrained_card"),
+}
+_MODULE_OF: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
+#: Subpackages and modules reachable as attributes (`cbinterp.pretrained.DEFAULT_MODEL`) after `import cbinterp`.
+_SUBMODULES = ("codecache", "core", "metrics", "pretrained", "recipes", "reporting", "tasks", "viz")
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use and keep the name here (PEP 562)."""
+    module = _MODULE_OF.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

@@ -58,13 +58,18 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load_benchmark(name: str):
-    if str(BENCHMARKS) not in sys.path:  # as when run as `python benchmarks/<name>.py`: helpers sit beside it
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The script benchmarks/<name>.py as the module `benchmarks.<name>`, as `python -m benchmarks.<name>` runs it.
+
+    The package is loaded from its folder, not looked up on the import path, which plain `pytest` does not give the
+    repository root (`python -m pytest` does): so this works however pytest was started."""
+    if "benchmarks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "benchmarks", BENCHMARKS / "__init__.py", submodule_search_locations=[str(BENCHMARKS)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +20,53 @@ import torch
 import cbinterp
 from cbinterp.tasks.fsm import FSM
 
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem not in ("__init__", "common"))
+
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# -- the package: run as files and as modules, no import-path tricks ------------------------------------------------
+def test_benchmarks_leave_the_import_path_alone():
+    """No script changes sys.path (a file run puts benchmarks/ first; the package finds `common` itself)."""
+    touching = re.compile(r"sys\.path\.(insert|append|extend|remove)|sys\.path\s*\+?=|PYTHONPATH")
+    offenders = [str(p.relative_to(ROOT)) for p in BENCHMARKS.rglob("*.py") if touching.search(p.read_text())]
+    offenders += [name for name in ("conftest.py",) if touching.search((ROOT / "tests" / name).read_text())]
+    assert offenders == []
+    assert [p.name for p in BENCHMARKS.glob("_*.py")] == ["__init__.py"], "shared code belongs in common.py"
+    assert sorted(p.name for p in (BENCHMARKS / "reference").glob("*.py")) == [
+        "serve_loop.py",
+        "time_codebook.py",
+        "time_train.py",
+    ]
+
+
+def _run_script(args: list[str]) -> subprocess.CompletedProcess:
+    # the child imports the cbinterp this test imported (an editable install may point at another checkout)
+    env = {**os.environ, "PYTHONPATH": str(Path(cbinterp.__file__).parents[1])}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mode", ["file", "module"])
+def test_a_script_with_shared_code_runs_as_a_file_and_as_a_module(mode, tmp_path):
+    out = tmp_path / "codebook_speed.json"
+    script = ["benchmarks/codebook_speed.py"] if mode == "file" else ["-m", "benchmarks.codebook_speed"]
+    args = ["--quick", "--no-reference", "--shapes", "mlp", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    result = _run_script([*script, *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out}" in result.stdout and json.loads(out.read_text())["results"].keys() == {"mlp"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["file", "module"])
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_starts_as_a_file_and_as_a_module(name, mode):
+    script = [f"benchmarks/{name}.py"] if mode == "file" else ["-m", f"benchmarks.{name}"]
+    result = _run_script([*script, "--help"])
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-3000:]
 
 
 # -- fsm_precision ------------------------------------------------------------------------------------------

@@ -119,13 +119,14 @@ def test_lm_steering_is_deterministic(tiny_lm, tmp_path, load_benchmark):
         assert (row["head"] is None) == row["codebook"].endswith("hook_mlp_out")
 
 
-def test_benchmark_json_writes_missing_heads_as_null(tmp_path, load_benchmark):
+def test_benchmark_json_writes_missing_heads_as_null(tmp_path):
     import pandas as pd
 
-    common = load_benchmark("_lm_common")
+    from cbinterp.reporting import write_json
+
     table = pd.DataFrame({"codebook": ["mlp", "attn"], "head": pd.array([pd.NA, 2], dtype="Int64")})
     data = {"rows": table.to_dict(orient="records"), "head": pd.NA, "heads": list(table["head"])}
-    common.write_json(tmp_path / "out.json", data)
+    write_json(tmp_path / "out.json", data)
     assert json.loads((tmp_path / "out.json").read_text()) == {
         "rows": [{"codebook": "mlp", "head": None}, {"codebook": "attn", "head": 2}],
         "head": None,

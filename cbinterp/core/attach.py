@@ -17,6 +17,17 @@ from cbinterp.core.codebook import Codebook, CodebookConfig
 from cbinterp.core.determinism import deterministic_on_cpu
 from cbinterp.core.naming import CODES_HOOK, CODES_SUFFIX, INPUT_HOOK, INPUT_SUFFIX, did_you_mean
 
+__all__ = [
+    "SITE_HOOKS",
+    "attach_codebooks",
+    "codebooks_bypassed",
+    "codebooks_observed",
+    "counting_usage",
+    "detach_codebooks",
+    "get_codebooks",
+    "kmeans_init_codebooks",
+]
+
 #: Site aliases and the hook name each stands for in every selected layer.
 SITE_HOOKS = {
     "attn": "blocks.{layer}.attn.hook_z",

@@ -18,6 +18,8 @@ from cbinterp.core.codes import NO_CODE
 from cbinterp.core.heads import check_head
 from cbinterp.core.naming import did_you_mean
 
+__all__ = ["Codebook", "CodebookConfig"]
+
 Similarity = Literal["inner_product", "cosine", "euclidean"]
 LossKind = Literal["aeloss", "vqvae"]
 SIMILARITIES = ("inner_product", "cosine", "euclidean")

@@ -6,6 +6,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+__all__ = ["NO_CODE", "dedupe_codes"]
+
 #: The id that stands for "no code" (written by interventions that ablate or replace codes).
 NO_CODE = -1
 

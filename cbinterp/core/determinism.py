@@ -7,6 +7,8 @@ from typing import Iterator
 
 import torch
 
+__all__ = ["deterministic_on_cpu"]
+
 
 @contextlib.contextmanager
 def deterministic_on_cpu(device: torch.device | str) -> Iterator[None]:

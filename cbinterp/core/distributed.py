@@ -21,6 +21,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+__all__ = [
+    "CodebookStepSync",
+    "RankFailure",
+    "active",
+    "backend_for",
+    "barrier",
+    "init_from_env",
+    "is_main",
+    "rank",
+    "world_size",
+]
+
 
 def active() -> bool:
     """Whether a process group with more than one rank is initialised."""

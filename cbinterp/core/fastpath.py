@@ -25,6 +25,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.components import Attention, LayerNorm, LayerNormPre
 from transformer_lens.hook_points import HookPoint
 
+__all__ = ["attention_fusable", "fast_kernels"]
+
 _OLMO = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 

@@ -50,6 +50,8 @@ from torch import Tensor
 
 from cbinterp.core.search_blocks import CPU_BLOCK_SCORES, block_rows_for
 
+__all__ = ["applies", "argmax", "available", "matmul_search"]
+
 logger = logging.getLogger(__name__)
 
 #: Returned as the id of a row that the kernel left to the caller (non-finite, or scores that could overflow).

@@ -41,6 +41,8 @@ from cbinterp.core.selection import (
     _shape_hint,
 )
 
+__all__ = ["ablate_codes", "force_codes", "generate_with_codes", "intervene", "replace_codes", "steering_hooks"]
+
 HookFn = Callable[..., Tensor]
 Hook = tuple[str, HookFn]
 

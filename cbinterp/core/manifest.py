@@ -26,6 +26,8 @@ import torch
 
 from cbinterp.core.atomic import user_path
 
+__all__ = ["MANIFEST_FILE", "ResumeWarning", "read_manifest", "verify_dir", "verify_file"]
+
 
 class ResumeWarning(UserWarning):
     """`train` or `cache_codes` continues what an earlier run left (the message says from where)."""

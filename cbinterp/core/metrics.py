@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Optional, Protocol, runtime_checkable
 
+__all__ = ["JSONLLogger", "TrainLogger", "WandbLogger", "read_jsonl"]
+
 
 @runtime_checkable
 class TrainLogger(Protocol):

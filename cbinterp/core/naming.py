@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from typing import Iterable
 
+__all__ = ["CODES_HOOK", "CODES_SUFFIX", "INPUT_HOOK", "INPUT_SUFFIX", "codes_hook_name", "did_you_mean"]
+
 #: Nested hook points of every `Codebook`: the selected code ids, and the activation before quantization.
 CODES_HOOK = "hook_codes"
 INPUT_HOOK = "hook_input"

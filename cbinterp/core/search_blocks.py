@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+__all__ = ["CPU_BLOCK_SCORES", "block_rows_for", "bytes_per_row", "cuda_free_bytes", "search_block_rows"]
+
 #: CPU blocks hold about this many scores (8 MB of float32): a block stays in cache (`Codebook._chunk_scores`).
 CPU_BLOCK_SCORES = 1 << 21
 #: On CUDA a block may take this fraction of the free memory (what the driver has free plus what torch's caching

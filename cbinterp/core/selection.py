@@ -17,6 +17,8 @@ from cbinterp.core.checks import is_int
 from cbinterp.core.codebook import Codebook
 from cbinterp.core.heads import check_head, is_missing_head
 
+__all__ = ["CodesLike", "HeadsLike", "PositionsLike"]
+
 CodesLike = Union[int, Sequence[int], Tensor]
 PositionsLike = Union[None, int, slice, Sequence[int], Sequence[Sequence[int]], Tensor]
 HeadsLike = Union[None, int, Sequence[int]]

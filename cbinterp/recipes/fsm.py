@@ -19,6 +19,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, RecipeResult, run_recipe
 from cbinterp.tasks.fsm import FSM
 
+__all__ = ["FSMRecipe"]
+
 #: Data streams: each phase reads its own (k-means reads STREAM_KMEANS, evaluation should use others).
 STREAM_WARM, STREAM_CODEBOOKS, STREAM_KMEANS = 0, 1, 2
 

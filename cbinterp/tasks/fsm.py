@@ -17,6 +17,15 @@ from torch import Tensor
 
 from cbinterp.core.atomic import atomic_file
 
+__all__ = [
+    "FSM",
+    "FSMBatch",
+    "sample_from_model",
+    "sampled_state_accuracy",
+    "score_sampled_sequences",
+    "teacher_forced_transition_accuracy",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class FSMBatch:

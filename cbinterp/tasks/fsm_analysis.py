@@ -20,6 +20,22 @@ from cbinterp.metrics import add_neuron_precision, code_feature_table
 from cbinterp.metrics.classifiers import best_neuron_precision_batch, code_feature_counts
 from cbinterp.tasks.fsm import FSM
 
+__all__ = [
+    "FSMActivations",
+    "MLP_NEURONS",
+    "PooledCodes",
+    "SITE_OUTPUTS",
+    "collect_fsm_activations",
+    "feature_first_search",
+    "fsm_code_table",
+    "neurons_at_code_recall",
+    "pool_codes",
+    "previous_state_split",
+    "state_code_headline",
+    "state_code_report",
+    "summarize_state_codes",
+]
+
 #: Names of the two neuron sets compared with codes (the columns `neuron_precision_<set>` of the table).
 MLP_NEURONS = "mlp_neurons"
 SITE_OUTPUTS = "site_outputs"

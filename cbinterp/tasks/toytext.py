@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["CharTokenizer", "generate_corpus"]
+
 MONTHS = [
     "January",
     "February",

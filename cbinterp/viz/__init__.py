@@ -1,1 +1,3 @@
 """Figures (plotly) and HTML views of codes."""
+
+__all__: list[str] = []  # the modules of this package are the API; nothing is re-exported here

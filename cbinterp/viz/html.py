@@ -14,6 +14,8 @@ from cbinterp.codecache.queries import code_contexts, code_fires, head_of
 from cbinterp.core.atomic import atomic_file
 from cbinterp.core.heads import codebook_label
 
+__all__ = ["CodeContextView", "context_view"]
+
 _STYLE = "font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.25"
 _TOKEN_STYLE = "font-weight: bold; color: #1f4fd8"
 _CELL = "white-space: pre; overflow: hidden; max-width: 48em; padding: 0"

@@ -8,6 +8,15 @@ from plotly.subplots import make_subplots
 
 from cbinterp.core.heads import code_label, codebook_label, is_missing_head
 
+__all__ = [
+    "code_frequency_figure",
+    "code_vs_neuron_figure",
+    "heldout_probe_figure",
+    "precision_recall_figure",
+    "probe_figure",
+    "state_code_figure",
+]
+
 _NEURON_PREFIX = "neuron_precision_"
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
 

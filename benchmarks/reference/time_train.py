@@ -16,7 +16,7 @@ import argparse
 import time
 import warnings
 
-from _reference_serve import reply, serve  # beside this script
+from serve_loop import reply, serve  # beside this script: its folder is sys.path[0] when run as a file
 
 
 def main() -> None:

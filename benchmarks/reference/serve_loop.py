@@ -1,7 +1,7 @@
 """The request loop of the reference scripts (run with the old-stack venv's Python: standard library only).
 
 After setup a script calls `serve(meta, timed)`: it prints {"ready": true, **meta}, then for every line N on stdin
-prints {"times_s": timed(N)}; "quit" or an empty line ends it. benchmarks/_speed.py's ReferenceRunner is the client.
+prints {"times_s": timed(N)}; "quit" or an empty line ends it. benchmarks/common.py's ReferenceRunner is the client.
 """
 
 from __future__ import annotations

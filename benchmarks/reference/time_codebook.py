@@ -3,7 +3,7 @@
 Run by benchmarks/codebook_speed.py with the Python of a separate old-stack virtual environment (see
 benchmarks/reference/README.md); it only imports and calls that library.
 
-    /tmp/refvenv/bin/python benchmarks/_reference_codebook.py --shape mlp --warmup 3 --repeats 20 --seed 0
+    /tmp/refvenv/bin/python benchmarks/reference/time_codebook.py --shape mlp --warmup 3 --repeats 20 --seed 0
 
 With --serve it sets up, warms up, prints one JSON line {"ready": true, ...}, then for every line N read from
 stdin times N more steps and prints {"times_s": [...]}: the benchmark interleaves these steps with its own, so
@@ -17,7 +17,7 @@ import statistics
 import time
 import warnings
 
-from _reference_serve import reply, serve  # beside this script
+from serve_loop import reply, serve  # beside this script: its folder is sys.path[0] when run as a file
 
 SHAPES = {
     # name: (input shape, per-code dim given to the layer, number of codebooks)
