@@ -19,20 +19,19 @@ import argparse
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from cbinterp import attach_codebooks, get_codebooks, kmeans_init_codebooks
-from cbinterp.core.codebook import Codebook
-from cbinterp.core.naming import CODES_SUFFIX, INPUT_SUFFIX
+from cbinterp.core.codebooks.codebook import Codebook
+from cbinterp.core.codebooks.naming import CODES_SUFFIX, INPUT_SUFFIX
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer sequences and codes (a smoke test)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -66,7 +65,7 @@ def codes_and_inputs(model, tokens, autocast: bool) -> tuple[dict, dict]:
     return {n: cache[n + CODES_SUFFIX][..., 0] for n in names}, {n: cache[n + INPUT_SUFFIX] for n in names}
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     recipe = FSMRecipe.quick(seed=args.seed) if args.quick else FSMRecipe.paper(seed=args.seed)

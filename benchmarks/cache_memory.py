@@ -23,7 +23,6 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from cbinterp.reporting import environment, write_report
 
@@ -99,7 +98,7 @@ def export(ref: str, into: Path) -> Path:
     return into / "src"
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cache_memory.json"))
     parser.add_argument("--docs", type=int, default=8192)

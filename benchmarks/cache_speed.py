@@ -18,7 +18,6 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from transformer_lens import HookedTransformer
@@ -45,7 +44,7 @@ def build(args) -> HookedTransformer:
     return attach_codebooks(model, ["attn", "mlp"], n_codes=args.n_codes, k=args.k, seed=args.seed).eval()
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cache_speed.json"))
     parser.add_argument("--docs", type=int, default=2048)

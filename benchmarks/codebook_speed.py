@@ -6,7 +6,7 @@ codebook (4 heads x 32 dims, groups=4, input 64x128x4x32) -- this times
 * ours: one training-mode forward+backward of `cbinterp.Codebook` (default settings: inner-product similarity,
   usage statistics on), and the same with `normalize_input=True` ("ours+LN": the authors' layer always
   layer-normalises its input first); and "ours, matmul search" (`use_fused_search` off: the search as one matmul
-  then top-k, as before the fused kernel of `cbinterp.core.fused_search`);
+  then top-k, as before the fused kernel of `cbinterp.core.search.fused_search`);
 * the floor: the bare similarity matmul + top-k on the same data and codes, nothing else;
 * the reference: `codebook-features` 0.1.2 (`models.CodebookLayer` / `models.GroupCodebookLayer` with
   `InnerProductSnapFunction`, loss "aeloss"), forward+backward, run by benchmarks/_reference_codebook.py with the
@@ -27,12 +27,12 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
-from cbinterp.core.codebook import Codebook
+from cbinterp.core.codebooks.codebook import Codebook
 from cbinterp.reporting import environment, print_table, write_report
 
 if __package__:  # python -m benchmarks.codebook_speed
@@ -64,7 +64,7 @@ def measure(
     warmup: int,
     repeats: int,
     device: torch.device,
-    reference: Optional[common.ReferenceRunner] = None,
+    reference: common.ReferenceRunner | None = None,
 ) -> dict[str, list[float]]:
     torch.manual_seed(seed)
     x = torch.randn(shape, device=device).requires_grad_()
@@ -95,7 +95,7 @@ def measure(
             scores = torch.bmm(data.transpose(0, 1), codes.transpose(1, 2))
         scores.topk(k, dim=-1)
 
-    fns: dict[str, Callable[[], Optional[float]]] = {
+    fns: dict[str, Callable[[], float | None]] = {
         "floor": floor,
         "ours": step(plain),
         "ours_ln": step(with_ln),
@@ -106,7 +106,7 @@ def measure(
     return common.time_interleaved(fns, warmup, repeats, device)
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(common.OUT / "codebook_speed.json"))
     parser.add_argument("--warmup", type=int, default=3)

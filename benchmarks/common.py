@@ -17,8 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -62,7 +62,7 @@ def sync(device: torch.device) -> None:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Optional[float]]], warmup: int, repeats: int, device: torch.device
+    fns: dict[str, Callable[[], float | None]], warmup: int, repeats: int, device: torch.device
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, one call of each per round in rotating order. A function that returns
     a number (the reference, timed in its own process) reports its own time; the others are timed here."""
@@ -81,12 +81,12 @@ def time_interleaved(
     return times
 
 
-def ms(seconds: Optional[float]) -> str:
+def ms(seconds: float | None) -> str:
     """Seconds as milliseconds for a table ("-" when not measured)."""
     return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def ratio(a: float | None, b: float | None) -> float | None:
     """a / b, None when either was not measured."""
     return None if a is None or b is None else a / b
 
@@ -153,7 +153,7 @@ def setup_reference(python: Path) -> None:
         raise SystemExit(f"{python} still cannot import codebook_features.models after installing")
 
 
-def resolve_reference(args) -> tuple[Optional[Path], str]:
+def resolve_reference(args) -> tuple[Path | None, str]:
     """The reference's Python from the flags --no-reference, --reference-python, --setup-reference, and a note for
     the report; (None, why) when the reference is not timed."""
     if args.no_reference:
@@ -205,7 +205,7 @@ def heldout_halves(name_or_path: str):
     return split_halves(docs)
 
 
-def take_chars(docs, max_chars: Optional[int]):
+def take_chars(docs, max_chars: int | None):
     """Texts of `docs` (all when `max_chars` is None), else about `max_chars` characters taken round-robin over the
     sources, at most a quarter of a source's share from any one document, so that every source is represented."""
     if max_chars is None:
@@ -225,7 +225,7 @@ def take_chars(docs, max_chars: Optional[int]):
     return out
 
 
-def set_threads(n: Optional[int]) -> None:
+def set_threads(n: int | None) -> None:
     """torch's thread count, when `n` is given."""
     if n:
         torch.set_num_threads(n)

@@ -24,15 +24,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cbinterp import attach_codebooks
-from cbinterp.core import distributed as dd
-from cbinterp.core.train import TrainConfig, train
+from cbinterp.core.training import distributed as dd
+from cbinterp.core.training.train import TrainConfig, train
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import environment, write_report
 
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _RECIPE = FSMRecipe.paper()
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and 3 steps (a smoke test, not a timing)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -86,7 +85,7 @@ class StepTimes:
         pass
 
 
-def measure(args, device: torch.device) -> Optional[dict]:
+def measure(args, device: torch.device) -> dict | None:
     """Train warmup + steps on this rank (all ranks call it); rank 0 returns the timings."""
     recipe = recipe_of(args)
     fsm = recipe.fsm()
@@ -185,7 +184,7 @@ def report(args, rows: dict[int, dict]) -> dict:
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: measure the launched ranks only
         device = dd.init_from_env(args.device)

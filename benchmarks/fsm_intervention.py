@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 import cbinterp
-from cbinterp.core.atomic import atomic_file
-from cbinterp.core.interventions import intervene, replace_codes
+from cbinterp.core.codebooks.interventions import intervene, replace_codes
+from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import write_json
 from cbinterp.tasks.fsm import FSM

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 import cbinterp
-from cbinterp.core import distributed as dd
-from cbinterp.core.atomic import atomic_file
-from cbinterp.core.attach import codebooks_bypassed, get_codebooks
+from cbinterp.core.codebooks.attach import codebooks_bypassed, get_codebooks
+from cbinterp.core.storage.atomic import atomic_file
+from cbinterp.core.training import distributed as dd
 from cbinterp.recipes.codebook import phases_summary
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import write_json

@@ -38,19 +38,19 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
-from cbinterp.core import fused_search
-from cbinterp.core.attach import training_codebooks
-from cbinterp.core.fastpath import fast_kernels
-from cbinterp.core.search_blocks import CPU_BLOCK_SCORES, search_block_rows
-from cbinterp.core.train import TrainConfig, train
+from cbinterp.core.codebooks.attach import training_codebooks
+from cbinterp.core.search import fused_search
+from cbinterp.core.search.blocks import CPU_BLOCK_SCORES, search_block_rows
+from cbinterp.core.training.fastpath import fast_kernels
+from cbinterp.core.training.train import TrainConfig, train
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import environment, write_json, write_report
 
@@ -96,7 +96,7 @@ class Shape:
             attach_codebooks(model, ["attn", "mlp"], n_codes=self.n_codes, k=self.k, seed=seed)
         return model.to(device, print_details=False) if device != "cpu" else model
 
-    def tokens(self, seed: int = 0, batch: Optional[int] = None) -> torch.Tensor:
+    def tokens(self, seed: int = 0, batch: int | None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, self.d_vocab, (batch or self.batch, self.seq_len), generator=generator)
 
@@ -297,7 +297,7 @@ def section_d(shape: Shape, device: torch.device, clock: Clock, compile_: bool) 
     }
     row: dict = {"rows": n, "groups": groups, "n_codes": shape.n_codes, "k": k, "chunk_rows": chunk_rows}
     if device.type == "cuda":
-        from cbinterp.core.search_blocks import block_rows_for
+        from cbinterp.core.search.blocks import block_rows_for
 
         row["rule_rows"] = block_rows_for(x, w, k)
     if compile_ and clock.left() > 120:
@@ -421,7 +421,7 @@ def summary_lines(results: dict) -> list[str]:
     return lines
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check_out"), help="folder for results.json")
     parser.add_argument("--device", default="cuda", help="cuda (the check), or cpu: a dry run of the plumbing")

@@ -25,8 +25,8 @@ import torch
 from cbinterp.codecache.documents import cache_documents
 from cbinterp.codecache.queries import top_tokens
 from cbinterp.codecache.vocab import Vocabulary
-from cbinterp.core.attach import get_codebooks
-from cbinterp.core.heads import code_label
+from cbinterp.core.codebooks.attach import get_codebooks
+from cbinterp.core.codebooks.heads import code_label
 from cbinterp.metrics.heldout import probe_heldout
 from cbinterp.reporting import Timer, save_figure, write_json
 from cbinterp.tasks.lm_features import FEATURE_DESCRIPTIONS, FEATURES

@@ -31,8 +31,8 @@ from torch import Tensor
 from cbinterp.codecache.documents import cache_documents
 from cbinterp.codecache.features import token_positions
 from cbinterp.codecache.vocab import Vocabulary
-from cbinterp.core.attach import codebooks_bypassed, get_codebooks
-from cbinterp.core.interventions import generate_with_codes
+from cbinterp.core.codebooks.attach import codebooks_bypassed, get_codebooks
+from cbinterp.core.codebooks.interventions import generate_with_codes
 from cbinterp.metrics.steering import steering_codes, topic_codes
 from cbinterp.reporting import Timer, save_figure, write_json
 from cbinterp.tasks.lm_features import (

@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from cbinterp.core.atomic import atomic_dir, atomic_file  # noqa: E402
+from cbinterp.core.storage.atomic import atomic_dir, atomic_file  # noqa: E402
 from cbinterp.pretrained import BASELINE_MODEL, DEFAULT_MODEL, MODELS_DIR  # noqa: E402
 from cbinterp.recipes.lm import PHASES, LMRecipe, default_device, run_lm  # noqa: E402
 from cbinterp.reporting import write_json  # noqa: E402

@@ -3,7 +3,7 @@
 The model is train_speed.py's (4 layers, d_model 128, 4 heads, d_mlp 512, rotary; a codebook after every head and
 every MLP, 1000 codes, k=1; 64 x 128 tokens; AdamW). Each variant is profiled for a few steps after warmup:
 with and without codebooks, and with TransformerLens's op-by-op attention and layer norm or cbinterp's fused kernels
-(`cbinterp.core.fastpath.fast_kernels`, what `train` uses).
+(`cbinterp.core.training.fastpath.fast_kernels`, what `train` uses).
 
 Every operator's own (self) time is given to a family: by the module it ran in (attention, layer norm, MLP
 activation, rotary embedding, codebook), or for backward operators by the module of the forward operator they
@@ -21,7 +21,6 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.autograd.profiler import record_function
@@ -29,8 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformer_lens.components import Attention, LayerNorm, LayerNormPre
 from transformer_lens.components.mlps.mlp import MLP
 
-from cbinterp.core import fastpath
-from cbinterp.core.codebook import Codebook
+from cbinterp.core.codebooks.codebook import Codebook
+from cbinterp.core.training import fastpath
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import environment, write_report
 
@@ -80,7 +79,7 @@ def labelled(model):
     """Open a profiler scope named after the family around every module forward, and around rotary embeddings."""
     handles, patched = [], []
 
-    def family_of(module) -> Optional[str]:
+    def family_of(module) -> str | None:
         if isinstance(module, Codebook):
             return "codebook search"
         if isinstance(module, (LayerNorm, LayerNormPre)):
@@ -143,7 +142,7 @@ def classify(events) -> tuple[dict[str, float], dict[str, float]]:
             node = node.cpu_parent
         return node
 
-    def scope_of(e) -> Optional[str]:
+    def scope_of(e) -> str | None:
         scope = ancestor(e, SCOPE)
         return None if scope is None else scope.name[len(SCOPE) :]
 
@@ -182,7 +181,7 @@ def classify(events) -> tuple[dict[str, float], dict[str, float]]:
     return dict(totals), dict(unplaced)
 
 
-def _family(scope: Optional[str], op: str) -> str:
+def _family(scope: str | None, op: str) -> str:
     if op in MATMULS and scope != "codebook search":
         return "matmuls"
     if scope is not None:
@@ -230,7 +229,7 @@ def profile_variant(recipe, codebooks: bool, fused: bool, args) -> dict:
     }
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "train_profile.json"))
     parser.add_argument("--batch", type=int, default=64)

@@ -5,9 +5,9 @@ codebook after every attention head and every MLP (1000 codes, k=1), trained on 
 AdamW. Timed side by side, one step of each in turn (rotating order, so that load hits all alike):
 
 * ours: `attach_codebooks` on a HookedTransformer, eager, stepped as `cbinterp.train` steps it: fused attention
-  and layer norm (`cbinterp.core.fastpath.fast_kernels`) and fused AdamW;
+  and layer norm (`cbinterp.core.training.fastpath.fast_kernels`) and fused AdamW;
 * ours_matmul_search: ours with the nearest-code search as one matmul then a max (`Codebook.use_fused_search`
-  off), so that the fused search kernel (`cbinterp.core.fused_search`) shows on its own;
+  off), so that the fused search kernel (`cbinterp.core.search.fused_search`) shows on its own;
 * ours_compiled: the same through `torch.compile` (compile time reported separately, not in the step time);
 * ours_tl_kernels: TransformerLens's own op-by-op attention and layer norm, default AdamW (cbinterp before the
   fused kernels), and ours_tl_kernels_fused_adamw: the same with fused AdamW, so that each change shows on its own;
@@ -29,13 +29,13 @@ import dataclasses
 import os
 import statistics
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, get_codebooks
-from cbinterp.core.fastpath import fast_kernels
+from cbinterp.core.training.fastpath import fast_kernels
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import environment, write_report
 
@@ -113,7 +113,7 @@ def matmul_rate(device: torch.device, n: int = 1024, repeats: int = 20) -> float
     return 2 * n**3 / best
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(common.OUT / "train_speed.json"))
     parser.add_argument("--batch", type=int, default=64)
@@ -141,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     load_before = os.getloadavg()
 
     peak = matmul_rate(device)
-    fns: dict[str, Callable[[], Optional[float]]] = {}
+    fns: dict[str, Callable[[], float | None]] = {}
     ours = build(args, codebooks=True)
     fns["ours"] = stepper(ours, ours, tokens)
     matmul_search = build(args, codebooks=True)

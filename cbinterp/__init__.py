@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 #: module -> the public names it gives `cbinterp` (each also in that module's `__all__`), in the README's order.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "cbinterp.core.codebook": ("Codebook", "CodebookConfig"),
-    "cbinterp.core.attach": (
+    "cbinterp.core.codebooks.codebook": ("Codebook", "CodebookConfig"),
+    "cbinterp.core.codebooks.attach": (
         "SITE_HOOKS",
         "attach_codebooks",
         "codebooks_bypassed",
@@ -26,7 +26,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "get_codebooks",
         "kmeans_init_codebooks",
     ),
-    "cbinterp.core.interventions": (
+    "cbinterp.core.codebooks.interventions": (
         "ablate_codes",
         "force_codes",
         "generate_with_codes",
@@ -34,16 +34,16 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "replace_codes",
         "steering_hooks",
     ),
-    "cbinterp.core.train": ("TrainConfig", "TrainResult", "train"),
-    "cbinterp.core.fastpath": ("fast_kernels",),
-    "cbinterp.core.determinism": ("deterministic_on_cpu",),
-    "cbinterp.core.distributed": ("CodebookStepSync", "init_from_env", "is_main"),
-    "cbinterp.core.metrics": ("JSONLLogger", "WandbLogger"),
-    "cbinterp.core.io": ("load", "load_codebook", "load_codebooks", "save", "save_codebook", "save_codebooks"),
-    "cbinterp.core.manifest": ("ResumeWarning",),
-    "cbinterp.core.atomic": ("atomic_dir", "atomic_file"),
-    "cbinterp.core.tokenizer": ("attach_tokenizer", "load_tokenizer", "save_tokenizer"),
-    "cbinterp.core.codes": ("NO_CODE", "dedupe_codes"),
+    "cbinterp.core.training.train": ("TrainConfig", "TrainResult", "train"),
+    "cbinterp.core.training.fastpath": ("fast_kernels",),
+    "cbinterp.core.training.determinism": ("deterministic_on_cpu",),
+    "cbinterp.core.training.distributed": ("CodebookStepSync", "init_from_env", "is_main"),
+    "cbinterp.core.training.loggers": ("JSONLLogger", "WandbLogger"),
+    "cbinterp.core.storage.io": ("load", "load_codebook", "load_codebooks", "save", "save_codebook", "save_codebooks"),
+    "cbinterp.core.storage.manifest": ("ResumeWarning",),
+    "cbinterp.core.storage.atomic": ("atomic_dir", "atomic_file"),
+    "cbinterp.core.storage.tokenizer": ("attach_tokenizer", "load_tokenizer", "save_tokenizer"),
+    "cbinterp.core.codebooks.codes": ("NO_CODE", "dedupe_codes"),
     "cbinterp.codecache.store": ("CodeCache", "cache_codes"),
     "cbinterp.codecache.queries": (
         "code_contexts",

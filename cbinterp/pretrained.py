@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from transformer_lens import HookedTransformer
 
-from cbinterp.core.atomic import user_path
-from cbinterp.core.io import load
+from cbinterp.core.storage.atomic import user_path
+from cbinterp.core.storage.io import load
 from cbinterp.recipes.model_card import CARD_FILE, MODEL_DIR
 
 __all__ = [
@@ -42,7 +42,7 @@ DEFAULT_MODEL = "english-codebook"
 #: The same network before codebooks were attached (phase (a) of the recipe), without codebooks.
 BASELINE_MODEL = "english-baseline"
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def _shipped() -> dict[str, Path]:
@@ -123,7 +123,7 @@ def list_pretrained() -> dict[str, dict[str, Any]]:
     return {name: _summary(_read_card(path / CARD_FILE)) for name, path in _shipped().items()}
 
 
-def load_pretrained(name_or_path: PathLike = DEFAULT_MODEL, device: Optional[str] = None) -> HookedTransformer:
+def load_pretrained(name_or_path: PathLike = DEFAULT_MODEL, device: str | None = None) -> HookedTransformer:
     """Load a shipped model by name (see `list_pretrained`) or a model folder, with its tokenizer attached.
 
     `model.to_tokens`, `to_string`, `to_str_tokens` and `generate` then work offline; a codebook model has its

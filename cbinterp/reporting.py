@@ -22,10 +22,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
-from cbinterp.core.atomic import atomic_file
+from cbinterp.core.storage.atomic import atomic_file
 
 __all__ = [
     "Timer",
@@ -38,10 +39,10 @@ __all__ = [
     "write_report",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
-def environment(device: Optional[Any] = None, load_average_start: Optional[Sequence[float]] = None) -> dict:
+def environment(device: Any | None = None, load_average_start: Sequence[float] | None = None) -> dict:
     """The machine a measurement ran on, as the keys every benchmark report shares.
 
     Args:
@@ -73,7 +74,7 @@ def _is_pandas_na(value: Any) -> bool:
     return pandas is not None and value is pandas.NA
 
 
-def json_ready(value: Any, default: Optional[Callable[[Any], Any]] = None) -> Any:
+def json_ready(value: Any, default: Callable[[Any], Any] | None = None) -> Any:
     """`value` as plain JSON data: NaN, infinities and `pd.NA` become None, numpy and torch values Python numbers
     and lists, dataclasses dicts, paths strings; dict keys that are numpy scalars become Python scalars.
 
@@ -112,9 +113,7 @@ def _json_key(key: Any) -> Any:
     return str(key)
 
 
-def write_json(
-    path: PathLike, data: Any, indent: Optional[int] = 2, default: Optional[Callable[[Any], Any]] = None
-) -> Path:
+def write_json(path: PathLike, data: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> Path:
     """Write `data` (through `json_ready(data, default)`) as strict JSON (no NaN), atomically, creating the folder;
     returns `path`."""
     path = Path(path)
@@ -125,7 +124,7 @@ def write_json(
 
 
 def write_report(
-    path: PathLike, data: Any, indent: Optional[int] = 2, default: Optional[Callable[[Any], Any]] = None
+    path: PathLike, data: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None
 ) -> Path:
     """`write_json`, then print "wrote <path>"."""
     path = write_json(path, data, indent=indent, default=default)
@@ -154,7 +153,7 @@ def print_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], left: int 
     print(format_table(header, rows, left))
 
 
-def save_figure(fig: Any, folder: PathLike, stem: str, include_plotlyjs: Union[bool, str] = True) -> list[str]:
+def save_figure(fig: Any, folder: PathLike, stem: str, include_plotlyjs: bool | str = True) -> list[str]:
     """A plotly figure as `<folder>/<stem>.html`, and `.png` too when kaleido can draw it; each file atomically.
 
     Returns the paths written. `include_plotlyjs`: as plotly's `write_html` (True embeds plotly.js, "cdn" links it).

@@ -20,11 +20,11 @@ import traceback
 from pathlib import Path
 
 import torch
-from conftest import TINY  # beside this file: the tests' tiny model, one definition
+from tiny_models import TINY  # beside this file: the tests' tiny model, one definition
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import cbinterp
-from cbinterp.core.train import TrainConfig, train
+from cbinterp.core.training.train import TrainConfig, train
 
 
 def make_model(seed: int, sites: tuple = ("attn", "mlp")) -> HookedTransformer:

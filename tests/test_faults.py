@@ -21,15 +21,13 @@ import time
 import warnings
 from pathlib import Path
 
+import _fault_worker as worker  # tests/ is on the path: pytest puts the root conftest's folder there
 import pytest
 import torch
 
 import cbinterp
-from cbinterp.core.atomic import HOST
-from cbinterp.core.manifest import MANIFEST_FILE
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _fault_worker as worker  # noqa: E402
+from cbinterp.core.storage.atomic import HOST
+from cbinterp.core.storage.manifest import MANIFEST_FILE
 
 KILLS = 8
 # About 45 s on the shared 2-core machine (a fork server, 3 x (KILLS + 1) children): over the fast tier's budget.

@@ -30,12 +30,12 @@ from cbinterp import (
     save,
     train,
 )
-from cbinterp.core import manifest as mf
-from cbinterp.core.attach import counting_usage, resolve_sites
-from cbinterp.core.interventions import ablate_codes, intervene
-from cbinterp.core.io import CONFIG_FILE, WEIGHTS_FILE
-from cbinterp.core.manifest import MANIFEST_FILE, ResumeWarning
-from cbinterp.core.train import TRAINER_FILE
+from cbinterp.core.codebooks.attach import counting_usage, resolve_sites
+from cbinterp.core.codebooks.interventions import ablate_codes, intervene
+from cbinterp.core.storage import manifest as mf
+from cbinterp.core.storage.io import CONFIG_FILE, WEIGHTS_FILE
+from cbinterp.core.storage.manifest import MANIFEST_FILE, ResumeWarning
+from cbinterp.core.training.train import TRAINER_FILE
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::cbinterp.ResumeWarning")]
 
@@ -377,7 +377,7 @@ def test_train_mode_forwards_change_neither_codes_nor_counts(model, tokens):
 
 # -- 7. atomic writes leave no debris ---------------------------------------------------------------------------------
 def test_stale_temporaries_of_the_path_are_removed(model, tmp_path):
-    from cbinterp.core.atomic import HOST
+    from cbinterp.core.storage.atomic import HOST
 
     d = tmp_path / "d"
     pid = dead_pid()
@@ -401,7 +401,7 @@ def test_stale_temporaries_of_the_path_are_removed(model, tmp_path):
 
 
 def test_load_recovers_a_save_killed_between_its_renames(model, tokens, tmp_path):
-    from cbinterp.core.atomic import HOST
+    from cbinterp.core.storage.atomic import HOST
 
     d = tmp_path / "d"
     save(model, d)
@@ -518,7 +518,7 @@ def test_hook_name_errors_suggest_only_acceptable_names(model):
 
 # -- issue 12: one verifier, one list of codebook settings ------------------------------------------------------------
 def test_one_verifier_for_models_checkpoints_and_caches(model, tmp_path, monkeypatch):
-    from cbinterp.core import folder
+    from cbinterp.core.storage import folder
 
     calls = []
     real = folder.open_folder

@@ -54,12 +54,14 @@ def _public_modules() -> list[str]:
 
 
 def test_the_parser_reads_one_line_and_bracketed_imports():
-    text = "from cbinterp import a, b as c  # note\nx = 1\n    from cbinterp.core.io import (\n    d,\n    e,\n)\n"
+    text = (
+        "from cbinterp import a, b as c  # note\nx = 1\n    from cbinterp.core.storage.io import (\n    d,\n    e,\n)\n"
+    )
     assert _imports(text) == [
         ("cbinterp", "a"),
         ("cbinterp", "b"),
-        ("cbinterp.core.io", "d"),
-        ("cbinterp.core.io", "e"),
+        ("cbinterp.core.storage.io", "d"),
+        ("cbinterp.core.storage.io", "e"),
     ]
 
 
@@ -84,7 +86,7 @@ def test_the_layout_table_names_import_from_cbinterp():
         if len(cells) < 4 or "cbinterp/" not in cells[1]:
             continue
         folder, modules = "", []
-        for path in re.findall(r"[\w/]+\.py", cells[1]):  # `cbinterp/core/io.py`, `manifest.py` (same folder)
+        for path in re.findall(r"[\w/]+\.py", cells[1]):  # `cbinterp/core/storage/io.py`, `manifest.py` (same folder)
             folder = path.rpartition("/")[0] if "/" in path else folder
             modules.append(f"{folder}/{path.rpartition('/')[2]}"[:-3].replace("/", "."))
         exported = {n for m in modules for n in getattr(importlib.import_module(m), "__all__", ())}

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from cbinterp.core.naming import CODES_SUFFIX
+from cbinterp.core.codebooks.naming import CODES_SUFFIX
 
 __all__ = ["cached_codes"]
 
 
-def cached_codes(cache, mask: Optional[Bool[Tensor, "batch pos"]] = None) -> dict[str, Tensor]:
+def cached_codes(cache, mask: Bool[Tensor, "batch pos"] | None = None) -> dict[str, Tensor]:
     """The code ids of every codebook in an `ActivationCache` (or any name -> tensor mapping), positions flattened.
 
     Returns `{codebook name: codes}` keyed by the codebook's hook name (".hook_codes" removed, as in

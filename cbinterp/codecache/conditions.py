@@ -15,15 +15,14 @@ import dataclasses
 import functools
 import hashlib
 import types
-from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 from transformer_lens import HookedTransformer
 
-from cbinterp.core import manifest as mf
-from cbinterp.core.attach import get_codebooks
+from cbinterp.core.codebooks.attach import get_codebooks
+from cbinterp.core.storage import manifest as mf
 
 __all__ = ["check_runnable", "check_same_run", "describe_difference", "run_conditions"]
 
@@ -70,7 +69,7 @@ def run_conditions(model: HookedTransformer) -> dict:
     }
 
 
-def describe_difference(stored: dict, current: dict) -> Optional[str]:
+def describe_difference(stored: dict, current: dict) -> str | None:
     """What differs between the conditions a cache recorded and this run's, or None if nothing does."""
     diffs = []
     for name in sorted(set(stored.get("codebooks", {})) | set(current["codebooks"])):

@@ -9,7 +9,7 @@ and codes firing on BOS or padding count neither as hits nor as false alarms.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from jaxtyping import Bool, Int
@@ -24,8 +24,8 @@ __all__ = ["cache_documents", "subset_cache", "text_token_mask"]
 def subset_cache(
     cache: CodeCache,
     keep: Bool[Tensor, " n_tokens"],
-    doc: Optional[Int[Tensor, " n_tokens"]] = None,
-    pos: Optional[Int[Tensor, " n_tokens"]] = None,
+    doc: Int[Tensor, " n_tokens"] | None = None,
+    pos: Int[Tensor, " n_tokens"] | None = None,
 ) -> CodeCache:
     """An in-memory `CodeCache` of the tokens where `keep` holds (codes, tokens, stored activations), optionally
     with new `doc` / `pos` numbers (given for every token of `cache`, before selection)."""

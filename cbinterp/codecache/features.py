@@ -10,7 +10,7 @@ zero-length matches are ignored. `which` picks the first, the last or any covere
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor
 from cbinterp.codecache.vocab import Vocabulary, vocabulary_of
 
 #: Anything `Vocabulary` accepts: a tokenizer, a Vocabulary, or per-id strings or bytes.
-VocabularyLike = Union[Vocabulary, Sequence[str], Sequence[bytes], object]
+VocabularyLike = Vocabulary | Sequence[str] | Sequence[bytes] | object
 
 __all__ = ["doc_token_indices", "token_positions"]
 
@@ -51,8 +51,8 @@ def doc_token_indices(doc: Tensor, pos: Tensor) -> list[tuple[int, np.ndarray]]:
 
 def token_positions(
     cache_or_tokens,
-    token_strings: Optional[VocabularyLike] = None,
-    pattern: Union[str, "re.Pattern", None] = None,
+    token_strings: VocabularyLike | None = None,
+    pattern: str | re.Pattern | None = None,
     which: str = "any",
 ) -> Tensor:
     """Bool mask `(n_tokens,)` of the tokens covered by matches of `pattern` in each decoded document.

@@ -11,8 +11,8 @@ that they are the same) and caches the rest; anything else is refused.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from cbinterp.codecache import conditions as cond
 from cbinterp.codecache import integrity
@@ -29,9 +29,9 @@ from cbinterp.codecache.layout import (
     chunk_info,
     combined_fingerprint,
 )
-from cbinterp.core import manifest as mf
-from cbinterp.core.atomic import _pid_alive, atomic_file
-from cbinterp.core.tokenizer import write_tokenizer_files
+from cbinterp.core.storage import manifest as mf
+from cbinterp.core.storage.atomic import _pid_alive, atomic_file
+from cbinterp.core.storage.tokenizer import write_tokenizer_files
 
 __all__ = ["list_chunks", "open_for_writing", "pending_chunks", "read_marker", "store_tokenizer", "write_marker"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from transformer_lens import HookedTransformer
@@ -13,13 +13,13 @@ from transformer_lens import HookedTransformer
 from cbinterp.codecache import conditions as cond
 from cbinterp.codecache.inputs import check_token_strings
 from cbinterp.codecache.layout import FORMAT_NAME, FORMAT_VERSION, LAYOUT, combined_fingerprint
-from cbinterp.core import manifest as mf
-from cbinterp.core.attach import get_codebooks
+from cbinterp.core.codebooks.attach import get_codebooks
+from cbinterp.core.storage import manifest as mf
 
 __all__ = ["describe_mismatch", "model_identity", "new_marker", "run_fingerprint", "tokenizer_only_difference"]
 
 
-def model_identity(model: HookedTransformer, tokenizer_name: Optional[str] = None) -> dict:
+def model_identity(model: HookedTransformer, tokenizer_name: str | None = None) -> dict:
     """What identifies a model for a cache: its codebooks, the basics of its config, and its tokenizer's name
     (`tokenizer_name` when given, for a tokenizer that lives outside the model)."""
     cfg = model.cfg
@@ -48,7 +48,7 @@ def model_identity(model: HookedTransformer, tokenizer_name: Optional[str] = Non
     }
 
 
-def tokenizer_only_difference(stored: dict, current: dict) -> Optional[str]:
+def tokenizer_only_difference(stored: dict, current: dict) -> str | None:
     """The message when the model matches and only the recorded tokenizer name differs (e.g. one was forgotten)."""
     a, b = dict(stored.get("model") or {}), dict(current.get("model") or {})
     old, new = a.pop("tokenizer_name", None), b.pop("tokenizer_name", None)
@@ -85,7 +85,7 @@ def new_marker(
     identity: dict,
     hooks: list[str],
     activation_dtype: torch.dtype,
-    token_strings: Optional[Sequence[str]],
+    token_strings: Sequence[str] | None,
 ) -> dict:
     """The marker of an empty cache made by this run: `identity` (from `model_identity`), the weights' and the
     run's fingerprints, the hooks, the conditions and settings (`token_strings` checked against the model)."""

@@ -12,18 +12,18 @@ Padding may hold any id (-1 too), since it never reaches the model; every real i
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from cbinterp.core.checks import check_token_ids, is_int
-from cbinterp.core.naming import did_you_mean
+from cbinterp.core.codebooks.naming import did_you_mean
 
 __all__ = ["batches", "check_documents", "check_hooks", "check_token_strings"]
 
-Batch = tuple[Int[Tensor, "n seq"], Optional[Bool[Tensor, "n seq"]]]
+Batch = tuple[Int[Tensor, "n seq"], Bool[Tensor, "n seq"] | None]
 
 _FIX = (
     "Right-pad each row (real tokens first, padding after them, as `to_tokens(..., padding_side='right')` does), or "
@@ -34,7 +34,7 @@ _FIX = (
 
 def check_documents(
     tokens: Int[Tensor, "n seq"],
-    mask: Optional[Bool[Tensor, "n seq"]],
+    mask: Bool[Tensor, "n seq"] | None,
     d_vocab: int,
     causal: bool = True,
     first_row: int = 0,
@@ -67,8 +67,8 @@ def check_documents(
 
 
 def batches(
-    tokens_or_iterable, batch_size: int, mask: Optional[Tensor] = None, d_vocab: Optional[int] = None, causal=True
-) -> tuple[Iterator[Batch], Optional[int]]:
+    tokens_or_iterable, batch_size: int, mask: Tensor | None = None, d_vocab: int | None = None, causal=True
+) -> tuple[Iterator[Batch], int | None]:
     """(tokens, mask) batches of at most batch_size documents, each checked (with `d_vocab`), and the number of
     documents if known. Items of an iterable are documents (token tensors or lists, one or several rows) or
     `(tokens, mask)` pairs; a mask is bool of the tokens' shape (True = real)."""

@@ -14,12 +14,12 @@ import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from safetensors import SafetensorError, safe_open
 
-from cbinterp.core import manifest as mf
+from cbinterp.core.storage import manifest as mf
 
 __all__ = ["check_marker", "check_member", "marker_checksum", "open_chunk", "seal"]
 
@@ -140,7 +140,7 @@ def open_chunk(path: Path) -> Iterator:
         yield f
 
 
-def check_header(directory: Path, name: str, entry: dict, header: Optional[dict], meta: dict) -> None:
+def check_header(directory: Path, name: str, entry: dict, header: dict | None, meta: dict) -> None:
     """Raise a ValueError if a chunk's own header (layout 2) disagrees with its entry in the marker."""
     if header is None:
         return

@@ -8,7 +8,7 @@ real id can take (the -1 that `ablate_codes` / `replace_codes` write, or a non-f
 index and position are ``int32`` on disk; activations of extra hooks are ``float16``. `CodeCache` accessors return
 codes, tokens, doc and pos as ``int64``.
 
-On disk (``directory=...``) the cache is a cbinterp folder (see `cbinterp.core.manifest`) of kind
+On disk (``directory=...``) the cache is a cbinterp folder (see `cbinterp.core.storage.manifest`) of kind
 "cbinterp-code-cache": chunk files, each holding consecutive whole documents and written atomically, and the marker
 ``cbinterp.json``, rewritten atomically, which holds the metadata, the sha256 of every chunk, and the fingerprints
 of the model's weights and of the documents cached, the whole covered by its own ``meta_sha256``
@@ -26,16 +26,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Int
 from safetensors import safe_open
 from torch import Tensor
 
-from cbinterp.core import manifest as mf
-from cbinterp.core.codes import NO_CODE
+from cbinterp.core.codebooks.codes import NO_CODE
+from cbinterp.core.storage import manifest as mf
 
 __all__ = [
     "CHUNK",
@@ -125,7 +125,7 @@ def chunk_name(first_doc: int) -> str:
     return f"chunk_d{first_doc:012d}.safetensors"
 
 
-def chunk_info(file: Path) -> Optional[dict]:
+def chunk_info(file: Path) -> dict | None:
     """What a chunk file of this layout says about itself (its header), or None if it is not one."""
     if file.is_symlink():  # never read through a link, not even to adopt it
         return None

@@ -9,14 +9,12 @@ every (codebook, head, code) separately.
 An ungrouped (MLP) codebook has no head: pass `head=None` (the default). A missing value (`pd.NA`, what the
 `head` column of a table holds for such a codebook) means the same, so `head=row.head` works for any table row;
 `head=0` is still accepted for an ungrouped codebook (its only group), any other head is an error, and so is a
-negative head (`cbinterp.core.heads`: the one rule the interventions' `heads=` follow too).
+negative head (`cbinterp.core.codebooks.heads`: the one rule the interventions' `heads=` follow too).
 
 Counts (`n`, `max_examples`, `window`) and `seed` are ints (never bools or floats) at or above their bound.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -26,9 +24,9 @@ from torch import Tensor
 from cbinterp.codecache.features import VocabularyLike, doc_token_indices
 from cbinterp.codecache.vocab import vocabulary_of
 from cbinterp.core.checks import check_token_ids, is_int
-from cbinterp.core.codes import dedupe_codes
-from cbinterp.core.heads import as_index as _as_index
-from cbinterp.core.heads import check_head
+from cbinterp.core.codebooks.codes import dedupe_codes
+from cbinterp.core.codebooks.heads import as_index as _as_index
+from cbinterp.core.codebooks.heads import check_head
 
 __all__ = [
     "code_contexts",
@@ -50,13 +48,13 @@ def _codes_of(cache, name: str, stored: bool = False) -> Tensor:
 
 def _head_codes(cache, name: str, head, stored: bool = False) -> Tensor:
     """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` for no head (see
-    `cbinterp.core.heads.check_head`: None or a missing value; 0 for an ungrouped codebook)."""
+    `cbinterp.core.codebooks.heads.check_head`: None or a missing value; 0 for an ungrouped codebook)."""
     codes = _codes_of(cache, name, stored)
     head = check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
     return codes if head is None else codes[:, head]
 
 
-def head_of(cache, name: str, head) -> Optional[int]:
+def head_of(cache, name: str, head) -> int | None:
     """`head` of codebook `name` in `cache` as checked by `check_head`: an index, or None for no head."""
     codes = _codes_of(cache, name, stored=True)
     return check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
@@ -79,7 +77,7 @@ def _check_code(cache, name: str, code: int) -> int:
     return code
 
 
-def code_frequencies(cache, name: str, head: Optional[int] = None) -> Tensor:
+def code_frequencies(cache, name: str, head: int | None = None) -> Tensor:
     """Int64 `(n_codes,)`: how many tokens each code fires at (per-head codebook with head=None: (token, head)
     pairs, summed over heads)."""
     n_codes = cache.n_codes(name)
@@ -92,12 +90,12 @@ def code_frequencies(cache, name: str, head: Optional[int] = None) -> Tensor:
     return counts
 
 
-def dead_codes(cache, name: str, head: Optional[int] = None) -> Tensor:
+def dead_codes(cache, name: str, head: int | None = None) -> Tensor:
     """Int64 ids of the codes that never fire (in `head`, or in any head when None)."""
     return torch.nonzero(code_frequencies(cache, name, head) == 0).flatten()
 
 
-def code_fires(cache, name: str, code: int, head: Optional[int] = None) -> Tensor:
+def code_fires(cache, name: str, code: int, head: int | None = None) -> Tensor:
     """Bool `(n_tokens,)`: where `code` fires (in `head`, or in any head when None)."""
     code = _check_code(cache, name, code)
     codes = _head_codes(cache, name, head, stored=True)
@@ -105,7 +103,7 @@ def code_fires(cache, name: str, code: int, head: Optional[int] = None) -> Tenso
     return hit.reshape(hit.shape[0], -1).any(dim=1)
 
 
-def codes_for_token(cache, name: str, token_id: int, head: Optional[int] = None) -> pd.DataFrame:
+def codes_for_token(cache, name: str, token_id: int, head: int | None = None) -> pd.DataFrame:
     """The codes that fire on occurrences of `token_id`: columns `code`, `count` (occurrences on which it fires;
     (occurrence, head) pairs for head=None on a per-head codebook) and `share` (count / occurrences of the token),
     most frequent first (ties: lower code)."""
@@ -130,8 +128,8 @@ def cooccurrence(
     code_a: int,
     name_b: str,
     code_b: int,
-    head_a: Optional[int] = None,
-    head_b: Optional[int] = None,
+    head_a: int | None = None,
+    head_b: int | None = None,
 ) -> dict:
     """Tokens at which code_a fires (`n_a`), code_b fires (`n_b`), both (`n_both`), and `jaccard` =
     n_both / (n_a + n_b - n_both) (0.0 when neither fires)."""
@@ -174,10 +172,10 @@ def code_contexts(
     cache,
     name: str,
     code: int,
-    token_strings: Optional[VocabularyLike] = None,
+    token_strings: VocabularyLike | None = None,
     window: int = 20,
-    head: Optional[int] = None,
-    max_examples: Optional[int] = 20,
+    head: int | None = None,
+    max_examples: int | None = 20,
     sample: str = "random",
     seed: int = 0,
 ) -> list[dict]:
@@ -242,9 +240,9 @@ def top_tokens(
     cache,
     name: str,
     code: int,
-    head: Optional[int] = None,
+    head: int | None = None,
     n: int = 10,
-    token_strings: Optional[VocabularyLike] = None,
+    token_strings: VocabularyLike | None = None,
 ) -> pd.DataFrame:
     """The `n` tokens on which `code` fires most often: columns `token` (id), `text` (when the cache knows its
     text, or `token_strings` is given), `count` and `share` (count / tokens at which the code fires); ties: lower

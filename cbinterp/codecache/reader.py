@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -15,10 +14,10 @@ from cbinterp.codecache.folder import read_marker
 from cbinterp.codecache.identity import describe_mismatch, model_identity, tokenizer_only_difference
 from cbinterp.codecache.layout import chunk_info, code_dtype, read_codes
 from cbinterp.codecache.vocab import Vocabulary
-from cbinterp.core import manifest as mf
-from cbinterp.core.attach import require_hooked_transformer
-from cbinterp.core.naming import did_you_mean
-from cbinterp.core.tokenizer import load_tokenizer
+from cbinterp.core.codebooks.attach import require_hooked_transformer
+from cbinterp.core.codebooks.naming import did_you_mean
+from cbinterp.core.storage import manifest as mf
+from cbinterp.core.storage.tokenizer import load_tokenizer
 
 __all__ = ["CodeCache"]
 
@@ -26,7 +25,7 @@ __all__ = ["CodeCache"]
 class _Part:
     """One chunk of a cache (or the whole of an in-memory one): documents `first_doc ..` and their arrays."""
 
-    def __init__(self, first_doc: int, n_docs: int, n_tokens: int, keys: Optional[set] = None, file=None, arrays=None):
+    def __init__(self, first_doc: int, n_docs: int, n_tokens: int, keys: set | None = None, file=None, arrays=None):
         self.first_doc, self.n_docs, self.n_tokens = first_doc, n_docs, n_tokens
         self.file, self.arrays, self._keys = file, arrays, keys
         self.opener = None  # set by CodeCache: opens the file once it is checked
@@ -50,19 +49,19 @@ class CodeCache:
     def __init__(
         self,
         meta: dict,
-        arrays: Optional[dict[str, Tensor]] = None,
-        directory: Optional[Path] = None,
+        arrays: dict[str, Tensor] | None = None,
+        directory: Path | None = None,
         tokenizer=None,
     ):
         self.meta = meta
         self.directory = directory
         self._arrays = arrays
         self._tokenizer = tokenizer
-        self._vocabulary: Optional[Vocabulary] = None
-        self._part_list: Optional[list[_Part]] = None
+        self._vocabulary: Vocabulary | None = None
+        self._part_list: list[_Part] | None = None
         self._memo: dict[str, Tensor] = {}
         self._verified: set[str] = set()
-        self._offsets: Optional[Tensor] = None
+        self._offsets: Tensor | None = None
 
     # -- text ----------------------------------------------------------------------------------------------
     @property
@@ -75,7 +74,7 @@ class CodeCache:
         return self._tokenizer
 
     @property
-    def vocabulary(self) -> Optional[Vocabulary]:
+    def vocabulary(self) -> Vocabulary | None:
         """How the cached token ids read as text (from the tokenizer or the stored token strings), or None."""
         if self._vocabulary is None:
             if self.tokenizer is not None:
@@ -85,7 +84,7 @@ class CodeCache:
         return self._vocabulary
 
     @classmethod
-    def open(cls, directory: Union[str, os.PathLike]) -> "CodeCache":
+    def open(cls, directory: str | os.PathLike) -> CodeCache:
         """The cache in `directory`: reads its marker only; arrays are read when first asked for."""
         path = Path(directory)
         return cls(read_marker(path), directory=path)
@@ -145,7 +144,7 @@ class CodeCache:
             return getattr(self, key).to(torch.int32)
         return self._raw(key)
 
-    def _part_lengths(self, part: _Part) -> Optional[Tensor]:
+    def _part_lengths(self, part: _Part) -> Tensor | None:
         if "doc_lengths" not in part.keys:
             return None
         lengths = self._read(part, "doc_lengths").long()
@@ -158,7 +157,7 @@ class CodeCache:
         return lengths
 
     @property
-    def doc_offsets(self) -> Optional[Tensor]:
+    def doc_offsets(self) -> Tensor | None:
         """Int64 `(n_docs + 1,)`: document `d`'s tokens are the flat indices `doc_offsets[d]:doc_offsets[d + 1]`,
         in position order; None for a cache that stores coordinates per token (older layout, `subset_cache`)."""
         if self._offsets is None:
@@ -280,7 +279,7 @@ class CodeCache:
             raise KeyError(f"Hook {hook_name!r} was not cached; this cache has activations of {self.hook_names}.")
         return self._raw(f"act/{hook_name}")
 
-    def check_model(self, model: HookedTransformer, tokenizer_name: Optional[str] = None, weights: bool = True) -> None:
+    def check_model(self, model: HookedTransformer, tokenizer_name: str | None = None, weights: bool = True) -> None:
         """Raise ValueError if `model` (and `tokenizer_name`, as given to `cache_codes`) is not what this cache was
         made with: codebooks, n_codes, vocabulary, size, tokenizer, and (with `weights`, when the cache recorded
         them) the weights themselves."""

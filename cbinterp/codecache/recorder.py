@@ -7,8 +7,6 @@ so that copying overlaps the next forward pass.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
@@ -16,7 +14,7 @@ from transformer_lens import HookedTransformer
 
 from cbinterp.codecache.layout import code_dtype, stored_codes
 from cbinterp.codecache.writer import Writer
-from cbinterp.core.naming import codes_hook_name
+from cbinterp.core.codebooks.naming import codes_hook_name
 
 __all__ = ["CodeRecorder"]
 
@@ -38,9 +36,9 @@ class CodeRecorder:
         self.wanted = {codes_hook_name(name) for name in codebooks} | set(hooks)
         self.dtypes = {name: code_dtype(cb.n_codes) for name, cb in codebooks.items()}
         self.device = model.cfg.device
-        self._pending: Optional[tuple] = None  # the last piece, whose device-to-host copies may still be running
+        self._pending: tuple | None = None  # the last piece, whose device-to-host copies may still be running
 
-    def record(self, batch: Int[Tensor, "n seq"], keep: Optional[Bool[Tensor, "n seq"]], first: int) -> None:
+    def record(self, batch: Int[Tensor, "n seq"], keep: Bool[Tensor, "n seq"] | None, first: int) -> None:
         """Run documents `first ..` (`batch`, padding as -1 where `keep` is False) and queue their arrays; the
         piece before is landed."""
         n, seq = batch.shape

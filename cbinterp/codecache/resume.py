@@ -3,8 +3,8 @@ their fingerprint) and caches only the others."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from jaxtyping import Int
 from torch import Tensor
@@ -18,7 +18,7 @@ class CoveredDocuments:
     """The chunks a cache folder held before this run (`entries`, marker entries), against which the input's
     documents are split and checked, in input order."""
 
-    def __init__(self, entries: list[dict], path: Optional[Path]):
+    def __init__(self, entries: list[dict], path: Path | None):
         self.path = path
         self._ahead = sorted(entries, key=lambda e: e["first_doc"])  # popped as the input passes them
         self.resumed = bool(entries)
@@ -26,7 +26,7 @@ class CoveredDocuments:
         self._chains: dict[str, str] = {}  # chunk -> fingerprint of this input's documents seen in it so far
         self._seq_lens: dict[str, set] = {}
 
-    def split(self, first: int, end: int) -> Iterator[tuple[int, int, Optional[dict]]]:
+    def split(self, first: int, end: int) -> Iterator[tuple[int, int, dict | None]]:
         """Documents `first .. end - 1` cut where covered chunks begin and end: `(start, stop, entry)`, `entry` the
         covered chunk that holds documents `start .. stop - 1`, or None for documents to cache."""
         start = first

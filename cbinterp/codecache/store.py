@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -39,9 +39,9 @@ from cbinterp.codecache.reader import CodeCache
 from cbinterp.codecache.recorder import CodeRecorder
 from cbinterp.codecache.resume import CoveredDocuments
 from cbinterp.codecache.writer import ChunkWriter, MemoryWriter
-from cbinterp.core import distributed as dd
-from cbinterp.core.attach import get_codebooks, require_hooked_transformer
-from cbinterp.core.manifest import ResumeWarning
+from cbinterp.core.codebooks.attach import get_codebooks, require_hooked_transformer
+from cbinterp.core.storage.manifest import ResumeWarning
+from cbinterp.core.training import distributed as dd
 
 __all__ = ["CodeCache", "cache_codes", "cached_codes", "code_dtype", "no_code_value"]
 
@@ -49,17 +49,17 @@ __all__ = ["CodeCache", "cache_codes", "cached_codes", "code_dtype", "no_code_va
 @torch.no_grad()
 def cache_codes(
     model: HookedTransformer,
-    tokens_or_iterable: Union[Tensor, Iterable[Tensor]],
+    tokens_or_iterable: Tensor | Iterable[Tensor],
     batch_size: int = 32,
     hooks: Sequence[str] = (),
-    directory: Optional[Union[str, os.PathLike]] = None,
+    directory: str | os.PathLike | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
-    tokenizer_name: Optional[str] = None,
-    mask: Optional[Tensor] = None,
-    token_strings: Optional[Sequence[str]] = None,
+    tokenizer_name: str | None = None,
+    mask: Tensor | None = None,
+    token_strings: Sequence[str] | None = None,
     activation_dtype: torch.dtype = torch.float16,
-) -> "CodeCache":
+) -> CodeCache:
     """Run `model` over documents and record every codebook's code ids for every token.
 
     Args:
@@ -168,7 +168,7 @@ def _checked_run(
     model: HookedTransformer,
     chunk_tokens: int,
     activation_dtype: torch.dtype,
-    directory: Optional[Union[str, os.PathLike]],
+    directory: str | os.PathLike | None,
     world: int,
 ) -> dict:
     """The model's codebooks, once the settings of a `cache_codes` run are checked (a ValueError names the fix)."""

@@ -9,7 +9,7 @@ the span of the characters its bytes belong to (a character split over tokens be
 from __future__ import annotations
 
 import codecs
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -53,7 +53,7 @@ def _tokenizer_bytes(tokenizer) -> list[bytes]:
 class Vocabulary:
     """Text of token ids. Build it from per-id strings, per-id bytes, or a Hugging Face tokenizer."""
 
-    def __init__(self, source: Union["Vocabulary", Sequence[str], Sequence[bytes], object]):
+    def __init__(self, source: Vocabulary | Sequence[str] | Sequence[bytes] | object):
         if isinstance(source, Vocabulary):
             self.pieces, self.is_bytes = source.pieces, source.is_bytes
         elif hasattr(source, "convert_ids_to_tokens") and hasattr(source, "decode"):

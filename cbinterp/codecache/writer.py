@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from jaxtyping import Int
@@ -22,9 +21,9 @@ from torch import Tensor
 from cbinterp.codecache.folder import list_chunks, open_for_writing, pending_chunks, read_marker, store_tokenizer
 from cbinterp.codecache.layout import CHUNK_INFO_KEY, EMPTY_CHAIN, LAYOUT, chain_docs, chunk_name
 from cbinterp.codecache.reader import CodeCache
-from cbinterp.core import manifest as mf
-from cbinterp.core.atomic import atomic_file
-from cbinterp.core.distributed import broadcast_object, gather_objects, wait_for_all_ranks
+from cbinterp.core.storage import manifest as mf
+from cbinterp.core.storage.atomic import atomic_file
+from cbinterp.core.training.distributed import broadcast_object, gather_objects, wait_for_all_ranks
 
 __all__ = ["ChunkWriter", "MemoryWriter", "Writer"]
 
@@ -52,7 +51,7 @@ class ChunkWriter:
     @classmethod
     def open(
         cls, path: Path, meta: dict, identity: dict, hooks: list[str], tokenizer, rank: int, world: int
-    ) -> "ChunkWriter":
+    ) -> ChunkWriter:
         """The writer of this rank into the cache folder `path`, once rank 0 has checked it (`open_for_writing`:
         a new cache, or the resume of the same run) and kept `tokenizer`'s files there; every rank raises rank 0's
         refusal."""
@@ -80,7 +79,7 @@ class ChunkWriter:
 
     def _start_chunk(self) -> None:
         self.pieces: list[Arrays] = []
-        self.first_doc: Optional[int] = None
+        self.first_doc: int | None = None
         self.n_docs = self.n_tokens = 0
         self.chain = EMPTY_CHAIN
         self.seq_lens: set[int] = set()
@@ -152,7 +151,7 @@ class ChunkWriter:
             with contextlib.suppress(RuntimeError):
                 self._report(f"{type(err).__name__}: {err}")
 
-    def _report(self, status: Optional[str]) -> list:
+    def _report(self, status: str | None) -> list:
         """Every rank's status (None: done), after telling them this rank's."""
         self._reported = True
         try:
@@ -211,7 +210,7 @@ class MemoryWriter:
         return CodeCache(self.meta, arrays=parts, tokenizer=self.tokenizer)
 
 
-Writer = Union[ChunkWriter, MemoryWriter]
+Writer = ChunkWriter | MemoryWriter
 
 
 def concat(parts: list[Arrays]) -> Arrays:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import operator
-from typing import Optional, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-Features = Union[Bool[Tensor, "n_positions n_features"], Int[Tensor, " n_positions"]]
+Features = Bool[Tensor, "n_positions n_features"] | Int[Tensor, " n_positions"]
 
 
 def _as_int(value, what: str) -> int:
@@ -50,7 +49,7 @@ def _check_codes(codes, n_codes, what: str = "codes") -> Int[Tensor, "n_position
     return codes.long()
 
 
-def _check_features(features, n_positions: int, n_features: Optional[int]) -> tuple[Tensor, bool, int]:
+def _check_features(features, n_positions: int, n_features: int | None) -> tuple[Tensor, bool, int]:
     """Validate `features`; returns (features, is_labels, n_features)."""
     if not isinstance(features, Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}.")

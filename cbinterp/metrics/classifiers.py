@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from cbinterp.core.codes import dedupe_codes
+from cbinterp.core.codebooks.codes import dedupe_codes
 from cbinterp.metrics._checks import (
     Features,
     _as_int,
@@ -99,7 +100,7 @@ def code_feature_counts(
     features: Features,
     n_codes: int,
     *,
-    n_features: Optional[int] = None,
+    n_features: int | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> CodeFeatureCounts:
     """Dense firing, feature and true-positive counts of every code against every feature, in one pass.
@@ -225,7 +226,7 @@ def _neuron_blocks(acts: Tensor, chunk_elements: int):
 def neuron_precision_at_recall(
     acts: Float[Tensor, "n_positions n_neurons"],
     feature_mask: Bool[Tensor, " n_positions"],
-    recalls: Union[Sequence[float], Float[Tensor, " m"]],
+    recalls: Sequence[float] | Float[Tensor, " m"],
     *,
     from_below: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -282,7 +283,7 @@ def _check_mask(mask, n: int) -> Tensor:
 def best_neuron_precision_at_recall(
     acts: Float[Tensor, "n_positions n_neurons"],
     feature_mask: Bool[Tensor, " n_positions"],
-    recalls: Union[Sequence[float], Float[Tensor, " m"]],
+    recalls: Sequence[float] | Float[Tensor, " m"],
     *,
     both_signs: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -309,10 +310,10 @@ def best_neuron_precision_at_recall(
 def best_neuron_precision_batch(
     acts: Float[Tensor, "n_positions n_neurons"],
     features: Features,
-    query_features: Union[Sequence[int], Int[Tensor, " q"]],
-    query_recalls: Union[Sequence[float], Float[Tensor, " q"]],
+    query_features: Sequence[int] | Int[Tensor, " q"],
+    query_recalls: Sequence[float] | Float[Tensor, " q"],
     *,
-    n_features: Optional[int] = None,
+    n_features: int | None = None,
     both_signs: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> BestNeurons:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cbinterp.codecache.features import VocabularyLike, token_positions
-from cbinterp.core.heads import HEAD_DTYPE, check_head, is_missing_head
+from cbinterp.core.codebooks.heads import HEAD_DTYPE, check_head, is_missing_head
 from cbinterp.metrics.classifiers import best_neuron_precision_batch, neuron_precision_at_recall
 from cbinterp.metrics.probes import _check_ranking, _ranked, _scored
 from cbinterp.metrics.tables import code_feature_table
@@ -63,10 +63,10 @@ def default_neuron_sets(hooks: Sequence[str]) -> dict[str, list[str]]:
     return sets
 
 
-def code_fires_in(cache, codebook: str, code: int, head: Optional[int] = None) -> Tensor:
+def code_fires_in(cache, codebook: str, code: int, head: int | None = None) -> Tensor:
     """Bool `(n_tokens,)`: where `code` is among the ids of `codebook`: of its `head` for a per-head codebook (any
     head when `head` is None or missing), of the whole codebook for one without heads (`head` None or missing, as
-    in the tables; 0 is accepted as its only group, see `cbinterp.core.heads`)."""
+    in the tables; 0 is accepted as its only group, see `cbinterp.core.codebooks.heads`)."""
     codes = cache.codes(codebook)
     head = check_head(head, codebook, codes.shape[1] if codes.dim() == 3 else None)
     if head is not None:
@@ -85,14 +85,14 @@ def _rate(num: int, den: int) -> float:
 def probe_heldout(
     choose,
     score,
-    features: Mapping[str, Union[str, "re.Pattern"]],
+    features: Mapping[str, str | re.Pattern],
     token_strings: VocabularyLike,
     *,
     which: str = "any",
     rank_by: str = "precision",
     min_recall: float = 0.01,
     min_fires: int = 1,
-    neuron_sets: Optional[Mapping[str, Sequence[str]]] = None,
+    neuron_sets: Mapping[str, Sequence[str]] | None = None,
     neurons: bool = True,
 ) -> pd.DataFrame:
     """For each feature, the best code and the best neuron chosen on `choose` (cache A), scored on `score` (B).

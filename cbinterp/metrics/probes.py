@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import re
 import warnings
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from cbinterp.codecache.features import VocabularyLike, token_positions
 from cbinterp.core.checks import is_int
-from cbinterp.core.heads import HEAD_DTYPE
+from cbinterp.core.codebooks.heads import HEAD_DTYPE
 from cbinterp.metrics.tables import add_neuron_precision, code_feature_table
 
 __all__ = ["PROBE_COLUMNS", "SEARCH_COLUMNS", "probe", "search_codes"]
@@ -91,8 +91,8 @@ def _column_dtype(column: str):
 
 def probe(
     cache,
-    features: Mapping[str, Union[str, "re.Pattern"]],
-    token_strings: Optional[VocabularyLike] = None,
+    features: Mapping[str, str | re.Pattern],
+    token_strings: VocabularyLike | None = None,
     which: str = "any",
     min_fires: int = 1,
     neurons: bool = True,
@@ -152,8 +152,8 @@ def probe(
 
 def search_codes(
     cache,
-    pattern_or_mask: Union[str, "re.Pattern", Tensor],
-    token_strings: Optional[VocabularyLike] = None,
+    pattern_or_mask: str | re.Pattern | Tensor,
+    token_strings: VocabularyLike | None = None,
     rank_by: str = "f1",
     which: str = "any",
     min_fires: int = 1,

@@ -8,7 +8,6 @@ into the mapping `generate_with_codes` takes: for a per-head codebook a `(heads,
 from __future__ import annotations
 
 import re
-from typing import Union
 
 import pandas as pd
 import torch
@@ -22,7 +21,7 @@ __all__ = ["steering_codes", "topic_codes"]
 
 def topic_codes(
     cache,
-    pattern: Union[str, "re.Pattern", Tensor],
+    pattern: str | re.Pattern | Tensor,
     token_strings: VocabularyLike = None,
     *,
     min_recall: float = 0.01,

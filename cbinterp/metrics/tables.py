@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -10,8 +10,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cbinterp.core.heads import HEAD_DTYPE
-from cbinterp.core.naming import CODES_SUFFIX
+from cbinterp.core.codebooks.heads import HEAD_DTYPE
+from cbinterp.core.codebooks.naming import CODES_SUFFIX
 from cbinterp.metrics._checks import Features, _as_int, _check_acts
 from cbinterp.metrics.classifiers import (
     DEFAULT_CHUNK_ELEMENTS,
@@ -23,7 +23,7 @@ from cbinterp.metrics.classifiers import (
 __all__ = ["TABLE_COLUMNS", "add_neuron_precision", "code_feature_table"]
 
 
-def _ranked_features(counts: CodeFeatureCounts, per_code: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+def _ranked_features(counts: CodeFeatureCounts, per_code: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(code, feature) pairs with tp > 0, each code's best first (see code_feature_table), codes ascending."""
     tp, fc, n = counts.tp, counts.feature_counts, counts.n_positions
     n_codes, n_features = tp.shape
@@ -63,13 +63,13 @@ TABLE_COLUMNS = ["codebook", "head", "code", "n_fires", "feature", "n_feature", 
 
 
 def code_feature_table(
-    codes: Union[Tensor, Mapping[str, Tensor]],
+    codes: Tensor | Mapping[str, Tensor],
     features: Features,
-    n_codes: Union[int, Mapping[str, int]],
+    n_codes: int | Mapping[str, int],
     *,
-    n_features: Optional[int] = None,
-    feature_names: Optional[Sequence[str]] = None,
-    features_per_code: Optional[int] = 1,
+    n_features: int | None = None,
+    feature_names: Sequence[str] | None = None,
+    features_per_code: int | None = 1,
     drop_never_firing: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> pd.DataFrame:
@@ -137,7 +137,7 @@ def code_feature_table(
 
 
 def _table_rows(
-    counts: CodeFeatureCounts, name: str, head: Optional[int], per_code, drop_never_firing: bool
+    counts: CodeFeatureCounts, name: str, head: int | None, per_code, drop_never_firing: bool
 ) -> pd.DataFrame:
     code_idx, feat_idx = _ranked_features(counts, per_code)
     fires = counts.code_counts.cpu().numpy()
@@ -177,7 +177,7 @@ def add_neuron_precision(
     neuron_sets: Mapping[str, Float[Tensor, "n_positions n_neurons"]],
     features: Features,
     *,
-    n_features: Optional[int] = None,
+    n_features: int | None = None,
     both_signs: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> pd.DataFrame:

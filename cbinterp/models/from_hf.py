@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -26,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from cbinterp.core.tokenizer import attach_tokenizer
+from cbinterp.core.storage.tokenizer import attach_tokenizer
 
 # The name of the record `cbinterp.models.to_hf` leaves in its exports (to_hf imports this module's names, not back).
 EXPORT_FILE = "cbinterp_export.json"
@@ -50,7 +49,7 @@ SUPPORTED_ARCHITECTURES = (
     "Phi3ForCausalLM",
 )
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -61,7 +60,7 @@ def _not_a_folder(source: PathLike) -> FileNotFoundError:
     )
 
 
-def _refuse(architecture: Optional[str], where: str) -> None:
+def _refuse(architecture: str | None, where: str) -> None:
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"{where} is a {architecture or 'model of unknown architecture'}, which from_hf cannot convert. "
@@ -157,7 +156,7 @@ def _hooked_config(hf_model: PreTrainedModel, architecture: str, name: str, devi
     return cfg, state
 
 
-def _tokenizer(tokenizer, path: Optional[Path]) -> Optional[PreTrainedTokenizerBase]:
+def _tokenizer(tokenizer, path: Path | None) -> PreTrainedTokenizerBase | None:
     if tokenizer is None:
         if path is None or not any((path / f).is_file() for f in TOKENIZER_FILES):
             return None
@@ -172,7 +171,7 @@ def _tokenizer(tokenizer, path: Optional[Path]) -> Optional[PreTrainedTokenizerB
     raise TypeError(f"tokenizer must be a transformers tokenizer or a folder, got {type(tokenizer).__name__}.")
 
 
-def _exported_prepend_bos(path: Path) -> Optional[bool]:
+def _exported_prepend_bos(path: Path) -> bool | None:
     """What the model `to_hf` exported into `path` did by default about BOS (None when it is no such export)."""
     try:
         value = json.loads((path / EXPORT_FILE).read_text()).get("default_prepend_bos")
@@ -208,12 +207,12 @@ def check_logits(hf_model: PreTrainedModel, model: HookedTransformer, n_tokens: 
 
 
 def from_hf(
-    source: Union[PathLike, PreTrainedModel],
-    tokenizer: Union[None, PathLike, PreTrainedTokenizerBase] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    dtype: Optional[torch.dtype] = None,
-    n_ctx: Optional[int] = None,
-    default_prepend_bos: Optional[bool] = None,
+    source: PathLike | PreTrainedModel,
+    tokenizer: None | PathLike | PreTrainedTokenizerBase = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    n_ctx: int | None = None,
+    default_prepend_bos: bool | None = None,
     check: bool = True,
 ) -> HookedTransformer:
     """A Hugging Face causal LM as a HookedTransformer in eval mode, with its tokenizer attached; never online.

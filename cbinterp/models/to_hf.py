@@ -16,7 +16,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Union
 
 import einops
 import torch
@@ -25,8 +24,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import PhiConfig, PhiForCausalLM
 
-from cbinterp.core.atomic import atomic_dir
-from cbinterp.core.attach import get_codebooks, require_hooked_transformer
+from cbinterp.core.codebooks.attach import get_codebooks, require_hooked_transformer
+from cbinterp.core.storage.atomic import atomic_dir
 from cbinterp.models.from_hf import EXPORT_FILE  # written beside the Hugging Face files: layer map, files, BOS
 
 __all__ = ["EXPORT_FILE", "to_hf"]
@@ -199,7 +198,7 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
-def to_hf(model: HookedTransformer, folder: Union[str, os.PathLike]) -> Path:
+def to_hf(model: HookedTransformer, folder: str | os.PathLike) -> Path:
     """Write `model` (without codebooks) as a Hugging Face PhiForCausalLM folder, with its tokenizer; returns it.
 
     ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` then gives the same logits (float32), and

@@ -10,17 +10,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from cbinterp.core import distributed as dd
-from cbinterp.core.atomic import recover_dir
-from cbinterp.core.attach import attach_codebooks, get_codebooks, kmeans_init_codebooks, require_hooked_transformer
-from cbinterp.core.train import TRAINER_FILE, TrainConfig, TrainResult, train
+from cbinterp.core.codebooks.attach import (
+    attach_codebooks,
+    get_codebooks,
+    kmeans_init_codebooks,
+    require_hooked_transformer,
+)
+from cbinterp.core.storage.atomic import recover_dir
+from cbinterp.core.training import distributed as dd
+from cbinterp.core.training.train import TRAINER_FILE, TrainConfig, TrainResult, train
 
 #: `batches(stream)` -> `fn(step) -> tokens`: the data of one phase, the same tokens for the same step.
 BatchSource = Callable[[int], Callable[[int], Tensor]]
@@ -34,7 +39,7 @@ class Phase:
     steps: int
     lr: float
     stream: int
-    codebook_lr: Optional[float] = None  # None: the model's lr
+    codebook_lr: float | None = None  # None: the model's lr
     freeze_model: bool = False  # train the codebooks only
     warmup_steps: int = 50
     schedule: str = "cosine"
@@ -42,9 +47,9 @@ class Phase:
     weight_decay: float = 0.01
     cap_warmup: bool = True  # warm up for at most a tenth of the steps; False: `warmup_steps` as given
     checkpoint_every: int = 50
-    seed: Optional[int] = None  # None: the recipe's seed
+    seed: int | None = None  # None: the recipe's seed
 
-    def train_config(self, seed: int, checkpoint_dir: Optional[Path], progress: bool, compile: bool) -> TrainConfig:
+    def train_config(self, seed: int, checkpoint_dir: Path | None, progress: bool, compile: bool) -> TrainConfig:
         """This phase's `TrainConfig`; `seed` is the recipe's (used unless the phase has its own)."""
         return TrainConfig(
             steps=self.steps,
@@ -87,12 +92,12 @@ class CodebookRecipe:
     with a model that saw the same extra training; `controls` names the control's phases instead when they need
     names or settings of their own."""
 
-    warm: Optional[Phase]
+    warm: Phase | None
     codebooks: CodebookSpec
     phases: list[Phase]
     control: bool = True
     seed: int = 0
-    controls: Optional[list[Phase]] = None  # None: each model-training phase, renamed control_<name>
+    controls: list[Phase] | None = None  # None: each model-training phase, renamed control_<name>
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.all_phases()]
@@ -119,7 +124,7 @@ class CodebookRecipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CodebookRecipe":
+    def from_dict(cls, data: dict) -> CodebookRecipe:
         warm = Phase(**data["warm"]) if data.get("warm") else None
         spec = CodebookSpec(**{**data["codebooks"], "sites": tuple(data["codebooks"]["sites"])})
         phases = [Phase(**p) for p in data["phases"]]
@@ -134,7 +139,7 @@ class RecipeResult:
 
     model: HookedTransformer
     warm_model: HookedTransformer
-    control_model: Optional[HookedTransformer]
+    control_model: HookedTransformer | None
     losses: dict[str, list[float]]
     steps: dict[str, int]
     tokens: dict[str, int]
@@ -146,13 +151,13 @@ def run_recipe(
     model: HookedTransformer,
     batches: BatchSource,
     recipe: CodebookRecipe,
-    kmeans_tokens: Optional[Tensor] = None,
-    checkpoint_dir: Optional[str | Path] = None,
+    kmeans_tokens: Tensor | None = None,
+    checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     compile: bool = False,
-    log: Optional[Callable[[str], None]] = None,
-    after_phase: Optional[Callable[[str, HookedTransformer], None]] = None,
-    on_trained: Optional[Callable[[str, TrainResult, float], None]] = None,
+    log: Callable[[str], None] | None = None,
+    after_phase: Callable[[str, HookedTransformer], None] | None = None,
+    on_trained: Callable[[str, TrainResult, float], None] | None = None,
 ) -> RecipeResult:
     """Run `recipe` on `model` (changed in place: it ends with codebooks, trained).
 
@@ -224,7 +229,7 @@ def run_recipe(
     return RecipeResult(model, warm_model, control_model, losses, steps, tokens, seconds, kmeans_done)
 
 
-def resumes_codebook_phases(recipe: CodebookRecipe, checkpoint_dir: Optional[str | Path]) -> bool:
+def resumes_codebook_phases(recipe: CodebookRecipe, checkpoint_dir: str | Path | None) -> bool:
     """Whether `run_recipe` with this `checkpoint_dir` resumes a codebook phase (and so skips k-means)."""
     if checkpoint_dir is None:
         return False

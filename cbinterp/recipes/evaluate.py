@@ -15,7 +15,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from cbinterp.core.attach import get_codebooks
+from cbinterp.core.codebooks.attach import get_codebooks
 from cbinterp.tasks.text import TextSource, pack_documents
 
 __all__ = ["evaluate", "heldout_sequences"]

@@ -9,8 +9,8 @@ result.model, result.warm_model, result.control_model
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -63,12 +63,12 @@ class FSMRecipe:
         )
 
     @classmethod
-    def paper(cls, seed: int = 0, **overrides) -> "FSMRecipe":
+    def paper(cls, seed: int = 0, **overrides) -> FSMRecipe:
         """The paper's FSM (100 states, 10 edges, two digits per state), 4 layers x d_model 128, context 128."""
         return cls(seed=seed, **overrides)
 
     @classmethod
-    def quick(cls, seed: int = 0, **overrides) -> "FSMRecipe":
+    def quick(cls, seed: int = 0, **overrides) -> FSMRecipe:
         """A 20-state machine and a 2-layer model, about 30 s on two CPU cores."""
         settings = dict(
             n_states=20,
@@ -88,7 +88,7 @@ class FSMRecipe:
     def fsm(self) -> FSM:
         return FSM.random(self.n_states, self.n_edges, self.base, self.seed)
 
-    def model_config(self, fsm: FSM, device: Optional[str] = None) -> HookedTransformerConfig:
+    def model_config(self, fsm: FSM, device: str | None = None) -> HookedTransformerConfig:
         return HookedTransformerConfig(
             n_layers=self.n_layers,
             d_model=self.d_model,
@@ -104,7 +104,7 @@ class FSMRecipe:
             seed=self.seed,
         )
 
-    def build_model(self, fsm: FSM, device: Optional[str] = None) -> HookedTransformer:
+    def build_model(self, fsm: FSM, device: str | None = None) -> HookedTransformer:
         torch.manual_seed(self.seed)
         return HookedTransformer(self.model_config(fsm, device))
 
@@ -124,8 +124,8 @@ class FSMRecipe:
 
     def run(
         self,
-        checkpoint_dir: Optional[str | Path] = None,
-        device: Optional[str] = None,
+        checkpoint_dir: str | Path | None = None,
+        device: str | None = None,
         progress: bool = True,
         compile: bool = False,
         **kwargs,
@@ -150,7 +150,7 @@ class FSMRecipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FSMRecipe":
+    def from_dict(cls, data: dict) -> FSMRecipe:
         data = dict(data)
         training = CodebookRecipe.from_dict(data.pop("training"))
         return cls(**data, training=training)

@@ -29,15 +29,16 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
 
-from cbinterp.core.atomic import atomic_file, recover_dir
-from cbinterp.core.attach import codebooks_bypassed
-from cbinterp.core.train import TrainResult
+from cbinterp.core.codebooks.attach import codebooks_bypassed
+from cbinterp.core.storage.atomic import atomic_file, recover_dir
+from cbinterp.core.training.train import TrainResult
 from cbinterp.recipes.codebook import resumes_codebook_phases, run_recipe
 from cbinterp.recipes.evaluate import evaluate, heldout_sequences
 from cbinterp.recipes.lm_phases import (
@@ -108,12 +109,12 @@ def run_lm(
     recipe: LMRecipe,
     train_texts: Sequence[str],
     heldout_texts: Sequence[str],
-    out: Union[str, Path],
-    device: Optional[str] = None,
+    out: str | Path,
+    device: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    card_extra: Optional[dict] = None,
-    names: Optional[dict[str, str]] = None,
+    card_extra: dict | None = None,
+    names: dict[str, str] | None = None,
     n_check_documents: int = 8,
 ) -> dict[str, Any]:
     """Run phases (a), (b), (c) and evaluate them on `heldout_texts`; resumable from ``out/checkpoints``.

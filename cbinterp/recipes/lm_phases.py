@@ -4,8 +4,8 @@ take their settings from `LMRecipe.codebook_recipe()`, so they train the same mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import torch
 from jaxtyping import Int
@@ -13,9 +13,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from cbinterp.core.atomic import recover_dir
-from cbinterp.core.attach import attach_codebooks, get_codebooks, kmeans_init_codebooks
-from cbinterp.core.train import TrainResult, is_checkpoint, train
+from cbinterp.core.codebooks.attach import attach_codebooks, get_codebooks, kmeans_init_codebooks
+from cbinterp.core.storage.atomic import recover_dir
+from cbinterp.core.training.train import TrainResult, is_checkpoint, train
 from cbinterp.recipes.codebook import BatchSource
 from cbinterp.recipes.lm_recipe import STREAM_BASELINE, STREAM_CONTINUED, LMRecipe, train_config
 from cbinterp.tasks.text import TextBatches, TextSource, attach_tokenizer, train_bpe_tokenizer
@@ -34,13 +34,13 @@ __all__ = [
 
 
 def train_tokenizer(
-    recipe: LMRecipe, train_texts: TextSource, directory: Optional[Union[str, Path]] = None
+    recipe: LMRecipe, train_texts: TextSource, directory: str | Path | None = None
 ) -> PreTrainedTokenizerBase:
     """A byte-level BPE of `recipe.vocab_size` tokens trained on `train_texts` (the training split only)."""
     return train_bpe_tokenizer(train_texts, recipe.vocab_size, seed=recipe.seed, directory=directory)
 
 
-def build_model(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, device: Optional[str] = None):
+def build_model(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, device: str | None = None):
     """A freshly initialised (seeded) HookedTransformer for `recipe`, with `tokenizer` attached."""
     d_vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     torch.manual_seed(recipe.seed)
@@ -49,7 +49,7 @@ def build_model(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, device: Op
 
 
 def train_batches(
-    recipe: LMRecipe, texts: TextSource, tokenizer: PreTrainedTokenizerBase, model: Optional[HookedTransformer] = None
+    recipe: LMRecipe, texts: TextSource, tokenizer: PreTrainedTokenizerBase, model: HookedTransformer | None = None
 ) -> TextBatches:
     """The training windows (BOS + seq_len - 1 tokens, documents joined by <|endoftext|>), seeded batches."""
     return TextBatches.from_texts(texts, tokenizer, recipe.seq_len, recipe.batch_size, seed=recipe.seed, model=model)
@@ -80,7 +80,7 @@ def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "n seq_
 
 
 def add_codebooks(
-    model: HookedTransformer, recipe: LMRecipe, init_tokens: Optional[Tensor] = None, progress: bool = False
+    model: HookedTransformer, recipe: LMRecipe, init_tokens: Tensor | None = None, progress: bool = False
 ) -> HookedTransformer:
     """Attach the recipe's codebooks; with `init_tokens`, initialise them by k-means on their inputs there."""
     spec = recipe.codebook_recipe().codebooks
@@ -99,7 +99,7 @@ def train_baseline(
     model: HookedTransformer,
     batches: TextBatches,
     recipe: LMRecipe,
-    checkpoint_dir: Optional[Union[str, Path]] = None,
+    checkpoint_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Phase (a): train `model` (no codebooks) for `recipe.base_steps` on batches 0 .. base_steps - 1."""
@@ -113,9 +113,9 @@ def train_codebook_model(
     model: HookedTransformer,
     batches: TextBatches,
     recipe: LMRecipe,
-    checkpoint_dir: Optional[Union[str, Path]] = None,
+    checkpoint_dir: str | Path | None = None,
     progress: bool = True,
-    on_init: Optional[Callable[[HookedTransformer], None]] = None,
+    on_init: Callable[[HookedTransformer], None] | None = None,
 ) -> TrainResult:
     """Phase (b): attach codebooks to the trained baseline `model` (in place), k-means initialise them (unless a
     checkpoint is resumed: it holds the codes), then train end to end for `recipe.codebook_steps` on the batches
@@ -132,7 +132,7 @@ def finetune_baseline(
     model: HookedTransformer,
     batches: TextBatches,
     recipe: LMRecipe,
-    checkpoint_dir: Optional[Union[str, Path]] = None,
+    checkpoint_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Phase (c): train the baseline `model` (no codebooks) as long as (b), on (b)'s batches and schedule."""

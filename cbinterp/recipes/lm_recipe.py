@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from transformer_lens import HookedTransformerConfig
 
-from cbinterp.core.codebook import LOSSES
-from cbinterp.core.train import TrainConfig
+from cbinterp.core.codebooks.codebook import LOSSES
+from cbinterp.core.training.train import TrainConfig
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase
 
 __all__ = ["PHASES", "STREAM_BASELINE", "STREAM_CONTINUED", "LMRecipe", "default_device", "train_config"]
@@ -94,12 +93,12 @@ class LMRecipe:
             raise ValueError(f"k={self.k} is larger than n_codes={self.n_codes}.")
 
     @classmethod
-    def paper(cls, **overrides) -> "LMRecipe":
+    def paper(cls, **overrides) -> LMRecipe:
         """The default run: the paper's LM setting (attention codebooks, k = 8, aeloss) sized for 30 CPU minutes."""
         return cls(**overrides)
 
     @classmethod
-    def quick(cls, **overrides) -> "LMRecipe":
+    def quick(cls, **overrides) -> LMRecipe:
         """A run of seconds on a few hundred thousand characters, for tests and smoke runs."""
         settings = dict(
             n_layers=1,
@@ -121,7 +120,7 @@ class LMRecipe:
         )
         return cls(**{**settings, **overrides})
 
-    def replace(self, **changes) -> "LMRecipe":
+    def replace(self, **changes) -> LMRecipe:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -130,7 +129,7 @@ class LMRecipe:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LMRecipe":
+    def from_dict(cls, data: dict) -> LMRecipe:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -177,7 +176,7 @@ class LMRecipe:
             seed=self.seed,
         )
 
-    def model_config(self, d_vocab: int, device: Optional[str] = None) -> HookedTransformerConfig:
+    def model_config(self, d_vocab: int, device: str | None = None) -> HookedTransformerConfig:
         return HookedTransformerConfig(
             n_layers=self.n_layers,
             d_model=self.d_model,
@@ -200,7 +199,7 @@ def default_device() -> str:
 
 
 def train_config(
-    recipe: LMRecipe, phase: str, checkpoint_dir: Optional[Union[str, Path]] = None, progress: bool = True
+    recipe: LMRecipe, phase: str, checkpoint_dir: str | Path | None = None, progress: bool = True
 ) -> TrainConfig:
     """The `TrainConfig` of `phase` ("baseline", "codebook" or "finetuned"); (b) and (c) differ only in the seed.
 

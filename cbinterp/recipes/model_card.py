@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from cbinterp.core.atomic import atomic_file
-from cbinterp.core.attach import get_codebooks
-from cbinterp.core.io import save
-from cbinterp.core.tokenizer import save_tokenizer
+from cbinterp.core.codebooks.attach import get_codebooks
+from cbinterp.core.storage.atomic import atomic_file
+from cbinterp.core.storage.io import save
+from cbinterp.core.storage.tokenizer import save_tokenizer
 
 __all__ = ["CARD_FILE", "CARD_FORMAT", "MODEL_DIR", "TOKENIZER_DIR", "lm_card", "write_model_folder"]
 
@@ -45,10 +45,10 @@ def lm_card(
     recipe: dict,
     evals: dict[str, dict],
     phases: dict[str, dict],
-    check: Optional[dict],
+    check: dict | None,
     data: dict,
     names: dict[str, str],
-    extra: Optional[dict] = None,
+    extra: dict | None = None,
 ) -> dict[str, Any]:
     """The card of the model of `phase` ("baseline", "codebook" or "finetuned") of `run_lm`.
 
@@ -82,7 +82,7 @@ def lm_card(
 
 
 def write_model_folder(
-    model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, directory: Union[str, Path], card: dict
+    model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, directory: str | Path, card: dict
 ) -> Path:
     """Write ``model/``, ``tokenizer/`` and ``card.json`` into `directory` (each atomically)."""
     directory = Path(directory)

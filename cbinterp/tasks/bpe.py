@@ -7,12 +7,11 @@ import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Optional, Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from cbinterp.core.tokenizer import content_name, load_tokenizer, save_tokenizer, set_tokenizer_name
+from cbinterp.core.storage.tokenizer import content_name, load_tokenizer, save_tokenizer, set_tokenizer_name
 from cbinterp.tasks.text_sources import TextSource, iter_texts
 
 __all__ = ["END_OF_TEXT", "train_bpe_tokenizer"]
@@ -26,8 +25,8 @@ def train_bpe_tokenizer(
     *,
     seed: int = 0,
     min_frequency: int = 2,
-    max_documents: Optional[int] = None,
-    directory: Optional[Union[str, os.PathLike]] = None,
+    max_documents: int | None = None,
+    directory: str | os.PathLike | None = None,
     text_column: str = "text",
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`; deterministic: same texts, same vocabulary.

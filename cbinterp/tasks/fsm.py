@@ -7,15 +7,15 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from cbinterp.core.atomic import atomic_file
+from cbinterp.core.storage.atomic import atomic_file
 
 __all__ = [
     "FSM",
@@ -62,7 +62,7 @@ class FSM:
         np.put_along_axis(self._succ_mask, successors, True, axis=1)
 
     @classmethod
-    def random(cls, n_states: int = 100, n_edges: int = 10, base: int = 10, seed: int = 0) -> "FSM":
+    def random(cls, n_states: int = 100, n_edges: int = 10, base: int = 10, seed: int = 0) -> FSM:
         """A machine whose every state has `n_edges` distinct successors drawn uniformly (self-loops allowed)."""
         if n_states < 1 or base < 2:
             raise ValueError(f"Need n_states >= 1 and base >= 2, got n_states={n_states}, base={base}.")
@@ -83,7 +83,7 @@ class FSM:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FSM":
+    def from_dict(cls, data: dict) -> FSM:
         missing = {"n_states", "n_edges", "base", "seed", "successors"} - set(data)
         if missing:
             raise ValueError(f"FSM JSON lacks the keys {sorted(missing)}.")
@@ -94,7 +94,7 @@ class FSM:
             tmp.write_text(json.dumps(self.to_dict()))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FSM":
+    def load(cls, path: str | os.PathLike) -> FSM:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- tokens ------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def sample_from_model(
     return torch.cat(all_tokens), torch.cat(all_probs)
 
 
-def score_sampled_sequences(fsm: "FSM", tokens: Tensor, probs: Optional[Tensor] = None) -> dict:
+def score_sampled_sequences(fsm: FSM, tokens: Tensor, probs: Tensor | None = None) -> dict:
     """The paper's state accuracy of sequences a model wrote itself (BOS, then states digit by digit).
 
     The body after BOS is read as consecutive states of `fsm.digits` tokens (a trailing partial state is dropped);
@@ -351,9 +351,9 @@ def score_sampled_sequences(fsm: "FSM", tokens: Tensor, probs: Optional[Tensor] 
 @torch.no_grad()
 def sampled_state_accuracy(
     model,
-    fsm: "FSM",
+    fsm: FSM,
     n_sequences: int = 500,
-    seq_len: Optional[int] = None,
+    seq_len: int | None = None,
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 500,
@@ -372,7 +372,7 @@ def teacher_forced_transition_accuracy(
     fsm: FSM,
     n_sequences: int = 256,
     seq_len: int = 64,
-    cut_states: Optional[Sequence[int]] = None,
+    cut_states: Sequence[int] | None = None,
     seed: int = 12345,
     batch_size: int = 256,
 ) -> dict:

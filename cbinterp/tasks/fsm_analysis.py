@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,9 +13,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from cbinterp.codecache.store import cache_codes
-from cbinterp.core.attach import get_codebooks, require_hooked_transformer
-from cbinterp.core.heads import head_column
-from cbinterp.core.naming import INPUT_SUFFIX
+from cbinterp.core.codebooks.attach import get_codebooks, require_hooked_transformer
+from cbinterp.core.codebooks.heads import head_column
+from cbinterp.core.codebooks.naming import INPUT_SUFFIX
 from cbinterp.metrics import add_neuron_precision, code_feature_table
 from cbinterp.metrics.classifiers import best_neuron_precision_batch, code_feature_counts
 from cbinterp.tasks.fsm import FSM
@@ -48,8 +48,8 @@ class FSMActivations:
     labels: Int[Tensor, " n"]  # `FSM.feature_labels` id per position, -1 for none
     codes: dict[str, Tensor]  # codebook name -> (n, k) or (n, heads, k) code ids
     neurons: dict[str, Float[Tensor, "n d"]]  # neuron set name -> activations
-    previous: Optional[Int[Tensor, " n"]] = None  # at a state's last digit, the state before it (-1: the start)
-    doc: Optional[Int[Tensor, " n"]] = None  # the sequence each position comes from
+    previous: Int[Tensor, " n"] | None = None  # at a state's last digit, the state before it (-1: the start)
+    doc: Int[Tensor, " n"] | None = None  # the sequence each position comes from
 
     @property
     def n_positions(self) -> int:
@@ -212,7 +212,7 @@ class PooledCodes:
     None for a codebook without heads (an MLP codebook)."""
 
     codes: Int[Tensor, "n m"]  # per position, the pool ids of the codes firing there (-1 = none)
-    names: list[tuple[str, Optional[int], int]]
+    names: list[tuple[str, int | None, int]]
 
 
 def pool_codes(codes: dict[str, Tensor], n_codes: dict[str, int], names: Sequence[str]) -> PooledCodes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable, Mapping, Union
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "FEATURES",
@@ -121,12 +121,12 @@ TOPIC_PROMPTS: dict[str, str] = {
 }
 
 
-def compile_feature(pattern: Union[str, "re.Pattern"]) -> "re.Pattern":
+def compile_feature(pattern: str | re.Pattern) -> re.Pattern:
     """`pattern` compiled (a compiled pattern is returned as is)."""
     return pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
 
 
-def topic_regex(topic: str, topics: Mapping[str, str] = TOPICS) -> "re.Pattern":
+def topic_regex(topic: str, topics: Mapping[str, str] = TOPICS) -> re.Pattern:
     """The compiled regex of `topic`; KeyError lists the known topics."""
     if topic not in topics:
         raise KeyError(f"Unknown topic {topic!r}; known topics: {sorted(topics)}.")
@@ -140,13 +140,13 @@ def word_list(topic: str) -> list[str]:
     return TOPIC_WORDS[topic].split("|")
 
 
-def mentions_topic(text: str, topic: Union[str, "re.Pattern"], topics: Mapping[str, str] = TOPICS) -> bool:
+def mentions_topic(text: str, topic: str | re.Pattern, topics: Mapping[str, str] = TOPICS) -> bool:
     """True when `text` contains a word of `topic` (a topic name of `topics`, or a regex)."""
     regex = topic if isinstance(topic, re.Pattern) else topic_regex(topic, topics)
     return regex.search(text) is not None
 
 
-def topic_rate(texts: Iterable[str], topic: Union[str, "re.Pattern"], topics: Mapping[str, str] = TOPICS) -> float:
+def topic_rate(texts: Iterable[str], topic: str | re.Pattern, topics: Mapping[str, str] = TOPICS) -> float:
     """The share of `texts` that mention `topic` (0.0 for no texts)."""
     texts = list(texts)
     if not texts:

@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Optional
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from cbinterp.core.attach import require_hooked_transformer
+from cbinterp.core.codebooks.attach import require_hooked_transformer
 from cbinterp.tasks.text_sources import TextSource, iter_texts
 
 __all__ = ["DOCS_PER_BATCH", "DocumentTokens", "check_model", "pack_documents", "tokenize_documents"]
@@ -27,7 +26,7 @@ DOCS_PER_BATCH = 256  # documents tokenised per call: larger batches amortise th
 # -- checks ---------------------------------------------------------------------------------------------------
 
 
-def check_model(model: HookedTransformer, seq_len: int, max_token_id: Optional[int] = None) -> None:
+def check_model(model: HookedTransformer, seq_len: int, max_token_id: int | None = None) -> None:
     """Raise ValueError if rows of `seq_len` tokens (ids up to `max_token_id`) do not fit `model`."""
     require_hooked_transformer(model)
     if seq_len > model.cfg.n_ctx:
@@ -155,7 +154,7 @@ def tokenize_documents(
     texts: TextSource,
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
-    model: Optional[HookedTransformer] = None,
+    model: HookedTransformer | None = None,
     *,
     text_column: str = "text",
     docs_per_batch: int = DOCS_PER_BATCH,

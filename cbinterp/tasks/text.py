@@ -3,7 +3,7 @@
     iter_texts(source)                      documents from strings, .txt/.jsonl files or a Hugging Face data set
     train_bpe_tokenizer / load_tokenizer    a byte-level BPE tokenizer (save_tokenizer writes it atomically)
     attach_tokenizer(model, tokenizer)      to_tokens / to_string / to_str_tokens / generate on a config-built model
-    pack_documents -> TextBatches           packed windows for `cbinterp.core.train` (seeded, resumable)
+    pack_documents -> TextBatches           packed windows for `cbinterp.core.training.train` (seeded, resumable)
     tokenize_documents                      whole documents as padded rows, for `cache_codes` and analysis
 
 Conventions, shared by every function here (they match TransformerLens' ``prepend_bos``): every row of tokens
@@ -18,7 +18,7 @@ training), `packing` (windows, whole documents, the checks against a model) and 
 
 from __future__ import annotations
 
-from cbinterp.core.tokenizer import attach_tokenizer, load_tokenizer, save_tokenizer, tokenizer_fingerprint
+from cbinterp.core.storage.tokenizer import attach_tokenizer, load_tokenizer, save_tokenizer, tokenizer_fingerprint
 from cbinterp.tasks.bpe import END_OF_TEXT, train_bpe_tokenizer
 from cbinterp.tasks.packing import DOCS_PER_BATCH, DocumentTokens, check_model, pack_documents, tokenize_documents
 from cbinterp.tasks.text_batches import TextBatches

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from jaxtyping import Int
@@ -18,7 +16,7 @@ __all__ = ["TextBatches"]
 
 
 class TextBatches:
-    """Seeded, resumable batches of packed sequences for `cbinterp.core.train`: ``batches(step) -> (batch, seq_len)``.
+    """Seeded, resumable batches of packed sequences for `cbinterp.train`: ``batches(step) -> (batch, seq_len)``.
 
     The sequences are visited epoch by epoch, each epoch in its own order, a permutation drawn from
     ``(seed, epoch)``. Batch `step` holds positions ``step * batch_size ...`` of the endless run of epochs, so a
@@ -32,7 +30,7 @@ class TextBatches:
         sequences: Int[Tensor, "n_seq seq_len"],
         batch_size: int,
         seed: int = 0,
-        model: Optional[HookedTransformer] = None,
+        model: HookedTransformer | None = None,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
@@ -61,11 +59,11 @@ class TextBatches:
         seq_len: int,
         batch_size: int,
         seed: int = 0,
-        model: Optional[HookedTransformer] = None,
+        model: HookedTransformer | None = None,
         *,
         text_column: str = "text",
         docs_per_batch: int = DOCS_PER_BATCH,
-    ) -> "TextBatches":
+    ) -> TextBatches:
         """Pack `texts` with `pack_documents` (BOS first in every window) and batch them."""
         _check_seq_len(seq_len, True)
         if model is not None:

@@ -6,12 +6,12 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 __all__ = ["FILE_SUFFIXES", "TextSource", "iter_texts"]
 
 FILE_SUFFIXES = (".txt", ".jsonl")
-TextSource = Union[Iterable[Any], os.PathLike, Any]  # see iter_texts
+TextSource = Iterable[Any] | os.PathLike | Any  # see iter_texts
 
 
 def iter_texts(source: TextSource, text_column: str = "text") -> Iterator[str]:

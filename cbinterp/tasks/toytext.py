@@ -7,7 +7,7 @@ starting with "2"), capitalised names (some starting with "B"), numbers, punctua
 from __future__ import annotations
 
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

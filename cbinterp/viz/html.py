@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import html
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from cbinterp.codecache.features import VocabularyLike
 from cbinterp.codecache.queries import code_contexts, code_fires, head_of
-from cbinterp.core.atomic import atomic_file
-from cbinterp.core.heads import codebook_label
+from cbinterp.core.codebooks.heads import codebook_label
+from cbinterp.core.storage.atomic import atomic_file
 
 __all__ = ["CodeContextView", "context_view"]
 
@@ -71,9 +71,9 @@ def context_view(
     cache,
     name: str,
     code: int,
-    token_strings: Optional[VocabularyLike] = None,
+    token_strings: VocabularyLike | None = None,
     window: int = 20,
-    head: Optional[int] = None,
+    head: int | None = None,
     max_examples: int = 30,
     sample: str = "random",
     seed: int = 0,

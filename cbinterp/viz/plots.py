@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cbinterp.core.heads import code_label, codebook_label, is_missing_head
+from cbinterp.core.codebooks.heads import code_label, codebook_label, is_missing_head
 
 __all__ = [
     "code_frequency_figure",

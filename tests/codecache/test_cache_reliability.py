@@ -13,9 +13,9 @@ import torch
 from cbinterp import CodeCache, attach_codebooks, cache_codes
 from cbinterp.codecache import integrity
 from cbinterp.codecache.documents import cache_documents
-from cbinterp.core.attach import codebooks_bypassed, codebooks_observed
-from cbinterp.core.interventions import ablate_codes, intervene
-from cbinterp.core.manifest import ResumeWarning
+from cbinterp.core.codebooks.attach import codebooks_bypassed, codebooks_observed
+from cbinterp.core.codebooks.interventions import ablate_codes, intervene
+from cbinterp.core.storage.manifest import ResumeWarning
 from cbinterp.tasks.text import DocumentTokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,7 +113,7 @@ def test_codebook_settings_count(cb_model, docs, tmp_path):
 def test_bypassed_or_training_codebooks_are_refused(cb_model, docs):
     with codebooks_bypassed(cb_model, [MLP0]), pytest.raises(ValueError, match="bypassed"):
         cache_codes(cb_model, docs, progress=False)
-    from cbinterp.core.attach import training_codebooks
+    from cbinterp.core.codebooks.attach import training_codebooks
 
     with training_codebooks(cb_model), pytest.raises(ValueError, match="training_codebooks"):
         cache_codes(cb_model, docs, progress=False)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import make_model
+from tiny_models import make_model
 
 import cbinterp
 from cbinterp import CodeCache, cache_codes, code_contexts, code_frequencies, token_positions, top_tokens
-from cbinterp.core.manifest import ResumeWarning
+from cbinterp.core.storage.manifest import ResumeWarning
 
 HOOK = "blocks.0.mlp.hook_post"
 
@@ -157,7 +157,7 @@ def test_two_ranks_resume_what_one_process_began(tmp_path):
 
 
 def test_object_collectives_need_no_group_in_one_process():
-    from cbinterp.core import distributed as dd
+    from cbinterp.core.training import distributed as dd
 
     assert not dd.active()
     assert dd.broadcast_object({"failure": None}) == {"failure": None}

@@ -235,7 +235,7 @@ def test_labels_name_a_head_only_for_per_head_codebooks(cache):
 
 
 def test_a_negative_head_is_refused_everywhere(cache):
-    """One rule for heads (cbinterp.core.heads.check_head), the interventions' rule too: heads are 0..n_heads-1."""
+    """One rule for heads (heads.check_head), the interventions' rule too: heads are 0..n_heads-1."""
     code = int(cache.codes(ATTN)[0, 3, 0])
     calls = [
         lambda h: top_tokens(cache, ATTN, code, head=h),

@@ -343,7 +343,7 @@ def test_offsets_layout_answers_as_per_token_coordinates(cb_model, docs, tmp_pat
 def test_layout_1_cache_is_read_but_not_resumed(cb_model, docs, tmp_path):
     from safetensors.torch import save_file
 
-    from cbinterp.core import manifest as mf
+    from cbinterp.core.storage import manifest as mf
 
     made = cache_codes(cb_model, docs, progress=False)
     old = tmp_path / "old"

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import cbinterp
-from cbinterp.core import fused_search, search_blocks
-from cbinterp.core.codebook import Codebook
-from cbinterp.core.search_blocks import (
+from cbinterp.core.codebooks.codebook import Codebook
+from cbinterp.core.search import blocks as search_blocks
+from cbinterp.core.search import fused_search
+from cbinterp.core.search.blocks import (
     CUDA_ASSUMED_FREE_BYTES,
     CUDA_SMALL_SEARCH_BYTES,
     MAX_BLOCK_SCORES,

@@ -13,8 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cbinterp
-from cbinterp.core.manifest import ResumeWarning
-from cbinterp.core.train import TrainConfig
+from cbinterp.core.storage.manifest import ResumeWarning
+from cbinterp.core.training.train import TrainConfig
 from cbinterp.pretrained import load_pretrained, pretrained_card
 from cbinterp.recipes.lm import (
     LMRecipe,

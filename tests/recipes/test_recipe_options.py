@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cbinterp import get_codebooks
-from cbinterp.core.train import train
+from cbinterp.core.training.train import train
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, run_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

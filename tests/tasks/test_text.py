@@ -292,7 +292,7 @@ def test_text_batches_check_the_model_and_the_corpus(tok, corpus, tiny):
 
 
 def test_text_batches_drive_train(tok, corpus, tiny):
-    from cbinterp.core.train import TrainConfig, train
+    from cbinterp.core.training.train import TrainConfig, train
 
     batches = TextBatches.from_texts(corpus, tok, seq_len=16, batch_size=4, seed=0, model=tiny)
     result = train(tiny, batches, TrainConfig(steps=3, progress=False, log_every=1))

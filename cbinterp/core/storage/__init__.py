@@ -1,0 +1,1 @@
+"""On-disk formats: model folders, the marker and its verifier, atomic writes, tokenizers."""

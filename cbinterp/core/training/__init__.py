@@ -1,0 +1,1 @@
+"""Training: the loop and its config, checkpoints, data parallel, fused kernels, determinism, loggers."""

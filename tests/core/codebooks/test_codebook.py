@@ -1,0 +1,507 @@
+"""Unit and property tests of the `Codebook` module on its own (no transformer)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
+
+PROPERTY = settings(max_examples=25, deadline=None)
+
+
+# -- direct re-computations the tests compare against ---------------------------------------------------
+def direct_scores(x: torch.Tensor, weight: torch.Tensor, similarity: str, normalize_input: bool) -> torch.Tensor:
+    """Similarity of every code to x, computed from the definitions. x: (n, groups, dim) -> (n, groups, n_codes)."""
+    x = x.double()
+    w = weight.detach().double()  # (groups, n_codes, dim)
+    if normalize_input:  # layer norm without affine parameters, eps as in torch's default
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + 1e-5)
+    if similarity == "inner_product":  # x . c / |c|
+        return torch.einsum("ngd,gcd->ngc", x, w) / w.norm(dim=-1)
+    if similarity == "cosine":
+        return torch.einsum("ngd,gcd->ngc", x, w) / (x.norm(dim=-1, keepdim=True) * w.norm(dim=-1))
+    assert similarity == "euclidean"  # negative distance
+    return -((x.unsqueeze(-2) - w.unsqueeze(0)) ** 2).sum(-1).sqrt()
+
+
+def sum_of_codes(weight: torch.Tensor, codes_g: torch.Tensor) -> torch.Tensor:
+    """sum_j weight[g, codes[..., g, j]] with plain Python loops (codes_g: (n, groups, k))."""
+    n, groups, k = codes_g.shape
+    out = torch.zeros(n, groups, weight.shape[-1], dtype=weight.dtype)
+    for i in range(n):
+        for g in range(groups):
+            for j in range(k):
+                out[i, g] += weight[g, codes_g[i, g, j]]
+    return out
+
+
+def as_groups(t: torch.Tensor, grouped: bool) -> torch.Tensor:
+    return t if grouped else t.unsqueeze(-2)
+
+
+def random_input(n: int, groups: int, dim: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, groups, dim) if groups > 1 else (n, dim)
+    return torch.randn(shape, generator=g) * scale
+
+
+configs = st.fixed_dictionaries(
+    {
+        "groups": st.sampled_from([1, 3]),
+        "dim": st.integers(2, 6),
+        "n_codes": st.integers(3, 12),
+        "k": st.integers(1, 3),
+        "similarity": st.sampled_from(["inner_product", "cosine", "euclidean"]),
+        "normalize_input": st.booleans(),
+        "seed": st.integers(0, 10_000),
+    }
+)
+
+
+# -- the output is the sum of the selected codes --------------------------------------------------------
+@PROPERTY
+@given(cfg=configs, n=st.integers(1, 9), x_seed=st.integers(0, 10_000))
+def test_output_is_sum_of_selected_codes(cfg, n, x_seed):
+    cb = Codebook(**cfg)
+    grouped = cfg["groups"] > 1
+    x = random_input(n, cfg["groups"], cfg["dim"], x_seed)
+    seen = {}
+    cb.hook_codes.add_hook(lambda codes, hook: seen.__setitem__("codes", codes.clone()))
+    out = cb(x)
+    codes = seen["codes"]
+    assert out.shape == x.shape
+    assert codes.dtype == torch.int64
+    assert codes.shape == (*x.shape[:-1], cfg["k"])
+    assert torch.equal(codes, cb.encode(x))
+    codes_g = as_groups(codes, grouped)
+    assert bool(((codes_g >= 0) & (codes_g < cfg["n_codes"])).all())
+    # k distinct codes per position and group
+    assert all(len(set(row.tolist())) == cfg["k"] for row in codes_g.reshape(-1, cfg["k"]))
+    expected = sum_of_codes(cb.weight.detach(), codes_g)
+    torch.testing.assert_close(as_groups(out.detach(), grouped), expected, rtol=1e-6, atol=1e-6)
+    if cfg["k"] == 1:  # a single code is copied, bit for bit
+        assert torch.equal(as_groups(out.detach(), grouped), expected)
+    # the same through indexing of codebook.weight, and through decode()
+    g_idx = torch.arange(cfg["groups"]).unsqueeze(-1)
+    torch.testing.assert_close(as_groups(out.detach(), grouped), cb.weight.detach()[g_idx, codes_g].sum(-2))
+    torch.testing.assert_close(out.detach(), cb.decode(codes).detach())
+
+
+@pytest.mark.parametrize("groups,k", [(1, 1), (1, 3), (4, 1), (4, 2)])
+def test_output_sum_with_batch_and_position_axes(groups, k):
+    cb = Codebook(dim=5, n_codes=9, k=k, groups=groups, seed=3)
+    shape = (2, 6, groups, 5) if groups > 1 else (2, 6, 5)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = cb(x)
+        codes = cb.encode(x)
+    assert codes.shape == (*shape[:-1], k)
+    expected = sum_of_codes(cb.weight.detach(), as_groups(codes, groups > 1).reshape(12, groups, k))
+    torch.testing.assert_close(as_groups(out, groups > 1).reshape(12, groups, 5), expected, rtol=1e-6, atol=1e-6)
+
+
+# -- the selected codes are the best under the chosen similarity ----------------------------------------
+@PROPERTY
+@given(cfg=configs, n=st.integers(1, 12), x_seed=st.integers(0, 10_000), scale=st.sampled_from([0.1, 1.0, 10.0]))
+def test_selected_codes_are_topk_of_direct_similarity(cfg, n, x_seed, scale):
+    cb = Codebook(**cfg)
+    grouped = cfg["groups"] > 1
+    x = random_input(n, cfg["groups"], cfg["dim"], x_seed, scale)
+    codes = as_groups(cb.encode(x), grouped)  # (n, groups, k)
+    scores = direct_scores(as_groups(x, grouped), cb.weight, cfg["similarity"], cfg["normalize_input"])
+    top = scores.topk(cfg["k"], dim=-1)
+    chosen = scores.gather(-1, codes)
+    tol = 1e-4 * (1 + scores.abs().amax(-1, keepdim=True))
+    # the chosen codes' similarities are the k largest, best first (equal up to float error)
+    assert bool(((chosen - top.values).abs() <= tol).all()), (chosen, top.values)
+    # and where the best code is clearly ahead of the runner-up, it is exactly the argmax
+    if cfg["n_codes"] > 1:
+        two = scores.topk(2, dim=-1).values
+        clear = (two[..., 0] - two[..., 1]) > tol[..., 0]
+        assert torch.equal(codes[..., 0][clear], scores.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("similarity", ["inner_product", "cosine", "euclidean"])
+@pytest.mark.parametrize("normalize_input", [False, True])
+def test_top1_is_argmax_of_direct_similarity(similarity, normalize_input):
+    cb = Codebook(dim=8, n_codes=50, similarity=similarity, normalize_input=normalize_input, seed=1)
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(2)) * 3 + 0.5
+    expected = direct_scores(x.unsqueeze(1), cb.weight, similarity, normalize_input)[:, 0].argmax(-1)
+    assert torch.equal(cb.encode(x)[:, 0], expected)
+    assert torch.equal(cb.encode(x)[:, 0], cb.scores(x).argmax(-1))
+
+
+@pytest.mark.parametrize("similarity", ["inner_product", "cosine", "euclidean"])
+@pytest.mark.parametrize("groups,k", [(1, 1), (3, 2)])
+def test_encode_in_blocks_matches_one_block(similarity, groups, k):
+    """The top-k search runs block by block over positions; the block size must not change the codes."""
+    cb = Codebook(dim=6, n_codes=10, k=k, groups=groups, similarity=similarity, normalize_input=True, seed=4)
+    x = random_input(53, groups, 6, seed=5)
+    whole = cb.encode(x)
+    cb._chunk_scores = 7 * 10  # blocks of 7 positions: 8 blocks, the last one short
+    assert torch.equal(cb.encode(x), whole)
+    with torch.no_grad():
+        torch.testing.assert_close(cb(x), cb.decode(whole))
+
+
+def test_similarities_really_differ():
+    """The three similarities make different choices on data built to separate them."""
+    cb = Codebook(dim=2, n_codes=2, similarity="inner_product")
+    with torch.no_grad():
+        cb.weight.copy_(torch.tensor([[[1.0, 0.0], [0.0, 10.0]]]))
+    x = torch.tensor([[1.0, 0.9]])
+    # inner product: x.c/|c| = 1 vs 0.9 -> code 0; cosine: same ranking here; euclidean: |x-c0| < |x-c1| -> code 0
+    assert cb.encode(x).item() == 0
+    x = torch.tensor([[0.5, 3.0]])
+    assert cb.encode(x).item() == 1  # 0.5 vs 3.0
+    cb.cfg.similarity = "euclidean"
+    assert cb.encode(x).item() == 0  # |(-0.5, 3)| ~ 3.04 < |(0.5, -7)| ~ 7.02
+    cb.cfg.similarity = "cosine"
+    assert cb.encode(torch.tensor([[1.0, 1.1]])).item() == 1
+
+
+@pytest.mark.parametrize("similarity", ["inner_product", "cosine", "euclidean"])
+@pytest.mark.parametrize("normalize_input", [False, True])
+def test_scores_match_definition(similarity, normalize_input):
+    cb = Codebook(dim=6, n_codes=7, groups=2, similarity=similarity, normalize_input=normalize_input, seed=5)
+    x = torch.randn(4, 2, 6, generator=torch.Generator().manual_seed(0)) * 2
+    torch.testing.assert_close(
+        cb.scores(x).double(), direct_scores(x, cb.weight, similarity, normalize_input), rtol=1e-4, atol=1e-4
+    )
+
+
+# -- gradients --------------------------------------------------------------------------------------------
+@PROPERTY
+@given(
+    cfg=configs,
+    n=st.integers(1, 8),
+    x_seed=st.integers(0, 10_000),
+    loss=st.sampled_from(["aeloss", "vqvae"]),
+    recon_weight=st.sampled_from([0.0, 0.5, 1.0, 3.0]),
+    beta=st.sampled_from([0.25, 1.0]),
+)
+def test_gradients_match_direct_computation(cfg, n, x_seed, loss, recon_weight, beta):
+    cb = Codebook(**cfg, loss=loss, recon_weight=recon_weight, beta=beta).train()
+    grouped = cfg["groups"] > 1
+    x = random_input(n, cfg["groups"], cfg["dim"], x_seed).requires_grad_()
+    g_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(x_seed + 1))
+    out = cb(x)
+    (out * g_out).sum().backward()
+
+    # Direct: downstream(q) + recon * mse(q, x.detach()) [+ beta * mse(x, q.detach())], x passed straight through.
+    codes_g = as_groups(cb.encode(x.detach()), grouped)
+    w = cb.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    q = w[torch.arange(cfg["groups"]).unsqueeze(-1), codes_g].sum(-2)  # (n, groups, dim)
+    q = q if grouped else q.squeeze(-2)
+    straight = q + (x2 - x2.detach())  # value q; the downstream gradient reaches both x and the codes
+    total = (straight * g_out).sum() + recon_weight * F.mse_loss(q, x2.detach())
+    if loss == "vqvae":
+        total = total + beta * F.mse_loss(x2, q.detach())
+    total.backward()
+
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cb.weight.grad, w.grad, rtol=1e-5, atol=1e-6)
+    if loss == "aeloss":  # pure straight-through for the input
+        torch.testing.assert_close(x.grad, g_out)
+
+
+def test_gradients_closed_form():
+    """dL/dx = g + beta*2(x-q)/n and dL/dc = sum over uses of g + recon*2(q-x)/n, written out by hand."""
+    cb = Codebook(dim=3, n_codes=2, k=1, loss="vqvae", recon_weight=2.0, beta=0.5).train()
+    with torch.no_grad():
+        cb.weight.copy_(torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]))
+    x = torch.tensor([[2.0, 0.5, 0.0], [0.1, 3.0, 1.0]], requires_grad=True)  # -> codes 0 and 1
+    g = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 1.0]])
+    (cb(x) * g).sum().backward()
+    q = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    n = x.numel()
+    torch.testing.assert_close(x.grad, g + 0.5 * 2 * (x.detach() - q) / n)
+    grad_q = g + 2.0 * 2 * (q - x.detach()) / n
+    torch.testing.assert_close(cb.weight.grad[0], grad_q)  # each code used exactly once
+
+
+def test_no_grad_and_frozen_weight():
+    cb = Codebook(dim=4, n_codes=5)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        out = cb(x)
+    assert out.grad_fn is None
+    cb.weight.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    cb(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, torch.ones_like(x))
+    # the weight is frozen but the input does not need a gradient: no graph at all
+    assert cb(x).grad_fn is None
+
+
+# -- hooks that rewrite codes ---------------------------------------------------------------------------
+def test_rewritten_codes_change_output():
+    cb = Codebook(dim=4, n_codes=6, k=2, seed=0)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    new = torch.tensor([[3, 5]] * 5)
+    cb.hook_codes.add_hook(lambda codes, hook: new.clone())
+    out = cb(x).detach()
+    torch.testing.assert_close(out, (cb.weight[0, 3] + cb.weight[0, 5]).detach().expand(5, 4))
+    # -1 contributes zero
+    cb.hook_codes.remove_hooks()
+    cb.hook_codes.add_hook(lambda codes, hook: torch.tensor([[2, -1], [-1, -1], [-1, 4], [0, 1], [-1, 0]]))
+    out = cb(x).detach()
+    w = cb.weight.detach()[0]
+    torch.testing.assert_close(out, torch.stack([w[2], torch.zeros(4), w[4], w[0] + w[1], w[0]]))
+    cb.hook_codes.remove_hooks()
+    torch.testing.assert_close(cb(x).detach(), cb.decode(cb.encode(x)).detach())
+
+
+def test_rewritten_codes_grouped_and_gradient():
+    cb = Codebook(dim=3, n_codes=4, k=1, groups=2, seed=1).train()
+    cb.track_usage = True
+    x = torch.randn(2, 2, 3, requires_grad=True)
+    cb.hook_codes.add_hook(lambda codes, hook: torch.tensor([[[1], [-1]], [[-1], [3]]]))
+    out = cb(x)
+    w = cb.weight.detach()
+    expected = torch.stack([torch.stack([w[0, 1], torch.zeros(3)]), torch.stack([torch.zeros(3), w[1, 3]])])
+    torch.testing.assert_close(out.detach(), expected)
+    out.sum().backward()
+    assert torch.isfinite(cb.weight.grad).all() and torch.isfinite(x.grad).all()
+    # a code that was ablated (-1) gets only the reconstruction pull, no downstream gradient from the ablated slot
+    assert cb.weight.grad[0, 0].abs().sum() == 0 and cb.weight.grad[1, 0].abs().sum() == 0
+    # usage counts the rewritten ids and ignores -1
+    assert cb.counts[0, 1] == 1 and cb.counts[1, 3] == 1 and cb.counts.sum() == 2
+
+
+@pytest.mark.parametrize("bad", [6, 100, -2])
+def test_out_of_range_rewritten_code_raises(bad):
+    cb = Codebook(dim=4, n_codes=6)
+    cb.hook_codes.add_hook(lambda codes, hook: torch.full_like(codes, bad))
+    with pytest.raises(ValueError, match=rf"Code id {bad} is out of range.*6 codes"):
+        cb(torch.randn(2, 4))
+
+
+def test_decode_checks_ids_and_dtype():
+    cb = Codebook(dim=4, n_codes=6, k=2)
+    with pytest.raises(ValueError, match="out of range"):
+        cb.decode(torch.tensor([[0, 6]]))
+    with pytest.raises(TypeError, match="integer"):
+        cb.decode(torch.tensor([[0.0, 1.0]]))
+    torch.testing.assert_close(cb.decode(torch.tensor([[-1, -1]])), torch.zeros(1, 4))
+
+
+def test_bypass_returns_input_unchanged():
+    cb = Codebook(dim=4, n_codes=6).train()
+    x = torch.randn(3, 4)
+    cb.bypass = True
+    assert torch.equal(cb(x), x)
+    assert cb.counts.sum() == 0 and int(cb.train_steps) == 0
+
+
+# -- usage statistics -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("groups,k", [(1, 1), (1, 2), (3, 2)])
+def test_usage_statistics(groups, k):
+    cb = Codebook(dim=4, n_codes=40, k=k, groups=groups, seed=2)
+    x = random_input(10, groups, 4, seed=0)
+    with torch.no_grad():
+        cb(x)
+    assert cb.counts.sum() == 0  # no counting unless asked for
+    cb.track_usage = True
+    assert cb.n_dead == 40 and cb.counts.sum() == 0
+    with torch.no_grad():
+        out = cb(x)
+    codes_g = as_groups(cb.encode(x), groups > 1)
+    expected = torch.stack([torch.bincount(codes_g[:, g].flatten(), minlength=40) for g in range(groups)])
+    assert torch.equal(cb.counts, expected)
+    assert cb.counts.sum() == 10 * groups * k
+    assert cb.n_dead == int((expected.sum(0) == 0).sum())  # code ids that fire in no head
+    torch.testing.assert_close(cb.last_mse, ((x - out) ** 2).mean())
+    usage = cb.usage()
+    assert usage["n_dead"] == cb.n_dead
+    assert usage["counts"].shape == ((groups, 40) if groups > 1 else (40,))
+    assert math.isclose(usage["mse"], float(((x - out) ** 2).mean()), rel_tol=1e-6)
+    cb(x)  # counts accumulate
+    assert torch.equal(cb.counts, 2 * expected)
+    cb.reset_usage()
+    assert cb.counts.sum() == 0 and cb.n_dead == 40
+    cb.track_usage = False
+    cb(x)
+    assert cb.counts.sum() == 0
+
+
+def test_usage_buffers_are_state():
+    cb = Codebook(dim=4, n_codes=5)
+    keys = set(cb.state_dict())
+    assert {"weight", "counts", "steps_since_used", "train_steps"} <= keys
+    assert "last_mse" not in keys
+
+
+def test_train_steps_count_only_in_training():
+    """Training statistics change only in forwards `train` marks as its steps; train mode alone does not count."""
+    cb = Codebook(dim=4, n_codes=5)
+    x = torch.randn(3, 4)
+    cb.eval()
+    cb(x)
+    cb.train()
+    cb(x)
+    assert int(cb.train_steps) == 0 and int(cb.counts.sum()) == 0 and int(cb.steps_since_used.sum()) == 0
+    cb.in_train_loop = True
+    cb(x)
+    cb(x)
+    assert int(cb.train_steps) == 2
+
+
+# -- dead codes -----------------------------------------------------------------------------------------
+def _one_live_code(groups: int = 1, **kwargs) -> Codebook:
+    """Code 0 matches the data; codes 1.. are far away and never selected (euclidean)."""
+    cb = Codebook(dim=4, n_codes=6, groups=groups, similarity="euclidean", **kwargs)
+    with torch.no_grad():
+        cb.weight.fill_(50.0)
+        cb.weight[:, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    return cb
+
+
+def _near_some_row(codes: torch.Tensor, rows: torch.Tensor, tol: float) -> bool:
+    return bool((torch.cdist(codes, rows).min(dim=1).values < tol).all())
+
+
+def test_dead_codes_replaced_after_dead_after_steps():
+    cb = _one_live_code(dead_after=3, dead_check_every=1, replace_noise=0.01).train()
+    cb.in_train_loop = True
+    x = torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.3 * torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        cb(x)
+        # not yet: the codes have been unused for fewer than dead_after steps when checked
+        assert bool((cb.weight.detach()[0, 1:] == 50.0).all()), step
+    assert torch.equal(cb.steps_since_used[0], torch.tensor([0, 3, 3, 3, 3, 3]))
+    cb(x)  # 4th step: checked before quantizing, codes unused for 3 steps are replaced
+    w = cb.weight.detach()[0]
+    assert torch.equal(w[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert _near_some_row(w[1:], x, tol=0.05)
+    assert bool((cb.steps_since_used[0, 1:] <= 1).all())
+
+
+def test_dead_codes_not_replaced_in_eval_or_without_dead_after():
+    x = torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.3 * torch.randn(16, 4)
+    cb = _one_live_code(dead_after=1, dead_check_every=1).eval()
+    off = _one_live_code().train()
+    for _ in range(5):
+        cb(x)
+        off(x)
+    assert bool((cb.weight.detach()[0, 1:] == 50.0).all())
+    assert bool((off.weight.detach()[0, 1:] == 50.0).all())
+
+
+def test_dead_check_every():
+    cb = _one_live_code(dead_after=1, dead_check_every=4).train()
+    cb.in_train_loop = True
+    x = torch.tensor([1.0, 0.0, 0.0, 0.0]) + 0.3 * torch.randn(16, 4)
+    for _ in range(4):
+        cb(x)
+    assert bool((cb.weight.detach()[0, 1:] == 50.0).all())  # checked at train_steps 4, i.e. on the 5th call
+    cb(x)
+    assert not bool((cb.weight.detach()[0, 1:] == 50.0).any())
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_replace_dead_codes_direct(groups):
+    cb = _one_live_code(groups=groups, replace_noise=0.0)
+    cb.track_usage = True
+    x = random_input(20, groups, 4, seed=4) * 0.1 + torch.tensor([1.0, 0.0, 0.0, 0.0])
+    with torch.no_grad():
+        cb(x)
+    assert cb.n_dead == 5 and int((cb.counts == 0).sum()) == groups * 5
+    assert cb.replace_dead_codes(x) == groups * 5
+    xg = as_groups(x, groups > 1)
+    for g in range(groups):
+        w = cb.weight.detach()[g]
+        assert torch.equal(w[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        # with no noise the new codes are exactly input rows of this group
+        assert bool((torch.cdist(w[1:], xg[:, g]).min(dim=1).values < 1e-6).all())
+    assert cb.replace_dead_codes(x, min_steps=1) == 0  # nothing has been unused for a training step
+
+
+# -- k-means initialisation -----------------------------------------------------------------------------
+@pytest.mark.parametrize("similarity", ["euclidean", "inner_product"])
+def test_kmeans_init_finds_clusters(similarity):
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.eye(6)[:3] * 5  # three well separated clusters of equal norm
+    x = centers.repeat(100, 1) + 0.05 * torch.randn(300, 6, generator=gen)
+    cb = Codebook(dim=6, n_codes=3, similarity=similarity, init_std=1.0)
+    cb.kmeans_init(x, iters=10, seed=0)
+    w = cb.weight.detach()[0]
+    dist = torch.cdist(centers, w)
+    assert bool((dist.min(dim=1).values < 0.1).all()), dist  # every cluster has a centroid on it
+    assert bool((dist.min(dim=0).values < 0.1).all()), dist  # no centroid is stranded between clusters
+    # and the codebook now reconstructs the data up to the cluster spread
+    with torch.no_grad():
+        assert float(((cb(x) - x) ** 2).mean()) < 0.01
+
+
+def test_kmeans_init_grouped():
+    gen = torch.Generator().manual_seed(1)
+    c0 = torch.tensor([[3.0, 0.0], [-3.0, 0.0]])
+    c1 = torch.tensor([[0.0, 4.0], [0.0, -4.0]])
+    labels = torch.randint(0, 2, (200,), generator=gen)
+    x = torch.stack([c0[labels], c1[1 - labels]], dim=1) + 0.05 * torch.randn(200, 2, 2, generator=gen)
+    cb = Codebook(dim=2, n_codes=2, groups=2, similarity="euclidean")
+    cb.kmeans_init(x, iters=10)
+    for g, centers in enumerate([c0, c1]):
+        assert bool((torch.cdist(centers, cb.weight.detach()[g]).min(dim=1).values < 0.1).all())
+
+
+# -- bad input gives clear errors -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dim=4, n_codes=3, k=4), "k=4 is larger than n_codes=3"),
+        (dict(dim=4, n_codes=0), "n_codes must be a positive int"),
+        (dict(dim=0, n_codes=3), "dim must be a positive int"),
+        (dict(dim=4, n_codes=3, groups=0), "groups must be a positive int"),
+        (dict(dim=4, n_codes=3, similarity="dot"), "Unknown similarity"),
+        (dict(dim=4, n_codes=3, loss="l1"), "Unknown codebook loss"),
+        (dict(dim=4, n_codes=3, dead_after=0), "dead_after"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Codebook(**kwargs)
+
+
+def test_wrong_input_shape_raises():
+    cb = Codebook(dim=8, n_codes=5)
+    with pytest.raises(ValueError, match=r"expects input \(\.\.\., dim=8\).*\(2, 7\)"):
+        cb(torch.randn(2, 7))
+    grouped = Codebook(dim=8, n_codes=5, groups=4)
+    with pytest.raises(ValueError, match="groups=4"):
+        grouped(torch.randn(2, 3, 8))  # 3 heads, not 4
+    with pytest.raises(ValueError, match="groups=4"):
+        grouped(torch.randn(2, 4, 7))
+    with pytest.raises(ValueError, match="groups=4"):
+        grouped(torch.randn(8))
+
+
+def test_nan_in_training_raises_floating_point_error():
+    cb = Codebook(dim=4, n_codes=5).train()
+    cb.name = "blocks.3.hook_mlp_out"
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"blocks\.3\.hook_mlp_out"):
+        cb(x)
+    x[1, 2] = float("inf")
+    with pytest.raises(FloatingPointError):
+        cb(x)
+
+
+def test_config_round_trip():
+    cb = Codebook(
+        dim=4, n_codes=5, k=2, groups=3, similarity="cosine", normalize_input=True, loss="vqvae", dead_after=7, seed=9
+    )
+    again = Codebook.from_config(CodebookConfig(**vars(cb.cfg)))
+    assert again.cfg == cb.cfg
+    assert torch.equal(again.weight, cb.weight)  # same seed, same initial codes
