@@ -45,6 +45,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "cbinterp.core.storage.tokenizer": ("attach_tokenizer", "load_tokenizer", "save_tokenizer"),
     "cbinterp.core.codebooks.codes": ("NO_CODE", "dedupe_codes"),
     "cbinterp.codecache.store": ("CodeCache", "cache_codes"),
+    "cbinterp.codecache.activation_cache": ("cached_codes",),
     "cbinterp.codecache.queries": (
         "code_contexts",
         "code_fires",
@@ -75,12 +76,16 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "cbinterp.tasks.text": ("TextBatches", "iter_texts", "pack_documents", "tokenize_documents", "train_bpe_tokenizer"),
     "cbinterp.recipes.codebook": ("CodebookRecipe", "CodebookSpec", "Phase", "run_recipe"),
     "cbinterp.recipes.fsm": ("FSMRecipe",),
-    "cbinterp.recipes.lm": ("LMRecipe",),
+    "cbinterp.recipes.lm": ("LMRecipe", "run_lm"),
     "cbinterp.pretrained": ("heldout_documents", "list_pretrained", "load_pretrained", "pretrained_card"),
+    "cbinterp.models.from_hf": ("SUPPORTED_ARCHITECTURES", "from_hf"),
+    "cbinterp.models.to_hf": ("to_hf",),
+    "cbinterp.core.search.blocks": ("search_block_rows",),
+    "cbinterp.core.checks": ("check_token_ids",),
 }
 _MODULE_OF: dict[str, str] = {name: module for module, names in _EXPORTS.items() for name in names}
 #: Subpackages and modules reachable as attributes (`cbinterp.pretrained.DEFAULT_MODEL`) after `import cbinterp`.
-_SUBMODULES = ("codecache", "core", "metrics", "pretrained", "recipes", "reporting", "tasks", "viz")
+_SUBMODULES = ("codecache", "core", "metrics", "models", "pretrained", "recipes", "reporting", "tasks", "viz")
 
 __all__ = list(_MODULE_OF)
 
