@@ -174,17 +174,21 @@ class CodeCache:
     # -- metadata ------------------------------------------------------------------------------------------
     @property
     def codebook_names(self) -> list[str]:
+        """The names of the cached codebooks (their hook names), in the order they were recorded."""
         return list(self.meta["codebooks"])
 
     @property
     def hook_names(self) -> list[str]:
+        """The hooks whose activations the cache stores beside the codes (`cache_codes(hooks=...)`)."""
         return list(self.meta["hooks"])
 
     def n_codes(self, name: str) -> int:
+        """The number of codes of codebook `name`."""
         return self._codebook(name)["n_codes"]
 
     @property
     def n_tokens(self) -> int:
+        """The number of cached token positions, over all documents."""
         return (
             int(self.meta["n_tokens"])
             if self._arrays is None
@@ -193,6 +197,7 @@ class CodeCache:
 
     @property
     def n_docs(self) -> int:
+        """The number of cached documents."""
         return int(self.meta["n_docs"])
 
     def _codebook(self, name: str) -> dict:
@@ -212,6 +217,7 @@ class CodeCache:
         return count * torch.empty(0, dtype=self.storage_dtype(name)).element_size()
 
     def storage_dtype(self, name: str) -> torch.dtype:
+        """The dtype codebook `name`'s ids are stored in (the narrowest that holds its ids and the no-code id)."""
         if self._arrays is not None and f"codes/{name}" in self._arrays:
             return self._arrays[f"codes/{name}"].dtype
         return code_dtype(self._codebook(name)["n_codes"])
@@ -234,6 +240,7 @@ class CodeCache:
 
     @property
     def tokens(self) -> Tensor:
+        """Int64 `(n_tokens,)`: every cached token id, documents one after another."""
         return self._raw("tokens").long()
 
     @property

@@ -80,18 +80,20 @@ class CodeFeatureCounts:
 
     @property
     def n_codes(self) -> int:
+        """The number of codes (rows of the counts)."""
         return self.tp.shape[0]
 
     @property
     def n_features(self) -> int:
+        """The number of features (columns of the counts)."""
         return self.tp.shape[1]
 
     def precision(self) -> Float[Tensor, "n_codes n_features"]:
-        """tp / code_counts as float64; 0.0 for codes that never fire."""
+        """Precision, `tp / code_counts` as float64; 0.0 for codes that never fire."""
         return self.tp.double() / self.code_counts.clamp_min(1).double().unsqueeze(1)
 
     def recall(self) -> Float[Tensor, "n_codes n_features"]:
-        """tp / feature_counts as float64; 0.0 for features with no positions."""
+        """Recall, `tp / feature_counts` as float64; 0.0 for features with no positions."""
         return self.tp.double() / self.feature_counts.clamp_min(1).double().unsqueeze(0)
 
 
@@ -188,7 +190,10 @@ def _check_recalls(recalls) -> Float[Tensor, " m"]:
 
 
 def recall_targets(recalls, n_feature: int) -> Int[Tensor, " m"]:
-    """t = ceil(r * n_feature), clamped to [1, n_feature] (0 when n_feature is 0), with a 1e-9 relative tolerance."""
+    """The true positives each recall in `recalls` needs: `t = ceil(r * n_feature)`.
+
+    Clamped to [1, n_feature] (0 when n_feature is 0), with a 1e-9 relative tolerance.
+    """
     r = _check_recalls(recalls)
     if n_feature == 0:
         return torch.zeros_like(r, dtype=torch.long)

@@ -109,6 +109,7 @@ class CodebookRecipe:
             raise ValueError("The control phases train a model without codebooks; they cannot freeze the model.")
 
     def all_phases(self) -> list[Phase]:
+        """Every phase in the order they run: the warm start, the codebook phases, then the control's."""
         return ([self.warm] if self.warm else []) + list(self.phases) + self.control_phases()
 
     def control_phases(self) -> list[Phase]:
@@ -121,10 +122,12 @@ class CodebookRecipe:
         return [dataclasses.replace(p, name=f"control_{p.name}") for p in self.phases if not p.freeze_model]
 
     def to_dict(self) -> dict:
+        """The recipe as plain JSON-ready data (`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> CodebookRecipe:
+        """The recipe that `to_dict` wrote."""
         warm = Phase(**data["warm"]) if data.get("warm") else None
         spec = CodebookSpec(**{**data["codebooks"], "sites": tuple(data["codebooks"]["sites"])})
         phases = [Phase(**p) for p in data["phases"]]

@@ -86,9 +86,11 @@ class FSMRecipe:
 
     # -- parts --------------------------------------------------------------------------------------------
     def fsm(self) -> FSM:
+        """The recipe's random FSM (fixed by `n_states`, `n_edges`, `base` and `seed`)."""
         return FSM.random(self.n_states, self.n_edges, self.base, self.seed)
 
     def model_config(self, fsm: FSM, device: str | None = None) -> HookedTransformerConfig:
+        """The transformer's config for sequences of `fsm` (on `device`, default: cuda when present)."""
         return HookedTransformerConfig(
             n_layers=self.n_layers,
             d_model=self.d_model,
@@ -105,6 +107,7 @@ class FSMRecipe:
         )
 
     def build_model(self, fsm: FSM, device: str | None = None) -> HookedTransformer:
+        """A freshly initialised transformer (seeded by `seed`) for sequences of `fsm`."""
         torch.manual_seed(self.seed)
         return HookedTransformer(self.model_config(fsm, device))
 
@@ -113,13 +116,16 @@ class FSMRecipe:
         return lambda stream: fsm.token_batches(self.batch, self.seq_len, seed=self.data_seed(stream))
 
     def data_seed(self, stream: int) -> int:
+        """The seed of data stream `stream` (warm start, codebooks, k-means ...) of this recipe's seed."""
         return 1000 * self.seed + stream
 
     def kmeans_tokens(self, fsm: FSM) -> Tensor:
+        """`(kmeans_sequences, seq_len)` sampled tokens that initialise the codebooks by k-means."""
         return fsm.sample(self.kmeans_sequences, self.seq_len, self.data_seed(STREAM_KMEANS)).tokens
 
     @property
     def tokens_per_step(self) -> int:
+        """Input tokens per training step (`batch` sequences of `seq_len`)."""
         return self.batch * self.seq_len
 
     def run(
@@ -147,10 +153,12 @@ class FSMRecipe:
 
     # -- records ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The recipe as plain JSON-ready data (`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> FSMRecipe:
+        """The recipe that `to_dict` wrote."""
         data = dict(data)
         training = CodebookRecipe.from_dict(data.pop("training"))
         return cls(**data, training=training)

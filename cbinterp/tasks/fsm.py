@@ -74,6 +74,7 @@ class FSM:
 
     # -- persistence -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The machine as plain JSON-ready data (`from_dict` reads it back)."""
         return {
             "n_states": self.n_states,
             "n_edges": self.n_edges,
@@ -84,17 +85,20 @@ class FSM:
 
     @classmethod
     def from_dict(cls, data: dict) -> FSM:
+        """The machine that `to_dict` wrote; missing keys are refused by name."""
         missing = {"n_states", "n_edges", "base", "seed", "successors"} - set(data)
         if missing:
             raise ValueError(f"FSM JSON lacks the keys {sorted(missing)}.")
         return cls(data["n_states"], data["n_edges"], data["base"], data["seed"], np.array(data["successors"]))
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the machine to `path` as JSON (atomically)."""
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FSM:
+        """The machine that `save` wrote to `path`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- tokens ------------------------------------------------------------------------------------------

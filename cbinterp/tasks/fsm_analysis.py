@@ -53,6 +53,7 @@ class FSMActivations:
 
     @property
     def n_positions(self) -> int:
+        """The number of labelled positions."""
         return int(self.labels.shape[0])
 
     def halves(self) -> tuple[Tensor, Tensor]:

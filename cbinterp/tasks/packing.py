@@ -142,6 +142,7 @@ class DocumentTokens:
 
     @property
     def n_docs(self) -> int:
+        """The number of documents packed into the sequences."""
         return int(self.doc_index[-1]) + 1 if len(self.doc_index) else 0
 
     def document(self, i: int) -> Int[Tensor, " n_tokens"]:

@@ -79,10 +79,12 @@ class TextBatches:
 
     @property
     def n_sequences(self) -> int:
+        """The number of packed sequences."""
         return int(self.sequences.shape[0])
 
     @property
     def seq_len(self) -> int:
+        """The length of every sequence, in tokens."""
         return int(self.sequences.shape[1])
 
     @property
@@ -113,6 +115,7 @@ class TextBatches:
         return out
 
     def __call__(self, step: int) -> Int[Tensor, "batch seq_len"]:
+        """The batch of step `step` (see `indices`)."""
         return self.sequences[self.indices(step)].long()
 
     def check_model(self, model: HookedTransformer) -> None:

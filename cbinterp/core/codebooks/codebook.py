@@ -189,6 +189,7 @@ class Codebook(HookPoint):
 
     @classmethod
     def from_config(cls, cfg: CodebookConfig, device=None, dtype=None) -> Codebook:
+        """A codebook built from `cfg`, its parameters on `device` in `dtype`."""
         return cls(**dataclasses.asdict(cfg), device=device, dtype=dtype)
 
     @property
@@ -199,17 +200,21 @@ class Codebook(HookPoint):
     # -- convenience views -------------------------------------------------------------------------------
     @property
     def grouped(self) -> bool:
+        """Whether the codebook splits its input into `cfg.groups` groups, each with codes of its own."""
         return self.cfg.groups > 1
 
     @property
     def n_codes(self) -> int:
+        """The number of codes (per group, when grouped)."""
         return self.cfg.n_codes
 
     @property
     def k(self) -> int:
+        """The number of codes summed at each position (per group, when grouped)."""
         return self.cfg.k
 
     def extra_repr(self) -> str:
+        """The settings shown in `repr(codebook)`."""
         c = self.cfg
         return (
             f"name={self.name!r}, dim={c.dim}, n_codes={c.n_codes}, k={c.k}, groups={c.groups}, "
@@ -366,6 +371,7 @@ class Codebook(HookPoint):
         return (vectors * present.unsqueeze(-1).to(vectors.dtype)).sum(-2)
 
     def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
+        """The sum of the k most similar codes to `x` (per group), or `x` itself while bypassed."""
         x = self.hook_input(x)
         if self.bypass:
             return x

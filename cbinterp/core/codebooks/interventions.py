@@ -138,6 +138,7 @@ def replace_codes(
         heads: for per-head attention codebooks, None (all), an int or a list of ints. A codebook without heads
             (an MLP codebook) takes None (or a missing value such as a table's `pd.NA` head; 0, its only group, is
             accepted too).
+
     Returns:
         `(hook_name, fn)` for `fwd_hooks`, `model.hooks` or `intervene`.
     """
@@ -177,6 +178,7 @@ def force_codes(
         codes: an int, a list of n <= k ids, or a tensor of n ids along its last axis, shaped as in
             `replace_codes`.
         positions, heads: as in `replace_codes`.
+
     Returns:
         `(hook_name, fn)`.
     """
@@ -216,6 +218,7 @@ def ablate_codes(
     Args:
         codes: an int or a list / 1-d tensor of the ids to remove.
         heads, positions: as in `replace_codes` (note the order: heads first).
+
     Returns:
         `(hook_name, fn)`.
     """
@@ -361,6 +364,7 @@ def generate_with_codes(
         codebook_codes, n_slots: see `steering_hooks`; n_slots of k is the strength (k replaces the codebook's choice).
         generate_kwargs: passed to `model.generate` (defaults here: verbose=False, and stop_at_eos=False for a
             model without tokenizer).
+
     Returns:
         what `model.generate` returns (tokens of prompt and continuation, for token input).
     """

@@ -191,7 +191,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _sync_tree(root: Path) -> None:
-    """fsync every file and folder under `root` and give each file the umask's mode."""
+    """Flush (fsync) every file and folder under `root` to disk, and give each file the umask's mode."""
     for folder, _, files in os.walk(root):
         for name in files:
             entry = Path(folder) / name

@@ -89,6 +89,7 @@ class Folder:
         self.close()
 
     def close(self) -> None:
+        """Close every file opened from this folder and from the folders opened inside it."""
         for child in self._children:
             child.close()
         for f in self._files.values():
@@ -172,6 +173,7 @@ class Folder:
         return f
 
     def read_bytes(self, name: str) -> bytes:
+        """The bytes of the listed file `name`, checked against its size and sha256 (see `file`)."""
         return self.file(name).read()
 
     def local_path(self, name: str) -> str | None:

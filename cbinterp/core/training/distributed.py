@@ -41,10 +41,12 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the process group; 0 when not distributed."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group; 1 when not distributed."""
     return dist.get_world_size() if active() else 1
 
 
@@ -54,7 +56,7 @@ def is_main() -> bool:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """nccl for CUDA tensors, gloo for everything else."""
+    """The process group backend for `device`: nccl for CUDA tensors, gloo for everything else."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
@@ -92,6 +94,7 @@ def collective(what: str, step: int) -> Iterator[None]:
 
 
 def barrier(what: str, step: int) -> None:
+    """Wait for every rank (no-op when not distributed); `what` and `step` name it in a timeout's error."""
     if active():
         with collective(what, step):
             dist.barrier()
@@ -167,6 +170,7 @@ class CodebookStepSync:
         self._pending: dict[int, Tensor] = {}
 
     def start_micro(self, step: int, micro: int, n_micro: int) -> None:
+        """Note which micro-batch (of `n_micro`) of optimizer step `step` runs next."""
         self.step, self.micro, self.n_micro = step, micro, n_micro
 
     def reduce_counts(self, codebook, batch_counts: Tensor) -> Tensor | None:

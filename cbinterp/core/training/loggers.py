@@ -23,9 +23,11 @@ __all__ = ["JSONLLogger", "TrainLogger", "WandbLogger", "read_jsonl"]
 class TrainLogger(Protocol):
     """What `train` calls: `log` every `log_every` steps (and at eval steps), `close` once at the end."""
 
-    def log(self, step: int, metrics: dict) -> None: ...
+    def log(self, step: int, metrics: dict) -> None:
+        """Record the metrics of step `step` (name -> number)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release what the logger holds; called once, when training ends."""
 
 
 def _jsonable(value):
@@ -45,6 +47,7 @@ class JSONLLogger:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict) -> None:
+        """Append one JSON line `{"step": step, **metrics}` (non-finite numbers as null)."""
         line = json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}, allow_nan=False)
         # one write of a whole line in append mode: readers never see two records interleaved
         self._file.write(line + "\n")
@@ -52,6 +55,7 @@ class JSONLLogger:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Close the file (again is a no-op)."""
         if not self._file.closed:
             self._file.close()
 
@@ -89,11 +93,13 @@ class WandbLogger:
         self.run = None
 
     def log(self, step: int, metrics: dict) -> None:
+        """Send the metrics to the wandb run, starting the run on the first call."""
         if self.run is None:  # started on rank 0's first log only: other ranks never touch wandb
             self.run = self._wandb.init(**{k: v for k, v in self._kwargs.items() if v is not None})
         self.run.log(dict(metrics), step=int(step))
 
     def close(self) -> None:
+        """Finish the wandb run, if one was started."""
         if self.run is not None:
             self.run.finish()
             self.run = None

@@ -103,6 +103,7 @@ class Progress:
         self.since += time.perf_counter() - start
 
     def close(self) -> None:
+        """Close the progress bar."""
         self.bar.close()
 
 
