@@ -70,8 +70,9 @@ ENTRY_KEYS = ("first_doc", "n_docs", "n_tokens", "data_sha256", "seq_lens")
 
 
 def code_dtype(n_codes: int) -> torch.dtype:
-    """The smallest dtype that stores code ids 0..n_codes-1 and a "no code" value none of them can take (uint8,
-    uint16, then int32)."""
+    """The smallest dtype that stores code ids 0..n_codes-1 and a "no code" value none of them can take.
+
+    That is uint8, uint16, then int32."""
     if n_codes < 256:
         return torch.uint8
     if n_codes < 65536:

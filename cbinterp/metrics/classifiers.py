@@ -202,8 +202,9 @@ def recall_targets(recalls, n_feature: int) -> Int[Tensor, " m"]:
 
 
 def _block_stats(pos_sorted: Tensor, all_sorted: Tensor, t: Tensor, from_below: bool):
-    """(threshold, tp, n_fires), each (neurons, m), from ascending per-neuron sorts of the feature's and all
-    positions."""
+    """The (threshold, tp, n_fires) of every neuron, each (neurons, m).
+
+    From ascending per-neuron sorts of the feature's and all positions."""
     n_pos, n = pos_sorted.shape[1], all_sorted.shape[1]
     if from_below:
         theta = pos_sorted[:, t - 1]

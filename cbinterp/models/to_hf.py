@@ -1,5 +1,6 @@
-"""Export a HookedTransformer (one trained with cbinterp, say) to a Hugging Face folder that plain `transformers`
-loads with ``AutoModelForCausalLM.from_pretrained(folder)``, giving the same logits.
+"""Export a HookedTransformer (one trained with cbinterp, say) to a Hugging Face folder.
+
+Plain `transformers` loads the folder with ``AutoModelForCausalLM.from_pretrained(folder)``, giving the same logits.
 
 cbinterp's models are pre-LayerNorm transformers with rotary attention, biases everywhere and an unembedding bias.
 GPT-NeoX would take everything but that last bias (its output layer has none, and the bias is not in the span of

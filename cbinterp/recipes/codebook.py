@@ -86,11 +86,12 @@ class CodebookSpec:
 
 @dataclasses.dataclass
 class CodebookRecipe:
-    """Warm start (`warm`, without codebooks; None: the model is already trained), then codebooks, then `phases`
-    with the codebooks in place. With `control`, a copy of the warm-started model is trained without codebooks
-    through every phase that trains the model (same steps, lr, data), so that "with codebooks" can be compared
-    with a model that saw the same extra training; `controls` names the control's phases instead when they need
-    names or settings of their own."""
+    """Warm start (`warm`), then codebooks, then `phases` with the codebooks in place; optionally a control model.
+
+    `warm` trains without codebooks (None: the model is already trained). With `control`, a copy of the warm-started
+    model is trained without codebooks through every phase that trains the model (same steps, lr, data), so that
+    "with codebooks" can be compared with a model that saw the same extra training; `controls` names the control's
+    phases instead when they need names or settings of their own."""
 
     warm: Phase | None
     codebooks: CodebookSpec
@@ -113,8 +114,9 @@ class CodebookRecipe:
         return ([self.warm] if self.warm else []) + list(self.phases) + self.control_phases()
 
     def control_phases(self) -> list[Phase]:
-        """The control model's phases: `controls`, or each codebook phase that trains the model, renamed
-        `control_<name>`."""
+        """The control model's phases.
+
+        `controls`, or each codebook phase that trains the model, renamed `control_<name>`."""
         if not self.control:
             return []
         if self.controls is not None:
@@ -137,8 +139,10 @@ class CodebookRecipe:
 
 @dataclasses.dataclass
 class RecipeResult:
-    """The trained models and what each phase did. `warm_model` is a copy of the model after the warm start,
-    `control_model` that copy trained further without codebooks (None without `recipe.control`)."""
+    """The trained models and what each phase did.
+
+    `warm_model` is a copy of the model after the warm start, `control_model` that copy trained further without
+    codebooks (None without `recipe.control`)."""
 
     model: HookedTransformer
     warm_model: HookedTransformer

@@ -27,8 +27,10 @@ STREAM_WARM, STREAM_CODEBOOKS, STREAM_KMEANS = 0, 1, 2
 
 @dataclasses.dataclass
 class FSMRecipe:
-    """Machine, model shape, data shape and training of the FSM codebook model. `seed` seeds all of them (the
-    machine, the weights, the codebooks and the data), so that seeds differ in everything."""
+    """Machine, model shape, data shape and training of the FSM codebook model.
+
+    `seed` seeds all of them (the machine, the weights, the codebooks and the data), so that seeds differ in
+    everything."""
 
     n_states: int = 100
     n_edges: int = 10
@@ -54,8 +56,10 @@ class FSMRecipe:
     def paper_training(
         warm_steps: int = 250, codebook_steps: int = 150, loss: str = "aeloss", n_codes: int = 1000
     ) -> CodebookRecipe:
-        """The default training: warm start, codebooks after every head and every MLP (1000 codes, k=1,
-        aeloss, k-means initialised), then end to end, the model at a tenth of the codebooks' learning rate."""
+        """The default training: warm start, codebooks after every head and every MLP, then end to end.
+
+        1000 codes, k=1, aeloss, k-means initialised; end to end, the model trains at a tenth of the codebooks'
+        learning rate."""
         return CodebookRecipe(
             warm=Phase("warm", steps=warm_steps, lr=3e-3, stream=STREAM_WARM),
             codebooks=CodebookSpec(sites=("attn", "mlp"), n_codes=n_codes, k=1, loss=loss),

@@ -145,8 +145,10 @@ class LMRecipe:
         return self.batch_size * self.seq_len
 
     def codebook_recipe(self) -> CodebookRecipe:
-        """The three phases as the phase runner's recipe (`run_recipe`): (a) is the warm start on stream
-        `STREAM_BASELINE`, (b) the codebook phase and (c) its control, both on `STREAM_CONTINUED`."""
+        """The three phases as the phase runner's recipe (`run_recipe`).
+
+        (a) is the warm start on stream `STREAM_BASELINE`, (b) the codebook phase and (c) its control, both on
+        `STREAM_CONTINUED`."""
 
         def phase(name: str, stream: int) -> Phase:
             first = name == "baseline"

@@ -1,5 +1,6 @@
-"""Tokenised text as rows that start with BOS: packed training windows (`pack_documents`) and whole documents
-(`tokenize_documents`), with the checks that rows fit a model."""
+"""Tokenised text as rows that start with BOS, with the checks that rows fit a model.
+
+Packed training windows (`pack_documents`) and whole documents (`tokenize_documents`)."""
 
 from __future__ import annotations
 

@@ -254,8 +254,10 @@ def _flatten_hooks(model: HookedTransformer, hook_lists: Sequence) -> list[Hook]
 
 @contextlib.contextmanager
 def intervene(model: HookedTransformer, *hook_lists: Hook | Sequence[Hook]) -> Iterator[HookedTransformer]:
-    """Run a block of calls (forward passes, `run_with_cache`, `generate`) with the given hooks; they are removed
-    on exit, also on an exception. Arguments are hooks or lists of hooks, applied in the order given.
+    """Run a block of calls (forward passes, `run_with_cache`, `generate`) with the given hooks.
+
+    They are removed on exit, also on an exception. Arguments are hooks or lists of hooks, applied in the order
+    given.
 
     Hooks added inside the block (e.g. `run_with_cache`'s) run after these, so a cache sees the rewritten codes.
     """
@@ -268,9 +270,10 @@ def intervene(model: HookedTransformer, *hook_lists: Hook | Sequence[Hook]) -> I
 
 # -- steered generation -----------------------------------------------------------------------------------
 def _steering_ids(ids: Tensor, name: str, cb: Codebook) -> Tensor:
-    """Steering codes `([batch,] [heads,] n)` with a size-1 positions axis put in: `(batch, 1, [heads,] n)` (1-d
-    ids stay 1-d). Generation has no fixed positions, so the axes besides the ids are named by the codebook: for
-    a per-head codebook a 2-d tensor lists ids per head, for one without heads it lists ids per example."""
+    """Steering codes `([batch,] [heads,] n)` with a size-1 positions axis put in: `(batch, 1, [heads,] n)`.
+
+    1-d ids stay 1-d. Generation has no fixed positions, so the axes besides the ids are named by the codebook: for a
+    per-head codebook a 2-d tensor lists ids per head, for one without heads it lists ids per example."""
     if ids.dim() == 1:
         return ids
     if cb.grouped:
@@ -298,8 +301,10 @@ def steering_hooks(
     prompt_len: int | None = None,
     prompt: bool = False,
 ) -> list[Hook]:
-    """`force_codes` hooks for generation: per codebook, its codes tiled over `n_slots` slots, forced at the
-    positions that predict new tokens (from the prompt's last position on; all positions with `prompt=True`).
+    """`force_codes` hooks for generation: per codebook, its codes tiled over `n_slots` slots.
+
+    They are forced at the positions that predict new tokens (from the prompt's last position on; all positions with
+    `prompt=True`).
 
     Args:
         codebook_codes: codebook name -> code ids: an int, a list, or a tensor whose last axis lists the ids, with

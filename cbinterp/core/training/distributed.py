@@ -61,8 +61,10 @@ def backend_for(device: torch.device | str) -> str:
 
 
 def init_from_env(device: str | None = None, timeout_s: float = 600.0) -> torch.device:
-    """Join the process group `torchrun` describes (RANK, WORLD_SIZE, MASTER_ADDR, ...) and return this rank's
-    device: `cuda:LOCAL_RANK` for device "cuda", else the CPU. Without those variables: no group, one process."""
+    """Join the process group `torchrun` describes and return this rank's device.
+
+    `torchrun` sets RANK, WORLD_SIZE, MASTER_ADDR, ...; the device is `cuda:LOCAL_RANK` for device "cuda", else the
+    CPU. Without those variables: no group, one process."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -153,10 +155,11 @@ def _comm_device() -> torch.device:
 
 
 class CodebookStepSync:
-    """Set on each codebook (`Codebook.step_sync`) by `train`: one optimizer step's usage counts are summed over its
-    micro-batches and over the ranks before they update the codebook's statistics (so that `counts`,
-    `steps_since_used` and `train_steps` are those of the global batch, the same on every rank), and dead codes are
-    replaced once per step, on the first micro-batch, from the inputs of all ranks.
+    """Sums one optimizer step's usage counts over micro-batches and ranks; replaces dead codes once per step.
+
+    Set on each codebook (`Codebook.step_sync`) by `train`. The counts are summed before they update the codebook's
+    statistics (so that `counts`, `steps_since_used` and `train_steps` are those of the global batch, the same on
+    every rank); dead codes are replaced on the first micro-batch, from the inputs of all ranks.
 
     Dead-code replacement needs no broadcast of random draws: every rank holds the same dead set (from the summed
     counts), the same gathered inputs (in rank order: the global batch's rows) and the same torch RNG state (seeded

@@ -1,5 +1,6 @@
-"""Training metrics loggers: `train(..., loggers=[...])` calls `log(step, metrics)` every `log_every` steps, then
-`close()`.
+"""Training metrics loggers.
+
+`train(..., loggers=[...])` calls `log(step, metrics)` every `log_every` steps, then `close()`.
 
 Metrics (all floats): `loss` (mean since the last call), `lr` (the model's, or the codebooks' when the model is frozen),
 `lr/codebooks`, `tokens_per_s` (global: all ranks), per codebook `mse/<hook name>` (reconstruction MSE of the last
@@ -38,8 +39,9 @@ def _jsonable(value):
 
 
 class JSONLLogger:
-    """One JSON object per call, `{"step": ..., **metrics}`, appended to `path` (a line at a time, flushed and
-    fsynced, so that a crash loses at most the line being written)."""
+    """One JSON object per call, `{"step": ..., **metrics}`, appended to `path`.
+
+    A line at a time, flushed and fsynced, so that a crash loses at most the line being written."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -72,8 +74,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 class WandbLogger:
-    """Metrics to Weights & Biases (`wandb.init(**init_kwargs)` on the first call; `mode="offline"` needs no
-    network and writes under `dir`). Only what `train` passes is logged."""
+    """Metrics to Weights & Biases; only what `train` passes is logged.
+
+    `wandb.init(**init_kwargs)` runs on the first call; `mode="offline"` needs no network and writes under `dir`."""
 
     def __init__(
         self,

@@ -151,8 +151,10 @@ def _data_parallel(model: HookedTransformer, device: torch.device) -> Distribute
 
 
 def _checks_each_step(device: torch.device) -> bool:
-    """Whether each step's loss is checked to be finite at once: free on the CPU; on an accelerator it would wait for
-    the device every step, so the losses are checked at log, eval and checkpoint steps instead."""
+    """Whether each step's loss is checked to be finite at once.
+
+    Free on the CPU; on an accelerator it would wait for the device every step, so the losses are checked at log,
+    eval and checkpoint steps instead."""
     return device.type == "cpu"
 
 
