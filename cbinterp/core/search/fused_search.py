@@ -232,7 +232,7 @@ def matmul_search(
     groups). Returns ids `(groups, n, k)`, best first, and the best scores `(groups, n)`; score x.w, or 2x.w - bias
     for euclidean.
 
-    Blocks of `block_rows` rows, by default `search_blocks.block_rows_for`'s: on a CPU about `block_scores` scores,
+    Blocks of `block_rows` rows, by default `blocks.block_rows_for`'s: on a CPU about `block_scores` scores,
     so that a block stays in cache; on CUDA as many rows as half the free memory holds (often all of them). The
     block size does not change the ids (the scores only by the rounding of another matmul order)."""
     groups, n = w.shape[0], x.shape[0]
