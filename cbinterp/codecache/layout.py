@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Int, Integer
 from safetensors import safe_open
 from torch import Tensor
 
@@ -87,14 +87,14 @@ def no_code_value(dtype: torch.dtype) -> int:
     return {torch.uint8: 255, torch.uint16: 65535}.get(dtype, NO_CODE)
 
 
-def stored_codes(codes: Int[Tensor, "n ..."], dtype: torch.dtype) -> Tensor:
+def stored_codes(codes: Int[Tensor, "n ..."], dtype: torch.dtype) -> Integer[Tensor, "n ..."]:
     """int32 code ids (-1 = no code) as stored in `dtype`."""
     if dtype == torch.int32:
         return codes.to(torch.int32)
     return codes.masked_fill(codes < 0, no_code_value(dtype)).to(dtype)
 
 
-def read_codes(raw: Int[Tensor, "n ..."], n_codes: int) -> Int[Tensor, "n ..."]:
+def read_codes(raw: Integer[Tensor, "n ..."], n_codes: int) -> Int[Tensor, "n ..."]:
     """Stored codes back as int64 ids, -1 for no code (any stored value that is no code id)."""
     out = raw.long()
     return out.masked_fill_((out >= n_codes) | (out < 0), NO_CODE)

@@ -233,8 +233,10 @@ def _attach_existing(model: HookedTransformer, codebooks: Mapping[str, Codebook]
     return model
 
 
-def insert_codebook(model: HookedTransformer, hook_name: str, codebook: Codebook, setup: bool = True) -> None:
-    """Put `codebook` in place of the hook point `hook_name` (low level; `attach_codebooks` checks its input)."""
+def insert_codebook(
+    model: HookedTransformer, hook_name: str, codebook: Codebook | HookPoint, setup: bool = True
+) -> None:
+    """Put `codebook` (or a plain `HookPoint`, to detach) at `hook_name` (low level; `attach_codebooks` checks)."""
     parent_name, _, attr = hook_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, codebook)

@@ -41,6 +41,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
@@ -271,7 +272,10 @@ def _matmul_argmax(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, T
     return codes[..., 0].transpose(0, 1).contiguous(), best.transpose(0, 1).contiguous()
 
 
+# no_type_check: torch.library reads the operator's schema off this function's own annotations, which a run-time
+# checker's wrapper (the tests' jaxtyping import hook) would hide.
 @torch.library.custom_op("cbinterp::nearest_code", mutates_args=())
+@typing.no_type_check
 def nearest_code(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """The first best code id `(n, groups)` and its score `(n, groups)` of every row, complete.
 
@@ -289,6 +293,7 @@ def nearest_code(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Ten
 
 
 @nearest_code.register_fake
+@typing.no_type_check
 def _(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     n, groups = x.shape[0], x.shape[1]
     return x.new_empty((n, groups), dtype=torch.int64), x.new_empty((n, groups))
