@@ -102,3 +102,59 @@ def test_no_code_or_test_cites_an_issue_number():
                 if _issue_references(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
     assert not offenders, "say the reason instead of citing a tracker item:\n" + "\n".join(offenders)
+
+
+#: jaxtyping's array annotations: `Float[Tensor, "batch pos"]` and the like.
+ARRAY_KINDS = {"Float", "Int", "Bool", "Integer", "UInt", "Num", "Real", "Inexact", "Shaped", "Float32", "Int64"}
+
+
+def _documented_axes() -> set[str]:
+    """The axis names of the table in docs/architecture.md's "Conventions" section."""
+    section = ARCHITECTURE.read_text(encoding="utf-8").split("## Conventions", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", section, flags=re.M))
+
+
+def _axis_names(dims: str) -> list[str]:
+    """The names a jaxtyping shape string uses: modifiers (`*`, `_`, `#`, `?`) and arithmetic (`pos-1`) taken off."""
+    names = []
+    for dim in dims.split():
+        if dim == "...":
+            names.append(dim)
+            continue
+        names += [n.lstrip("_") for n in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", dim)]
+    return names
+
+
+def _annotations(path: Path) -> list[tuple[int, str]]:
+    """(line, shape string) of every jaxtyping array annotation in `path`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in ARRAY_KINDS:
+            parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else []
+            if len(parts) == 2 and isinstance(parts[1], ast.Constant) and isinstance(parts[1].value, str):
+                found.append((node.lineno, parts[1].value))
+    return found
+
+
+def test_axis_names_are_read_with_their_modifiers_off():
+    assert _axis_names("*batch _n_neurons #heads pos-1 heads*d_head ...") == [
+        "batch",
+        "n_neurons",
+        "heads",
+        "pos",
+        "heads",
+        "d_head",
+        "...",
+    ]
+    assert {"batch", "pos", "n_tokens", "..."} <= _documented_axes()
+
+
+def test_every_tensor_annotation_uses_the_documented_axis_names():
+    known = _documented_axes()
+    unknown = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for lineno, dims in _annotations(path):
+            for name in _axis_names(dims):
+                if name not in known:
+                    unknown.append(f"{path.relative_to(ROOT)}:{lineno}: {name!r} in {dims!r}")
+    assert not unknown, "axis names not in docs/architecture.md's Conventions table:\n" + "\n".join(unknown)

@@ -54,7 +54,7 @@ def subset_cache(
     return CodeCache(meta, arrays=arrays, tokenizer=cache.tokenizer)
 
 
-def text_token_mask(mask: Bool[Tensor, "rows seq"]) -> Bool[Tensor, "rows seq"]:
+def text_token_mask(mask: Bool[Tensor, "rows pos"]) -> Bool[Tensor, "rows pos"]:
     """The text tokens of `DocumentTokens.mask`: real tokens other than each row's leading BOS."""
     out = mask.clone()
     out[:, 0] = False

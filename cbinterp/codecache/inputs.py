@@ -23,7 +23,7 @@ from cbinterp.core.codebooks.naming import did_you_mean
 
 __all__ = ["batches", "check_documents", "check_hooks", "check_token_strings"]
 
-Batch = tuple[Int[Tensor, "n seq"], Bool[Tensor, "n seq"] | None]
+Batch = tuple[Int[Tensor, "rows pos"], Bool[Tensor, "rows pos"] | None]
 
 _FIX = (
     "Right-pad each row (real tokens first, padding after them, as `to_tokens(..., padding_side='right')` does), or "
@@ -33,8 +33,8 @@ _FIX = (
 
 
 def check_documents(
-    tokens: Int[Tensor, "n seq"],
-    mask: Bool[Tensor, "n seq"] | None,
+    tokens: Int[Tensor, "rows pos"],
+    mask: Bool[Tensor, "rows pos"] | None,
     d_vocab: int,
     causal: bool = True,
     first_row: int = 0,

@@ -104,7 +104,7 @@ def read_codes(raw: Integer[Tensor, "n ..."], n_codes: int) -> Int[Tensor, "n ..
 EMPTY_CHAIN = hashlib.sha256(b"cbinterp-docs").hexdigest()
 
 
-def chain_docs(chain: str, batch: Int[Tensor, "n seq"]) -> str:
+def chain_docs(chain: str, batch: Int[Tensor, "rows pos"]) -> str:
     """The running fingerprint of the documents cached so far, extended by the rows of `batch` (length and ids)."""
     rows = batch.detach().to("cpu", torch.int32).contiguous().numpy()
     length = int(rows.shape[1]).to_bytes(8, "little")

@@ -39,7 +39,7 @@ class CodeRecorder:
         self.device = model.cfg.device
         self._pending: tuple | None = None  # the last piece, whose device-to-host copies may still be running
 
-    def record(self, batch: Int[Tensor, "n seq"], keep: Bool[Tensor, "n seq"] | None, first: int) -> None:
+    def record(self, batch: Int[Tensor, "rows pos"], keep: Bool[Tensor, "rows pos"] | None, first: int) -> None:
         """Run documents `first ..` (`batch`, padding as -1 where `keep` is False) and queue their arrays.
 
         The piece before is landed."""

@@ -44,7 +44,7 @@ class CoveredDocuments:
             yield start, stop, entry
             start = stop
 
-    def check(self, entry: dict, rows: Int[Tensor, "n seq"], end: int, seq: int) -> None:
+    def check(self, entry: dict, rows: Int[Tensor, "rows pos"], end: int, seq: int) -> None:
         """Add `rows`, the input's documents `.. end - 1` of the covered chunk `entry`, to its fingerprint.
 
         At the chunk's last document, raise a ValueError unless the input's documents are the cached ones."""

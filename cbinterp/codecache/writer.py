@@ -88,7 +88,7 @@ class ChunkWriter:
         self.seq_lens: set[int] = set()
         self.need_pos = False
 
-    def add(self, first: int, arrays: Arrays, rows: Int[Tensor, "n seq"], seq: int, need_pos: bool) -> None:
+    def add(self, first: int, arrays: Arrays, rows: Int[Tensor, "rows pos"], seq: int, need_pos: bool) -> None:
         """Buffer documents `first ..` (`rows` their cached ids, for the fingerprint); a gap starts a new chunk.
 
         Args:

@@ -98,7 +98,7 @@ class CodeFeatureCounts:
 
 
 def code_feature_counts(
-    codes: Int[Tensor, "n_positions k"],
+    codes: Int[Tensor, "n_tokens k"],
     features: Features,
     n_codes: int,
     *,
@@ -158,23 +158,23 @@ def code_feature_counts(
 class NeuronRecallStats(NamedTuple):
     """Every neuron thresholded at each requested recall, for one feature."""
 
-    precision: Float[Tensor, "m n_neurons"]  # float64, tp / n_fires (0.0 for an empty feature)
-    threshold: Float[Tensor, "m n_neurons"]  # +inf (-inf from below) for an empty feature
-    tp: Int[Tensor, "m n_neurons"]  # feature positions at which the neuron fires (>= t because of ties)
-    n_fires: Int[Tensor, "m n_neurons"]  # all positions at which the neuron fires
+    precision: Float[Tensor, "recalls n_neurons"]  # float64, tp / n_fires (0.0 for an empty feature)
+    threshold: Float[Tensor, "recalls n_neurons"]  # +inf (-inf from below) for an empty feature
+    tp: Int[Tensor, "recalls n_neurons"]  # feature positions at which the neuron fires (>= t because of ties)
+    n_fires: Int[Tensor, "recalls n_neurons"]  # all positions at which the neuron fires
 
 
 class BestNeurons(NamedTuple):
     """The most precise neuron per query; neuron -1 (precision 0.0, sign 0) where the feature has no positions."""
 
-    precision: Float[Tensor, " q"]  # float64
-    neuron: Int[Tensor, " q"]
-    sign: Int[Tensor, " q"]  # +1: fires at act >= threshold, -1: fires at act <= threshold, 0: no neuron
-    threshold: Float[Tensor, " q"]  # float64; +inf where neuron is -1
-    recall: Float[Tensor, " q"]  # float64, the recall actually achieved (ties can push it above the target)
+    precision: Float[Tensor, " queries"]  # float64
+    neuron: Int[Tensor, " queries"]
+    sign: Int[Tensor, " queries"]  # +1: fires at act >= threshold, -1: fires at act <= threshold, 0: no neuron
+    threshold: Float[Tensor, " queries"]  # float64; +inf where neuron is -1
+    recall: Float[Tensor, " queries"]  # float64, the recall actually achieved (ties can push it above the target)
 
 
-def _check_recalls(recalls) -> Float[Tensor, " m"]:
+def _check_recalls(recalls) -> Float[Tensor, " recalls"]:
     is_bool = recalls.dtype == torch.bool if isinstance(recalls, Tensor) else isinstance(recalls, bool)
     if is_bool or (isinstance(recalls, (list, tuple)) and any(isinstance(x, bool) for x in recalls)):
         raise TypeError(f"recalls must be floats in (0, 1], got bools {recalls!r}.")
@@ -189,7 +189,7 @@ def _check_recalls(recalls) -> Float[Tensor, " m"]:
     return r
 
 
-def recall_targets(recalls, n_feature: int) -> Int[Tensor, " m"]:
+def recall_targets(recalls, n_feature: int) -> Int[Tensor, " recalls"]:
     """The true positives each recall in `recalls` needs: `t = ceil(r * n_feature)`.
 
     Clamped to [1, n_feature] (0 when n_feature is 0), with a 1e-9 relative tolerance.
@@ -230,9 +230,9 @@ def _neuron_blocks(acts: Tensor, chunk_elements: int):
 
 
 def neuron_precision_at_recall(
-    acts: Float[Tensor, "n_positions n_neurons"],
-    feature_mask: Bool[Tensor, " n_positions"],
-    recalls: Sequence[float] | Float[Tensor, " m"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
+    feature_mask: Bool[Tensor, " n_tokens"],
+    recalls: Sequence[float] | Float[Tensor, " recalls"],
     *,
     from_below: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -287,9 +287,9 @@ def _check_mask(mask, n: int) -> Tensor:
 
 
 def best_neuron_precision_at_recall(
-    acts: Float[Tensor, "n_positions n_neurons"],
-    feature_mask: Bool[Tensor, " n_positions"],
-    recalls: Sequence[float] | Float[Tensor, " m"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
+    feature_mask: Bool[Tensor, " n_tokens"],
+    recalls: Sequence[float] | Float[Tensor, " recalls"],
     *,
     both_signs: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -314,10 +314,10 @@ def best_neuron_precision_at_recall(
 
 
 def best_neuron_precision_batch(
-    acts: Float[Tensor, "n_positions n_neurons"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
     features: Features,
-    query_features: Sequence[int] | Int[Tensor, " q"],
-    query_recalls: Sequence[float] | Float[Tensor, " q"],
+    query_features: Sequence[int] | Int[Tensor, " queries"],
+    query_recalls: Sequence[float] | Float[Tensor, " queries"],
     *,
     n_features: int | None = None,
     both_signs: bool = False,

@@ -98,10 +98,10 @@ def _norm(module, d_model: int) -> dict[str, Tensor]:
 
 
 def _attention(attn) -> dict[str, Tensor]:
-    def heads_in(w: Float[Tensor, "n_heads d_model d_head"]) -> Float[Tensor, "n_heads_d_head d_model"]:
+    def heads_in(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "heads*d_head d_model"]:
         return einops.rearrange(w, "n m h -> (n h) m")
 
-    def heads_bias(b: Float[Tensor, "n_heads d_head"]) -> Float[Tensor, " n_heads_d_head"]:
+    def heads_bias(b: Float[Tensor, "heads d_head"]) -> Float[Tensor, " heads*d_head"]:
         return einops.rearrange(b, "n h -> (n h)")
 
     return {

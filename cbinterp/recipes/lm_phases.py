@@ -74,7 +74,7 @@ def batch_source(batches: TextBatches, recipe: LMRecipe) -> BatchSource:
     return stream
 
 
-def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "n seq_len"]:
+def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "rows pos"]:
     """`recipe.kmeans_sequences` training windows (a seeded sample) on which the codebooks are initialised."""
     generator = torch.Generator().manual_seed(recipe.seed + 17)
     pick = torch.randperm(batches.n_sequences, generator=generator)[: recipe.kmeans_sequences]

@@ -274,7 +274,7 @@ def sample_from_model(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 500,
-) -> tuple[Int[Tensor, "batch seq"], Float[Tensor, "batch seq_minus_1 vocab"]]:
+) -> tuple[Int[Tensor, "rows pos"], Float[Tensor, "rows pos-1 vocab"]]:
     """Sequences sampled from `model`, starting from BOS, to `seq_len` tokens, at `temperature`.
 
     Returns the tokens `(n, seq_len)` (BOS first) and, for each position but the last, the distribution the next

@@ -45,11 +45,11 @@ SITE_OUTPUTS = "site_outputs"
 class FSMActivations:
     """Everything the classifier analysis needs, over the same flattened positions (BOS dropped)."""
 
-    labels: Int[Tensor, " n"]  # `FSM.feature_labels` id per position, -1 for none
+    labels: Int[Tensor, " n_tokens"]  # `FSM.feature_labels` id per position, -1 for none
     codes: dict[str, Tensor]  # codebook name -> (n, k) or (n, heads, k) code ids
-    neurons: dict[str, Float[Tensor, "n d"]]  # neuron set name -> activations
-    previous: Int[Tensor, " n"] | None = None  # at a state's last digit, the state before it (-1: the start)
-    doc: Int[Tensor, " n"] | None = None  # the sequence each position comes from
+    neurons: dict[str, Float[Tensor, "n_tokens _n_neurons"]]  # neuron set name -> activations (sets differ in width)
+    previous: Int[Tensor, " n_tokens"] | None = None  # at a state's last digit, the state before it (-1: the start)
+    doc: Int[Tensor, " n_tokens"] | None = None  # the sequence each position comes from
 
     @property
     def n_positions(self) -> int:
@@ -219,7 +219,7 @@ class PooledCodes:
 
     head is None for a codebook without heads (an MLP codebook)."""
 
-    codes: Int[Tensor, "n m"]  # per position, the pool ids of the codes firing there (-1 = none)
+    codes: Int[Tensor, "n_tokens slots"]  # per position, the pool ids of the codes firing there (-1 = none)
     names: list[tuple[str, int | None, int]]
 
 
@@ -242,7 +242,7 @@ def _counts(pool: PooledCodes, labels: Tensor, mask: Tensor, n_features: int):
 
 def feature_first_search(
     pool: PooledCodes,
-    labels: Int[Tensor, " n"],
+    labels: Int[Tensor, " n_tokens"],
     features: Sequence[int],
     select: Tensor,
     score: Tensor,
@@ -345,7 +345,7 @@ def previous_state_split(
 
 
 def neurons_at_code_recall(
-    acts: Float[Tensor, "n d"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
     labels: Tensor,
     table: pd.DataFrame,
     select: Tensor,

@@ -85,7 +85,7 @@ def pack_documents(
     *,
     text_column: str = "text",
     docs_per_batch: int = DOCS_PER_BATCH,
-) -> Iterator[Int[Tensor, " seq_len"]]:
+) -> Iterator[Int[Tensor, " pos"]]:
     """Stream `texts` as windows of `seq_len` int64 token ids, in corpus order, with bounded memory.
 
     The documents' tokens are joined into one stream with ``<|endoftext|>`` (the tokenizer's EOS) between
@@ -137,8 +137,8 @@ class DocumentTokens:
     in corpus order (every document has at least one row: an empty one is BOS alone).
     """
 
-    tokens: Int[Tensor, "rows seq_len"]
-    mask: Bool[Tensor, "rows seq_len"]
+    tokens: Int[Tensor, "rows pos"]
+    mask: Bool[Tensor, "rows pos"]
     doc_index: Int[Tensor, " rows"]
 
     @property
