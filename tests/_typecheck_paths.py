@@ -22,6 +22,7 @@ from tiny_models import TINY, make_model  # noqa: E402
 
 import cbinterp  # noqa: E402
 from cbinterp.core.codebooks.codes import dedupe_codes  # noqa: E402
+from cbinterp.tasks.fsm import sample_from_model  # noqa: E402
 
 
 def hook_is_active() -> None:
@@ -93,6 +94,7 @@ def fsm_task() -> None:
     data = fsm.sample(4, 16, seed=0)
     fsm.feature_labels(data)
     fsm.state_plus_digit(data)
+    sample_from_model(make_model(), 2, 5, bos=0)
 
 
 def main() -> None:
