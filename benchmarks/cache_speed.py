@@ -3,7 +3,7 @@
 The model is the FSM benchmark's shape (4 layers, d_model 128, 4 heads, d_mlp 512, vocabulary 11) with a codebook
 after every attention head and every MLP (1000 codes, k=1). Timed in alternating rounds, so that load hits both
 alike: the plain forward pass under `torch.no_grad()` (codebooks in place, nothing kept), `cache_codes` in memory,
-and `cache_codes` streaming to a temporary directory. Targets (analysis issue): at most 10% more wall time than
+and `cache_codes` streaming to a temporary directory. Targets: at most 10% more wall time than
 the plain pass, and at most 2*k bytes per token per codebook (per head for per-head codebooks).
 
     .venv/bin/python benchmarks/cache_speed.py     # table + benchmarks/out/cache_speed.json

@@ -40,9 +40,9 @@ else:  # python benchmarks/lm_probes.py: this folder is sys.path[0]
     import common
 
 PAPER = (
-    "Tamkin et al. 2023 (Fig. 6b as cited in issue 15): the best codes are more precise classifiers of regex "
+    "Tamkin et al. 2023 (Fig. 6b, quoted, not measured here): the best codes are more precise classifiers of regex "
     "features than the best neurons at the same recall, chosen and scored in-sample on their models' data; the "
-    "issue's target: average precision of the best codes >= 30% above the neurons'"
+    "target: average precision of the best codes >= 30% above the neurons'"
 )
 #: A best code below this held-out precision is reported as reading as something else than its feature.
 READS_AS_NOTHING = 0.3

@@ -60,8 +60,8 @@ TARGETS = ("word", "before_word")
 PAPER = {
     "tinystories_one_code": {"dragon": [0.025, 0.65], "fire": [0.025, 1.0], "flower": [0.0, 0.9]},
     "wikitext_all_codes": {"football": [0.075, 0.95]},
-    "note": "Tamkin et al. 2023 as quoted in issue 15: share of samples mentioning the topic, unsteered -> steered; "
-    "TinyStories one-layer model with one code forced, WikiText model with all of the topic's codes forced",
+    "note": "Tamkin et al. 2023, quoted (not measured here): share of samples mentioning the topic, unsteered -> "
+    "steered; TinyStories one-layer model with one code forced, WikiText model with all of the topic's codes forced",
 }
 TARGET = {"unsteered_below": 0.10, "steered_at_least": 0.60, "topics": 5}
 

@@ -38,7 +38,7 @@ from cbinterp.reporting import write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 #: The paper's TinyStories figures (Tamkin et al. 2023, one-layer model, attention codebooks, k = 8).
 PAPER = {"finetuned_loss": 1.57, "codebook_loss": 1.66, "codebook_minus_finetuned_loss": 0.09}
-TARGET_GAP = 0.10  # the target: (b) held-out loss <= (c) + 0.10 nats
+TARGET_GAP = 0.10  # the target: (b) held-out loss <= (c) + 0.10 nats
 QUICK_CHARS = {"train": 400_000, "heldout": 40_000}
 SHIP = {"codebook": DEFAULT_MODEL, "baseline": BASELINE_MODEL}
 SHIP_LIMIT_BYTES = 8 * 2**20

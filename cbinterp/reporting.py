@@ -75,8 +75,10 @@ def _is_pandas_na(value: Any) -> bool:
 
 
 def json_ready(value: Any, default: Callable[[Any], Any] | None = None) -> Any:
-    """`value` as plain JSON data: NaN, infinities and `pd.NA` become None, numpy and torch values Python numbers
-    and lists, dataclasses dicts, paths strings; dict keys that are numpy scalars become Python scalars.
+    """`value` as plain JSON data.
+
+    NaN, infinities and `pd.NA` become None, numpy and torch values Python numbers and lists, dataclasses dicts,
+    paths strings; dict keys that are numpy scalars become Python scalars.
 
     Args:
         default: called on any other value for something JSON can hold (as `json.dumps`'s `default`, e.g. `str`);
@@ -114,8 +116,9 @@ def _json_key(key: Any) -> Any:
 
 
 def write_json(path: PathLike, data: Any, indent: int | None = 2, default: Callable[[Any], Any] | None = None) -> Path:
-    """Write `data` (through `json_ready(data, default)`) as strict JSON (no NaN), atomically, creating the folder;
-    returns `path`."""
+    """Write `data` (through `json_ready(data, default)`) as strict JSON (no NaN), atomically; returns `path`.
+
+    The folder is created if needed."""
     path = Path(path)
     text = json.dumps(json_ready(data, default), indent=indent, allow_nan=False)
     with atomic_file(path) as tmp:

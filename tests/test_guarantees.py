@@ -1,5 +1,7 @@
-"""The cases of issue 9 ("nothing lost, nothing run, nothing mixed"), parts of issue 12 and 14: one test per case,
-each failing before its fix. Sections follow the issue's items 1-8."""
+"""The guarantees "nothing lost, nothing run, nothing mixed": one test per case, each failing before its fix.
+
+Sections 1-8 are the cases of those guarantees; then one verifier for codebook settings, and the data and model state
+that train checks on resume."""
 
 from __future__ import annotations
 
@@ -516,7 +518,7 @@ def test_hook_name_errors_suggest_only_acceptable_names(model):
     assert "hook_codes" not in suggestions and "hook_input" not in suggestions
 
 
-# -- issue 12: one verifier, one list of codebook settings ------------------------------------------------------------
+# -- one verifier, one list of codebook settings ----------------------------------------------------------------------
 def test_one_verifier_for_models_checkpoints_and_caches(model, tmp_path, monkeypatch):
     from cbinterp.core.storage import folder
 
@@ -546,7 +548,7 @@ def test_codebook_config_is_the_single_list_of_settings():
         Codebook(4, 8, kk=2)
 
 
-# -- issue 14: data and model state in train --------------------------------------------------------------------------
+# -- data and model state in train ------------------------------------------------------------------------------------
 def test_bare_token_tensor(make_tiny_model, tmp_path):
     data = torch.randint(0, 11, (10, 8), generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="batch_size"):

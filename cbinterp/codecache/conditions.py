@@ -46,8 +46,10 @@ def check_runnable(model: HookedTransformer) -> None:
 
 
 def run_conditions(model: HookedTransformer) -> dict:
-    """The conditions of a run of `model` now, as JSON: `{"codebooks": {name: "applied" | "observed"},
-    "settings": {name: {...}}, "hooks": {module name: [{"fn": readable name, "sha256": fingerprint}, ...]}}`."""
+    """The conditions of a run of `model` now, as JSON: its codebooks' modes, settings, and hooks.
+
+    `{"codebooks": {name: "applied" | "observed"}, "settings": {name: {...}}, "hooks": {module name: [{"fn": readable
+    name, "sha256": fingerprint}, ...]}}`."""
     codebooks = get_codebooks(model)
     owned = {id(m): name for name, m in model.named_modules()}
     hooks: dict[str, list[dict]] = {}
@@ -89,8 +91,10 @@ def describe_difference(stored: dict, current: dict) -> str | None:
 
 
 def check_same_run(path, old: dict, meta: dict) -> None:
-    """Refuse a resume whose conditions (hooks, observed codebooks, search settings) or settings (activation_dtype,
-    token_strings) differ from those the cache was made with: it would mix codes made two ways."""
+    """Refuse a resume whose conditions or settings differ from those the cache was made with.
+
+    Conditions are the hooks, observed codebooks and search settings; settings are activation_dtype and
+    token_strings. Resuming under others would mix codes made two ways."""
     how = "Run it as the cache was made, or use another directory (or delete this one) to start over."
     if not isinstance(old.get("conditions"), dict):
         raise ValueError(

@@ -27,8 +27,9 @@ def subset_cache(
     doc: Int[Tensor, " n_tokens"] | None = None,
     pos: Int[Tensor, " n_tokens"] | None = None,
 ) -> CodeCache:
-    """An in-memory `CodeCache` of the tokens where `keep` holds (codes, tokens, stored activations), optionally
-    with new `doc` / `pos` numbers (given for every token of `cache`, before selection)."""
+    """An in-memory `CodeCache` of the tokens where `keep` holds (codes, tokens, stored activations).
+
+    Optionally with new `doc` / `pos` numbers (given for every token of `cache`, before selection)."""
     keep = torch.as_tensor(keep).reshape(-1)
     if keep.dtype != torch.bool or keep.shape[0] != cache.n_tokens:
         raise ValueError(
@@ -53,7 +54,7 @@ def subset_cache(
     return CodeCache(meta, arrays=arrays, tokenizer=cache.tokenizer)
 
 
-def text_token_mask(mask: Bool[Tensor, "rows seq"]) -> Bool[Tensor, "rows seq"]:
+def text_token_mask(mask: Bool[Tensor, "rows pos"]) -> Bool[Tensor, "rows pos"]:
     """The text tokens of `DocumentTokens.mask`: real tokens other than each row's leading BOS."""
     out = mask.clone()
     out[:, 0] = False
@@ -67,9 +68,10 @@ def cache_documents(
     batch_size: int = 16,
     progress: bool = False,
 ) -> CodeCache:
-    """Cache the codes (and `hooks`' activations) of `documents` (a `DocumentTokens` from `tokenize_documents`),
-    keeping only text tokens (no BOS, no padding). `doc` is the document index and `pos` the
-    place of the token in its document (rows laid end to end, BOS not counted).
+    """Cache the codes (and `hooks`' activations) of `documents`, keeping only text tokens (no BOS, no padding).
+
+    `documents` is a `DocumentTokens` from `tokenize_documents`. `doc` is the document index and `pos` the place of
+    the token in its document (rows laid end to end, BOS not counted).
 
     Real tokens (mask True) must be ids in [0, d_vocab); padding (mask False, after the text) may hold any id: it
     is never run as itself nor cached."""
@@ -89,8 +91,9 @@ def cache_documents(
 
 
 def _checked_documents(documents) -> tuple[Tensor, Tensor, Tensor]:
-    """The tokens, mask and doc_index of a `DocumentTokens`, checked to fit one another (ids are checked by
-    `cache_codes`)."""
+    """The tokens, mask and doc_index of a `DocumentTokens`, checked to fit one another.
+
+    Token ids are checked by `cache_codes`."""
     tokens, mask = torch.as_tensor(documents.tokens), torch.as_tensor(documents.mask)
     doc_index = torch.as_tensor(documents.doc_index).reshape(-1)
     if tokens.dim() != 2 or mask.dtype != torch.bool or mask.shape != tokens.shape or len(doc_index) != len(tokens):

@@ -1,5 +1,6 @@
-"""A code cache folder: its marker (read, checked, rewritten), the chunks it lists or may adopt, and the checks
-before a run writes into it (a new folder, or a resume of the same run).
+"""A code cache folder: its marker, the chunks it lists or may adopt, and the checks before a run writes into it.
+
+The marker is read, checked and rewritten here; a run writes into a new folder, or resumes the same run.
 
 The marker lists the chunks that cover documents 0.. without a gap, so what opens is always a whole cache of the
 first ``n_docs`` documents. An interrupted run keeps its finished chunks; running `cache_codes` again on the same
@@ -84,8 +85,10 @@ def read_marker(directory: Path, check_files: bool = False) -> dict:
 
 
 def pending_chunks(path: Path, meta: dict) -> dict[str, dict]:
-    """Finished chunks in the folder that the marker does not list yet (written by other ranks, or by a run that
-    was killed), of this cache's weights, not overlapping the listed ones or each other: name -> chunk entry."""
+    """Finished chunks in the folder that the marker does not list yet: name -> chunk entry.
+
+    Chunks written by other ranks, or by a run that was killed, of this cache's weights, not overlapping the listed
+    ones or each other."""
     listed = {c["file"] for c in meta["chunks"]}
     taken = [(c["first_doc"], c["first_doc"] + c["n_docs"]) for c in meta["chunks"]]
     out = {}
@@ -106,8 +109,9 @@ def pending_chunks(path: Path, meta: dict) -> dict[str, dict]:
 
 
 def list_chunks(path: Path, meta: dict, known: dict[str, dict], file_entries: dict[str, dict]) -> None:
-    """Write the marker listing the chunks that cover documents 0.. without a gap (atomically): the cache that
-    opens is always whole; chunks after a gap wait, unlisted, for the run that fills it.
+    """Write the marker listing the chunks that cover documents 0.. without a gap (atomically).
+
+    The cache that opens is always whole; chunks after a gap wait, unlisted, for the run that fills it.
 
     Args:
         meta: the marker to update (in place) and write.
@@ -134,8 +138,9 @@ def list_chunks(path: Path, meta: dict, known: dict[str, dict], file_entries: di
 
 
 def _clean_debris(path: Path, meta: dict, keep: Iterable[str] = ()) -> None:
-    """Remove what killed writers left in the cache folder: their temporaries, and chunks neither the marker lists
-    nor `keep` (finished chunks to adopt)."""
+    """Remove what killed writers left in the cache folder.
+
+    That is their temporaries, and chunks neither the marker lists nor `keep` (finished chunks to adopt)."""
     listed = set(meta.get("files", {})) | set(keep)
     for entry in path.iterdir():
         m = TEMPORARY.match(entry.name)
@@ -145,8 +150,9 @@ def _clean_debris(path: Path, meta: dict, keep: Iterable[str] = ()) -> None:
 
 
 def open_for_writing(path: Path, meta: dict, identity: dict, hooks: list[str]) -> dict:
-    """The metadata to continue from at `path` (a new cache's, `meta`, when nothing is there); refuses a folder that
-    is no code cache and a cache of another model, weights, hooks or conditions.
+    """The metadata to continue from at `path` (a new cache's, `meta`, when nothing is there).
+
+    Refuses a folder that is no code cache, and a cache of another model, weights, hooks or conditions.
 
     Args:
         meta: the marker of this run's new cache (`new_marker`).

@@ -1,5 +1,6 @@
-"""What identifies the run that made a code cache (model, weights, hooks, conditions, settings), and the messages
-that say how another model or run differs."""
+"""What identifies the run that made a code cache (model, weights, hooks, conditions, settings).
+
+Also the messages that say how another model or run differs."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ __all__ = ["describe_mismatch", "model_identity", "new_marker", "run_fingerprint
 
 
 def model_identity(model: HookedTransformer, tokenizer_name: str | None = None) -> dict:
-    """What identifies a model for a cache: its codebooks, the basics of its config, and its tokenizer's name
-    (`tokenizer_name` when given, for a tokenizer that lives outside the model)."""
+    """What identifies a model for a cache: its codebooks, the basics of its config, and its tokenizer's name.
+
+    The tokenizer's name is `tokenizer_name` when given, for a tokenizer that lives outside the model."""
     cfg = model.cfg
     tokenizer = getattr(model, "tokenizer", None)
     codebooks = {
@@ -73,8 +75,9 @@ def describe_mismatch(stored: dict, current: dict) -> str:
 
 
 def run_fingerprint(meta: dict) -> str:
-    """What a chunk's header records of the run that made it, beside the weights: model, hooks, conditions,
-    settings (a chunk is adopted by a later run only when they are the same)."""
+    """What a chunk's header records of the run that made it, beside the weights: model, hooks, conditions, settings.
+
+    A chunk is adopted by a later run only when they are the same."""
     keys = ("codebooks", "model", "weights_sha256", "hooks", "conditions", "activation_dtype", "token_strings")
     body = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
@@ -87,8 +90,10 @@ def new_marker(
     activation_dtype: torch.dtype,
     token_strings: Sequence[str] | None,
 ) -> dict:
-    """The marker of an empty cache made by this run: `identity` (from `model_identity`), the weights' and the
-    run's fingerprints, the hooks, the conditions and settings (`token_strings` checked against the model)."""
+    """The marker of an empty cache made by this run.
+
+    It holds `identity` (from `model_identity`), the weights' and the run's fingerprints, the hooks, the conditions
+    and settings (`token_strings` checked against the model)."""
     meta = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

@@ -23,7 +23,7 @@ from cbinterp.core.codebooks.naming import did_you_mean
 
 __all__ = ["batches", "check_documents", "check_hooks", "check_token_strings"]
 
-Batch = tuple[Int[Tensor, "n seq"], Bool[Tensor, "n seq"] | None]
+Batch = tuple[Int[Tensor, "rows pos"], Bool[Tensor, "rows pos"] | None]
 
 _FIX = (
     "Right-pad each row (real tokens first, padding after them, as `to_tokens(..., padding_side='right')` does), or "
@@ -33,14 +33,16 @@ _FIX = (
 
 
 def check_documents(
-    tokens: Int[Tensor, "n seq"],
-    mask: Bool[Tensor, "n seq"] | None,
+    tokens: Int[Tensor, "rows pos"],
+    mask: Bool[Tensor, "rows pos"] | None,
     d_vocab: int,
     causal: bool = True,
     first_row: int = 0,
 ) -> None:
-    """Raise a ValueError unless the real tokens (all, or where `mask` holds) are ids in [0, d_vocab) and each row's
-    mask is a prefix (right padding); `first_row` numbers the rows in messages."""
+    """Raise a ValueError unless the real tokens are ids in [0, d_vocab) and each row's mask is a prefix.
+
+    The real tokens are all of them, or those where `mask` holds; a prefix mask is right padding. `first_row` numbers
+    the rows in messages."""
     if mask is None:
         check_token_ids(tokens, d_vocab, "The documents")
         return
@@ -69,9 +71,10 @@ def check_documents(
 def batches(
     tokens_or_iterable, batch_size: int, mask: Tensor | None = None, d_vocab: int | None = None, causal=True
 ) -> tuple[Iterator[Batch], int | None]:
-    """(tokens, mask) batches of at most batch_size documents, each checked (with `d_vocab`), and the number of
-    documents if known. Items of an iterable are documents (token tensors or lists, one or several rows) or
-    `(tokens, mask)` pairs; a mask is bool of the tokens' shape (True = real)."""
+    """(tokens, mask) batches of at most batch_size documents, each checked, and the number of documents if known.
+
+    Items of an iterable are documents (token tensors or lists, one or several rows) or `(tokens, mask)` pairs; a
+    mask is bool of the tokens' shape (True = real). Token ids are checked against `d_vocab`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     rows_seen = [0]
@@ -118,8 +121,10 @@ def batches(
 
 
 def _is_pair(item) -> bool:
-    """Whether an item is `(tokens, mask)`: a tuple of two, or a list of two whose second is a mask (bool), not a
-    two-token document such as `[4, 5]`."""
+    """Whether an item is `(tokens, mask)`.
+
+    That is a tuple of two, or a list of two whose second is a mask (bool), not a two-token document such as `[4,
+    5]`."""
     if not isinstance(item, (tuple, list)) or len(item) != 2 or is_int(item[1]):
         return False
     if isinstance(item, tuple):

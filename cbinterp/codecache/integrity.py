@@ -48,8 +48,9 @@ def _damaged(directory: Path, what: str) -> ValueError:
 
 
 def check_marker(directory: Path, meta: dict) -> None:
-    """Raise a ValueError if the marker's metadata was edited, names a file outside the folder, or contradicts
-    itself (chunks that do not cover documents 0 .. n_docs - 1 in order, counts that do not add up)."""
+    """Raise a ValueError if the marker's metadata was edited, names a file outside the folder, or contradicts itself.
+
+    Contradictions are chunks that do not cover documents 0 .. n_docs - 1 in order, and counts that do not add up."""
     recorded = meta.get(CHECKSUM_KEY)
     if recorded is not None and recorded != marker_checksum(meta):
         raise ValueError(
@@ -97,8 +98,10 @@ def check_marker(directory: Path, meta: dict) -> None:
 
 
 def check_member(directory: Path, meta: dict, name: str) -> Path:
-    """The path of the file `name` of the cache at `directory`, checked: a plain file inside it (no symbolic link),
-    present, of its recorded size and sha256 (when the marker records them)."""
+    """The path of the file `name` of the cache at `directory`, checked.
+
+    It must be a plain file inside it (no symbolic link), present, of its recorded size and sha256 (when the marker
+    records them)."""
     if not CHUNK_NAME.match(name) and ("/" in name or "\\" in name or name in ("", ".", "..")):
         raise _damaged(directory, f"the file name {name!r} leaves the cache folder")
     path = directory / name

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Int, Integer
 from safetensors import safe_open
 from torch import Tensor
 
@@ -70,8 +70,9 @@ ENTRY_KEYS = ("first_doc", "n_docs", "n_tokens", "data_sha256", "seq_lens")
 
 
 def code_dtype(n_codes: int) -> torch.dtype:
-    """The smallest dtype that stores code ids 0..n_codes-1 and a "no code" value none of them can take (uint8,
-    uint16, then int32)."""
+    """The smallest dtype that stores code ids 0..n_codes-1 and a "no code" value none of them can take.
+
+    That is uint8, uint16, then int32."""
     if n_codes < 256:
         return torch.uint8
     if n_codes < 65536:
@@ -86,14 +87,14 @@ def no_code_value(dtype: torch.dtype) -> int:
     return {torch.uint8: 255, torch.uint16: 65535}.get(dtype, NO_CODE)
 
 
-def stored_codes(codes: Int[Tensor, "n ..."], dtype: torch.dtype) -> Tensor:
+def stored_codes(codes: Int[Tensor, "n ..."], dtype: torch.dtype) -> Integer[Tensor, "n ..."]:
     """int32 code ids (-1 = no code) as stored in `dtype`."""
     if dtype == torch.int32:
         return codes.to(torch.int32)
     return codes.masked_fill(codes < 0, no_code_value(dtype)).to(dtype)
 
 
-def read_codes(raw: Int[Tensor, "n ..."], n_codes: int) -> Int[Tensor, "n ..."]:
+def read_codes(raw: Integer[Tensor, "n ..."], n_codes: int) -> Int[Tensor, "n ..."]:
     """Stored codes back as int64 ids, -1 for no code (any stored value that is no code id)."""
     out = raw.long()
     return out.masked_fill_((out >= n_codes) | (out < 0), NO_CODE)
@@ -103,7 +104,7 @@ def read_codes(raw: Int[Tensor, "n ..."], n_codes: int) -> Int[Tensor, "n ..."]:
 EMPTY_CHAIN = hashlib.sha256(b"cbinterp-docs").hexdigest()
 
 
-def chain_docs(chain: str, batch: Int[Tensor, "n seq"]) -> str:
+def chain_docs(chain: str, batch: Int[Tensor, "rows pos"]) -> str:
     """The running fingerprint of the documents cached so far, extended by the rows of `batch` (length and ids)."""
     rows = batch.detach().to("cpu", torch.int32).contiguous().numpy()
     length = int(rows.shape[1]).to_bytes(8, "little")

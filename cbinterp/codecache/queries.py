@@ -41,14 +41,16 @@ __all__ = [
 
 
 def _codes_of(cache, name: str, stored: bool = False) -> Tensor:
-    """The codes of `name`; with `stored`, as the cache stores them (compared against a code id as they are, not
-    widened to int64)."""
+    """The codes of `name`; with `stored`, as the cache stores them.
+
+    Stored codes are compared against a code id as they are, not widened to int64."""
     return cache.stored_codes(name) if stored and hasattr(cache, "stored_codes") else cache.codes(name)
 
 
 def _head_codes(cache, name: str, head, stored: bool = False) -> Tensor:
-    """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` for no head (see
-    `cbinterp.core.codebooks.heads.check_head`: None or a missing value; 0 for an ungrouped codebook)."""
+    """Codes `(n_tokens, k)` for one head, or `(n_tokens, heads, k)` / `(n_tokens, k)` for no head.
+
+    No head is None or a missing value; 0 for an ungrouped codebook (see `cbinterp.core.codebooks.heads.check_head`)."""
     codes = _codes_of(cache, name, stored)
     head = check_head(head, name, codes.shape[1] if codes.dim() == 3 else None)
     return codes if head is None else codes[:, head]
@@ -78,8 +80,9 @@ def _check_code(cache, name: str, code: int) -> int:
 
 
 def code_frequencies(cache, name: str, head: int | None = None) -> Tensor:
-    """Int64 `(n_codes,)`: how many tokens each code fires at (per-head codebook with head=None: (token, head)
-    pairs, summed over heads)."""
+    """Int64 `(n_codes,)`: how many tokens each code fires at.
+
+    For a per-head codebook with head=None, (token, head) pairs are counted, summed over heads."""
     n_codes = cache.n_codes(name)
     codes = _head_codes(cache, name, head, stored=True)
     codes = codes.reshape(-1, codes.shape[-1])
@@ -104,9 +107,10 @@ def code_fires(cache, name: str, code: int, head: int | None = None) -> Tensor:
 
 
 def codes_for_token(cache, name: str, token_id: int, head: int | None = None) -> pd.DataFrame:
-    """The codes that fire on occurrences of `token_id`: columns `code`, `count` (occurrences on which it fires;
-    (occurrence, head) pairs for head=None on a per-head codebook) and `share` (count / occurrences of the token),
-    most frequent first (ties: lower code)."""
+    """The codes that fire on occurrences of `token_id`, most frequent first (ties: lower code).
+
+    Columns `code`, `count` (occurrences on which it fires; (occurrence, head) pairs for head=None on a per-head
+    codebook) and `share` (count / occurrences of the token)."""
     token_id = _count(token_id, "token_id", 0)
     d_vocab = (getattr(cache, "meta", None) or {}).get("model", {}).get("d_vocab")
     if d_vocab is not None:
@@ -131,8 +135,9 @@ def cooccurrence(
     head_a: int | None = None,
     head_b: int | None = None,
 ) -> dict:
-    """Tokens at which code_a fires (`n_a`), code_b fires (`n_b`), both (`n_both`), and `jaccard` =
-    n_both / (n_a + n_b - n_both) (0.0 when neither fires)."""
+    """Tokens at which code_a fires (`n_a`), code_b fires (`n_b`), both (`n_both`), and their `jaccard` index.
+
+    `jaccard` = n_both / (n_a + n_b - n_both) (0.0 when neither fires)."""
     a = code_fires(cache, name_a, code_a, head_a)
     b = code_fires(cache, name_b, code_b, head_b)
     n_a, n_b, n_both = int(a.sum()), int(b.sum()), int((a & b).sum())
@@ -179,9 +184,10 @@ def code_contexts(
     sample: str = "random",
     seed: int = 0,
 ) -> list[dict]:
-    """Up to `max_examples` places where `code` fires, in cache order: dicts with `doc`, `pos`, `left` (text of
-    the up to `window` preceding tokens of the same document), `token` (the token's text) and `right` (the up to
-    `window` following tokens).
+    """Up to `max_examples` places where `code` fires, in cache order, with their text around them.
+
+    Dicts with `doc`, `pos`, `left` (text of the up to `window` preceding tokens of the same document), `token` (the
+    token's text) and `right` (the up to `window` following tokens).
 
     `sample="random"` (default) shows a seeded uniform sample of all firings, so the contexts represent the code
     rather than the first documents of the cache; `"first"` takes the first firings in cache order. Texts are
@@ -244,9 +250,10 @@ def top_tokens(
     n: int = 10,
     token_strings: VocabularyLike | None = None,
 ) -> pd.DataFrame:
-    """The `n` tokens on which `code` fires most often: columns `token` (id), `text` (when the cache knows its
-    text, or `token_strings` is given), `count` and `share` (count / tokens at which the code fires); ties: lower
-    token id first."""
+    """The `n` tokens on which `code` fires most often; ties: lower token id first.
+
+    Columns `token` (id), `text` (when the cache knows its text, or `token_strings` is given), `count` and `share`
+    (count / tokens at which the code fires)."""
     n = _count(n, "n", 1)
     fires = code_fires(cache, name, code, head)
     toks = _stored_tokens(cache)[fires].long()

@@ -108,8 +108,10 @@ class CodeCache:
         return self._part_list
 
     def _open_part(self, part: _Part):
-        """The chunk file of `part`, opened; checked first (the first time): a file of the folder, no link, its
-        recorded size and sha256, and a header that agrees with the marker."""
+        """The chunk file of `part`, opened; checked first (the first time).
+
+        It must be a file of the folder, no link, of its recorded size and sha256, with a header that agrees with the
+        marker."""
         name = part.file.name
         if name not in self._verified:
             integrity.check_member(self.directory, self.meta, name)
@@ -158,8 +160,9 @@ class CodeCache:
 
     @property
     def doc_offsets(self) -> Tensor | None:
-        """Int64 `(n_docs + 1,)`: document `d`'s tokens are the flat indices `doc_offsets[d]:doc_offsets[d + 1]`,
-        in position order; None for a cache that stores coordinates per token (older layout, `subset_cache`)."""
+        """Int64 `(n_docs + 1,)`: document `d`'s tokens are the flat indices `doc_offsets[d]:doc_offsets[d + 1]`.
+
+        In position order; None for a cache that stores coordinates per token (older layout, `subset_cache`)."""
         if self._offsets is None:
             parts = self._parts()
             if not all("doc_lengths" in p.keys for p in parts if p.n_tokens > 0 or p.arrays is not None):
@@ -174,17 +177,21 @@ class CodeCache:
     # -- metadata ------------------------------------------------------------------------------------------
     @property
     def codebook_names(self) -> list[str]:
+        """The names of the cached codebooks (their hook names), in the order they were recorded."""
         return list(self.meta["codebooks"])
 
     @property
     def hook_names(self) -> list[str]:
+        """The hooks whose activations the cache stores beside the codes (`cache_codes(hooks=...)`)."""
         return list(self.meta["hooks"])
 
     def n_codes(self, name: str) -> int:
+        """The number of codes of codebook `name`."""
         return self._codebook(name)["n_codes"]
 
     @property
     def n_tokens(self) -> int:
+        """The number of cached token positions, over all documents."""
         return (
             int(self.meta["n_tokens"])
             if self._arrays is None
@@ -193,6 +200,7 @@ class CodeCache:
 
     @property
     def n_docs(self) -> int:
+        """The number of cached documents."""
         return int(self.meta["n_docs"])
 
     def _codebook(self, name: str) -> dict:
@@ -212,6 +220,7 @@ class CodeCache:
         return count * torch.empty(0, dtype=self.storage_dtype(name)).element_size()
 
     def storage_dtype(self, name: str) -> torch.dtype:
+        """The dtype codebook `name`'s ids are stored in (the narrowest that holds its ids and the no-code id)."""
         if self._arrays is not None and f"codes/{name}" in self._arrays:
             return self._arrays[f"codes/{name}"].dtype
         return code_dtype(self._codebook(name)["n_codes"])
@@ -223,8 +232,9 @@ class CodeCache:
         return read_codes(self._raw(f"codes/{name}"), info["n_codes"])
 
     def stored_codes(self, name: str) -> Tensor:
-        """Code ids of codebook `name` as stored (`storage_dtype`; any value >= n_codes, or < 0, is no code): what
-        a query compares against without widening every id to int64."""
+        """Code ids of codebook `name` as stored (`storage_dtype`; any value >= n_codes, or < 0, is no code).
+
+        What a query compares against without widening every id to int64."""
         self._codebook(name)
         return self._raw(f"codes/{name}")
 
@@ -234,6 +244,7 @@ class CodeCache:
 
     @property
     def tokens(self) -> Tensor:
+        """Int64 `(n_tokens,)`: every cached token id, documents one after another."""
         return self._raw("tokens").long()
 
     @property
@@ -264,8 +275,9 @@ class CodeCache:
         return torch.cat(out)
 
     def doc_pos(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """Int64 (doc, pos) of the tokens at flat `index`, without building them for every token when the layout
-        stores offsets (and no chunk stores positions)."""
+        """Int64 (doc, pos) of the tokens at flat `index`.
+
+        Without building them for every token when the layout stores offsets (and no chunk stores positions)."""
         index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
         offsets = self.doc_offsets
         if offsets is None or any("pos" in p.keys for p in self._parts() if p.n_tokens > 0):
@@ -280,9 +292,10 @@ class CodeCache:
         return self._raw(f"act/{hook_name}")
 
     def check_model(self, model: HookedTransformer, tokenizer_name: str | None = None, weights: bool = True) -> None:
-        """Raise ValueError if `model` (and `tokenizer_name`, as given to `cache_codes`) is not what this cache was
-        made with: codebooks, n_codes, vocabulary, size, tokenizer, and (with `weights`, when the cache recorded
-        them) the weights themselves."""
+        """Raise ValueError if `model` is not what this cache was made with.
+
+        Compared: codebooks, n_codes, vocabulary, size, tokenizer (`tokenizer_name`, as given to `cache_codes`), and
+        (with `weights`, when the cache recorded them) the weights themselves."""
         current = model_identity(require_hooked_transformer(model), tokenizer_name)
         stored = {k: self.meta.get(k) for k in current}
         if stored != current:

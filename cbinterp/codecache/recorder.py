@@ -20,8 +20,9 @@ __all__ = ["CodeRecorder"]
 
 
 class CodeRecorder:
-    """Records the codes of every codebook (and the activations of `hooks`, as `activation_dtype`) of the pieces
-    given to `record`, and lands each into `writer` once its host copies are complete."""
+    """Records the codes of every codebook (and `hooks`' activations) of the pieces given to `record`.
+
+    Activations are kept as `activation_dtype`; each piece lands in `writer` once its host copies are complete."""
 
     def __init__(
         self,
@@ -38,9 +39,10 @@ class CodeRecorder:
         self.device = model.cfg.device
         self._pending: tuple | None = None  # the last piece, whose device-to-host copies may still be running
 
-    def record(self, batch: Int[Tensor, "n seq"], keep: Bool[Tensor, "n seq"] | None, first: int) -> None:
-        """Run documents `first ..` (`batch`, padding as -1 where `keep` is False) and queue their arrays; the
-        piece before is landed."""
+    def record(self, batch: Int[Tensor, "rows pos"], keep: Bool[Tensor, "rows pos"] | None, first: int) -> None:
+        """Run documents `first ..` (`batch`, padding as -1 where `keep` is False) and queue their arrays.
+
+        The piece before is landed."""
         n, seq = batch.shape
         lengths = torch.full((n,), seq, dtype=torch.int64) if keep is None else keep.sum(1).to(torch.int64)
         need_pos = keep is not None and bool((keep != (torch.arange(seq) < lengths[:, None])).any())

@@ -1,5 +1,6 @@
-"""The documents a resumed cache holds already: a resumed run checks that its input has the same ones there (by
-their fingerprint) and caches only the others."""
+"""The documents a resumed cache holds already.
+
+A resumed run checks that its input has the same ones there (by their fingerprint) and caches only the others."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ __all__ = ["CoveredDocuments"]
 
 
 class CoveredDocuments:
-    """The chunks a cache folder held before this run (`entries`, marker entries), against which the input's
-    documents are split and checked, in input order."""
+    """The chunks a cache folder held before this run (`entries`, marker entries).
+
+    The input's documents are split and checked against them, in input order."""
 
     def __init__(self, entries: list[dict], path: Path | None):
         self.path = path
@@ -27,8 +29,9 @@ class CoveredDocuments:
         self._seq_lens: dict[str, set] = {}
 
     def split(self, first: int, end: int) -> Iterator[tuple[int, int, dict | None]]:
-        """Documents `first .. end - 1` cut where covered chunks begin and end: `(start, stop, entry)`, `entry` the
-        covered chunk that holds documents `start .. stop - 1`, or None for documents to cache."""
+        """Documents `first .. end - 1` cut where covered chunks begin and end: `(start, stop, entry)`.
+
+        `entry` is the covered chunk that holds documents `start .. stop - 1`, or None for documents to cache."""
         start = first
         while start < end:
             while self._ahead and self._ahead[0]["first_doc"] + self._ahead[0]["n_docs"] <= start:
@@ -41,9 +44,10 @@ class CoveredDocuments:
             yield start, stop, entry
             start = stop
 
-    def check(self, entry: dict, rows: Int[Tensor, "n seq"], end: int, seq: int) -> None:
-        """Add `rows`, the input's documents `.. end - 1` of the covered chunk `entry`, to its fingerprint; at the
-        chunk's last document, raise a ValueError unless the input's documents are the cached ones."""
+    def check(self, entry: dict, rows: Int[Tensor, "rows pos"], end: int, seq: int) -> None:
+        """Add `rows`, the input's documents `.. end - 1` of the covered chunk `entry`, to its fingerprint.
+
+        At the chunk's last document, raise a ValueError unless the input's documents are the cached ones."""
         name = entry["file"]
         self._chains[name] = chain_docs(self._chains.get(name, EMPTY_CHAIN), rows)
         self._seq_lens.setdefault(name, set()).add(int(seq))

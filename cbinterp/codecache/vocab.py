@@ -80,7 +80,7 @@ class Vocabulary:
         if bad.any():
             raise ValueError(f"token id {int(ids[bad][0])} has no text: the vocabulary has {len(self.pieces)} entries.")
 
-    def spans(self, ids: Sequence[int]) -> tuple[str, np.ndarray, np.ndarray]:
+    def spans(self, ids: Sequence[int | np.integer] | np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
         """The text of `ids` read as one document, and each token's character span `[start, end)` in it."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self._check(ids)
@@ -103,7 +103,7 @@ class Vocabulary:
         c_starts[~nonempty] = c_ends[~nonempty] = char_of_byte[at] if len(data) else 0
         return text, c_starts, c_ends
 
-    def text(self, ids: Sequence[int]) -> str:
+    def text(self, ids: Sequence[int | np.integer] | np.ndarray) -> str:
         """The text of `ids`, decoded together (so characters split over tokens come out whole)."""
         return self.spans(ids)[0]
 

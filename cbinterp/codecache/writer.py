@@ -1,5 +1,6 @@
-"""Where `cache_codes` puts the arrays it records: chunk files in a cache folder (`ChunkWriter`), or memory
-(`MemoryWriter`).
+"""Where `cache_codes` puts the arrays it records.
+
+That is chunk files in a cache folder (`ChunkWriter`), or memory (`MemoryWriter`).
 
 Under `torch.distributed` the ranks write disjoint chunks into the same folder and rank 0 alone writes the marker,
 once all are done. The handshake: rank 0 checks (and maybe cleans) the folder while the others wait; every rank then
@@ -32,8 +33,9 @@ Arrays = dict[str, Tensor]
 
 
 class ChunkWriter:
-    """Collects one contiguous run of documents at a time and writes it as one chunk file into the cache folder,
-    which the marker lists once the chunks before it are there (at once in one process; at the end, by rank 0,
+    """Collects one contiguous run of documents at a time and writes it as one chunk file into the cache folder.
+
+    The marker lists a chunk once the chunks before it are there (at once in one process; at the end, by rank 0,
     under torch.distributed). Made by `ChunkWriter.open`."""
 
     def __init__(self, path: Path, meta: dict, rank: int = 0, world: int = 1):
@@ -52,9 +54,10 @@ class ChunkWriter:
     def open(
         cls, path: Path, meta: dict, identity: dict, hooks: list[str], tokenizer, rank: int, world: int
     ) -> ChunkWriter:
-        """The writer of this rank into the cache folder `path`, once rank 0 has checked it (`open_for_writing`:
-        a new cache, or the resume of the same run) and kept `tokenizer`'s files there; every rank raises rank 0's
-        refusal."""
+        """The writer of this rank into the cache folder `path`, once rank 0 has checked it.
+
+        Rank 0 checks the folder (`open_for_writing`: a new cache, or the resume of the same run) and keeps
+        `tokenizer`'s files there; every rank raises rank 0's refusal."""
         failure = None
         if rank == 0:
             try:
@@ -85,7 +88,7 @@ class ChunkWriter:
         self.seq_lens: set[int] = set()
         self.need_pos = False
 
-    def add(self, first: int, arrays: Arrays, rows: Int[Tensor, "n seq"], seq: int, need_pos: bool) -> None:
+    def add(self, first: int, arrays: Arrays, rows: Int[Tensor, "rows pos"], seq: int, need_pos: bool) -> None:
         """Buffer documents `first ..` (`rows` their cached ids, for the fingerprint); a gap starts a new chunk.
 
         Args:

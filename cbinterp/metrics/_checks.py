@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-Features = Bool[Tensor, "n_positions n_features"] | Int[Tensor, " n_positions"]
+Features = Bool[Tensor, "n_tokens n_features"] | Int[Tensor, " n_tokens"]
 
 
 def _as_int(value, what: str) -> int:
@@ -21,7 +21,7 @@ def _as_int(value, what: str) -> int:
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}.") from None
 
 
-def _check_codes(codes, n_codes, what: str = "codes") -> Int[Tensor, "n_positions k"]:
+def _check_codes(codes, n_codes, what: str = "codes") -> Int[Tensor, "n_tokens k"]:
     if not isinstance(codes, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor of code ids, got {type(codes).__name__}.")
     if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
@@ -97,7 +97,7 @@ def _check_features(features, n_positions: int, n_features: int | None) -> tuple
     return features, True, n_features
 
 
-def _check_acts(acts, what: str = "acts") -> Float[Tensor, "n_positions n_neurons"]:
+def _check_acts(acts, what: str = "acts") -> Float[Tensor, "n_tokens n_neurons"]:
     if not isinstance(acts, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(acts).__name__}.")
     if not acts.is_floating_point():
@@ -117,6 +117,6 @@ def _chunk(chunk_elements) -> int:
     return chunk_elements
 
 
-def _feature_positions(features: Tensor, is_labels: bool, f: int) -> Int[Tensor, " n_pos_f"]:
+def _feature_positions(features: Tensor, is_labels: bool, f: int) -> Int[Tensor, " n"]:
     column = features == f if is_labels else features[:, f]
     return column.nonzero().flatten()

@@ -80,23 +80,25 @@ class CodeFeatureCounts:
 
     @property
     def n_codes(self) -> int:
+        """The number of codes (rows of the counts)."""
         return self.tp.shape[0]
 
     @property
     def n_features(self) -> int:
+        """The number of features (columns of the counts)."""
         return self.tp.shape[1]
 
     def precision(self) -> Float[Tensor, "n_codes n_features"]:
-        """tp / code_counts as float64; 0.0 for codes that never fire."""
+        """Precision, `tp / code_counts` as float64; 0.0 for codes that never fire."""
         return self.tp.double() / self.code_counts.clamp_min(1).double().unsqueeze(1)
 
     def recall(self) -> Float[Tensor, "n_codes n_features"]:
-        """tp / feature_counts as float64; 0.0 for features with no positions."""
+        """Recall, `tp / feature_counts` as float64; 0.0 for features with no positions."""
         return self.tp.double() / self.feature_counts.clamp_min(1).double().unsqueeze(0)
 
 
 def code_feature_counts(
-    codes: Int[Tensor, "n_positions k"],
+    codes: Int[Tensor, "n_tokens k"],
     features: Features,
     n_codes: int,
     *,
@@ -156,23 +158,23 @@ def code_feature_counts(
 class NeuronRecallStats(NamedTuple):
     """Every neuron thresholded at each requested recall, for one feature."""
 
-    precision: Float[Tensor, "m n_neurons"]  # float64, tp / n_fires (0.0 for an empty feature)
-    threshold: Float[Tensor, "m n_neurons"]  # +inf (-inf from below) for an empty feature
-    tp: Int[Tensor, "m n_neurons"]  # feature positions at which the neuron fires (>= t because of ties)
-    n_fires: Int[Tensor, "m n_neurons"]  # all positions at which the neuron fires
+    precision: Float[Tensor, "recalls n_neurons"]  # float64, tp / n_fires (0.0 for an empty feature)
+    threshold: Float[Tensor, "recalls n_neurons"]  # +inf (-inf from below) for an empty feature
+    tp: Int[Tensor, "recalls n_neurons"]  # feature positions at which the neuron fires (>= t because of ties)
+    n_fires: Int[Tensor, "recalls n_neurons"]  # all positions at which the neuron fires
 
 
 class BestNeurons(NamedTuple):
     """The most precise neuron per query; neuron -1 (precision 0.0, sign 0) where the feature has no positions."""
 
-    precision: Float[Tensor, " q"]  # float64
-    neuron: Int[Tensor, " q"]
-    sign: Int[Tensor, " q"]  # +1: fires at act >= threshold, -1: fires at act <= threshold, 0: no neuron
-    threshold: Float[Tensor, " q"]  # float64; +inf where neuron is -1
-    recall: Float[Tensor, " q"]  # float64, the recall actually achieved (ties can push it above the target)
+    precision: Float[Tensor, " queries"]  # float64
+    neuron: Int[Tensor, " queries"]
+    sign: Int[Tensor, " queries"]  # +1: fires at act >= threshold, -1: fires at act <= threshold, 0: no neuron
+    threshold: Float[Tensor, " queries"]  # float64; +inf where neuron is -1
+    recall: Float[Tensor, " queries"]  # float64, the recall actually achieved (ties can push it above the target)
 
 
-def _check_recalls(recalls) -> Float[Tensor, " m"]:
+def _check_recalls(recalls) -> Float[Tensor, " recalls"]:
     is_bool = recalls.dtype == torch.bool if isinstance(recalls, Tensor) else isinstance(recalls, bool)
     if is_bool or (isinstance(recalls, (list, tuple)) and any(isinstance(x, bool) for x in recalls)):
         raise TypeError(f"recalls must be floats in (0, 1], got bools {recalls!r}.")
@@ -187,8 +189,11 @@ def _check_recalls(recalls) -> Float[Tensor, " m"]:
     return r
 
 
-def recall_targets(recalls, n_feature: int) -> Int[Tensor, " m"]:
-    """t = ceil(r * n_feature), clamped to [1, n_feature] (0 when n_feature is 0), with a 1e-9 relative tolerance."""
+def recall_targets(recalls, n_feature: int) -> Int[Tensor, " recalls"]:
+    """The true positives each recall in `recalls` needs: `t = ceil(r * n_feature)`.
+
+    Clamped to [1, n_feature] (0 when n_feature is 0), with a 1e-9 relative tolerance.
+    """
     r = _check_recalls(recalls)
     if n_feature == 0:
         return torch.zeros_like(r, dtype=torch.long)
@@ -197,8 +202,9 @@ def recall_targets(recalls, n_feature: int) -> Int[Tensor, " m"]:
 
 
 def _block_stats(pos_sorted: Tensor, all_sorted: Tensor, t: Tensor, from_below: bool):
-    """(threshold, tp, n_fires), each (neurons, m), from ascending per-neuron sorts of the feature's and all
-    positions."""
+    """The (threshold, tp, n_fires) of every neuron, each (neurons, m).
+
+    From ascending per-neuron sorts of the feature's and all positions."""
     n_pos, n = pos_sorted.shape[1], all_sorted.shape[1]
     if from_below:
         theta = pos_sorted[:, t - 1]
@@ -224,9 +230,9 @@ def _neuron_blocks(acts: Tensor, chunk_elements: int):
 
 
 def neuron_precision_at_recall(
-    acts: Float[Tensor, "n_positions n_neurons"],
-    feature_mask: Bool[Tensor, " n_positions"],
-    recalls: Sequence[float] | Float[Tensor, " m"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
+    feature_mask: Bool[Tensor, " n_tokens"],
+    recalls: Sequence[float] | Float[Tensor, " recalls"],
     *,
     from_below: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -281,9 +287,9 @@ def _check_mask(mask, n: int) -> Tensor:
 
 
 def best_neuron_precision_at_recall(
-    acts: Float[Tensor, "n_positions n_neurons"],
-    feature_mask: Bool[Tensor, " n_positions"],
-    recalls: Sequence[float] | Float[Tensor, " m"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
+    feature_mask: Bool[Tensor, " n_tokens"],
+    recalls: Sequence[float] | Float[Tensor, " recalls"],
     *,
     both_signs: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -308,10 +314,10 @@ def best_neuron_precision_at_recall(
 
 
 def best_neuron_precision_batch(
-    acts: Float[Tensor, "n_positions n_neurons"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
     features: Features,
-    query_features: Sequence[int] | Int[Tensor, " q"],
-    query_recalls: Sequence[float] | Float[Tensor, " q"],
+    query_features: Sequence[int] | Int[Tensor, " queries"],
+    query_recalls: Sequence[float] | Float[Tensor, " queries"],
     *,
     n_features: int | None = None,
     both_signs: bool = False,

@@ -49,8 +49,10 @@ HELDOUT_COLUMNS = [
 
 
 def default_neuron_sets(hooks: Sequence[str]) -> dict[str, list[str]]:
-    """Neuron sets by kind of hook: "mlp_hidden" (`*.mlp.hook_post`), "codebook_input" (`*.hook_input`, a codebook's
-    activation before quantization), and one set per any other hook under its own name."""
+    """Neuron sets by kind of hook.
+
+    "mlp_hidden" (`*.mlp.hook_post`), "codebook_input" (`*.hook_input`, a codebook's activation before quantization),
+    and one set per any other hook under its own name."""
     sets: dict[str, list[str]] = {}
     for hook in hooks:
         if hook.endswith("mlp.hook_post"):
@@ -64,9 +66,11 @@ def default_neuron_sets(hooks: Sequence[str]) -> dict[str, list[str]]:
 
 
 def code_fires_in(cache, codebook: str, code: int, head: int | None = None) -> Tensor:
-    """Bool `(n_tokens,)`: where `code` is among the ids of `codebook`: of its `head` for a per-head codebook (any
-    head when `head` is None or missing), of the whole codebook for one without heads (`head` None or missing, as
-    in the tables; 0 is accepted as its only group, see `cbinterp.core.codebooks.heads`)."""
+    """Bool `(n_tokens,)`: where `code` is among the ids of `codebook` (in `head`).
+
+    Of its `head` for a per-head codebook (any head when `head` is None or missing), of the whole codebook for one
+    without heads (`head` None or missing, as in the tables; 0 is accepted as its only group, see
+    `cbinterp.core.codebooks.heads`)."""
     codes = cache.codes(codebook)
     head = check_head(head, codebook, codes.shape[1] if codes.dim() == 3 else None)
     if head is not None:

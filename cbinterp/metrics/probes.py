@@ -160,8 +160,9 @@ def search_codes(
     *,
     min_recall: float = 0.0,
 ) -> pd.DataFrame:
-    """Codes of every codebook and head ranked as detectors of a regex (through `token_positions`, which needs
-    `token_strings`) or of a given bool mask `(n_tokens,)`.
+    """Codes of every codebook and head ranked as detectors of a regex or of a given bool mask `(n_tokens,)`.
+
+    A regex is matched through `token_positions`, which needs `token_strings`.
 
     Returns columns `SEARCH_COLUMNS` (`f1` = 2 tp / (n_fires + n_feature); `head` is `Int64`, `pd.NA` for a
     codebook without heads such as an MLP codebook, so `head=row.head` can be passed on), only codes with tp > 0,

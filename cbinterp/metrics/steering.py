@@ -41,9 +41,10 @@ def topic_codes(
 
 
 def steering_codes(table: pd.DataFrame, cache) -> dict[str, Tensor]:
-    """`generate_with_codes`' `codebook_codes` from a `topic_codes` table: codebook -> `(k_ids,)` ids, or `(heads, 1)`
-    for a per-head codebook. `generate_with_codes` forces every head of a codebook, so a per-head codebook with a head
-    that has no topic code is left out."""
+    """`generate_with_codes`' `codebook_codes` from a `topic_codes` table.
+
+    Codebook -> `(k_ids,)` ids, or `(heads, 1)` for a per-head codebook. `generate_with_codes` forces every head of a
+    codebook, so a per-head codebook with a head that has no topic code is left out."""
     out = {}
     for name in cache.codebook_names:
         rows = table[table["codebook"] == name]

@@ -174,7 +174,7 @@ def _table_rows(
 
 def add_neuron_precision(
     table: pd.DataFrame,
-    neuron_sets: Mapping[str, Float[Tensor, "n_positions n_neurons"]],
+    neuron_sets: Mapping[str, Float[Tensor, "n_tokens _n_neurons"]],
     features: Features,
     *,
     n_features: int | None = None,

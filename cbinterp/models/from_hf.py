@@ -80,8 +80,10 @@ def _read_folder(path: Path, dtype: torch.dtype) -> PreTrainedModel:
 
 
 def _converter_config(config: PretrainedConfig, architecture: str):
-    """A copy of `config` as TransformerLens' converter reads it (architecture named; GPT-2's ``n_ctx``, which
-    transformers 5 no longer sets, filled from ``n_positions``)."""
+    """A copy of `config` as TransformerLens' converter reads it.
+
+    The architecture is named, and GPT-2's ``n_ctx``, which transformers 5 no longer sets, is filled from
+    ``n_positions``."""
     data = config.to_dict()
     data["architectures"] = [architecture]
     if architecture == "GPT2LMHeadModel" and data.get("n_ctx") is None:
@@ -90,8 +92,9 @@ def _converter_config(config: PretrainedConfig, architecture: str):
 
 
 def _phi_config(config: PretrainedConfig) -> dict:
-    """TransformerLens' PhiForCausalLM conversion, reading ``partial_rotary_factor`` where transformers 5 keeps it
-    (``rope_parameters``; TransformerLens 3.9 reads the attribute transformers 5 removed)."""
+    """TransformerLens' PhiForCausalLM conversion, reading ``partial_rotary_factor`` where transformers 5 keeps it.
+
+    That is ``rope_parameters``; TransformerLens 3.9 reads the attribute transformers 5 removed."""
     if getattr(config, "qk_layernorm", False):
         raise ValueError("This Phi model normalises queries and keys (qk_layernorm), which TransformerLens ignores.")
     rope = getattr(config, "rope_parameters", None) or {}
@@ -181,8 +184,9 @@ def _exported_prepend_bos(path: Path) -> bool | None:
 
 
 def check_logits(hf_model: PreTrainedModel, model: HookedTransformer, n_tokens: int = 8, seed: int = 0) -> float:
-    """Run both models on the same `n_tokens` random ids (from `seed`); return max |logit difference| (raise
-    ValueError when it is too large to be rounding, so a conversion is never silently wrong)."""
+    """Run both models on the same `n_tokens` random ids (from `seed`); return max |logit difference|.
+
+    Raise ValueError when it is too large to be rounding, so a conversion is never silently wrong."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.cfg.d_vocab, (1, min(n_tokens, model.cfg.n_ctx)), generator=generator)
     hf_device = next(hf_model.parameters()).device

@@ -1,5 +1,6 @@
-"""Export a HookedTransformer (one trained with cbinterp, say) to a Hugging Face folder that plain `transformers`
-loads with ``AutoModelForCausalLM.from_pretrained(folder)``, giving the same logits.
+"""Export a HookedTransformer (one trained with cbinterp, say) to a Hugging Face folder.
+
+Plain `transformers` loads the folder with ``AutoModelForCausalLM.from_pretrained(folder)``, giving the same logits.
 
 cbinterp's models are pre-LayerNorm transformers with rotary attention, biases everywhere and an unembedding bias.
 GPT-NeoX would take everything but that last bias (its output layer has none, and the bias is not in the span of
@@ -97,10 +98,10 @@ def _norm(module, d_model: int) -> dict[str, Tensor]:
 
 
 def _attention(attn) -> dict[str, Tensor]:
-    def heads_in(w: Float[Tensor, "n_heads d_model d_head"]) -> Float[Tensor, "n_heads_d_head d_model"]:
+    def heads_in(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "heads*d_head d_model"]:
         return einops.rearrange(w, "n m h -> (n h) m")
 
-    def heads_bias(b: Float[Tensor, "n_heads d_head"]) -> Float[Tensor, " n_heads_d_head"]:
+    def heads_bias(b: Float[Tensor, "heads d_head"]) -> Float[Tensor, " heads*d_head"]:
         return einops.rearrange(b, "n h -> (n h)")
 
     return {

@@ -86,11 +86,12 @@ class CodebookSpec:
 
 @dataclasses.dataclass
 class CodebookRecipe:
-    """Warm start (`warm`, without codebooks; None: the model is already trained), then codebooks, then `phases`
-    with the codebooks in place. With `control`, a copy of the warm-started model is trained without codebooks
-    through every phase that trains the model (same steps, lr, data), so that "with codebooks" can be compared
-    with a model that saw the same extra training; `controls` names the control's phases instead when they need
-    names or settings of their own."""
+    """Warm start (`warm`), then codebooks, then `phases` with the codebooks in place; optionally a control model.
+
+    `warm` trains without codebooks (None: the model is already trained). With `control`, a copy of the warm-started
+    model is trained without codebooks through every phase that trains the model (same steps, lr, data), so that
+    "with codebooks" can be compared with a model that saw the same extra training; `controls` names the control's
+    phases instead when they need names or settings of their own."""
 
     warm: Phase | None
     codebooks: CodebookSpec
@@ -109,11 +110,13 @@ class CodebookRecipe:
             raise ValueError("The control phases train a model without codebooks; they cannot freeze the model.")
 
     def all_phases(self) -> list[Phase]:
+        """Every phase in the order they run: the warm start, the codebook phases, then the control's."""
         return ([self.warm] if self.warm else []) + list(self.phases) + self.control_phases()
 
     def control_phases(self) -> list[Phase]:
-        """The control model's phases: `controls`, or each codebook phase that trains the model, renamed
-        `control_<name>`."""
+        """The control model's phases.
+
+        `controls`, or each codebook phase that trains the model, renamed `control_<name>`."""
         if not self.control:
             return []
         if self.controls is not None:
@@ -121,10 +124,12 @@ class CodebookRecipe:
         return [dataclasses.replace(p, name=f"control_{p.name}") for p in self.phases if not p.freeze_model]
 
     def to_dict(self) -> dict:
+        """The recipe as plain JSON-ready data (`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> CodebookRecipe:
+        """The recipe that `to_dict` wrote."""
         warm = Phase(**data["warm"]) if data.get("warm") else None
         spec = CodebookSpec(**{**data["codebooks"], "sites": tuple(data["codebooks"]["sites"])})
         phases = [Phase(**p) for p in data["phases"]]
@@ -134,8 +139,10 @@ class CodebookRecipe:
 
 @dataclasses.dataclass
 class RecipeResult:
-    """The trained models and what each phase did. `warm_model` is a copy of the model after the warm start,
-    `control_model` that copy trained further without codebooks (None without `recipe.control`)."""
+    """The trained models and what each phase did.
+
+    `warm_model` is a copy of the model after the warm start, `control_model` that copy trained further without
+    codebooks (None without `recipe.control`)."""
 
     model: HookedTransformer
     warm_model: HookedTransformer

@@ -21,9 +21,7 @@ from cbinterp.tasks.text import TextSource, pack_documents
 __all__ = ["evaluate", "heldout_sequences"]
 
 
-def heldout_sequences(
-    texts: TextSource, tokenizer: PreTrainedTokenizerBase, seq_len: int
-) -> Int[Tensor, "n_seq seq_len"]:
+def heldout_sequences(texts: TextSource, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> Int[Tensor, "rows pos"]:
     """Held-out text packed the way training text is (`pack_documents`), for `evaluate`."""
     rows = list(pack_documents(texts, tokenizer, seq_len))
     if not rows:
@@ -42,7 +40,7 @@ def _count_codes(counts: Tensor, codes: Tensor, hook) -> None:
 @torch.no_grad()
 def evaluate(
     model: HookedTransformer,
-    sequences: Int[Tensor, "n_seq seq_len"],
+    sequences: Int[Tensor, "rows pos"],
     batch_size: int = 64,
     count_codes: bool = True,
 ) -> dict[str, Any]:

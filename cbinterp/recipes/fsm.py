@@ -27,8 +27,10 @@ STREAM_WARM, STREAM_CODEBOOKS, STREAM_KMEANS = 0, 1, 2
 
 @dataclasses.dataclass
 class FSMRecipe:
-    """Machine, model shape, data shape and training of the FSM codebook model. `seed` seeds all of them (the
-    machine, the weights, the codebooks and the data), so that seeds differ in everything."""
+    """Machine, model shape, data shape and training of the FSM codebook model.
+
+    `seed` seeds all of them (the machine, the weights, the codebooks and the data), so that seeds differ in
+    everything."""
 
     n_states: int = 100
     n_edges: int = 10
@@ -54,8 +56,10 @@ class FSMRecipe:
     def paper_training(
         warm_steps: int = 250, codebook_steps: int = 150, loss: str = "aeloss", n_codes: int = 1000
     ) -> CodebookRecipe:
-        """The default training: warm start, codebooks after every head and every MLP (1000 codes, k=1,
-        aeloss, k-means initialised), then end to end, the model at a tenth of the codebooks' learning rate."""
+        """The default training: warm start, codebooks after every head and every MLP, then end to end.
+
+        1000 codes, k=1, aeloss, k-means initialised; end to end, the model trains at a tenth of the codebooks'
+        learning rate."""
         return CodebookRecipe(
             warm=Phase("warm", steps=warm_steps, lr=3e-3, stream=STREAM_WARM),
             codebooks=CodebookSpec(sites=("attn", "mlp"), n_codes=n_codes, k=1, loss=loss),
@@ -86,9 +90,11 @@ class FSMRecipe:
 
     # -- parts --------------------------------------------------------------------------------------------
     def fsm(self) -> FSM:
+        """The recipe's random FSM (fixed by `n_states`, `n_edges`, `base` and `seed`)."""
         return FSM.random(self.n_states, self.n_edges, self.base, self.seed)
 
     def model_config(self, fsm: FSM, device: str | None = None) -> HookedTransformerConfig:
+        """The transformer's config for sequences of `fsm` (on `device`, default: cuda when present)."""
         return HookedTransformerConfig(
             n_layers=self.n_layers,
             d_model=self.d_model,
@@ -105,6 +111,7 @@ class FSMRecipe:
         )
 
     def build_model(self, fsm: FSM, device: str | None = None) -> HookedTransformer:
+        """A freshly initialised transformer (seeded by `seed`) for sequences of `fsm`."""
         torch.manual_seed(self.seed)
         return HookedTransformer(self.model_config(fsm, device))
 
@@ -113,13 +120,16 @@ class FSMRecipe:
         return lambda stream: fsm.token_batches(self.batch, self.seq_len, seed=self.data_seed(stream))
 
     def data_seed(self, stream: int) -> int:
+        """The seed of data stream `stream` (warm start, codebooks, k-means ...) of this recipe's seed."""
         return 1000 * self.seed + stream
 
     def kmeans_tokens(self, fsm: FSM) -> Tensor:
+        """`(kmeans_sequences, seq_len)` sampled tokens that initialise the codebooks by k-means."""
         return fsm.sample(self.kmeans_sequences, self.seq_len, self.data_seed(STREAM_KMEANS)).tokens
 
     @property
     def tokens_per_step(self) -> int:
+        """Input tokens per training step (`batch` sequences of `seq_len`)."""
         return self.batch * self.seq_len
 
     def run(
@@ -147,10 +157,12 @@ class FSMRecipe:
 
     # -- records ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The recipe as plain JSON-ready data (`from_dict` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> FSMRecipe:
+        """The recipe that `to_dict` wrote."""
         data = dict(data)
         training = CodebookRecipe.from_dict(data.pop("training"))
         return cls(**data, training=training)

@@ -1,6 +1,8 @@
-"""The parts of the codebook language model's run, one library call each: tokenizer, model, batches, codebooks,
-and each phase trained on its own (`run_lm` runs the phases through the phase runner, `run_recipe`, instead; both
-take their settings from `LMRecipe.codebook_recipe()`, so they train the same models)."""
+"""The parts of the codebook language model's run, one library call each.
+
+Tokenizer, model, batches, codebooks, and each phase trained on its own. `run_lm` runs the phases through the phase
+runner, `run_recipe`, instead; both take their settings from `LMRecipe.codebook_recipe()`, so they train the same
+models."""
 
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def batch_source(batches: TextBatches, recipe: LMRecipe) -> BatchSource:
     return stream
 
 
-def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "n seq_len"]:
+def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "rows pos"]:
     """`recipe.kmeans_sequences` training windows (a seeded sample) on which the codebooks are initialised."""
     generator = torch.Generator().manual_seed(recipe.seed + 17)
     pick = torch.randperm(batches.n_sequences, generator=generator)[: recipe.kmeans_sequences]
@@ -117,9 +119,11 @@ def train_codebook_model(
     progress: bool = True,
     on_init: Callable[[HookedTransformer], None] | None = None,
 ) -> TrainResult:
-    """Phase (b): attach codebooks to the trained baseline `model` (in place), k-means initialise them (unless a
-    checkpoint is resumed: it holds the codes), then train end to end for `recipe.codebook_steps` on the batches
-    after (a)'s. `on_init(model)` is called after initialisation, before training (e.g. to evaluate it)."""
+    """Phase (b): attach codebooks to the trained baseline `model` (in place), initialise them, train end to end.
+
+    The codebooks are k-means initialised (unless a checkpoint is resumed: it holds the codes), then trained for
+    `recipe.codebook_steps` on the batches after (a)'s. `on_init(model)` is called after initialisation, before
+    training (e.g. to evaluate it)."""
     resuming = checkpoint_dir is not None and is_checkpoint(recover_dir(Path(checkpoint_dir)))
     add_codebooks(model, recipe, None if resuming else kmeans_tokens(batches, recipe), progress=progress)
     if on_init is not None and not resuming:

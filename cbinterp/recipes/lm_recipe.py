@@ -121,15 +121,18 @@ class LMRecipe:
         return cls(**{**settings, **overrides})
 
     def replace(self, **changes) -> LMRecipe:
+        """A copy with `changes` applied (checked again, as a new recipe)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The recipe as plain JSON-ready data (`from_dict` reads it back)."""
         out = dataclasses.asdict(self)
         out["sites"] = list(self.sites)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> LMRecipe:
+        """The recipe that `to_dict` wrote; unknown settings are refused by name."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -142,8 +145,10 @@ class LMRecipe:
         return self.batch_size * self.seq_len
 
     def codebook_recipe(self) -> CodebookRecipe:
-        """The three phases as the phase runner's recipe (`run_recipe`): (a) is the warm start on stream
-        `STREAM_BASELINE`, (b) the codebook phase and (c) its control, both on `STREAM_CONTINUED`."""
+        """The three phases as the phase runner's recipe (`run_recipe`).
+
+        (a) is the warm start on stream `STREAM_BASELINE`, (b) the codebook phase and (c) its control, both on
+        `STREAM_CONTINUED`."""
 
         def phase(name: str, stream: int) -> Phase:
             first = name == "baseline"
@@ -177,6 +182,7 @@ class LMRecipe:
         )
 
     def model_config(self, d_vocab: int, device: str | None = None) -> HookedTransformerConfig:
+        """The transformer's config for a vocabulary of `d_vocab` ids (on `device`, default: cuda when present)."""
         return HookedTransformerConfig(
             n_layers=self.n_layers,
             d_model=self.d_model,
@@ -194,7 +200,7 @@ class LMRecipe:
 
 
 def default_device() -> str:
-    """ "cuda" when a GPU is present, else "cpu"."""
+    """The default device: `"cuda"` when a GPU is present, else `"cpu"`."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -74,6 +74,7 @@ class FSM:
 
     # -- persistence -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The machine as plain JSON-ready data (`from_dict` reads it back)."""
         return {
             "n_states": self.n_states,
             "n_edges": self.n_edges,
@@ -84,17 +85,20 @@ class FSM:
 
     @classmethod
     def from_dict(cls, data: dict) -> FSM:
+        """The machine that `to_dict` wrote; missing keys are refused by name."""
         missing = {"n_states", "n_edges", "base", "seed", "successors"} - set(data)
         if missing:
             raise ValueError(f"FSM JSON lacks the keys {sorted(missing)}.")
         return cls(data["n_states"], data["n_edges"], data["base"], data["seed"], np.array(data["successors"]))
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the machine to `path` as JSON (atomically)."""
         with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FSM:
+        """The machine that `save` wrote to `path`."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- tokens ------------------------------------------------------------------------------------------
@@ -111,8 +115,9 @@ class FSM:
         return torch.as_tensor(np.concatenate([np.full((len(walks), 1), self.bos), body], axis=1), dtype=torch.long)
 
     def decode_states(self, digits: np.ndarray | Tensor) -> np.ndarray:
-        """State ids of digit groups `(..., digits)` (most significant first); -1 where a token is not a digit or
-        the number is not a state."""
+        """State ids of digit groups `(..., digits)` (most significant first).
+
+        -1 where a token is not a digit or the number is not a state."""
         digits = np.asarray(digits)
         is_digit = ((digits >= 0) & (digits < self.base)).all(-1)
         ids = (np.clip(digits, 0, self.base - 1) * self.base ** np.arange(self.digits - 1, -1, -1)).sum(-1)
@@ -134,8 +139,9 @@ class FSM:
         return states
 
     def sample(self, batch: int, seq_len: int, seed: int | np.random.Generator = 0) -> FSMBatch:
-        """`batch` sequences of `seq_len` tokens: BOS, then a random walk's states digit by digit (the last state
-        may be cut off)."""
+        """`batch` sequences of `seq_len` tokens: BOS, then a random walk's states digit by digit.
+
+        The last state may be cut off."""
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 (BOS and one digit), got {seq_len}.")
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
@@ -176,8 +182,9 @@ class FSM:
         return sum(self.base**j for j in range(1, self.digits))
 
     def _prefix_ids(self, data: FSMBatch) -> tuple[Tensor, Tensor]:
-        """(inside, prefix): where a state is being read but not yet complete, and which digits were read so
-        far, numbered 0..prefix_width-1 (one-digit prefixes first, then two-digit ones, ...)."""
+        """(inside, prefix): where a state is being read but not yet complete, and which digits were read so far.
+
+        Prefixes are numbered 0..prefix_width-1 (one-digit prefixes first, then two-digit ones, ...)."""
         inside = (data.digit_index >= 0) & (data.digit_index < self.digits - 1)
         digits = torch.as_tensor(self.state_digits(data.state_in_progress.clamp_min(0).numpy()))
         value = torch.zeros_like(data.tokens)
@@ -190,8 +197,9 @@ class FSM:
         return inside, offset + value
 
     def state_plus_digit(self, data: FSMBatch) -> Int[Tensor, "batch pos"]:
-        """Feature id of "state s, then the next state's digits so far" at positions inside the next state
-        (all but its last digit), else -1. For two-digit states the id is `s * base + first digit`."""
+        """Feature id of "state s, then the next state's digits so far" inside the next state, else -1.
+
+        Inside means all but the next state's last digit. For two-digit states the id is `s * base + first digit`."""
         inside, prefix = self._prefix_ids(data)
         return torch.where(inside & (data.prev_state >= 0), data.prev_state * self.prefix_width + prefix, -1)
 
@@ -213,8 +221,9 @@ class FSM:
         return torch.where(data.state_at >= 0, data.state_at, torch.where(inside, following, -1))
 
     def feature_names(self) -> list[str]:
-        """Readable names of the `feature_labels` ids: "state 42", "state 42 > 7" (the next state begins with
-        7) and "start > 7" (the first state begins with 7)."""
+        """Readable names of the `feature_labels` ids.
+
+        "state 42", "state 42 > 7" (the next state begins with 7) and "start > 7" (the first state begins with 7)."""
         sep = "" if self.base <= 10 else ","
         prefixes = [
             sep.join(map(str, p))
@@ -226,8 +235,9 @@ class FSM:
 
     # -- the best possible loss ---------------------------------------------------------------------------
     def optimal_loss(self, data: FSMBatch) -> float:
-        """Cross-entropy (nats/token) of the Bayes-optimal predictor that knows the machine, on `data`'s
-        next-token targets, the same positions `HookedTransformer(..., return_type="loss")` averages."""
+        """Cross-entropy (nats/token) of the Bayes-optimal predictor that knows the machine, on `data`.
+
+        On `data`'s next-token targets, the same positions `HookedTransformer(..., return_type="loss")` averages."""
         ent = self._next_token_entropy(data)
         return float(ent[:, :-1].mean())
 
@@ -264,7 +274,7 @@ def sample_from_model(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 500,
-) -> tuple[Int[Tensor, "batch seq"], Float[Tensor, "batch seq_minus_1 vocab"]]:
+) -> tuple[Int[Tensor, "rows pos"], Float[Tensor, "rows pos-1 vocab"]]:
     """Sequences sampled from `model`, starting from BOS, to `seq_len` tokens, at `temperature`.
 
     Returns the tokens `(n, seq_len)` (BOS first) and, for each position but the last, the distribution the next
@@ -358,9 +368,10 @@ def sampled_state_accuracy(
     seed: int = 0,
     batch_size: int = 500,
 ) -> dict:
-    """The paper's state accuracy: `n_sequences` sampled from BOS at `temperature` to `seq_len` tokens (default:
-    the model's context), scored by `score_sampled_sequences` (share of valid transitions, valid next-state
-    mass)."""
+    """The paper's state accuracy, on `n_sequences` sampled from BOS at `temperature`.
+
+    Sampled to `seq_len` tokens (default: the model's context) and scored by `score_sampled_sequences` (share of
+    valid transitions, valid next-state mass)."""
     seq_len = seq_len or model.cfg.n_ctx
     tokens, probs = sample_from_model(model, n_sequences, seq_len, fsm.bos, temperature, seed, batch_size)
     return score_sampled_sequences(fsm, tokens, probs) | {"seq_len": seq_len, "temperature": temperature}
@@ -376,8 +387,10 @@ def teacher_forced_transition_accuracy(
     seed: int = 12345,
     batch_size: int = 256,
 ) -> dict:
-    """Teacher-forced: how often the greedily decoded next state (digit by digit) after a true walk from the data
-    is a valid successor. Not the paper's state accuracy (`sampled_state_accuracy`); every prefix is true data.
+    """Teacher-forced: how often the greedily decoded next state after a true walk is a valid successor.
+
+    The next state is decoded digit by digit after a walk from the data. Not the paper's state accuracy
+    (`sampled_state_accuracy`); every prefix is true data.
 
     Prefixes end right after a complete state; `cut_states` says after how many states (default: every
     count that fits in `seq_len`). Returns the overall rate, the first-transition rate (after one state)

@@ -45,19 +45,21 @@ SITE_OUTPUTS = "site_outputs"
 class FSMActivations:
     """Everything the classifier analysis needs, over the same flattened positions (BOS dropped)."""
 
-    labels: Int[Tensor, " n"]  # `FSM.feature_labels` id per position, -1 for none
+    labels: Int[Tensor, " n_tokens"]  # `FSM.feature_labels` id per position, -1 for none
     codes: dict[str, Tensor]  # codebook name -> (n, k) or (n, heads, k) code ids
-    neurons: dict[str, Float[Tensor, "n d"]]  # neuron set name -> activations
-    previous: Int[Tensor, " n"] | None = None  # at a state's last digit, the state before it (-1: the start)
-    doc: Int[Tensor, " n"] | None = None  # the sequence each position comes from
+    neurons: dict[str, Float[Tensor, "n_tokens _n_neurons"]]  # neuron set name -> activations (sets differ in width)
+    previous: Int[Tensor, " n_tokens"] | None = None  # at a state's last digit, the state before it (-1: the start)
+    doc: Int[Tensor, " n_tokens"] | None = None  # the sequence each position comes from
 
     @property
     def n_positions(self) -> int:
+        """The number of labelled positions."""
         return int(self.labels.shape[0])
 
     def halves(self) -> tuple[Tensor, Tensor]:
-        """(select, score): bool masks splitting the positions by sequence (even / odd sequence index), so that
-        codes and neurons chosen on one half are scored on positions of other sequences."""
+        """(select, score): bool masks splitting the positions by sequence (even / odd sequence index).
+
+        So that codes and neurons chosen on one half are scored on positions of other sequences."""
         if self.doc is None:
             raise ValueError(
                 "These activations carry no sequence ids (doc); collect them with collect_fsm_activations."
@@ -77,9 +79,11 @@ def collect_fsm_activations(
     progress: bool = True,
     neurons: bool = True,
 ) -> FSMActivations:
-    """Run `model` over fresh FSM sequences (at least `n_positions` positions after BOS) through `cache_codes`,
-    keeping its codes and (with `neurons`, as float32) its MLP hidden neurons (`blocks.{l}.mlp.hook_post`, all
-    layers) and every codebook's input (each attention and MLP output before quantization), all on the CPU."""
+    """Run `model` over fresh FSM sequences through `cache_codes`, all on the CPU.
+
+    At least `n_positions` positions after BOS. Keeps its codes and (with `neurons`, as float32) its MLP hidden
+    neurons (`blocks.{l}.mlp.hook_post`, all layers) and every codebook's input (each attention and MLP output before
+    quantization)."""
     require_hooked_transformer(model)
     codebooks = get_codebooks(model)
     if not codebooks:
@@ -120,9 +124,10 @@ def fsm_code_table(
     min_fires: int = 20,
     neuron_kinds: Sequence[str] = ("state",),
 ) -> pd.DataFrame:
-    """Each code's best FSM feature by precision (codes firing at least `min_fires` times), with the best
-    neuron's precision at the code's recall, for both neuron sets, on the rows whose feature is of a kind in
-    `neuron_kinds`.
+    """Each code's best FSM feature by precision, with the best neuron's precision at the code's recall.
+
+    Codes firing at least `min_fires` times; the neuron's precision for both neuron sets, on the rows whose feature
+    is of a kind in `neuron_kinds`.
 
     Adds the columns `layer`, `site` ("attn" or "mlp" or the hook name), and `kind` ("state" or "state+digit").
     The neuron columns are NaN ("not measured") on rows of other kinds: the search costs time per feature, and
@@ -155,9 +160,11 @@ def fsm_code_table(
 
 
 def summarize_state_codes(table: pd.DataFrame, fsm: FSM, own_code_precision: float = 0.9) -> pd.DataFrame:
-    """Per codebook (and head): how many states have a code of their own, and the precision of the state codes
-    beside the best neurons' at the same recall (mean and median). One row per (codebook, head) of `table`, in
-    table order; `head` is `Int64`, `pd.NA` for a codebook without heads (an MLP codebook)."""
+    """Per codebook (and head): how many states have a code of their own, and how precise those codes are.
+
+    The precision of the state codes beside the best neurons' at the same recall (mean and median). One row per
+    (codebook, head) of `table`, in table order; `head` is `Int64`, `pd.NA` for a codebook without heads (an MLP
+    codebook)."""
     rows = []
     neuron_columns = [c for c in table.columns if c.startswith("neuron_precision_")]
     for (name, head), group in table.groupby(["codebook", "head"], sort=False, dropna=False):
@@ -208,10 +215,11 @@ def _site_of(name: str) -> str:
 # ------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PooledCodes:
-    """The codes of several codebooks (heads counted apart) as one pool: pool index -> (codebook, head, code), head
-    None for a codebook without heads (an MLP codebook)."""
+    """The codes of several codebooks (heads counted apart) as one pool: pool index -> (codebook, head, code).
 
-    codes: Int[Tensor, "n m"]  # per position, the pool ids of the codes firing there (-1 = none)
+    head is None for a codebook without heads (an MLP codebook)."""
+
+    codes: Int[Tensor, "n_tokens slots"]  # per position, the pool ids of the codes firing there (-1 = none)
     names: list[tuple[str, int | None, int]]
 
 
@@ -234,7 +242,7 @@ def _counts(pool: PooledCodes, labels: Tensor, mask: Tensor, n_features: int):
 
 def feature_first_search(
     pool: PooledCodes,
-    labels: Int[Tensor, " n"],
+    labels: Int[Tensor, " n_tokens"],
     features: Sequence[int],
     select: Tensor,
     score: Tensor,
@@ -242,8 +250,9 @@ def feature_first_search(
     min_recall: float = 0.01,
     precise: float = 0.9,
 ) -> pd.DataFrame:
-    """The paper's search, feature first: for each feature, its codes with recall > `min_recall`, ranked by
-    precision, chosen on the `select` positions and scored on the `score` positions.
+    """The paper's search, feature first: for each feature, its codes with recall > `min_recall` by precision.
+
+    Chosen on the `select` positions and scored on the `score` positions.
 
     One row per feature with: `n_select`/`n_score` (its positions in each half); the best code by precision on
     `select` (`best_code`: pool id, -1 if no code passes the recall cut) with `best_precision`/`best_recall` on
@@ -336,7 +345,7 @@ def previous_state_split(
 
 
 def neurons_at_code_recall(
-    acts: Float[Tensor, "n d"],
+    acts: Float[Tensor, "n_tokens n_neurons"],
     labels: Tensor,
     table: pd.DataFrame,
     select: Tensor,
@@ -345,9 +354,10 @@ def neurons_at_code_recall(
     code_column: str = "best_code",
     recall_column: str = "best_recall_select",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """For each row's feature, the neuron (read from above) of best precision at the recall its code reaches,
-    chosen with its threshold on `select`, then scored on `score`: returns (precision, recall) on `score`
-    (NaN where the row has no code)."""
+    """For each row's feature, the neuron of best precision at the recall its code reaches.
+
+    The neuron (read from above) is chosen with its threshold on `select`, then scored on `score`: returns
+    (precision, recall) on `score` (NaN where the row has no code)."""
     prec = np.full(len(table), np.nan)
     rec = np.full(len(table), np.nan)
     has = (table[code_column] >= 0).to_numpy()
@@ -382,10 +392,11 @@ def state_code_report(
     precise: float = 0.9,
     neurons: bool = True,
 ) -> pd.DataFrame:
-    """The feature-first search over the pooled `codebooks` for every "state" feature (`features="state"`) or
-    every "state s > digits" feature that occurs (`"state+digit"`), chosen on one half of the sequences and
-    scored on the other; for states also the previous-state split and (with `neurons`) the best neurons of each
-    neuron set at the best code's recall, both chosen on the selection half.
+    """The feature-first search over the pooled `codebooks` for every state feature or state-and-digits feature.
+
+    Every "state" feature (`features="state"`) or every "state s > digits" feature that occurs (`"state+digit"`),
+    chosen on one half of the sequences and scored on the other; for states also the previous-state split and (with
+    `neurons`) the best neurons of each neuron set at the best code's recall, both chosen on the selection half.
 
     The best code is named by `best_codebook`, `best_head` (`Int64`: the head of a per-head codebook, `pd.NA` for
     a codebook without heads and for a feature without a code) and `best_code_id` (-1: no code)."""
@@ -421,9 +432,10 @@ def state_code_report(
 
 
 def state_code_headline(table: pd.DataFrame, precise: float = 0.9, min_recall_own: float = 0.5) -> dict:
-    """The headline figures of a `state_code_report` table: mean precision and recall of each feature's best
-    code, how many features have a code of precision >= `precise` and recall >= `min_recall_own` (chosen on one
-    half, both measured on the other), and the neuron baselines' means."""
+    """The headline figures of a `state_code_report` table.
+
+    Mean precision and recall of each feature's best code, how many features have a code of precision >= `precise`
+    and recall >= `min_recall_own` (chosen on one half, both measured on the other), and the neuron baselines' means."""
     own = (table["precise_precision"] >= precise) & (table["precise_recall"] >= min_recall_own)
     out = {
         "n_features": int(len(table)),

@@ -158,9 +158,10 @@ _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
 
 
 def is_repetitive(text: str, max_share: float = 0.5, min_distinct: int = 3) -> bool:
-    """True when `text` is (mostly) one word repeated: fewer than `min_distinct` distinct words, or one word
-    (case-folded) making up at least `max_share` of all words. Text without words counts as repetitive (it reads
-    as nothing either)."""
+    """True when `text` is (mostly) one word repeated.
+
+    That is fewer than `min_distinct` distinct words, or one word (case-folded) making up at least `max_share` of all
+    words. Text without words counts as repetitive (it reads as nothing either)."""
     if not 0.0 < max_share <= 1.0:
         raise ValueError(f"max_share must lie in (0, 1], got {max_share}.")
     words = [w.casefold() for w in _WORD.findall(text)]

@@ -1,5 +1,6 @@
-"""Tokenised text as rows that start with BOS: packed training windows (`pack_documents`) and whole documents
-(`tokenize_documents`), with the checks that rows fit a model."""
+"""Tokenised text as rows that start with BOS, with the checks that rows fit a model.
+
+Packed training windows (`pack_documents`) and whole documents (`tokenize_documents`)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def pack_documents(
     *,
     text_column: str = "text",
     docs_per_batch: int = DOCS_PER_BATCH,
-) -> Iterator[Int[Tensor, " seq_len"]]:
+) -> Iterator[Int[Tensor, " pos"]]:
     """Stream `texts` as windows of `seq_len` int64 token ids, in corpus order, with bounded memory.
 
     The documents' tokens are joined into one stream with ``<|endoftext|>`` (the tokenizer's EOS) between
@@ -136,12 +137,13 @@ class DocumentTokens:
     in corpus order (every document has at least one row: an empty one is BOS alone).
     """
 
-    tokens: Int[Tensor, "rows seq_len"]
-    mask: Bool[Tensor, "rows seq_len"]
+    tokens: Int[Tensor, "rows pos"]
+    mask: Bool[Tensor, "rows pos"]
     doc_index: Int[Tensor, " rows"]
 
     @property
     def n_docs(self) -> int:
+        """The number of documents packed into the sequences."""
         return int(self.doc_index[-1]) + 1 if len(self.doc_index) else 0
 
     def document(self, i: int) -> Int[Tensor, " n_tokens"]:

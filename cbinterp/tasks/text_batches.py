@@ -27,7 +27,7 @@ class TextBatches:
 
     def __init__(
         self,
-        sequences: Int[Tensor, "n_seq seq_len"],
+        sequences: Int[Tensor, "rows pos"],
         batch_size: int,
         seed: int = 0,
         model: HookedTransformer | None = None,
@@ -79,10 +79,12 @@ class TextBatches:
 
     @property
     def n_sequences(self) -> int:
+        """The number of packed sequences."""
         return int(self.sequences.shape[0])
 
     @property
     def seq_len(self) -> int:
+        """The length of every sequence, in tokens."""
         return int(self.sequences.shape[1])
 
     @property
@@ -94,7 +96,7 @@ class TextBatches:
         """The epoch that the first sequence of batch `step` belongs to."""
         return (_check_step(step) * self.batch_size) // self.n_sequences
 
-    def permutation(self, epoch: int) -> Int[Tensor, " n_seq"]:
+    def permutation(self, epoch: int) -> Int[Tensor, " rows"]:
         """The order of the sequences in `epoch`: a pure function of (seed, epoch)."""
         if self._perm[0] != epoch:
             rng = np.random.default_rng([self.seed, epoch])
@@ -112,7 +114,8 @@ class TextBatches:
             out[here] = self.permutation(epoch)[offsets[here]]
         return out
 
-    def __call__(self, step: int) -> Int[Tensor, "batch seq_len"]:
+    def __call__(self, step: int) -> Int[Tensor, "batch pos"]:
+        """The batch of step `step` (see `indices`)."""
         return self.sequences[self.indices(step)].long()
 
     def check_model(self, model: HookedTransformer) -> None:

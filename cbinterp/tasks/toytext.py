@@ -84,12 +84,15 @@ class CharTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """The number of token ids (BOS and the unknown-character token included)."""
         return len(self.token_strings)
 
     def encode(self, text: str) -> list[int]:
+        """The token ids of `text`, one per character; characters outside the alphabet become id 1."""
         return [self._ids.get(ch, 1) for ch in text]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids` (BOS decodes to nothing)."""
         return "".join(self.token_strings[int(i)] for i in ids)
 
     def batch(self, texts: Sequence[str], seq_len: int) -> Tensor:

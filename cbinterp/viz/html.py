@@ -78,10 +78,11 @@ def context_view(
     sample: str = "random",
     seed: int = 0,
 ) -> CodeContextView:
-    """A `CodeContextView` of where `code` of codebook `name` (and `head`) fires in `cache`: a seeded sample of
-    `max_examples` firings (see `code_contexts`), titled with how many of all firings are shown. `head` as in
-    `code_contexts` (None or missing for a codebook without heads); the title names a head only for a per-head
-    codebook ("blocks.0.hook_mlp_out, code 7", "blocks.0.attn.hook_z head 2, code 7")."""
+    """A `CodeContextView` of where `code` of codebook `name` (and `head`) fires in `cache`.
+
+    A seeded sample of `max_examples` firings (see `code_contexts`), titled with how many of all firings are shown.
+    `head` as in `code_contexts` (None or missing for a codebook without heads); the title names a head only for a
+    per-head codebook ("blocks.0.hook_mlp_out, code 7", "blocks.0.attn.hook_z head 2, code 7")."""
     contexts = code_contexts(
         cache, name, code, token_strings, window=window, head=head, max_examples=max_examples, sample=sample, seed=seed
     )

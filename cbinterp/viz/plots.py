@@ -25,6 +25,7 @@ def code_vs_neuron_figure(
     table: pd.DataFrame, summary: pd.DataFrame, title: str = "Code vs neuron precision", kind: str = "state"
 ) -> go.Figure:
     """Left: mean precision of each codebook's `kind` codes beside the best neurons' at the same recall.
+
     Right: per MLP codebook, the distribution of those precisions (one box per code set and neuron set).
 
     Args:
@@ -93,9 +94,10 @@ def code_vs_neuron_figure(
 
 
 def code_frequency_figure(cache, name: str, head=None, title: str | None = None) -> go.Figure:
-    """How often each code of one codebook fires in a `CodeCache`, most frequent first (log scale). `head` as in
-    `code_frequencies` (None or missing: every head, or the codebook without heads; the title names a head only
-    for a per-head codebook)."""
+    """How often each code of one codebook fires in a `CodeCache`, most frequent first (log scale).
+
+    `head` as in `code_frequencies` (None or missing: every head, or the codebook without heads; the title names a
+    head only for a per-head codebook)."""
     from cbinterp.codecache.queries import code_frequencies, head_of
 
     counts = code_frequencies(cache, name, head=head).sort(descending=True).values
@@ -115,8 +117,9 @@ def code_frequency_figure(cache, name: str, head=None, title: str | None = None)
 def precision_recall_figure(
     table: pd.DataFrame, label: str = "feature", title: str = "codes as classifiers"
 ) -> go.Figure:
-    """Precision against recall, one point per row of a code table (`probe`, `search_codes`, `code_feature_table`),
-    coloured by `label` when that column is present."""
+    """Precision against recall, one point per row of a code table, coloured by `label` when that column is present.
+
+    Code tables come from `probe`, `search_codes` or `code_feature_table`."""
     fig = go.Figure()
     groups = table.groupby(label, sort=False) if label in table.columns else [("codes", table)]
     for key, rows in groups:
@@ -139,8 +142,10 @@ def precision_recall_figure(
 
 
 def probe_figure(table: pd.DataFrame, title: str = "Regex probes: best code vs best neuron"):
-    """Grouped bars per feature: the best code's precision (max over codebooks/heads), labelled with its recall,
-    beside the best neuron's precision at that code's recall (`best_neuron_precision`, when present)."""
+    """Grouped bars per feature: the best code's precision beside the best neuron's at that code's recall.
+
+    The best code's precision is the max over codebooks/heads, labelled with its recall; the neuron's is
+    `best_neuron_precision`, when present."""
     fig = go.Figure()
     if table.empty:
         fig.update_layout(title=title)
@@ -157,8 +162,10 @@ def probe_figure(table: pd.DataFrame, title: str = "Regex probes: best code vs b
 
 
 def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held out: best code vs best neuron"):
-    """Grouped bars per feature from `probe_heldout`'s table: the best code's precision on the score half (B),
-    beside the best neuron's (chosen on A, A's threshold applied on B), each labelled with its recall on B."""
+    """Grouped bars per feature from `probe_heldout`'s table: best code's and best neuron's precision on half B.
+
+    The best code's precision on the score half (B), beside the best neuron's (chosen on A, A's threshold applied on
+    B), each labelled with its recall on B."""
     fig = go.Figure()
     if table.empty:
         fig.update_layout(title=title)
@@ -192,8 +199,10 @@ def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held
 
 
 def state_code_figure(states: pd.DataFrame, title: str = "State codes") -> go.Figure:
-    """Per state (x): the precision and recall of its best code (feature-first search, scored on the held-out
-    half) and, where measured, the precision of the best neuron of each set at that code's recall."""
+    """Per state (x): the precision and recall of its best code and the precision of the best neurons.
+
+    The code comes from the feature-first search, scored on the held-out half; the neurons, where measured, are the
+    best of each set at that code's recall."""
     x = states["name"] if "name" in states else states["feature"]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=x, y=states["best_precision"], mode="markers", name="best code: precision"))

@@ -60,8 +60,9 @@ def resolve_sites(
     sites: str | Sequence[str],
     layers: Sequence[int] | None = None,
 ) -> list[tuple[str, str]]:
-    """Expand site aliases ("attn", "mlp", "resid"), `{layer}` templates and hook names into
-    `(site, hook_name)` pairs, checking that each exists."""
+    """Expand site aliases, `{layer}` templates and hook names into `(site, hook_name)` pairs, checking each exists.
+
+    Site aliases are "attn", "mlp" and "resid"."""
     if isinstance(sites, str):
         sites = [sites]
     sites = list(sites)
@@ -108,9 +109,10 @@ def _per_site(value: PerSite, site: str, hook_name: str, what: str) -> int:
 def _activation_sites(
     model: HookedTransformer, names: list[str]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.device]]:
-    """Trailing (non batch, non position) shape of each hook's activation, and the device it is on, read off a
-    one-token forward pass. The device is where a codebook at the hook must sit: in a model split over devices
-    (`n_devices > 1`) each block computes on its own, and a codebook on `model.cfg.device` would mix them."""
+    """Trailing (non batch, non position) shape of each hook's activation, and its device, from a one-token forward.
+
+    The device is where a codebook at the hook must sit: in a model split over devices (`n_devices > 1`) each block
+    computes on its own, and a codebook on `model.cfg.device` would mix them."""
     shapes, devices = {}, {}
 
     def record(tensor, hook):
@@ -231,8 +233,10 @@ def _attach_existing(model: HookedTransformer, codebooks: Mapping[str, Codebook]
     return model
 
 
-def insert_codebook(model: HookedTransformer, hook_name: str, codebook: Codebook, setup: bool = True) -> None:
-    """Put `codebook` in place of the hook point `hook_name` (low level; `attach_codebooks` checks its input)."""
+def insert_codebook(
+    model: HookedTransformer, hook_name: str, codebook: Codebook | HookPoint, setup: bool = True
+) -> None:
+    """Put `codebook` (or a plain `HookPoint`, to detach) at `hook_name` (low level; `attach_codebooks` checks)."""
     parent_name, _, attr = hook_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, codebook)
@@ -272,27 +276,31 @@ def _codebooks_set(model: HookedTransformer, attr: str, value: bool, names: Sequ
 
 
 def codebooks_bypassed(model: HookedTransformer, names: Sequence[str] | None = None) -> ContextManager:
-    """Run the model with its codebooks (all, or those at `names`) passing activations through unchanged, and
-    computing no codes."""
+    """Run the model with its codebooks (all, or those at `names`) passing activations through, computing no codes."""
     return _codebooks_set(model, "bypass", True, names)
 
 
 def codebooks_observed(model: HookedTransformer, names: Sequence[str] | None = None) -> ContextManager:
-    """Run the model with its codebooks (all, or those at `names`) observing only: codes are computed and show in
-    `hook_codes` and caches, but each activation passes through unchanged, so the outputs are the plain model's
-    (what `use_error_term=True` gives SAELens users). Rewriting codes in this mode changes nothing downstream."""
+    """Run the model with its codebooks (all, or those at `names`) observing only.
+
+    Codes are computed and show in `hook_codes` and caches, but each activation passes through unchanged, so the
+    outputs are the plain model's (what `use_error_term=True` gives SAELens users). Rewriting codes in this mode
+    changes nothing downstream."""
     return _codebooks_set(model, "observe_only", True, names)
 
 
 def training_codebooks(model: HookedTransformer, on: bool = True) -> ContextManager:
-    """Mark the forwards inside as training steps of the codebooks (what `train` does for its steps): only then
-    are the training statistics updated and dead codes replaced. Restores the previous state on exit."""
+    """Mark the forwards inside as training steps of the codebooks (what `train` does for its steps).
+
+    Only then are the training statistics updated and dead codes replaced. Restores the previous state on exit."""
     return _codebooks_set(model, "in_train_loop", on)
 
 
 def counting_usage(model: HookedTransformer, names: Sequence[str] | None = None) -> ContextManager:
-    """Count code usage (`Codebook.counts`, `n_dead`, `dead_codes`) in the forwards inside, for the codebooks at
-    `names` (default all). Outside it (and outside `train`), forwards leave the counts alone."""
+    """Count code usage (`Codebook.counts`, `n_dead`, `dead_codes`) in the forwards inside.
+
+    Only for the codebooks at `names` (default all). Outside it (and outside `train`), forwards leave the counts
+    alone."""
     return _codebooks_set(model, "track_usage", True, names)
 
 
@@ -351,8 +359,9 @@ def kmeans_init_codebooks(
     batch_size: int = 64,
     progress: bool = True,
 ) -> None:
-    """Initialise every codebook to k-means centroids of its input on `tokens`, in forward order: each
-    codebook sees the activations produced with the codebooks before it already in place.
+    """Initialise every codebook to k-means centroids of its input on `tokens`, in forward order.
+
+    Each codebook sees the activations produced with the codebooks before it already in place.
 
     Args:
         tokens: `(batch, pos)` token ids; the activations at all their positions are the k-means data.

@@ -189,6 +189,7 @@ class Codebook(HookPoint):
 
     @classmethod
     def from_config(cls, cfg: CodebookConfig, device=None, dtype=None) -> Codebook:
+        """A codebook built from `cfg`, its parameters on `device` in `dtype`."""
         return cls(**dataclasses.asdict(cfg), device=device, dtype=dtype)
 
     @property
@@ -199,17 +200,21 @@ class Codebook(HookPoint):
     # -- convenience views -------------------------------------------------------------------------------
     @property
     def grouped(self) -> bool:
+        """Whether the codebook splits its input into `cfg.groups` groups, each with codes of its own."""
         return self.cfg.groups > 1
 
     @property
     def n_codes(self) -> int:
+        """The number of codes (per group, when grouped)."""
         return self.cfg.n_codes
 
     @property
     def k(self) -> int:
+        """The number of codes summed at each position (per group, when grouped)."""
         return self.cfg.k
 
     def extra_repr(self) -> str:
+        """The settings shown in `repr(codebook)`."""
         c = self.cfg
         return (
             f"name={self.name!r}, dim={c.dim}, n_codes={c.n_codes}, k={c.k}, groups={c.groups}, "
@@ -252,8 +257,10 @@ class Codebook(HookPoint):
     use_fused_search = True
 
     def _prepare(self, xg: Float[Tensor, "*batch groups dim"]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The input as scored, flattened to (n, groups, dim); the codes as scored (groups, n_codes, dim); and for
-        euclidean the per-code term |c|^2 (None otherwise): scores are x.c, or 2x.c - |c|^2 for euclidean."""
+        """The input and the codes as scored, and for euclidean similarity the per-code term |c|^2.
+
+        The input is flattened to (n, groups, dim), the codes are (groups, n_codes, dim), and the term is None for
+        other similarities: scores are x.c, or 2x.c - |c|^2 for euclidean."""
         c = self.cfg
         w = self.weight.detach()
         if c.normalize_input:
@@ -311,9 +318,10 @@ class Codebook(HookPoint):
         return codes.transpose(0, 1).reshape(*lead, c.groups, c.k), best.transpose(0, 1).reshape(*lead, c.groups)
 
     def _search_matmul(self, flat: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        """`_search` on `_prepare`'s output the matmul way (`fused_search.matmul_search`; on a CPU in blocks of about
-        `_chunk_scores` scores, on CUDA in blocks sized by the free memory), as ids `(groups, n, k)` and best scores
-        `(groups, n)`."""
+        """`_search` on `_prepare`'s output the matmul way (`fused_search.matmul_search`), in blocks.
+
+        On a CPU in blocks of about `_chunk_scores` scores, on CUDA in blocks sized by the free memory. Returns ids
+        `(groups, n, k)` and best scores `(groups, n)`."""
         return fused_search.matmul_search(flat, w, bias, self.cfg.k, self._chunk_scores)
 
     def _search_fp32(self, xg: Tensor) -> tuple[Tensor, Tensor]:
@@ -326,8 +334,9 @@ class Codebook(HookPoint):
             return self._search(xg.float())
 
     def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
-        """The sum of the code vectors named by `codes`; an id of -1 contributes zero (refused when not
-        `allow_empty`). Ids are always checked: out of range is a ValueError, never another group's code."""
+        """The sum of the code vectors named by `codes`; an id of -1 contributes zero (refused when not `allow_empty`).
+
+        Ids are always checked: out of range is a ValueError, never another group's code."""
         if self.grouped:
             return self._decode(codes, True, allow_empty)
         return self._decode(codes.unsqueeze(-2), True, allow_empty).squeeze(-2)
@@ -366,6 +375,7 @@ class Codebook(HookPoint):
         return (vectors * present.unsqueeze(-1).to(vectors.dtype)).sum(-2)
 
     def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
+        """The sum of the k most similar codes to `x` (per group), or `x` itself while bypassed."""
         x = self.hook_input(x)
         if self.bypass:
             return x
@@ -446,8 +456,9 @@ class Codebook(HookPoint):
 
     @torch.no_grad()
     def replace_dead_codes(self, x: Float[Tensor, "*batch dim"], min_steps: int | None = None) -> int:
-        """Re-initialise codes unused for `min_steps` training steps (default: all never used since the
-        last reset) from random rows of `x` plus small noise. Returns how many codes were replaced."""
+        """Re-initialise codes unused for `min_steps` training steps from random rows of `x` plus small noise.
+
+        By default, the codes never used since the last reset. Returns how many codes were replaced."""
         c = self.cfg
         xg = x if x.shape[-2:] == (c.groups, c.dim) and self.grouped else self._as_groups(x)
         rows = xg.reshape(-1, c.groups, c.dim).detach()
@@ -474,8 +485,9 @@ class Codebook(HookPoint):
         self.counts.zero_()
 
     def dead_codes(self, head: int | None = None) -> Tensor:
-        """Ids of the codes that have not fired since the last `reset_usage()`: in `head`, or in no head when None
-        (as `cbinterp.dead_codes(cache, name, head)` counts a cache). `head` as in the cache queries: None or a
+        """Ids of the codes that have not fired since the last `reset_usage()`, in `head` (no head when None).
+
+        Counted as `cbinterp.dead_codes(cache, name, head)` counts a cache. `head` as in the cache queries: None or a
         missing value for no head; a codebook without heads also takes 0 (its only group)."""
         head = check_head(head, "this codebook", self.cfg.groups if self.grouped else None)
         counts = self.counts.sum(0) if head is None else self.counts[head]

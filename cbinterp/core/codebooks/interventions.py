@@ -138,6 +138,7 @@ def replace_codes(
         heads: for per-head attention codebooks, None (all), an int or a list of ints. A codebook without heads
             (an MLP codebook) takes None (or a missing value such as a table's `pd.NA` head; 0, its only group, is
             accepted too).
+
     Returns:
         `(hook_name, fn)` for `fwd_hooks`, `model.hooks` or `intervene`.
     """
@@ -177,6 +178,7 @@ def force_codes(
         codes: an int, a list of n <= k ids, or a tensor of n ids along its last axis, shaped as in
             `replace_codes`.
         positions, heads: as in `replace_codes`.
+
     Returns:
         `(hook_name, fn)`.
     """
@@ -216,6 +218,7 @@ def ablate_codes(
     Args:
         codes: an int or a list / 1-d tensor of the ids to remove.
         heads, positions: as in `replace_codes` (note the order: heads first).
+
     Returns:
         `(hook_name, fn)`.
     """
@@ -251,8 +254,10 @@ def _flatten_hooks(model: HookedTransformer, hook_lists: Sequence) -> list[Hook]
 
 @contextlib.contextmanager
 def intervene(model: HookedTransformer, *hook_lists: Hook | Sequence[Hook]) -> Iterator[HookedTransformer]:
-    """Run a block of calls (forward passes, `run_with_cache`, `generate`) with the given hooks; they are removed
-    on exit, also on an exception. Arguments are hooks or lists of hooks, applied in the order given.
+    """Run a block of calls (forward passes, `run_with_cache`, `generate`) with the given hooks.
+
+    They are removed on exit, also on an exception. Arguments are hooks or lists of hooks, applied in the order
+    given.
 
     Hooks added inside the block (e.g. `run_with_cache`'s) run after these, so a cache sees the rewritten codes.
     """
@@ -265,9 +270,10 @@ def intervene(model: HookedTransformer, *hook_lists: Hook | Sequence[Hook]) -> I
 
 # -- steered generation -----------------------------------------------------------------------------------
 def _steering_ids(ids: Tensor, name: str, cb: Codebook) -> Tensor:
-    """Steering codes `([batch,] [heads,] n)` with a size-1 positions axis put in: `(batch, 1, [heads,] n)` (1-d
-    ids stay 1-d). Generation has no fixed positions, so the axes besides the ids are named by the codebook: for
-    a per-head codebook a 2-d tensor lists ids per head, for one without heads it lists ids per example."""
+    """Steering codes `([batch,] [heads,] n)` with a size-1 positions axis put in: `(batch, 1, [heads,] n)`.
+
+    1-d ids stay 1-d. Generation has no fixed positions, so the axes besides the ids are named by the codebook: for a
+    per-head codebook a 2-d tensor lists ids per head, for one without heads it lists ids per example."""
     if ids.dim() == 1:
         return ids
     if cb.grouped:
@@ -295,8 +301,10 @@ def steering_hooks(
     prompt_len: int | None = None,
     prompt: bool = False,
 ) -> list[Hook]:
-    """`force_codes` hooks for generation: per codebook, its codes tiled over `n_slots` slots, forced at the
-    positions that predict new tokens (from the prompt's last position on; all positions with `prompt=True`).
+    """`force_codes` hooks for generation: per codebook, its codes tiled over `n_slots` slots.
+
+    They are forced at the positions that predict new tokens (from the prompt's last position on; all positions with
+    `prompt=True`).
 
     Args:
         codebook_codes: codebook name -> code ids: an int, a list, or a tensor whose last axis lists the ids, with
@@ -361,6 +369,7 @@ def generate_with_codes(
         codebook_codes, n_slots: see `steering_hooks`; n_slots of k is the strength (k replaces the codebook's choice).
         generate_kwargs: passed to `model.generate` (defaults here: verbose=False, and stop_at_eos=False for a
             model without tokenizer).
+
     Returns:
         what `model.generate` returns (tokens of prompt and continuation, for token input).
     """

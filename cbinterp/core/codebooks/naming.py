@@ -20,6 +20,6 @@ def codes_hook_name(codebook_name: str) -> str:
 
 
 def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
-    """ "; did you mean one of [...]?" with the closest known names (never `name` itself), or "."."""
+    """An error message's end: `"; did you mean one of [...]?"` with the closest known names, or `"."`."""
     close = [c for c in difflib.get_close_matches(name, list(known), n=n + 1) if c != name][:n]
     return f"; did you mean one of {close}?" if close else "."

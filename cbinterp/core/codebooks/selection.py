@@ -21,7 +21,6 @@ from cbinterp.core.codebooks.heads import check_head, is_missing_head
 __all__ = ["CodesLike", "HeadsLike", "PositionsLike"]
 
 CodesLike = int | Sequence[int] | Tensor
-PositionsLike = int | slice | Sequence[int] | Sequence[Sequence[int]] | Tensor | None
 HeadsLike = int | Sequence[int] | None
 
 
@@ -108,6 +107,10 @@ class _Positions:
                 f"give one row of positions per example (or a list of ints for the same positions in every example)."
             )
         return (rows, picked) if picked.dim() == 1 else (rows[:, None], picked)
+
+
+#: Where to act: all, an int, a slice, ints, per-example ints or a tensor (steering passes its parsed `_Positions`).
+PositionsLike = int | slice | Sequence[int] | Sequence[Sequence[int]] | Tensor | _Positions | None
 
 
 def _in_range(positions: Tensor, n_pos: int, where: str) -> Tensor:

@@ -27,8 +27,10 @@ MAX_BLOCK_SCORES = 2**31 - 1
 
 
 def bytes_per_row(groups: int, n_codes: int, k: int, dtype: torch.dtype) -> int:
-    """The memory one row of a block takes on CUDA: per score, the score and room for a same-size temporary and
-    an int64 index (what a sort-based top-k may use), plus the k best values and int64 ids of every group."""
+    """The memory one row of a block takes on CUDA.
+
+    Per score: the score and room for a same-size temporary and an int64 index (what a sort-based top-k may use);
+    plus the k best values and int64 ids of every group."""
     size = dtype.itemsize
     return groups * (n_codes * (2 * size + 8) + k * (size + 8))
 
@@ -72,8 +74,10 @@ def search_block_rows(
 
 
 def cuda_free_bytes(device: torch.device) -> int:
-    """Bytes a new tensor can take on a CUDA device: what the driver has free plus what torch's caching allocator
-    holds but does not use (freed blocks it keeps)."""
+    """Bytes a new tensor can take on a CUDA device.
+
+    That is what the driver has free plus what torch's caching allocator holds but does not use (freed blocks it
+    keeps)."""
     free, _ = torch.cuda.mem_get_info(device)
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 

@@ -41,6 +41,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
@@ -97,8 +98,9 @@ def library_name(cc: str) -> str:
 
 
 def _load(cc: str) -> ctypes.CDLL:
-    """The library from the cache, built there first if missing (or rebuilt if it does not load); in a folder of
-    the temporary directory where the cache can't be written."""
+    """The library from the cache, built there first if missing (or rebuilt if it does not load).
+
+    Where the cache can't be written, it is built in a folder of the temporary directory."""
     errors = []
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"cbinterp_fused_search-{os.getuid()}"):
         target = folder / library_name(cc)
@@ -164,10 +166,11 @@ def _ready() -> bool:
 
 
 def applies(x: Tensor, w: Tensor) -> bool:
-    """Whether the fused search takes these tensors (x (n, groups, dim), w (groups, n_codes, dim)): CPU float32,
-    a shape where it is the faster one, outside CPU autocast (where the matmul would run in bf16:
-    `Codebook._search_fp32` turns autocast off first), and the library built. Under torch.compile the search runs
-    as the opaque operator `nearest_code`, so compiled training gets the kernel too."""
+    """Whether the fused search takes these tensors (x (n, groups, dim), w (groups, n_codes, dim)).
+
+    It takes CPU float32, in a shape where it is the faster one, outside CPU autocast (where the matmul would run in
+    bf16: `Codebook._search_fp32` turns autocast off first), once the library is built. Under torch.compile the
+    search runs as the opaque operator `nearest_code`, so compiled training gets the kernel too."""
     return (
         x.shape[-1] <= MAX_DIM
         and w.shape[-2] >= MIN_CODES
@@ -181,8 +184,10 @@ def applies(x: Tensor, w: Tensor) -> bool:
 
 
 def argmax(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    """The first best code id `(n, groups)` (int64) and its score `(n, groups)` of every row of `x` (n, groups, dim)
-    against the codes `w` (groups, n_codes, dim): score x.w, or 2x.w - bias (bias (groups, n_codes)) for euclidean.
+    """The first best code id `(n, groups)` (int64) and its score `(n, groups)` of every row of `x`.
+
+    `x` is (n, groups, dim), searched against the codes `w` (groups, n_codes, dim): score x.w, or 2x.w - bias (bias
+    (groups, n_codes)) for euclidean.
 
     Rows left to the caller have id `UNSEARCHED` (NaN best): those with a non-finite entry or scores that could
     overflow. None if the kernel refused the call (codes not finite); only for tensors that `applies` takes.
@@ -222,11 +227,13 @@ def matmul_search(
     block_scores: int = CPU_BLOCK_SCORES,
     block_rows: int | None = None,
 ) -> tuple[Int[Tensor, "groups n k"], Float[Tensor, "groups n"]]:
-    """The search the kernel stands in for, on any device: per block of rows, one batched matmul of x (n, groups,
-    dim) against every group's codes w (groups, n_codes, dim) (no loop over groups), then the top k. Returns ids
-    `(groups, n, k)`, best first, and the best scores `(groups, n)`; score x.w, or 2x.w - bias for euclidean.
+    """The search the kernel stands in for, on any device: a batched matmul per block of rows, then the top k.
 
-    Blocks of `block_rows` rows, by default `search_blocks.block_rows_for`'s: on a CPU about `block_scores` scores,
+    One batched matmul of x (n, groups, dim) against every group's codes w (groups, n_codes, dim) (no loop over
+    groups). Returns ids `(groups, n, k)`, best first, and the best scores `(groups, n)`; score x.w, or 2x.w - bias
+    for euclidean.
+
+    Blocks of `block_rows` rows, by default `blocks.block_rows_for`'s: on a CPU about `block_scores` scores,
     so that a block stays in cache; on CUDA as many rows as half the free memory holds (often all of them). The
     block size does not change the ids (the scores only by the rounding of another matmul order)."""
     groups, n = w.shape[0], x.shape[0]
@@ -265,12 +272,16 @@ def _matmul_argmax(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, T
     return codes[..., 0].transpose(0, 1).contiguous(), best.transpose(0, 1).contiguous()
 
 
+# no_type_check: torch.library reads the operator's schema off this function's own annotations, which a run-time
+# checker's wrapper (the tests' jaxtyping import hook) would hide.
 @torch.library.custom_op("cbinterp::nearest_code", mutates_args=())
+@typing.no_type_check
 def nearest_code(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The first best code id `(n, groups)` and its score `(n, groups)` of every row, complete: the kernel, and the
-    matmul search for the rows it leaves (non-finite input, possible overflow) or for all of them where it refuses
-    the call (codes not finite). An operator of its own (`torch.ops.cbinterp.nearest_code`), so that torch.compile
-    calls it as one opaque step instead of tracing ctypes; only for tensors that `applies` takes."""
+    """The first best code id `(n, groups)` and its score `(n, groups)` of every row, complete.
+
+    The kernel, and the matmul search for the rows it leaves (non-finite input, possible overflow) or for all of them
+    where it refuses the call (codes not finite). An operator of its own (`torch.ops.cbinterp.nearest_code`), so that
+    torch.compile calls it as one opaque step instead of tracing ctypes; only for tensors that `applies` takes."""
     found = argmax(x, w, bias)
     if found is None:
         return _matmul_argmax(x, w, bias)
@@ -282,6 +293,7 @@ def nearest_code(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Ten
 
 
 @nearest_code.register_fake
+@typing.no_type_check
 def _(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     n, groups = x.shape[0], x.shape[1]
     return x.new_empty((n, groups), dtype=torch.int64), x.new_empty((n, groups))

@@ -112,8 +112,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def writer_entries(path: str | os.PathLike) -> list[tuple[Path, str, bool]]:
-    """The temporaries ("tmp") and folders set aside ("old") that cbinterp writers of `path` left beside it, as
-    (entry, kind, writer_gone); `writer_gone` only for a writer on this host whose process has exited."""
+    """The temporaries ("tmp") and folders set aside ("old") that cbinterp writers of `path` left beside it.
+
+    As (entry, kind, writer_gone); `writer_gone` only for a writer on this host whose process has exited."""
     path = user_path(path)
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.cbinterp-([0-9a-f]{{8}})\.(\d+)-[0-9a-f]{{8}}\.(tmp|old)$")
     try:
@@ -135,8 +136,9 @@ def stale_temps(path: str | os.PathLike) -> list[Path]:
 
 
 def writer_is_swapping(path: str | os.PathLike) -> bool:
-    """True while a live writer (or one on another host) may be between the two renames of a folder swap of
-    `path`: a reader that finds no `path` then should wait for the new one rather than report it missing."""
+    """True while a live writer (or one on another host) may be between the two renames of a folder swap of `path`.
+
+    A reader that finds no `path` then should wait for the new one rather than report it missing."""
     return any(kind == "old" and not gone for _, kind, gone in writer_entries(path))
 
 
@@ -191,7 +193,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _sync_tree(root: Path) -> None:
-    """fsync every file and folder under `root` and give each file the umask's mode."""
+    """Flush (fsync) every file and folder under `root` to disk, and give each file the umask's mode."""
     for folder, _, files in os.walk(root):
         for name in files:
             entry = Path(folder) / name
@@ -269,10 +271,11 @@ def atomic_dir(path: str | os.PathLike, check: Callable[[Path], None] | None = N
 
 
 def recover_dir(path: str | os.PathLike) -> Path:
-    """Put back the last good copy of `path` that an `atomic_dir` write killed between its two renames left aside,
-    and remove what killed writers of `path` left (temporaries; copies set aside once `path` is back). Only
-    entries named by cbinterp whose writer on this host is gone are touched; what cannot be changed (a read-only
-    folder) is left as it is. Returns `path`."""
+    """Put back the last good copy of `path` that a killed `atomic_dir` write left aside, and clean up after it.
+
+    The copy is left aside when the writer is killed between its two renames; what killed writers of `path` left
+    (temporaries; copies set aside once `path` is back) is removed. Only entries named by cbinterp whose writer on
+    this host is gone are touched; what cannot be changed (a read-only folder) is left as it is. Returns `path`."""
     path = user_path(path)
     for entry, kind, gone in writer_entries(path):
         if not gone:
@@ -287,8 +290,10 @@ def recover_dir(path: str | os.PathLike) -> Path:
 
 
 def readable_dir(path: str | os.PathLike) -> Path:
-    """`path`, or where its last good copy lies when a writer killed between its renames left it aside and the
-    folder could not be put back (read-only): what a reader should open."""
+    """What a reader should open: `path`, or where its last good copy lies.
+
+    The last good copy, when a writer killed between its renames left it aside and the folder could not be put back
+    (read-only)."""
     path = user_path(path)
     if not _exists(path):
         asides = [entry for entry, kind, gone in writer_entries(path) if kind == "old" and gone]

@@ -49,8 +49,9 @@ def _write_codebook(codebook: Codebook, folder: Path, hook_name: str | None) -> 
 
 
 def save_codebook(codebook: Codebook, path: str | os.PathLike, hook_name: str | None = None) -> Path:
-    """Write one codebook (its `CodebookConfig` as JSON beside its weights and usage buffers) to the folder `path`,
-    atomically; `hook_name` (default: where it is attached) is recorded so `load_codebooks` can place it again."""
+    """Write one codebook (its `CodebookConfig` as JSON beside its weights and usage buffers) to `path`, atomically.
+
+    `hook_name` (default: where it is attached) is recorded so `load_codebooks` can place it again."""
     if not isinstance(codebook, Codebook):
         raise TypeError(f"save_codebook needs a Codebook, got {type(codebook).__name__}.")
     path = user_path(path)
@@ -61,8 +62,10 @@ def save_codebook(codebook: Codebook, path: str | os.PathLike, hook_name: str | 
 
 
 def _check_set_replaceable(path: Path) -> None:
-    """Raise unless `save_codebooks` may replace `path`: nothing or an empty folder there, or saved codebooks only
-    (a set, or single codebook folders side by side), each holding only its own files."""
+    """Raise unless `save_codebooks` may replace `path`.
+
+    It may replace nothing or an empty folder, or saved codebooks only (a set, or single codebook folders side by
+    side), each holding only its own files."""
     if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink() and not any(path.iterdir())):
         return
     if path.is_symlink() or not path.is_dir():
@@ -96,8 +99,10 @@ def _check_set_replaceable(path: Path) -> None:
 
 
 def save_codebooks(model: HookedTransformer, directory: str | os.PathLike) -> Path:
-    """Every codebook of `model` as one set, atomically: a folder per codebook (as `save_codebook` writes it, named
-    by its hook name) in `directory`, which a later save replaces as a whole. Returns the directory."""
+    """Write every codebook of `model` as one set into `directory`, atomically. Returns the directory.
+
+    A folder per codebook (as `save_codebook` writes it, named by its hook name); a later save replaces the set as a
+    whole."""
     require_hooked_transformer(model)
     codebooks = get_codebooks(model)
     if not codebooks:
@@ -192,8 +197,10 @@ def _read_side_by_side(path: Path, device) -> dict[str, Codebook]:
 
 
 def load_codebooks(directory: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, Codebook]:
-    """The codebooks `save_codebooks` wrote, keyed by hook name: attach them to another instance of the same
-    architecture with `attach_codebooks(model, load_codebooks(directory))`. Every file is checked first."""
+    """The codebooks `save_codebooks` wrote, keyed by hook name. Every file is checked first.
+
+    Attach them to another instance of the same architecture with `attach_codebooks(model,
+    load_codebooks(directory))`."""
     directory = user_path(directory)
     recover_dir(directory)
     source = readable_dir(directory)

@@ -89,6 +89,7 @@ class Folder:
         self.close()
 
     def close(self) -> None:
+        """Close every file opened from this folder and from the folders opened inside it."""
         for child in self._children:
             child.close()
         for f in self._files.values():
@@ -172,11 +173,11 @@ class Folder:
         return f
 
     def read_bytes(self, name: str) -> bytes:
+        """The bytes of the listed file `name`, checked against its size and sha256 (see `file`)."""
         return self.file(name).read()
 
     def local_path(self, name: str) -> str | None:
-        """A path that opens the very file `file(name)` checked (a /proc or /dev/fd link), where the platform has
-        one; else None."""
+        """A path that opens the very file `file(name)` checked (a /proc or /dev/fd link); None where there is none."""
         fd = self.file(name).fileno()
         for base in ("/proc/self/fd", "/dev/fd"):
             if os.path.isdir(base):
@@ -190,7 +191,8 @@ class Folder:
         return sorted(os.listdir(self.path))
 
     def subfolder(self, name: str, kinds: Sequence[str], what: str, marker_sha256: str | None = None) -> Folder:
-        """The cbinterp folder `name` inside this one, opened and checked like `open_folder` does (all its files);
+        """The cbinterp folder `name` inside this one, opened and checked (all its files) as `open_folder` does.
+
         `marker_sha256`, when given, is what its marker must hash to."""
         check_name(name)
         try:
@@ -219,8 +221,9 @@ class Folder:
 
 
 def read_consistently(read: Callable[[], T], path: Path, what: str) -> T:
-    """`read()`, again while it raises FolderChanged (a writer replaced the folder meanwhile), a bounded number of
-    times with short waits."""
+    """`read()`, again while it raises FolderChanged (a writer replaced the folder meanwhile).
+
+    A bounded number of times, with short waits."""
     for attempt in range(READ_ATTEMPTS):
         try:
             return read()
@@ -256,8 +259,9 @@ def open_folder(
     strict: bool = False,
     open_files: bool = True,
 ) -> Folder:
-    """Open the cbinterp folder `path`: its marker (format, version, entries) and, with `check_files`, the size and
-    sha256 of every listed file, each read once through one directory handle.
+    """Open the cbinterp folder `path`: its marker (format, version, entries) and, with `check_files`, its files.
+
+    Every listed file is checked against its size and sha256, each read once through one directory handle.
 
     `open_files` keeps every listed file open in the returned `Folder` (a consistent snapshot); without it each is
     closed once checked. `strict` also refuses files the marker does not list. A folder replaced while it is read is
@@ -323,8 +327,9 @@ def verify_dir(
     check_files: bool = True,
     strict: bool = False,
 ) -> dict:
-    """The marker, format version, and (with `check_files`) the size and sha256 of every listed file of `path`
-    (see `open_folder`, which it uses). `strict` also refuses files the marker does not list (a checkpoint must be
-    exactly what was written). Returns the manifest."""
+    """Check the marker, format version, and (with `check_files`) every listed file of `path`; returns the manifest.
+
+    Files are checked against their size and sha256 (see `open_folder`, which it uses). `strict` also refuses files
+    the marker does not list (a checkpoint must be exactly what was written)."""
     with open_folder(path, kinds, what, check_files=check_files, strict=strict, open_files=False) as folder:
         return folder.manifest

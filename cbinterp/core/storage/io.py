@@ -105,8 +105,10 @@ def model_description(model: HookedTransformer) -> dict:
 def write_model(
     model: HookedTransformer, directory: Path, extra: dict | None = None, with_tokenizer: bool = False
 ) -> list[str]:
-    """Write the weights and config files of `model` into an existing `directory` (not atomic by itself, no
-    marker), with its tokenizer's files when `with_tokenizer` and one is attached; returns the names written."""
+    """Write the weights and config files of `model` into an existing `directory`; returns the names written.
+
+    Not atomic by itself, and no marker. The tokenizer's files are written too when `with_tokenizer` and one is
+    attached."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE)
     config = {"format": FORMAT, "version": VERSION, **model_description(model), "extra": extra or {}}
@@ -121,8 +123,9 @@ def write_model(
 
 
 def save(model: HookedTransformer, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write `model` (with its codebooks) to the directory `path`, atomically. Returns the path (absolute, `~`
-    expanded).
+    """Write `model` (with its codebooks) to the directory `path`, atomically.
+
+    Returns the path (absolute, `~` expanded).
 
     `extra` is any JSON-serialisable metadata kept in the config (e.g. how the model was trained). An attached
     tokenizer (`model.tokenizer`) is saved beside the weights, and `load` attaches it again. Only a previous
@@ -189,8 +192,9 @@ _OPTIONAL_DIMS = ("d_mlp", "d_vocab_out", "n_key_value_heads")
 
 
 def _check_model_config(config: dict, where: Path, header: dict | None) -> dict:
-    """The model config of `config`, its sizes checked (and its layer count against the weights' `header`) before
-    anything is built from it."""
+    """The model config of `config`, its sizes checked before anything is built from it.
+
+    The layer count is also checked against the weights' `header`."""
     damaged = f"Damaged cbinterp config {where}"
     data = config.get("model_config")
     if not isinstance(data, dict):
@@ -223,9 +227,10 @@ def _construct(model_config: dict, codebooks: dict, device) -> HookedTransformer
 
 
 def build_model(config: dict, path: Path, device=None, header: dict | None = None) -> HookedTransformer:
-    """A model (with its codebooks) as `config` describes it, weights not loaded yet. With the weights' `header`
-    ({name: shape}), the shapes the config implies are checked against it first, on the meta device, so that a
-    config describing another (or a huge) model is refused before anything is allocated."""
+    """A model (with its codebooks) as `config` describes it, weights not loaded yet.
+
+    With the weights' `header` ({name: shape}), the shapes the config implies are checked against it first, on the
+    meta device, so that a config describing another (or a huge) model is refused before anything is allocated."""
     where = path / CONFIG_FILE
     model_config = _check_model_config(config, where, header)
     codebooks = config.get("codebooks")
@@ -301,8 +306,9 @@ def _load_folder(folder: fd.Folder, device) -> HookedTransformer:
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None) -> HookedTransformer:
-    """Rebuild a model saved with `save` (or the model of a `train` checkpoint), on `device` (default: the config's
-    default, CUDA when present).
+    """Rebuild a model saved with `save` (or the model of a `train` checkpoint), on `device`.
+
+    `device` defaults to the config's default (CUDA when present).
 
     Every file is checked against its recorded sha256 first, and only files the marker lists are read. A save that
     was killed between its two renames is recovered; a save running meanwhile in another process is waited for, so

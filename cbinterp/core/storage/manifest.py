@@ -84,8 +84,9 @@ def write_json(path: Path, data) -> None:
 
 
 def check_name(name, where: str = "") -> str:
-    """`name` if it names an entry directly inside a folder (no separator, not '.', '..' or the marker), else
-    ValueError: a marker's names never lead out of its folder."""
+    """`name` if it names an entry directly inside a folder, else ValueError.
+
+    No separator, not '.', '..' or the marker: a marker's names never lead out of its folder."""
     if (
         not isinstance(name, str)
         or name in ("", ".", "..", MANIFEST_FILE)
@@ -161,9 +162,10 @@ def verify_dir(
     check_files: bool = True,
     strict: bool = False,
 ) -> dict:
-    """The marker, format version, and (with `check_files`) the size and sha256 of every listed file of `path`
-    (see `folder.open_folder`, the one reader). `strict` also refuses files the marker does not list
-    (a checkpoint must be exactly what was written). Returns the manifest."""
+    """Check the marker, format version, and (with `check_files`) every listed file of `path`; returns the manifest.
+
+    Files are checked against their size and sha256 (see `folder.open_folder`, the one reader). `strict` also refuses
+    files the marker does not list (a checkpoint must be exactly what was written)."""
     from cbinterp.core.storage import folder
 
     return folder.verify_dir(path, kinds, what, check_files, strict)
@@ -182,8 +184,10 @@ def legacy_kind(path: Path) -> str | None:
 
 
 def check_replaceable(path: Path, kinds: Sequence[str], what: str) -> None:
-    """Raise unless a write of a `what` may replace `path`: nothing there, an empty folder, or a cbinterp folder of
-    one of `kinds` that holds only the files its marker lists (so nothing of the user's is ever deleted)."""
+    """Raise unless a write of a `what` may replace `path`.
+
+    It may replace nothing, an empty folder, or a cbinterp folder of one of `kinds` that holds only the files its
+    marker lists (so nothing of the user's is ever deleted)."""
     path = user_path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -237,8 +241,9 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
 
 
 def weights_fingerprint(module: torch.nn.Module, skip: Sequence[str] = ()) -> str:
-    """sha256 of every parameter (name, dtype, shape and values) but those named in `skip`: the weights that decide
-    a result."""
+    """The sha256 of every parameter (name, dtype, shape and values) but those named in `skip`.
+
+    The weights that decide a result."""
     digest = hashlib.sha256()
     skip = set(skip)
     for name, p in sorted(module.named_parameters(), key=lambda item: item[0]):

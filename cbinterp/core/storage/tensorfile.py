@@ -1,5 +1,7 @@
-"""Safetensors files of a checked cbinterp folder: their header (names and shapes) before any tensor is allocated,
-a module built on the meta device to compare against it, and the tensors read from the very file that was checked.
+"""Safetensors files of a checked cbinterp folder.
+
+Their header (names and shapes) before any tensor is allocated, a module built on the meta device to compare against
+it, and the tensors read from the very file that was checked.
 """
 
 from __future__ import annotations

@@ -40,8 +40,10 @@ TOKENIZER_FILES = frozenset(
 
 
 def _check_tokenizer_replaceable(path: Path) -> None:
-    """Raise FileExistsError unless `path` is absent, an empty folder, or a tokenizer folder (only the files
-    ``save_pretrained`` writes): replacing anything else would delete the user's files."""
+    """Raise FileExistsError unless `path` is absent, an empty folder, or a tokenizer folder.
+
+    A tokenizer folder holds only the files ``save_pretrained`` writes; replacing anything else would delete the
+    user's files."""
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():
@@ -151,8 +153,9 @@ def attach_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBas
 
 
 def write_tokenizer_files(tokenizer: PreTrainedTokenizerBase, directory: Path) -> list[str]:
-    """Write the tokenizer's files (``save_pretrained``) into an existing folder beside other files, each one
-    atomically; returns their names, for the folder's manifest."""
+    """Write the tokenizer's files (``save_pretrained``) into an existing folder beside other files, each atomically.
+
+    Returns their names, for the folder's manifest."""
     with tempfile.TemporaryDirectory(prefix="cbinterp-tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp))

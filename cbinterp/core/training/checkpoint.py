@@ -210,8 +210,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
 
 
 def base_fingerprint(model: HookedTransformer) -> str:
-    """Fingerprint of the model's own weights, codebooks left out: a resumed run may skip its codebook initialisation
-    (e.g. k-means), since the checkpoint's codebooks replace it, but not start from another model."""
+    """Fingerprint of the model's own weights, codebooks left out.
+
+    A resumed run may skip its codebook initialisation (e.g. k-means), since the checkpoint's codebooks replace it,
+    but not start from another model."""
     return mf.weights_fingerprint(model, skip=[f"{name}.weight" for name in get_codebooks(model)])
 
 
@@ -274,8 +276,9 @@ def _check_trained(path: Path, state: dict, trained: list[list[str]]) -> None:
 
 
 def prepare_checkpoint_dir(cfg: TrainConfig) -> Path | None:
-    """`cfg.checkpoint_dir` as a path (None without one), recovered from a crashed write and checked to be
-    replaceable, before any work."""
+    """`cfg.checkpoint_dir` as a path (None without one), recovered and checked before any work.
+
+    Recovered from a crashed write, and checked to be replaceable."""
     if not cfg.checkpoint_dir:
         return None
     ckpt = Path(cfg.checkpoint_dir)
@@ -294,8 +297,10 @@ def start_or_resume(
     ckpt: Path | None,
     resume: bool,
 ) -> RunState:
-    """A fresh run at step 0; or, with `resume` and a checkpoint in `ckpt`, that run, checked to fit this model,
-    settings, frozen parameters and data, and loaded into the model, optimizer and RNGs (with a `ResumeWarning`)."""
+    """A fresh run at step 0; or, with `resume` and a checkpoint in `ckpt`, that run, checked and loaded.
+
+    The checkpoint is checked to fit this model, settings, frozen parameters and data, and loaded into the model,
+    optimizer and RNGs (with a `ResumeWarning`)."""
     run = RunState(init_weights=base_fingerprint(model))
     if resume and ckpt is not None and is_checkpoint(ckpt):
         config, state, _ = read_checkpoint(ckpt)

@@ -93,8 +93,10 @@ class TrainConfig:
     autocast: str | None = None
 
     def __post_init__(self) -> None:
-        """The one place training settings are validated; numbers become plain Python int and float (numpy scalars
-        would not go into the checkpoint's JSON, nor into the seeding) and flags plain bool."""
+        """The one place training settings are validated.
+
+        Numbers become plain Python int and float (numpy scalars would not go into the checkpoint's JSON, nor into
+        the seeding) and flags plain bool."""
         if not isinstance(self.schedule, str) or self.schedule not in ("cosine", "constant"):
             raise ValueError(f"Unknown schedule {self.schedule!r}; use 'cosine' or 'constant'.")
         self.schedule = str(self.schedule)

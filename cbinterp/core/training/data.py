@@ -137,7 +137,7 @@ class TrainData:
             "another number of processes (torchrun --nproc_per_node) or accumulate."
         )
 
-    def local(self, tokens: Int[Tensor, "batch seq"], step: int) -> Int[Tensor, "rows seq"]:
+    def local(self, tokens: Int[Tensor, "batch pos"], step: int) -> Int[Tensor, "rows pos"]:
         """This rank's rows of the step's batch (the batch itself when the source gave this rank's rows)."""
         if self.sharded:
             if tokens.shape[0] % self.accumulate:
@@ -163,7 +163,7 @@ class TrainData:
             tokens = dd.all_gather_cat(tokens.to(comm), f"the gathering of the batch of step {step}", step)
         return batch_fingerprint(tokens)
 
-    def _from_tensor(self, step: int) -> Int[Tensor, "batch seq"]:
+    def _from_tensor(self, step: int) -> Int[Tensor, "batch pos"]:
         per_epoch = self.tokens.shape[0] // self.batch_size
         epoch, i = divmod(step, per_epoch)
         if epoch != self._epoch:
@@ -219,7 +219,7 @@ class TrainData:
             )
 
 
-def check_batch(tokens, step: int, model: HookedTransformer, ids_checked: bool = False) -> Int[Tensor, "batch seq"]:
+def check_batch(tokens, step: int, model: HookedTransformer, ids_checked: bool = False) -> Int[Tensor, "batch pos"]:
     """The step's batch as a tensor, refused with a clear error unless it is (batch, seq) token ids the model takes.
 
     `ids_checked`: the ids were all checked already (rows of a token tensor checked once), which saves the per-step

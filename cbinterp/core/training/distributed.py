@@ -41,10 +41,12 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the process group; 0 when not distributed."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group; 1 when not distributed."""
     return dist.get_world_size() if active() else 1
 
 
@@ -54,13 +56,15 @@ def is_main() -> bool:
 
 
 def backend_for(device: torch.device | str) -> str:
-    """nccl for CUDA tensors, gloo for everything else."""
+    """The process group backend for `device`: nccl for CUDA tensors, gloo for everything else."""
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def init_from_env(device: str | None = None, timeout_s: float = 600.0) -> torch.device:
-    """Join the process group `torchrun` describes (RANK, WORLD_SIZE, MASTER_ADDR, ...) and return this rank's
-    device: `cuda:LOCAL_RANK` for device "cuda", else the CPU. Without those variables: no group, one process."""
+    """Join the process group `torchrun` describes and return this rank's device.
+
+    `torchrun` sets RANK, WORLD_SIZE, MASTER_ADDR, ...; the device is `cuda:LOCAL_RANK` for device "cuda", else the
+    CPU. Without those variables: no group, one process."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -92,6 +96,7 @@ def collective(what: str, step: int) -> Iterator[None]:
 
 
 def barrier(what: str, step: int) -> None:
+    """Wait for every rank (no-op when not distributed); `what` and `step` name it in a timeout's error."""
     if active():
         with collective(what, step):
             dist.barrier()
@@ -150,10 +155,11 @@ def _comm_device() -> torch.device:
 
 
 class CodebookStepSync:
-    """Set on each codebook (`Codebook.step_sync`) by `train`: one optimizer step's usage counts are summed over its
-    micro-batches and over the ranks before they update the codebook's statistics (so that `counts`,
-    `steps_since_used` and `train_steps` are those of the global batch, the same on every rank), and dead codes are
-    replaced once per step, on the first micro-batch, from the inputs of all ranks.
+    """Sums one optimizer step's usage counts over micro-batches and ranks; replaces dead codes once per step.
+
+    Set on each codebook (`Codebook.step_sync`) by `train`. The counts are summed before they update the codebook's
+    statistics (so that `counts`, `steps_since_used` and `train_steps` are those of the global batch, the same on
+    every rank); dead codes are replaced on the first micro-batch, from the inputs of all ranks.
 
     Dead-code replacement needs no broadcast of random draws: every rank holds the same dead set (from the summed
     counts), the same gathered inputs (in rank order: the global batch's rows) and the same torch RNG state (seeded
@@ -167,6 +173,7 @@ class CodebookStepSync:
         self._pending: dict[int, Tensor] = {}
 
     def start_micro(self, step: int, micro: int, n_micro: int) -> None:
+        """Note which micro-batch (of `n_micro`) of optimizer step `step` runs next."""
         self.step, self.micro, self.n_micro = step, micro, n_micro
 
     def reduce_counts(self, codebook, batch_counts: Tensor) -> Tensor | None:

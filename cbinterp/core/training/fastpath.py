@@ -31,8 +31,9 @@ _OLMO = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 def _hooked(*points: HookPoint) -> bool:
-    """Whether anything would see these hook points: a hook on one, or a module other than a bare `HookPoint`
-    placed there (a `Codebook` attached at `hook_pattern` changes the pattern, with no hook of its own)."""
+    """Whether anything would see these hook points: a hook on one, or a module other than a bare `HookPoint` there.
+
+    A `Codebook` attached at `hook_pattern` changes the pattern, with no hook of its own."""
     return any(
         type(p) is not HookPoint or p._forward_hooks or p._forward_pre_hooks or p._backward_hooks for p in points
     )
@@ -58,8 +59,9 @@ def attention_fusable(attn: Attention) -> bool:
 
 
 def _rotate(attn: Attention, x: Tensor) -> Tensor | None:
-    """TransformerLens's rotary embedding without a cache offset or mask, by the same formula (bit for bit); None
-    when the cached sin/cos tables are too short (TransformerLens then extends them)."""
+    """TransformerLens's rotary embedding without a cache offset or mask, by the same formula (bit for bit).
+
+    None when the cached sin/cos tables are too short (TransformerLens then extends them)."""
     cfg = attn.cfg
     pos = x.size(1)
     cos, sin = attn.rotary_cos, attn.rotary_sin
@@ -110,8 +112,9 @@ def _layer_norm_forward(self, x: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def fast_kernels(model: HookedTransformer, enabled: bool = True) -> Iterator[int]:
-    """Within the block, fusable attention and layer-norm layers of `model` take the fused kernels (see the module
-    docstring); yields how many layers were switched. Nested or disabled, it changes nothing."""
+    """Within the block, fusable attention and layer-norm layers of `model` take the fused kernels.
+
+    See the module docstring. Yields how many layers were switched. Nested or disabled, it changes nothing."""
     switched = []
     if enabled:
         for module in model.modules():

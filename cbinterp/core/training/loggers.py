@@ -1,5 +1,6 @@
-"""Training metrics loggers: `train(..., loggers=[...])` calls `log(step, metrics)` every `log_every` steps, then
-`close()`.
+"""Training metrics loggers.
+
+`train(..., loggers=[...])` calls `log(step, metrics)` every `log_every` steps, then `close()`.
 
 Metrics (all floats): `loss` (mean since the last call), `lr` (the model's, or the codebooks' when the model is frozen),
 `lr/codebooks`, `tokens_per_s` (global: all ranks), per codebook `mse/<hook name>` (reconstruction MSE of the last
@@ -23,9 +24,11 @@ __all__ = ["JSONLLogger", "TrainLogger", "WandbLogger", "read_jsonl"]
 class TrainLogger(Protocol):
     """What `train` calls: `log` every `log_every` steps (and at eval steps), `close` once at the end."""
 
-    def log(self, step: int, metrics: dict) -> None: ...
+    def log(self, step: int, metrics: dict) -> None:
+        """Record the metrics of step `step` (name -> number)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release what the logger holds; called once, when training ends."""
 
 
 def _jsonable(value):
@@ -36,8 +39,9 @@ def _jsonable(value):
 
 
 class JSONLLogger:
-    """One JSON object per call, `{"step": ..., **metrics}`, appended to `path` (a line at a time, flushed and
-    fsynced, so that a crash loses at most the line being written)."""
+    """One JSON object per call, `{"step": ..., **metrics}`, appended to `path`.
+
+    A line at a time, flushed and fsynced, so that a crash loses at most the line being written."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -45,6 +49,7 @@ class JSONLLogger:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict) -> None:
+        """Append one JSON line `{"step": step, **metrics}` (non-finite numbers as null)."""
         line = json.dumps({"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}, allow_nan=False)
         # one write of a whole line in append mode: readers never see two records interleaved
         self._file.write(line + "\n")
@@ -52,6 +57,7 @@ class JSONLLogger:
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Close the file (again is a no-op)."""
         if not self._file.closed:
             self._file.close()
 
@@ -68,8 +74,9 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 class WandbLogger:
-    """Metrics to Weights & Biases (`wandb.init(**init_kwargs)` on the first call; `mode="offline"` needs no
-    network and writes under `dir`). Only what `train` passes is logged."""
+    """Metrics to Weights & Biases; only what `train` passes is logged.
+
+    `wandb.init(**init_kwargs)` runs on the first call; `mode="offline"` needs no network and writes under `dir`."""
 
     def __init__(
         self,
@@ -89,11 +96,13 @@ class WandbLogger:
         self.run = None
 
     def log(self, step: int, metrics: dict) -> None:
+        """Send the metrics to the wandb run, starting the run on the first call."""
         if self.run is None:  # started on rank 0's first log only: other ranks never touch wandb
             self.run = self._wandb.init(**{k: v for k, v in self._kwargs.items() if v is not None})
         self.run.log(dict(metrics), step=int(step))
 
     def close(self) -> None:
+        """Finish the wandb run, if one was started."""
         if self.run is not None:
             self.run.finish()
             self.run = None

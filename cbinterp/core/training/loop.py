@@ -151,12 +151,14 @@ def _data_parallel(model: HookedTransformer, device: torch.device) -> Distribute
 
 
 def _checks_each_step(device: torch.device) -> bool:
-    """Whether each step's loss is checked to be finite at once: free on the CPU; on an accelerator it would wait for
-    the device every step, so the losses are checked at log, eval and checkpoint steps instead."""
+    """Whether each step's loss is checked to be finite at once.
+
+    Free on the CPU; on an accelerator it would wait for the device every step, so the losses are checked at log,
+    eval and checkpoint steps instead."""
     return device.type == "cpu"
 
 
-def _optimizer_step(loop: _Loop, local: Int[Tensor, "rows seq"]) -> Float[Tensor, ""]:
+def _optimizer_step(loop: _Loop, local: Int[Tensor, "rows pos"]) -> Float[Tensor, ""]:
     """One optimizer step on this rank's rows, in `cfg.accumulate` micro-batches; returns its loss on the device."""
     cfg, optimizer, step = loop.setup.cfg, loop.setup.optimizer, loop.run.step
     set_learning_rates(optimizer, step, cfg)
@@ -197,7 +199,7 @@ def _evaluate(loop: _Loop) -> None:
     model.train()
 
 
-def _save(loop: _Loop, batch: Int[Tensor, "batch seq"] | None) -> None:
+def _save(loop: _Loop, batch: Int[Tensor, "batch pos"] | None) -> None:
     """Write the checkpoint of the steps done (on rank 0; the other ranks wait for it)."""
     setup, run = loop.setup, loop.run
     loop.losses.flush(run.step, setup.model, loop.codebooks)

@@ -1,5 +1,6 @@
-"""What `train` reports as it goes: the steps' losses (checked to be finite), metrics for the progress bar and the
-loggers, and tokens per second."""
+"""What `train` reports as it goes.
+
+The steps' losses (checked to be finite), metrics for the progress bar and the loggers, and tokens per second."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def non_finite_error(loss: float, step: int, model: HookedTransformer, codebooks
 
 
 class PendingLosses:
-    """The steps' losses kept on the device and copied to `losses` (as floats, averaged over the ranks) only at
-    log, eval and checkpoint steps: one host synchronisation per `log_every` steps instead of per step."""
+    """The steps' losses kept on the device and copied to `losses` only at log, eval and checkpoint steps.
+
+    Copied as floats, averaged over the ranks: one host synchronisation per `log_every` steps instead of per step."""
 
     def __init__(self, losses: list[float], check_each_step: bool):
         self.losses, self.pending, self.check_each_step = losses, [], check_each_step
@@ -103,6 +105,7 @@ class Progress:
         self.since += time.perf_counter() - start
 
     def close(self) -> None:
+        """Close the progress bar."""
         self.bar.close()
 
 

@@ -1,8 +1,8 @@
 """One training loop for any HookedTransformer, with or without codebooks: `train(model, batches, TrainConfig(...))`.
 
-The parts live beside this module: settings and result in `train_config`, argument checks in `train_args`, optimizer
-and schedule in `train_optim`, data in `train_data`, checkpoints and resume checks in `train_checkpoint`, the loop in
-`train_loop` and its losses, metrics and progress bar in `train_progress`. Their public names are re-exported here.
+The parts live beside this module: settings and result in `config`, argument checks in `args`, optimizer and schedule
+in `optim`, data in `data`, checkpoints and resume checks in `checkpoint`, the loop in `loop` and its losses, metrics
+and progress bar in `progress`. Their public names are re-exported here.
 
 Under `torchrun` (any initialised `torch.distributed` group) `train` is data parallel: see `train` and
 `cbinterp.core.training.distributed`.
