@@ -7,7 +7,8 @@ Run with the Python of the authors' old-stack environment (see README.md beside 
 For each base (GPT-2, GPT-NeoX, GPT-Neo) it builds a random tiny causal LM, wraps it with the authors' `wrap_codebook`
 in two layouts (`preproj`: grouped codebooks on the heads before the output projection plus a vanilla one on the MLP
 output; `blocks`: vanilla codebooks on the attention output (not for GPT-Neo, see below), the MLP hidden layer and the
-block output, last layer only), gives every layer norm (the codebooks' own included) random scales and biases as training would, and writes
+block output, last layer only), gives every layer norm (the codebooks' own included) random scales and biases as
+training would, and writes
 
 - `tests/fixtures/codebook_features/<base>-<layout>/`: the folder `CodebookModel.save_pretrained` writes (as on the
   Hub); safetensors, except `gpt2-blocks`, written as `pytorch_model.bin` (as older releases are) so that the

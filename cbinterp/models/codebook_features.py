@@ -71,7 +71,8 @@ WEIGHT_FILES = (
 def _not_a_folder(what: str, source) -> FileNotFoundError:
     return FileNotFoundError(
         f"The {what} {str(source)!r} is not a local folder. cbinterp never downloads: if it is a Hugging Face Hub "
-        f"name, fetch it first with `huggingface_hub.snapshot_download({str(source)!r})` and pass the folder it returns."
+        f"name, fetch it first with `huggingface_hub.snapshot_download({str(source)!r})` and pass the folder it "
+        "returns."
     )
 
 
