@@ -40,9 +40,9 @@ class CodebookConfig:
         groups: number of independent codebooks; `groups > 1` takes input `(..., groups, dim)`.
         similarity: "inner_product" (x.c / |c|), "cosine", or "euclidean" (negative distance).
         normalize_input: layer-normalise the activation before scoring it (scoring only: the output is made of codes).
-        norm_affine: with `normalize_input`, that layer norm has its own scale and bias per group, the buffers
+        norm_affine: with `normalize_input`, that layer norm has its own scale and bias per group, the parameters
             `norm_weight` and `norm_bias` of shape (groups, dim) (1 and 0 when built), as codebook-features'
-            codebooks have. cbinterp loads and saves them but does not train them.
+            codebooks have. They are frozen (`requires_grad=False`): cbinterp loads and saves them, never trains them.
         combine: "sum" (the output is the sum of the k selected codes) or "mean" (their sum / k, as codebook-features
             does; an id of -1, no code, counts as a zero code among the k).
         loss: "aeloss" trains codes on |x - q|^2; "vqvae" adds a commitment term (weight `beta`) on the input.
@@ -188,9 +188,12 @@ class Codebook(HookPoint):
         self.register_buffer("steps_since_used", torch.zeros(groups, n_codes, dtype=torch.long, device=device))
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("last_mse", torch.zeros((), device=device), persistent=False)
-        if self.cfg.norm_affine:  # registered only then, so that codebooks saved without them load unchanged
-            self.register_buffer("norm_weight", torch.ones(groups, dim, device=device, dtype=dtype))
-            self.register_buffer("norm_bias", torch.zeros(groups, dim, device=device, dtype=dtype))
+        if self.cfg.norm_affine:  # made only then, so that codebooks saved without them load unchanged
+            # Parameters, so that weight fingerprints (code caches, checkpoints) cover them; frozen, since the search
+            # gives them no gradient.
+            ones, zeros = torch.ones(groups, dim, device=device, dtype=dtype), torch.zeros(groups, dim, device=device)
+            self.norm_weight = nn.Parameter(ones, requires_grad=False)
+            self.norm_bias = nn.Parameter(zeros.to(dtype=ones.dtype), requires_grad=False)
         self.bypass = False
         #: Compute and expose the codes (hook_codes, caches) but pass the activation through unchanged.
         self.observe_only = False

@@ -593,3 +593,12 @@ def test_config_saved_before_the_new_options_keeps_todays_behaviour():
 def test_bad_new_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Codebook(dim=4, n_codes=3, **kwargs)
+
+
+def test_norm_affine_weights_are_frozen_parameters():
+    """Fingerprints of the weights (code caches, checkpoints) see them; optimizers leave them alone."""
+    cb = affine_codebook(2)
+    params = dict(cb.named_parameters())
+    assert {"norm_weight", "norm_bias"} <= set(params)
+    assert not params["norm_weight"].requires_grad and not params["norm_bias"].requires_grad
+    assert cb.to(torch.float64).norm_weight.dtype == torch.float64
