@@ -23,8 +23,10 @@ __all__ = ["Codebook", "CodebookConfig"]
 
 Similarity = Literal["inner_product", "cosine", "euclidean"]
 LossKind = Literal["aeloss", "vqvae"]
+Combine = Literal["sum", "mean"]
 SIMILARITIES = ("inner_product", "cosine", "euclidean")
 LOSSES = ("aeloss", "vqvae")
+COMBINES = ("sum", "mean")
 
 
 @dataclasses.dataclass
@@ -34,10 +36,15 @@ class CodebookConfig:
     Fields:
         dim: size of the activation's last dimension.
         n_codes: number of code vectors (per group).
-        k: number of codes summed at each position.
+        k: number of codes selected at each position (combined as `combine` says).
         groups: number of independent codebooks; `groups > 1` takes input `(..., groups, dim)`.
         similarity: "inner_product" (x.c / |c|), "cosine", or "euclidean" (negative distance).
-        normalize_input: layer-normalise (no affine) the activation before scoring it.
+        normalize_input: layer-normalise the activation before scoring it (scoring only: the output is made of codes).
+        norm_affine: with `normalize_input`, that layer norm has its own scale and bias per group, the parameters
+            `norm_weight` and `norm_bias` of shape (groups, dim) (1 and 0 when built), as codebook-features'
+            codebooks have. They are frozen (`requires_grad=False`): cbinterp loads and saves them, never trains them.
+        combine: "sum" (the output is the sum of the k selected codes) or "mean" (their sum / k, as codebook-features
+            does; an id of -1, no code, counts as a zero code among the k).
         loss: "aeloss" trains codes on |x - q|^2; "vqvae" adds a commitment term (weight `beta`) on the input.
         recon_weight: weight (>= 0) of the reconstruction (mean squared error) loss for the codes.
         beta: weight (>= 0) of the vqvae commitment loss.
@@ -54,6 +61,8 @@ class CodebookConfig:
     groups: int = 1
     similarity: Similarity = "inner_product"
     normalize_input: bool = False
+    norm_affine: bool = False
+    combine: Combine = "sum"
     loss: LossKind = "aeloss"
     recon_weight: float = 1.0
     beta: float = 0.25
@@ -82,8 +91,16 @@ class CodebookConfig:
             raise ValueError(f"Unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}.")
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown codebook loss {self.loss!r}; choose one of {LOSSES}.")
-        if not isinstance(self.normalize_input, bool):
-            raise ValueError(f"normalize_input must be True or False, got {self.normalize_input!r}.")
+        for field in ("normalize_input", "norm_affine"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}.")
+        if self.norm_affine and not self.normalize_input:
+            raise ValueError(
+                "norm_affine=True gives the input layer norm a scale and bias, but normalize_input is False (no "
+                "layer norm). Set normalize_input=True as well, or leave norm_affine False."
+            )
+        if self.combine not in COMBINES:
+            raise ValueError(f"Unknown combine {self.combine!r}; choose one of {COMBINES}.")
         if self.dead_after is not None:
             if not is_int(self.dead_after) or self.dead_after < 1:
                 raise ValueError(f"dead_after must be None or an int >= 1 (steps), got {self.dead_after!r}.")
@@ -130,12 +147,12 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class Codebook(HookPoint):
-    """A learned codebook that replaces an activation with the sum of its top-k most similar code vectors.
+    """A learned codebook that replaces an activation with the sum (or mean) of its top-k most similar code vectors.
 
     It is a `HookPoint`: placed at a hook name of a HookedTransformer, hooks on that name see the quantized
     activation. Nested hook points expose its internals: `hook_input` (the activation before quantization)
     and `hook_codes` (the selected code ids, int64 `(..., k)` or `(..., groups, k)`). A hook that rewrites
-    `hook_codes` changes the output to the sum of the rewritten codes; an id of -1 means "no code".
+    `hook_codes` changes the output to the sum (or mean) of the rewritten codes; an id of -1 means "no code".
     With `observe_only` set (see `codebooks_observed`) the codes are computed and exposed as usual but the
     activation passes through unchanged, so the model's outputs are those of the model without codebooks.
 
@@ -171,6 +188,12 @@ class Codebook(HookPoint):
         self.register_buffer("steps_since_used", torch.zeros(groups, n_codes, dtype=torch.long, device=device))
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("last_mse", torch.zeros((), device=device), persistent=False)
+        if self.cfg.norm_affine:  # made only then, so that codebooks saved without them load unchanged
+            # Parameters, so that weight fingerprints (code caches, checkpoints) cover them; frozen, since the search
+            # gives them no gradient.
+            ones, zeros = torch.ones(groups, dim, device=device, dtype=dtype), torch.zeros(groups, dim, device=device)
+            self.norm_weight = nn.Parameter(ones, requires_grad=False)
+            self.norm_bias = nn.Parameter(zeros.to(dtype=ones.dtype), requires_grad=False)
         self.bypass = False
         #: Compute and expose the codes (hook_codes, caches) but pass the activation through unchanged.
         self.observe_only = False
@@ -218,7 +241,7 @@ class Codebook(HookPoint):
         c = self.cfg
         return (
             f"name={self.name!r}, dim={c.dim}, n_codes={c.n_codes}, k={c.k}, groups={c.groups}, "
-            f"similarity={c.similarity!r}"
+            f"similarity={c.similarity!r}" + (f", combine={c.combine!r}" if c.combine != "sum" else "")
         )
 
     def __repr__(self) -> str:  # HookPoint overrides nn.Module's repr; restore the module tree view
@@ -264,7 +287,7 @@ class Codebook(HookPoint):
         c = self.cfg
         w = self.weight.detach()
         if c.normalize_input:
-            xg = F.layer_norm(xg, (c.dim,))
+            xg = self._layer_norm(xg)
         if c.similarity == "inner_product":
             w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         elif c.similarity == "cosine":
@@ -273,6 +296,18 @@ class Codebook(HookPoint):
         # -|x-c|^2 = 2x.c - |c|^2 - |x|^2; |x|^2 does not change the ranking, so the top-k skips it.
         bias = w.pow(2).sum(-1) if c.similarity == "euclidean" else None
         return xg.reshape(-1, c.groups, c.dim), w, bias
+
+    def _layer_norm(self, xg: Float[Tensor, "*batch groups dim"]) -> Float[Tensor, "*batch groups dim"]:
+        """The input layer norm of every group (with its own scale and bias when `norm_affine`)."""
+        c = self.cfg
+        if not c.norm_affine:
+            return F.layer_norm(xg, (c.dim,))
+        # One F.layer_norm per group with that group's scale and bias: the same kernel codebook-features runs, so the
+        # normalised inputs, and hence near-tied code choices, agree with theirs to the last bit.
+        w, b = self.norm_weight.to(xg.dtype), self.norm_bias.to(xg.dtype)
+        if c.groups == 1:
+            return F.layer_norm(xg, (c.dim,), w[0], b[0])
+        return torch.stack([F.layer_norm(xg[..., g, :], (c.dim,), w[g], b[g]) for g in range(c.groups)], dim=-2)
 
     @staticmethod
     def _block_scores(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
@@ -334,9 +369,10 @@ class Codebook(HookPoint):
             return self._search(xg.float())
 
     def decode(self, codes: Int[Tensor, "*batch k"], allow_empty: bool = True) -> Float[Tensor, "*batch dim"]:
-        """The sum of the code vectors named by `codes`; an id of -1 contributes zero (refused when not `allow_empty`).
+        """The sum (with `combine="mean"`, the mean) of the code vectors named by `codes`; -1 contributes zero.
 
-        Ids are always checked: out of range is a ValueError, never another group's code."""
+        An id of -1 is refused when not `allow_empty`. Ids are always checked: out of range is a ValueError, never
+        another group's code."""
         if self.grouped:
             return self._decode(codes, True, allow_empty)
         return self._decode(codes.unsqueeze(-2), True, allow_empty).squeeze(-2)
@@ -360,7 +396,7 @@ class Codebook(HookPoint):
             return F.embedding(ids, flat_weight)
         offsets = torch.arange(c.groups, device=codes.device).unsqueeze(-1) * c.n_codes
         if not check:
-            return F.embedding(codes + offsets, flat_weight).sum(-2)
+            return self._combine(F.embedding(codes + offsets, flat_weight).sum(-2), codes.shape[-1])
         lowest = -1 if allow_empty else 0
         out_of_range = (codes < lowest) | (codes >= c.n_codes)
         if bool(out_of_range.any()):
@@ -372,10 +408,14 @@ class Codebook(HookPoint):
             )
         present = codes >= 0
         vectors = F.embedding(torch.where(present, codes, 0) + offsets, flat_weight)
-        return (vectors * present.unsqueeze(-1).to(vectors.dtype)).sum(-2)
+        return self._combine((vectors * present.unsqueeze(-1).to(vectors.dtype)).sum(-2), codes.shape[-1])
+
+    def _combine(self, summed: Tensor, n: int) -> Tensor:
+        """`summed`, the sum of `n` codes per position, as the output `combine` asks for."""
+        return summed / n if self.cfg.combine == "mean" and n > 1 else summed
 
     def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
-        """The sum of the k most similar codes to `x` (per group), or `x` itself while bypassed."""
+        """The sum (or mean) of the k most similar codes to `x` (per group), or `x` itself while bypassed."""
         x = self.hook_input(x)
         if self.bypass:
             return x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -505,3 +506,99 @@ def test_config_round_trip():
     again = Codebook.from_config(CodebookConfig(**vars(cb.cfg)))
     assert again.cfg == cb.cfg
     assert torch.equal(again.weight, cb.weight)  # same seed, same initial codes
+
+
+# -- codebook-features' options: a scaled and shifted input layer norm, and the mean of the k codes -------
+def affine_codebook(groups: int = 1, k: int = 1, seed: int = 0, **options) -> Codebook:
+    """A codebook with `norm_affine` and a random (as if trained) scale and bias."""
+    cb = Codebook(dim=6, n_codes=9, k=k, groups=groups, normalize_input=True, norm_affine=True, seed=seed, **options)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        cb.norm_weight.copy_(1 + 0.5 * torch.randn(cb.norm_weight.shape, generator=g))
+        cb.norm_bias.copy_(0.3 * torch.randn(cb.norm_bias.shape, generator=g))
+    return cb
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("similarity", ["inner_product", "cosine", "euclidean"])
+def test_norm_affine_scores_the_scaled_and_shifted_layer_norm(groups, similarity):
+    cb = affine_codebook(groups, similarity=similarity)
+    x = random_input(40, groups, 6, seed=3)
+    normed = F.layer_norm(as_groups(x, groups > 1).double(), (6,)) * cb.norm_weight.double() + cb.norm_bias.double()
+    expected = direct_scores(normed, cb.weight, similarity, normalize_input=False)
+    torch.testing.assert_close(as_groups(cb.scores(x), groups > 1).double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(as_groups(cb.encode(x), groups > 1)[..., 0], expected.argmax(-1))
+    # the scale and bias decide: the same codes scored on the plain layer norm choose otherwise
+    plain = Codebook.from_config(dataclasses.replace(cb.cfg, norm_affine=False))
+    plain.weight.data.copy_(cb.weight.data)
+    assert not torch.equal(plain.encode(x), cb.encode(x))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_norm_affine_fused_search_matches_matmul_search(groups):
+    cb = affine_codebook(groups, k=1)
+    x = random_input(500, groups, 6, seed=4) * 3
+    fused = cb.encode(x)
+    cb.use_fused_search = False
+    assert torch.equal(cb.encode(x), fused)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_mean_combine_outputs_the_mean_of_the_k_codes(groups):
+    cb = Codebook(dim=5, n_codes=8, k=3, groups=groups, combine="mean", seed=2)
+    x = random_input(7, groups, 5, seed=5)
+    codes = as_groups(cb.encode(x), groups > 1)
+    w = cb.weight.detach()
+    torch.testing.assert_close(as_groups(cb(x), groups > 1).detach(), sum_of_codes(w, codes) / 3)
+    # a rewritten id of -1 is a zero code that still counts among the k, as in codebook-features
+    dropped = codes.clone()
+    dropped[..., 0] = -1
+    cb.hook_codes.add_hook(lambda c, hook: dropped if groups > 1 else dropped.squeeze(-2))
+    kept = sum_of_codes(w, codes[..., 1:])
+    torch.testing.assert_close(as_groups(cb(x), groups > 1).detach(), kept / 3)
+    torch.testing.assert_close(cb.decode(dropped if groups > 1 else dropped.squeeze(-2)), cb(x).detach())
+
+
+def test_new_options_round_trip_through_save_and_load(tmp_path):
+    from cbinterp.core.storage.codebook_io import load_codebook, save_codebook
+
+    cb = affine_codebook(3, k=2, combine="mean", similarity="euclidean")
+    save_codebook(cb, tmp_path / "cb")
+    again = load_codebook(tmp_path / "cb")
+    assert again.cfg == cb.cfg and again.cfg.norm_affine and again.cfg.combine == "mean"
+    assert torch.equal(again.norm_weight, cb.norm_weight) and torch.equal(again.norm_bias, cb.norm_bias)
+    x = random_input(6, 3, 6, seed=7)
+    assert torch.equal(again(x), cb(x))
+
+
+def test_config_saved_before_the_new_options_keeps_todays_behaviour():
+    old = {k: v for k, v in dataclasses.asdict(CodebookConfig(dim=4, n_codes=5, k=2)).items()}
+    del old["norm_affine"], old["combine"]
+    cb = Codebook.from_config(CodebookConfig(**old))
+    assert cb.cfg.combine == "sum" and not cb.cfg.norm_affine
+    assert "norm_weight" not in cb.state_dict()  # an old state dict loads strictly
+    cb.load_state_dict(Codebook(dim=4, n_codes=5, k=2).state_dict())
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cb(x).detach(), sum_of_codes(cb.weight.detach(), cb.encode(x).unsqueeze(-2))[:, 0])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(norm_affine=True), "normalize_input is False"),
+        (dict(normalize_input=True, norm_affine=1), "norm_affine must be True or False"),
+        (dict(combine="max"), "Unknown combine 'max'"),
+    ],
+)
+def test_bad_new_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Codebook(dim=4, n_codes=3, **kwargs)
+
+
+def test_norm_affine_weights_are_frozen_parameters():
+    """Fingerprints of the weights (code caches, checkpoints) see them; optimizers leave them alone."""
+    cb = affine_codebook(2)
+    params = dict(cb.named_parameters())
+    assert {"norm_weight", "norm_bias"} <= set(params)
+    assert not params["norm_weight"].requires_grad and not params["norm_bias"].requires_grad
+    assert cb.to(torch.float64).norm_weight.dtype == torch.float64
