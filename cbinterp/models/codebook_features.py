@@ -1,5 +1,6 @@
-"""The paper's released codebook models: folders saved by `codebook-features` 0.1.2, as HookedTransformers with
-cbinterp codebooks, offline.
+"""The paper's released codebook models, as HookedTransformers with cbinterp codebooks, offline.
+
+The folders are those saved by `codebook-features` 0.1.2.
 
 `CodebookModel.save_pretrained` (GPT-2, GPT-NeoX or GPT-Neo base) writes `config.json` (the codebook settings only:
 `model_type` "codebook") and the weights of the whole fine-tuned model, codebooks included, as `model.safetensors` or
@@ -320,8 +321,9 @@ def from_codebook_features(
 
 
 def _model_name(path: Path) -> str:
-    """The model's name: the folder's, or for a Hugging Face cache snapshot (`models--org--name/snapshots/<hash>`)
-    the repository's."""
+    """The model's name: the folder's, or a Hugging Face cache snapshot's repository name.
+
+    A snapshot lies at `models--org--name/snapshots/<hash>`."""
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         return path.parent.parent.name.split("--")[-1]
     return path.name
