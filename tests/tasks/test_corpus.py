@@ -9,11 +9,13 @@ import importlib.util
 import json
 import lzma
 import os
+import pkgutil
 import re
 import shutil
 import struct
 import subprocess
 import sys
+import types
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -320,18 +322,23 @@ def test_loader_reads_a_small_valid_corpus(tmp_path):
     assert corpus_stats(corpus_dir=tmp_path)["total"]["documents"] == 8
 
 
-# --- the rebuild tool's pieces (tools/build_corpus.py), on small inputs -------------------------------------------
+# --- the rebuild tool's pieces (tools/corpus/, behind tools/build_corpus.py), on small inputs ---------------------
 
 
 @pytest.fixture(scope="module")
 def tool():
-    """tools/build_corpus.py as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("build_corpus", REPO / "tools" / "build_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look the module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    """tools/corpus/'s modules as one namespace: the package is loaded by file path (tools/ is not importable)."""
+    folder = REPO / "tools" / "corpus"
+    spec = importlib.util.spec_from_file_location(
+        "_cbinterp_tools_corpus", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package  # its modules import each other relatively, through the package's entry
+    spec.loader.exec_module(package)
+    modules = [importlib.import_module(f"{spec.name}.{info.name}") for info in pkgutil.iter_modules([str(folder)])]
+    yield types.SimpleNamespace(**{k: v for m in modules for k, v in vars(m).items() if not k.startswith("_")})
+    for name in [n for n in sys.modules if n == spec.name or n.startswith(spec.name + ".")]:
+        sys.modules.pop(name)
 
 
 def test_tool_detokenizes_brown_tokens(tool):
