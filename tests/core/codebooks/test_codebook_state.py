@@ -8,7 +8,8 @@ import math
 
 import pytest
 import torch
-from codebook_reference import as_groups, random_input
+import torch.nn.functional as F
+from codebook_reference import as_groups, direct_scores, random_input, sum_of_codes
 
 from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
 
