@@ -39,6 +39,7 @@ import torch
 
 import cbinterp
 from cbinterp.core.codebooks.attach import codebooks_bypassed, get_codebooks
+from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.core.training import distributed as dd
 from cbinterp.recipes.codebook import phases_summary
@@ -117,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--sample-sequences", type=int, default=500, help="sequences sampled for state accuracy")
     group.add_argument("--min-recall", type=float, default=0.01, help="the paper's recall cut of the code search")
     args = parser.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or default_device()
     args.out = args.out or ROOT / "benchmarks" / "out" / ("fsm_quick" if args.quick else "fsm")
     args.eval_positions = args.eval_positions or (30_000 if args.quick else 100_000)
     if len(set(args.seeds)) != len(args.seeds):
