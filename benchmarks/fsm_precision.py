@@ -362,27 +362,7 @@ def report(results: dict, search: dict) -> None:
         value = h.get(key)
         print(f"  {label:<92} {_f(value):>8}   paper {paper}")
     print("ours (no paper figure):")
-    for key in (
-        "state_accuracy_control",
-        "state_accuracy_bypassed",
-        "valid_mass_without_codebooks",
-        "valid_mass_with_codebooks",
-        "teacher_forced_without_codebooks",
-        "teacher_forced_with_codebooks",
-        "state_code_recall_mean",
-        "states_with_own_code",
-        "states_with_precise_code",
-        "precise_codes_per_state_mean",
-        "prev_share_mean",
-        "prev_share_baseline_mean",
-        "mlp_neurons_precision_mean",
-        "site_outputs_recall_mean",
-        "state_digit_features",
-        "state_digit_code_precision_mean",
-        "state_digit_code_recall_mean",
-        "state_digit_features_with_own_code",
-        "state_digit_precise_codes",
-    ):
+    for key in [k for k in SEED_KEYS if k not in PAPER] + ["site_outputs_recall_mean", "state_digit_features"]:
         print(f"  {key:<60} {_f(h.get(key)):>8}")
     print("per MLP layer (state codes): layer, best-code precision mean, recall mean, states with own code")
     for name, row in search["per_layer"].items():
