@@ -23,6 +23,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
+from cbinterp.core.device import default_device
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import environment, write_report
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--quick", action="store_true", help="a tiny run: checks that it works, not a measurement")
     args = parser.parse_args(argv)
     if args.quick:

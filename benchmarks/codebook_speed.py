@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from cbinterp.core.codebooks.codebook import Codebook
+from cbinterp.core.device import default_device
 from cbinterp.reporting import environment, print_table, write_report
 
 if __package__:  # python -m benchmarks.codebook_speed
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-codes", type=int, default=1000)
     parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     parser.add_argument(
         "--reference-python",

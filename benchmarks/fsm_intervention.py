@@ -30,6 +30,7 @@ import torch
 
 import cbinterp
 from cbinterp.core.codebooks.interventions import intervene, replace_codes
+from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import write_json
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.pairs = args.pairs or (400 if args.quick else 1000)
     if args.pairs < 1:
         parser.error(f"--pairs must be positive, got {args.pairs}.")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or default_device()
     return args
 
 

@@ -39,6 +39,7 @@ import torch
 
 import cbinterp
 from cbinterp.core.codebooks.attach import codebooks_bypassed, get_codebooks
+from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.core.training import distributed as dd
 from cbinterp.recipes.codebook import phases_summary
@@ -117,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--sample-sequences", type=int, default=500, help="sequences sampled for state accuracy")
     group.add_argument("--min-recall", type=float, default=0.01, help="the paper's recall cut of the code search")
     args = parser.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or default_device()
     args.out = args.out or ROOT / "benchmarks" / "out" / ("fsm_quick" if args.quick else "fsm")
     args.eval_positions = args.eval_positions or (30_000 if args.quick else 100_000)
     if len(set(args.seeds)) != len(args.seeds):
@@ -361,27 +362,7 @@ def report(results: dict, search: dict) -> None:
         value = h.get(key)
         print(f"  {label:<92} {_f(value):>8}   paper {paper}")
     print("ours (no paper figure):")
-    for key in (
-        "state_accuracy_control",
-        "state_accuracy_bypassed",
-        "valid_mass_without_codebooks",
-        "valid_mass_with_codebooks",
-        "teacher_forced_without_codebooks",
-        "teacher_forced_with_codebooks",
-        "state_code_recall_mean",
-        "states_with_own_code",
-        "states_with_precise_code",
-        "precise_codes_per_state_mean",
-        "prev_share_mean",
-        "prev_share_baseline_mean",
-        "mlp_neurons_precision_mean",
-        "site_outputs_recall_mean",
-        "state_digit_features",
-        "state_digit_code_precision_mean",
-        "state_digit_code_recall_mean",
-        "state_digit_features_with_own_code",
-        "state_digit_precise_codes",
-    ):
+    for key in [k for k in SEED_KEYS if k not in PAPER] + ["site_outputs_recall_mean", "state_digit_features"]:
         print(f"  {key:<60} {_f(h.get(key)):>8}")
     print("per MLP layer (state codes): layer, best-code precision mean, recall mean, states with own code")
     for name, row in search["per_layer"].items():

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
 from cbinterp.core.codebooks.attach import training_codebooks
@@ -52,6 +52,7 @@ from cbinterp.core.search.blocks import CPU_BLOCK_SCORES, search_block_rows
 from cbinterp.core.training.fastpath import fast_kernels
 from cbinterp.core.training.train import TrainConfig, train
 from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.recipes.gpt import gpt_config
 from cbinterp.reporting import environment, write_json, write_report
 
 SECTIONS = ("a", "b", "c", "d", "e", "f")
@@ -77,21 +78,9 @@ class Shape:
     def model(self, device: str, seed: int = 0, codebooks: bool = True) -> HookedTransformer:
         """The model on `device`, the same weights for the same seed on every device (built on the CPU first)."""
         torch.manual_seed(seed)
-        cfg = HookedTransformerConfig(
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            d_head=self.d_model // self.n_heads,
-            d_mlp=self.d_mlp,
-            d_vocab=self.d_vocab,
-            n_ctx=self.seq_len,
-            act_fn="gelu",
-            normalization_type="LN",
-            positional_embedding_type="rotary" if self.rotary else "standard",
-            device="cpu",
-            seed=seed,
-        )
-        model = HookedTransformer(cfg)
+        shape = (self.n_layers, self.d_model, self.n_heads, self.d_mlp, self.seq_len, self.d_vocab)
+        positions = "rotary" if self.rotary else "standard"
+        model = HookedTransformer(gpt_config(*shape, seed=seed, device="cpu", positional_embedding_type=positions))
         if codebooks:
             attach_codebooks(model, ["attn", "mlp"], n_codes=self.n_codes, k=self.k, seed=seed)
         return model.to(device, print_details=False) if device != "cpu" else model

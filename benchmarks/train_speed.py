@@ -35,6 +35,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from cbinterp import attach_codebooks, get_codebooks
+from cbinterp.core.device import default_device
 from cbinterp.core.training.fastpath import fast_kernels
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import environment, write_report
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (saves ~1 minute)")
     parser.add_argument(
         "--reference-python", default=None, help=f"default: {common.DEFAULT_REFERENCE_PYTHON} if it exists"

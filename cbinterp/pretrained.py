@@ -21,6 +21,7 @@ from typing import Any
 
 from transformer_lens import HookedTransformer
 
+from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import user_path
 from cbinterp.core.storage.io import load
 from cbinterp.recipes.model_card import CARD_FILE, MODEL_DIR
@@ -133,9 +134,7 @@ def load_pretrained(name_or_path: PathLike = DEFAULT_MODEL, device: str | None =
     """
     path = pretrained_path(name_or_path)
     if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     model = load(path / MODEL_DIR, device=device)
     if getattr(model, "tokenizer", None) is None:
         raise ValueError(

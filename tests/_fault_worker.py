@@ -20,17 +20,10 @@ import traceback
 from pathlib import Path
 
 import torch
-from tiny_models import TINY  # beside this file: the tests' tiny model, one definition
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_models import make_cb_model  # beside this file: the tests' tiny model, one definition
 
 import cbinterp
 from cbinterp.core.training.train import TrainConfig, train
-
-
-def make_model(seed: int, sites: tuple = ("attn", "mlp")) -> HookedTransformer:
-    torch.manual_seed(seed)
-    model = HookedTransformer(HookedTransformerConfig(**TINY, seed=seed, device="cpu")).eval()
-    return cbinterp.attach_codebooks(model, list(sites), n_codes=16, seed=seed)
 
 
 def batch_at(step: int) -> torch.Tensor:
@@ -47,15 +40,15 @@ def train_config(checkpoint_dir) -> TrainConfig:
 
 def run(op: str, args: dict) -> None:
     if op == "save":
-        model = make_model(seed=1)
+        model = make_cb_model(seed=1)
         Path(args["ready"]).touch()
         cbinterp.save(model, args["path"])
     elif op == "train":
-        model = make_model(seed=0)
+        model = make_cb_model(seed=0)
         Path(args["ready"]).touch()
         train(model, batch_at, train_config(args["path"]))
     elif op == "save_loop":
-        models = [make_model(seed=1), make_model(seed=2, sites=("mlp",))]  # other codebooks: a mix cannot load
+        models = [make_cb_model(seed=1), make_cb_model(seed=2, sites=("mlp",))]  # other codebooks: a mix cannot load
         Path(args["ready"]).touch()
         stop = Path(args["stop"])
         for i in range(args.get("max_saves", 2000)):
@@ -63,7 +56,7 @@ def run(op: str, args: dict) -> None:
                 break
             cbinterp.save(models[i % 2], args["path"])
     elif op == "load_check":
-        expected = [make_model(seed=seed).state_dict() for seed in args["seeds"]]
+        expected = [make_cb_model(seed=seed).state_dict() for seed in args["seeds"]]
         Path(args["ready"]).touch()
         if os.geteuid() == 0:  # permissions do not stop root: read as a user who may not change the folder
             os.setgid(65534)
@@ -72,7 +65,7 @@ def run(op: str, args: dict) -> None:
         if not any(s.keys() == state.keys() and all(torch.equal(s[k], state[k]) for k in s) for s in expected):
             raise AssertionError(f"{args['path']} holds none of the models of seeds {args['seeds']}")
     elif op == "cache":
-        model = make_model(seed=0)
+        model = make_cb_model(seed=0)
         Path(args["ready"]).touch()
         cbinterp.cache_codes(model, docs(), batch_size=2, directory=args["path"], chunk_tokens=16, progress=False)
     else:
@@ -85,7 +78,7 @@ def warm_up() -> None:
     import tempfile
 
     torch.set_num_threads(1)
-    model = make_model(seed=0)
+    model = make_cb_model(seed=0)
     with torch.no_grad():
         model(batch_at(0))
     with tempfile.TemporaryDirectory() as tmp:

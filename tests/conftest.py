@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import TINY, make_model  # noqa: F401  (TINY: re-exported for test modules)
+from tiny_models import TINY, add_codebooks, make_model  # noqa: F401  (TINY: re-exported for test modules)
 from transformer_lens import HookedTransformer
 
 
@@ -22,6 +22,12 @@ def _base_model() -> HookedTransformer:
 def model(_base_model) -> HookedTransformer:
     """A tiny model without codebooks; a private copy per test so tests may attach, hook and mutate it."""
     return copy.deepcopy(_base_model)
+
+
+@pytest.fixture
+def cb_model(model) -> HookedTransformer:
+    """`model` with 16-code codebooks after every attention layer and MLP (`make_cb_model()`'s model)."""
+    return add_codebooks(model)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 import _fault_worker as worker  # tests/ is on the path: pytest puts the root conftest's folder there
 import pytest
 import torch
+from tiny_models import make_cb_model
 
 import cbinterp
 from cbinterp.core.storage.atomic import HOST
@@ -118,7 +119,7 @@ def report(name: str, outcomes: dict) -> None:
 
 
 def test_killed_saver_leaves_old_or_new(server, tmp_path):
-    old, new = worker.make_model(seed=0), worker.make_model(seed=1)
+    old, new = make_cb_model(seed=0), make_cb_model(seed=1)
     ready = tmp_path / "ready"
     _, duration = server.run("save", tmp_path / "probe" / "d", ready, None)
     outcomes = {"old": 0, "new": 0, "debris_cleaned": 0}
@@ -141,7 +142,7 @@ def test_killed_saver_leaves_old_or_new(server, tmp_path):
 
 def test_killed_trainer_resumes_to_the_uninterrupted_result(server, tmp_path):
     ready = tmp_path / "ready"
-    reference = worker.make_model(seed=0)
+    reference = make_cb_model(seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         straight = cbinterp.train(reference, worker.batch_at, worker.train_config(str(tmp_path / "straight")))
@@ -154,7 +155,7 @@ def test_killed_trainer_resumes_to_the_uninterrupted_result(server, tmp_path):
         ckpt = root / "ckpt"
         server.run("train", ckpt, ready, delay)
         outcomes["debris_cleaned"] += bool(entries(root) - {"ckpt"})
-        model = worker.make_model(seed=0)
+        model = make_cb_model(seed=0)
         result = cbinterp.train(model, worker.batch_at, worker.train_config(str(ckpt)))
         step = result.resumed_from
         if step is None:
@@ -169,7 +170,7 @@ def test_killed_trainer_resumes_to_the_uninterrupted_result(server, tmp_path):
 
 def test_killed_cacher_keeps_a_correct_prefix(server, tmp_path):
     ready = tmp_path / "ready"
-    model = worker.make_model(seed=0)
+    model = make_cb_model(seed=0)
     full = cbinterp.cache_codes(model, worker.docs(), batch_size=2, progress=False)
     _, duration = server.run("cache", tmp_path / "probe", ready, None)
     outcomes = {"nothing": 0, "prefix": 0, "complete": 0, "debris_cleaned": 0}
@@ -219,7 +220,7 @@ def test_killed_saver_then_a_read_only_load(server, tmp_path):
             p.chmod(mode)
 
     try:
-        old = worker.make_model(seed=0)
+        old = make_cb_model(seed=0)
         ready = base / "ready"
         _, duration = server.run("save", base / "probe" / "d", ready, None)
         outcomes = {"debris_left_read_only": 0}
@@ -250,7 +251,7 @@ def test_concurrent_reader_sees_old_or_new(server, tmp_path):
     """One process saves two models in turn to one path while this one loads it LOADS times."""
     loads = 40
     path, ready, stop = tmp_path / "d", tmp_path / "ready", tmp_path / "stop"
-    models = {1: worker.make_model(seed=1), 2: worker.make_model(seed=2, sites=("mlp",))}  # as save_loop saves
+    models = {1: make_cb_model(seed=1), 2: make_cb_model(seed=2, sites=("mlp",))}  # as save_loop saves
     cbinterp.save(models[1], path)
     pid = server.start("save_loop", path, ready, stop=str(stop))
     seen = {1: 0, 2: 0}

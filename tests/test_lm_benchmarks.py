@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_models import make_model
 
 import cbinterp
 from cbinterp.tasks.text import TextBatches, attach_tokenizer, save_tokenizer, train_bpe_tokenizer
@@ -23,22 +22,7 @@ def tiny_lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_lm")
     texts = [d.text[:4000] for d in load_corpus(split="train")[::40]]
     tok = train_bpe_tokenizer(texts, vocab_size=512)
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=1,
-        d_model=32,
-        n_heads=2,
-        d_head=16,
-        d_mlp=64,
-        d_vocab=len(tok),
-        n_ctx=64,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="rotary",
-        seed=0,
-        device="cpu",
-    )
-    model = attach_tokenizer(HookedTransformer(cfg), tok)
+    model = attach_tokenizer(make_model(seed=0, n_layers=1, n_heads=2, d_vocab=len(tok), n_ctx=64), tok)
     batches = TextBatches.from_texts(texts, tok, seq_len=64, batch_size=8, seed=0)
     cbinterp.train(model, batches, cbinterp.TrainConfig(steps=30, lr=3e-3, progress=False))
     for name, with_codebooks in (("base", False), ("lm", True)):

@@ -32,6 +32,7 @@ from cbinterp.codecache.layout import (
 )
 from cbinterp.core.storage import manifest as mf
 from cbinterp.core.storage.atomic import _pid_alive, atomic_file
+from cbinterp.core.storage.folder import verify_dir
 from cbinterp.core.storage.tokenizer import write_tokenizer_files
 
 __all__ = ["list_chunks", "open_for_writing", "pending_chunks", "read_marker", "store_tokenizer", "write_marker"]
@@ -61,7 +62,7 @@ def read_marker(directory: Path, check_files: bool = False) -> dict:
             raise ValueError(f"Damaged code cache metadata {path}: no valid 'chunks'.")
         integrity.check_marker(directory, meta)
         return meta
-    meta = mf.verify_dir(directory, (mf.CODE_CACHE,), "code cache", check_files=False)
+    meta = verify_dir(directory, (mf.CODE_CACHE,), "code cache", check_files=False)
     for key, kind in (("codebooks", dict), ("hooks", list), ("chunks", list), ("n_tokens", int), ("n_docs", int)):
         if not isinstance(meta.get(key), kind):
             raise ValueError(f"Damaged code cache marker {directory / META_FILE}: no valid {key!r}.")

@@ -58,25 +58,17 @@ def _check_features(features, n_positions: int, n_features: int | None) -> tuple
         if n_features < 0:
             raise ValueError(f"n_features must be >= 0, got {n_features}.")
     form = "bool (n_positions, n_features) or integer labels (n_positions,) with -1 for none"
-    if features.dtype == torch.bool:
-        if features.dim() != 2:
-            raise ValueError(
-                f"bool features must have shape (n_positions, n_features), got {tuple(features.shape)}; "
-                f"give a single feature mask as mask[:, None], and flatten batch and position first."
-            )
-        if features.shape[0] != n_positions:
-            raise ValueError(
-                f"features has {features.shape[0]} positions but the codes/activations have {n_positions}; "
-                f"both must be flattened over the same positions, in the same order."
-            )
-        if n_features is not None and n_features != features.shape[1]:
-            raise ValueError(f"n_features={n_features} does not match features' {features.shape[1]} columns.")
-        return features, False, features.shape[1]
+    is_mask = features.dtype == torch.bool
+    if is_mask and features.dim() != 2:
+        raise ValueError(
+            f"bool features must have shape (n_positions, n_features), got {tuple(features.shape)}; "
+            f"give a single feature mask as mask[:, None], and flatten batch and position first."
+        )
     if features.is_floating_point() or features.is_complex():
         raise TypeError(
             f"features must be {form}; got dtype {features.dtype}. Convert a 0/1 matrix with features.bool()."
         )
-    if features.dim() != 1:
+    if not is_mask and features.dim() != 1:
         raise ValueError(
             f"integer features are labels and must have shape (n_positions,), got {tuple(features.shape)}; "
             f"flatten batch and position first, or pass a (n_positions, n_features) 0/1 matrix as features.bool()."
@@ -86,6 +78,10 @@ def _check_features(features, n_positions: int, n_features: int | None) -> tuple
             f"features has {features.shape[0]} positions but the codes/activations have {n_positions}; "
             f"both must be flattened over the same positions, in the same order."
         )
+    if is_mask:
+        if n_features is not None and n_features != features.shape[1]:
+            raise ValueError(f"n_features={n_features} does not match features' {features.shape[1]} columns.")
+        return features, False, features.shape[1]
     features = features.long()
     top = int(features.max()) if features.numel() else -1
     if features.numel() and int(features.min()) < -1:

@@ -17,6 +17,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, RecipeResult, run_recipe
+from cbinterp.recipes.gpt import gpt_config
 from cbinterp.tasks.fsm import FSM
 
 __all__ = ["FSMRecipe"]
@@ -95,20 +96,8 @@ class FSMRecipe:
 
     def model_config(self, fsm: FSM, device: str | None = None) -> HookedTransformerConfig:
         """The transformer's config for sequences of `fsm` (on `device`, default: cuda when present)."""
-        return HookedTransformerConfig(
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            d_head=self.d_model // self.n_heads,
-            d_mlp=self.d_mlp,
-            n_ctx=self.seq_len,
-            d_vocab=fsm.vocab_size,
-            act_fn="gelu",
-            normalization_type="LN",
-            positional_embedding_type="rotary",
-            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            seed=self.seed,
-        )
+        shape = (self.n_layers, self.d_model, self.n_heads, self.d_mlp, self.seq_len, fsm.vocab_size)
+        return gpt_config(*shape, seed=self.seed, device=device)
 
     def build_model(self, fsm: FSM, device: str | None = None) -> HookedTransformer:
         """A freshly initialised transformer (seeded by `seed`) for sequences of `fsm`."""

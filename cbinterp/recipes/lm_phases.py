@@ -105,10 +105,7 @@ def train_baseline(
     progress: bool = True,
 ) -> TrainResult:
     """Phase (a): train `model` (no codebooks) for `recipe.base_steps` on batches 0 .. base_steps - 1."""
-    if get_codebooks(model):
-        raise ValueError("train_baseline trains a model without codebooks; this one has some.")
-    cfg = train_config(recipe, "baseline", checkpoint_dir, progress)
-    return train(model, batch_source(batches, recipe)(STREAM_BASELINE), cfg)
+    return _train_phase(model, batches, recipe, "baseline", checkpoint_dir, progress, plain="train_baseline")
 
 
 def train_codebook_model(
@@ -128,8 +125,7 @@ def train_codebook_model(
     add_codebooks(model, recipe, None if resuming else kmeans_tokens(batches, recipe), progress=progress)
     if on_init is not None and not resuming:
         on_init(model)
-    cfg = train_config(recipe, "codebook", checkpoint_dir, progress)
-    return train(model, batch_source(batches, recipe)(STREAM_CONTINUED), cfg)
+    return _train_phase(model, batches, recipe, "codebook", checkpoint_dir, progress)
 
 
 def finetune_baseline(
@@ -140,7 +136,22 @@ def finetune_baseline(
     progress: bool = True,
 ) -> TrainResult:
     """Phase (c): train the baseline `model` (no codebooks) as long as (b), on (b)'s batches and schedule."""
-    if get_codebooks(model):
-        raise ValueError("finetune_baseline trains a model without codebooks; this one has some.")
-    cfg = train_config(recipe, "finetuned", checkpoint_dir, progress)
-    return train(model, batch_source(batches, recipe)(STREAM_CONTINUED), cfg)
+    return _train_phase(model, batches, recipe, "finetuned", checkpoint_dir, progress, plain="finetune_baseline")
+
+
+def _train_phase(
+    model: HookedTransformer,
+    batches: TextBatches,
+    recipe: LMRecipe,
+    phase: str,
+    checkpoint_dir: str | Path | None,
+    progress: bool,
+    plain: str | None = None,
+) -> TrainResult:
+    """Train `model` as `phase` of `recipe`, on that phase's data stream and with its `train_config`.
+
+    `plain`: the public caller's name, for the phases that train a model without codebooks (checked)."""
+    if plain is not None and get_codebooks(model):
+        raise ValueError(f"{plain} trains a model without codebooks; this one has some.")
+    stream = {spec.name: spec.stream for spec in recipe.codebook_recipe().all_phases()}[phase]
+    return train(model, batch_source(batches, recipe)(stream), train_config(recipe, phase, checkpoint_dir, progress))

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
 from transformer_lens import HookedTransformerConfig
 
 from cbinterp.core.codebooks.codebook import LOSSES
+from cbinterp.core.device import default_device
 from cbinterp.core.training.train import TrainConfig
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase
+from cbinterp.recipes.gpt import gpt_config
 
 __all__ = ["PHASES", "STREAM_BASELINE", "STREAM_CONTINUED", "LMRecipe", "default_device", "train_config"]
 
@@ -183,25 +184,9 @@ class LMRecipe:
 
     def model_config(self, d_vocab: int, device: str | None = None) -> HookedTransformerConfig:
         """The transformer's config for a vocabulary of `d_vocab` ids (on `device`, default: cuda when present)."""
-        return HookedTransformerConfig(
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            d_head=self.d_model // self.n_heads,
-            d_mlp=self.d_mlp,
-            n_ctx=self.seq_len,
-            d_vocab=d_vocab,
-            act_fn=self.act_fn,
-            normalization_type="LN",
-            positional_embedding_type=self.positional_embedding_type,
-            device=device or default_device(),
-            seed=self.seed,
-        )
-
-
-def default_device() -> str:
-    """The default device: `"cuda"` when a GPU is present, else `"cpu"`."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        shape = (self.n_layers, self.d_model, self.n_heads, self.d_mlp, self.seq_len, d_vocab)
+        settings = dict(act_fn=self.act_fn, positional_embedding_type=self.positional_embedding_type)
+        return gpt_config(*shape, seed=self.seed, device=device, **settings)
 
 
 def train_config(

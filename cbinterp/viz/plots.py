@@ -174,24 +174,13 @@ def heldout_probe_figure(table: pd.DataFrame, title: str = "Regex features, held
     code_names = [
         code_label(r.codebook, r.head, r.code) if r.code >= 0 else "no code" for r in table.itertuples(index=False)
     ]
-    fig.add_bar(
-        name="best code",
-        x=names,
-        y=list(table["precision_b"]),
-        text=[f"R {r:.2f}" for r in table["recall_b"]],
-        hovertext=code_names,
-        marker_color=_COLORS[0],
-    )
+    bars = [("best code", "precision_b", "recall_b", code_names)]
     if "neuron_best_precision_b" in table.columns:
         neuron_label = [f"{h}[{u}]" for h, u in zip(table["neuron_best_hook"], table["neuron_best_unit"])]
-        fig.add_bar(
-            name="best neuron",
-            x=names,
-            y=list(table["neuron_best_precision_b"]),
-            text=[f"R {r:.2f}" for r in table["neuron_best_recall_b"]],
-            hovertext=neuron_label,
-            marker_color=_COLORS[1],
-        )
+        bars.append(("best neuron", "neuron_best_precision_b", "neuron_best_recall_b", neuron_label))
+    for color, (name, precision, recall, hovertext) in zip(_COLORS, bars):
+        text = [f"R {r:.2f}" for r in table[recall]]
+        fig.add_bar(name=name, x=names, y=list(table[precision]), text=text, hovertext=hovertext, marker_color=color)
     fig.update_layout(
         title=title, barmode="group", yaxis_title="precision on held-out half B", yaxis_range=[0, 1.05], width=1100
     )

@@ -24,16 +24,6 @@ MLP0 = "blocks.0.hook_mlp_out"
 HOOK = "blocks.0.mlp.hook_post"
 
 
-@pytest.fixture
-def cb_model(model):
-    return attach_codebooks(model, ["attn", "mlp"], n_codes=16)
-
-
-@pytest.fixture
-def docs():
-    return torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(3))
-
-
 def interrupted(docs):
     """The first three documents, then a kill."""
     yield docs[:2]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tiny_models import make_model
+from tiny_models import make_cb_model
 
 import cbinterp
 from cbinterp import CodeCache, cache_codes, code_contexts, code_frequencies, token_positions, top_tokens
@@ -26,10 +26,6 @@ from cbinterp.core.storage.manifest import ResumeWarning
 HOOK = "blocks.0.mlp.hook_post"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cb_model():
-    return cbinterp.attach_codebooks(make_model(seed=0), ["attn", "mlp"], n_codes=16, seed=0)
 
 
 def docs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +56,7 @@ def rank_main(rank: int, world: int, rdv: str, directory: str, out: str, die_ran
             yield tokens[start : start + 2], mask[start : start + 2]
 
     try:
-        cbinterp.cache_codes(cb_model(), batches(), directory=directory, **cache_kwargs())
+        cbinterp.cache_codes(make_cb_model(), batches(), directory=directory, **cache_kwargs())
         result = {"ok": True}
     except BaseException as err:  # noqa: BLE001 - reported to the test
         result = {"error": type(err).__name__, "message": str(err)}
@@ -91,7 +87,7 @@ def run_ranks(tmp_path: Path, directory: Path, world: int = 2, die_rank: int = -
 
 def one_process(directory=None) -> CodeCache:
     tokens, mask = docs()
-    return cache_codes(cb_model(), tokens, mask=mask, directory=directory, **cache_kwargs())
+    return cache_codes(make_cb_model(), tokens, mask=mask, directory=directory, **cache_kwargs())
 
 
 def assert_identical(a: CodeCache, b: CodeCache) -> None:
@@ -149,7 +145,7 @@ def test_two_ranks_resume_what_one_process_began(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cache_codes(cb_model(), interrupted(), directory=directory, **cache_kwargs())
+        cache_codes(make_cb_model(), interrupted(), directory=directory, **cache_kwargs())
     before = CodeCache.open(directory)
     assert 0 < before.n_docs < 11
     assert run_ranks(tmp_path, directory) == {0: {"ok": True}, 1: {"ok": True}}

@@ -14,16 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 HOOK = "blocks.0.mlp.hook_post"
 
 
-@pytest.fixture
-def cb_model(model):
-    return attach_codebooks(model, ["attn", "mlp"], n_codes=16)
-
-
-@pytest.fixture
-def docs():
-    return torch.randint(0, 11, (5, 6), generator=torch.Generator().manual_seed(3))
-
-
 def direct_codes(model, docs):
     names = [f"{n}.hook_codes" for n in get_codebooks(model)]
     with torch.no_grad():

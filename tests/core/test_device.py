@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import cbinterp
 from cbinterp.core.codebooks.codebook import Codebook
+from cbinterp.core.device import default_device
 from cbinterp.core.search import blocks as search_blocks
 from cbinterp.core.search import fused_search
 from cbinterp.core.search.blocks import (
@@ -21,6 +24,22 @@ from cbinterp.core.search.blocks import (
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GIB = 1 << 30
+
+
+# -- the default device -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("present,expected", [(True, "cuda"), (False, "cpu")])
+def test_the_default_device_is_cuda_when_present_else_the_cpu(monkeypatch, present, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: present)
+    assert default_device() == expected
+
+
+def test_the_default_device_rule_is_written_once():
+    """Entry points and scripts that take no device ask `default_device`; none spells the rule again (to drift)."""
+    root = Path(cbinterp.__file__).resolve().parents[1]
+    rule = re.compile(r"""["']cuda["']\s+if\s+torch\.cuda\.is_available\(\)""")
+    files = [p for folder in ("cbinterp", "benchmarks") for p in sorted((root / folder).rglob("*.py"))]
+    spelled = [p.relative_to(root).as_posix() for p in files if rule.search(p.read_text(encoding="utf-8"))]
+    assert spelled == ["cbinterp/core/device.py"]
 
 
 # -- the block-size rule -----------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import transformers as hf
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -11,17 +13,21 @@ SPECIALS = ["<|endoftext|>", "<unk>"]
 VOCAB = 96  # more ids than the tokenizer has: models may have a padded vocabulary
 
 # Two layers, d_model 32, 4 heads: each forward pass takes milliseconds on one CPU thread.
+#: The Llama-style spelling of that shape, which most architectures' configs share.
+SHAPE = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64
+)
+GQA = dict(num_key_value_heads=2)  # grouped-query attention: two heads share each key and value
+
+
+def _config(config_class, **settings) -> Callable[[], hf.PretrainedConfig]:
+    """A maker of the tiny `config_class` config: SHAPE, the padded vocabulary, then `settings` (which win)."""
+    return lambda: config_class(**{**SHAPE, "vocab_size": VOCAB, **settings})
+
+
 CONFIGS = {
     "gpt2": lambda: hf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB),
-    "neox": lambda: hf.GPTNeoXConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        rotary_pct=0.5,
-        vocab_size=VOCAB,
-    ),
+    "neox": _config(hf.GPTNeoXConfig, rotary_pct=0.5),
     "neo": lambda: hf.GPTNeoConfig(
         hidden_size=32,
         num_layers=2,
@@ -31,17 +37,9 @@ CONFIGS = {
         max_position_embeddings=64,
         vocab_size=VOCAB,
     ),
-    "llama": lambda: hf.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        vocab_size=VOCAB,
-    ),
+    "llama": _config(hf.LlamaConfig, **GQA),
     "gptj": lambda: hf.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, vocab_size=VOCAB),
-    "opt": lambda: hf.OPTConfig(
+    "opt": lambda: hf.OPTConfig(  # OPT names the MLP width ffn_dim
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -51,52 +49,11 @@ CONFIGS = {
         vocab_size=VOCAB,
     ),
     "bloom": lambda: hf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB),
-    "mistral": lambda: hf.MistralConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        sliding_window=None,
-        vocab_size=VOCAB,
-    ),
-    "qwen2": lambda: hf.Qwen2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        vocab_size=VOCAB,
-    ),
-    "qwen3": lambda: hf.Qwen3Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        vocab_size=VOCAB,
-    ),
-    "phi": lambda: hf.PhiConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        vocab_size=VOCAB,
-    ),
-    "phi3": lambda: hf.Phi3Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        vocab_size=VOCAB,
-    ),
+    "mistral": _config(hf.MistralConfig, sliding_window=None, **GQA),
+    "qwen2": _config(hf.Qwen2Config, **GQA),
+    "qwen3": _config(hf.Qwen3Config, head_dim=8, **GQA),
+    "phi": _config(hf.PhiConfig),
+    "phi3": _config(hf.Phi3Config, pad_token_id=0),
 }
 
 

@@ -18,12 +18,13 @@ holds a negative head, and elsewhere -1 reads as "none"), so a head outside 0..n
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 
 import pandas as pd
 import torch
 from torch import Tensor
+
+from cbinterp.core.checks import is_int
 
 __all__ = ["HEAD_DTYPE", "check_head", "code_label", "codebook_label", "head_column", "is_missing_head"]
 
@@ -47,7 +48,7 @@ def as_index(value, what: str) -> int:
         and value.dtype != torch.bool
     ):
         return int(value)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if is_int(value):
         return int(value)
     raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__}).")
 

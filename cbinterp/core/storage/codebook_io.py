@@ -74,7 +74,7 @@ def _check_set_replaceable(path: Path) -> None:
     members = None
     if MANIFEST_FILE in entries:
         try:
-            members = set(mf.read_manifest(path, (mf.CODEBOOK_SET,), SET).get("codebooks") or {})
+            members = set(fd.read_manifest(path, (mf.CODEBOOK_SET,), SET).get("codebooks") or {})
         except (OSError, ValueError) as err:
             raise FileExistsError(
                 f"Refusing to replace {path}: it is not a {SET} cbinterp may replace ({err})."

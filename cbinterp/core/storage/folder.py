@@ -116,15 +116,20 @@ class Folder:
             return True
         return (marker.st_ino, marker.st_mtime_ns, marker.st_size) != self._marker_id
 
-    def _read_marker(self, kinds: Sequence[str]) -> dict:
+    def _open_fd(self, name: str, missing: str) -> int:
+        """A descriptor of the entry `name` (never through a link).
+
+        A missing one raises FileNotFoundError(`missing`), or FolderChanged where a writer replaced the folder meanwhile
+        (then it is not missing: read again)."""
         try:
-            fd = _open_entry(self._dfd, self.path, MANIFEST_FILE, self.what)
+            return _open_entry(self._dfd, self.path, name, self.what)
         except FileNotFoundError:
             if self.changed():
                 raise FolderChanged from None
-            raise FileNotFoundError(
-                f"No {self.what} at {self.path}: its marker file {MANIFEST_FILE} is missing."
-            ) from None
+            raise FileNotFoundError(missing) from None
+
+    def _read_marker(self, kinds: Sequence[str]) -> dict:
+        fd = self._open_fd(MANIFEST_FILE, f"No {self.what} at {self.path}: its marker file {MANIFEST_FILE} is missing.")
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             self.marker_bytes = f.read()
@@ -134,14 +139,7 @@ class Folder:
 
     def _open(self, name: str) -> BinaryIO:
         entry = self.manifest["files"][name]
-        try:
-            fd = _open_entry(self._dfd, self.path, name, self.what)
-        except FileNotFoundError:
-            if self.changed():
-                raise FolderChanged from None
-            raise FileNotFoundError(
-                f"The {self.what} at {self.path} is incomplete: its file {name} is missing."
-            ) from None
+        fd = self._open_fd(name, f"The {self.what} at {self.path} is incomplete: its file {name} is missing.")
         f = os.fdopen(fd, "rb")
         if self.check_files and (os.fstat(fd).st_size != entry["bytes"] or sha256_stream(f) != entry["sha256"]):
             f.close()

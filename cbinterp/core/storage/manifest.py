@@ -9,8 +9,8 @@ A cbinterp folder holds `cbinterp.json` (the marker and manifest)::
      ...}                                   # anything else the kind of folder records (a code cache's metadata)
 
 `cbinterp.core.storage.folder.open_folder` is the one reader (marker, format, version, and the size and sha256 of every
-listed file, read through one open folder; see there); `verify_dir` (used by `train` on resume and by the code
-cache) and `read_manifest` are built on it. `check_replaceable` decides whether a write may replace what is at a
+listed file, read through one open folder; see there), with `verify_dir`, `verify_file` and `read_manifest` built
+on it there. `check_replaceable` decides whether a write may replace what is at a
 path: only a cbinterp folder of an allowed kind, holding nothing it does not list, or an empty folder.
 """
 
@@ -27,7 +27,7 @@ import torch
 
 from cbinterp.core.storage.atomic import user_path
 
-__all__ = ["MANIFEST_FILE", "ResumeWarning", "read_manifest", "verify_dir", "verify_file"]
+__all__ = ["MANIFEST_FILE", "ResumeWarning"]
 
 
 class ResumeWarning(UserWarning):
@@ -140,37 +140,6 @@ def parse_json_object(data: bytes, where: Path, what: str) -> dict:
     return parsed
 
 
-# -- reading (storage.folder builds on this module, so it is imported where used) --------------------------------------
-def read_manifest(path: Path, kinds: Sequence[str], what: str = "cbinterp folder") -> dict:
-    """The parsed marker of the folder `path`, checked for format and version (the files are not read)."""
-    from cbinterp.core.storage import folder
-
-    return folder.read_manifest(path, kinds, what)
-
-
-def verify_file(path: Path, manifest: dict, name: str, what: str = "cbinterp folder") -> Path:
-    """Check one listed file of the folder `path` against its recorded size and sha256 (never through a link)."""
-    from cbinterp.core.storage import folder
-
-    return folder.verify_file(path, manifest, name, what)
-
-
-def verify_dir(
-    path: str | os.PathLike,
-    kinds: Sequence[str],
-    what: str = "cbinterp folder",
-    check_files: bool = True,
-    strict: bool = False,
-) -> dict:
-    """Check the marker, format version, and (with `check_files`) every listed file of `path`; returns the manifest.
-
-    Files are checked against their size and sha256 (see `folder.open_folder`, the one reader). `strict` also refuses
-    files the marker does not list (a checkpoint must be exactly what was written)."""
-    from cbinterp.core.storage import folder
-
-    return folder.verify_dir(path, kinds, what, check_files, strict)
-
-
 # -- what a write may replace ------------------------------------------------------------------------------------
 def legacy_kind(path: Path) -> str | None:
     """MODEL or CHECKPOINT for a version-1 folder (config.json says cbinterp-model, no marker), else None."""
@@ -188,6 +157,8 @@ def check_replaceable(path: Path, kinds: Sequence[str], what: str) -> None:
 
     It may replace nothing, an empty folder, or a cbinterp folder of one of `kinds` that holds only the files its
     marker lists (so nothing of the user's is ever deleted)."""
+    from cbinterp.core.storage import folder  # it builds on this module
+
     path = user_path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -201,7 +172,7 @@ def check_replaceable(path: Path, kinds: Sequence[str], what: str) -> None:
         return
     if MANIFEST_FILE in entries:
         try:
-            manifest = read_manifest(path, kinds, what)
+            manifest = folder.read_manifest(path, kinds, what)
         except (OSError, ValueError) as err:
             raise FileExistsError(
                 f"Refusing to replace {path}: it is not a {what} cbinterp may replace ({err})."

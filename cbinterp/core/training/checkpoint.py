@@ -25,6 +25,7 @@ from transformer_lens import HookedTransformer
 from cbinterp.core.codebooks.attach import get_codebooks
 from cbinterp.core.storage import manifest as mf
 from cbinterp.core.storage.atomic import atomic_dir, recover_dir
+from cbinterp.core.storage.folder import verify_dir
 from cbinterp.core.storage.io import (
     MODEL_FILES,
     WEIGHTS_FILE,
@@ -194,7 +195,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
             "another checkpoint_dir."
         )
     try:
-        manifest = mf.verify_dir(path, (mf.CHECKPOINT,), "training checkpoint", strict=True)
+        manifest = verify_dir(path, (mf.CHECKPOINT,), "training checkpoint", strict=True)
         config = read_config(path, verify=False)
         state = json.loads((path / TRAINER_FILE).read_text())
         tensors = load_file(path / TRAINER_TENSORS)

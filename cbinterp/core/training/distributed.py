@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cbinterp.core.device import default_device
+
 __all__ = [
     "CodebookStepSync",
     "RankFailure",
@@ -65,7 +67,7 @@ def init_from_env(device: str | None = None, timeout_s: float = 600.0) -> torch.
 
     `torchrun` sets RANK, WORLD_SIZE, MASTER_ADDR, ...; the device is `cuda:LOCAL_RANK` for device "cuda", else the
     CPU. Without those variables: no group, one process."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_models import make_model
 
 from cbinterp import TrainConfig, attach_codebooks, train
 from cbinterp.core.training.determinism import deterministic_on_cpu
@@ -19,11 +19,7 @@ def two_threads():
 
 
 def trained_weights() -> torch.Tensor:
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=11, n_ctx=128, act_fn="gelu",
-        normalization_type="LN", positional_embedding_type="rotary", device="cpu", seed=0,
-    )  # fmt: skip
-    model = HookedTransformer(cfg)
+    model = make_model(seed=0, d_model=128, d_mlp=512, n_ctx=128)  # wide enough to split over threads
     attach_codebooks(model, sites=["attn", "mlp"], n_codes=64, seed=0)
     tokens = torch.randint(0, 11, (64, 128), generator=torch.Generator().manual_seed(0))
     train(model, tokens, TrainConfig(steps=4, batch_size=32, progress=False))

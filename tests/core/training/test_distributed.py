@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from tiny_models import make_model
+from tiny_models import assert_same_state, make_model
 
 import cbinterp
 from cbinterp import attach_codebooks, get_codebooks, kmeans_init_codebooks
@@ -221,15 +221,6 @@ def load_state(path: Path) -> dict:
     return load_file(path)
 
 
-def assert_close(a: dict, b: dict, atol: float = 1e-5):
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].dtype.is_floating_point:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
-        else:
-            assert torch.equal(a[k], b[k]), k
-
-
 # -- the parent side -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ranks_run(tmp_path_factory):
@@ -265,7 +256,7 @@ def test_two_ranks_equal_one_rank_with_the_whole_batch(ranks_run):
     one = train(model, batches(), config())
     two = load_state(tmp / "same_rank0.safetensors")
     one_state = state_of(model)
-    assert_close(one_state, two)  # the integer buffers (usage counts) exactly
+    assert_same_state(one_state, two, atol=1e-5)  # the integer buffers (usage counts) exactly
     assert one.losses == pytest.approx(results[0]["same"]["losses"], abs=1e-5)
     total = sum(int(v.sum()) for k, v in two.items() if k.endswith(".counts"))
     tokens = 8 * BATCH * 16
@@ -299,7 +290,7 @@ def test_token_tensor_gives_each_rank_its_share_of_the_seeded_batch(ranks_run):
         assert torch.equal(a[k], b[k]), k
     model = fresh()
     train(model, token_table(), config(batch_size=BATCH))
-    assert_close(state_of(model), a)
+    assert_same_state(state_of(model), a, atol=1e-5)
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(ranks_run):
@@ -312,7 +303,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(ranks_run):
         resumed = train(model, batches(), config(checkpoint_dir=str(tmp / "ck2")))
     assert resumed.resumed_from == 4
     assert resumed.losses == pytest.approx(expected.losses, abs=1e-5)
-    assert_close(state_of(model), state_of(straight))
+    assert_same_state(state_of(model), state_of(straight), atol=1e-5)
 
 
 def test_one_rank_checkpoint_resumes_on_two_ranks(ranks_run):
@@ -321,7 +312,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(ranks_run):
     expected = train(straight, batches(), config())
     assert results[0]["resume"]["resumed_from"] == 4 == results[1]["resume"]["resumed_from"]
     assert results[0]["resume"]["losses"] == pytest.approx(expected.losses, abs=1e-5)
-    assert_close(load_state(tmp / "resume_rank0.safetensors"), state_of(straight))
+    assert_same_state(load_state(tmp / "resume_rank0.safetensors"), state_of(straight), atol=1e-5)
     assert json.loads((tmp / "ck1" / TRAINER_FILE).read_text())["world_size"] == 2  # rewritten by the 2 ranks
 
 
@@ -329,7 +320,7 @@ def test_accumulate_on_two_ranks_equals_the_whole_batch(ranks_run):
     tmp, _ = ranks_run
     model = fresh(replace=False)
     train(model, batches(), config(steps=4))
-    assert_close(load_state(tmp / "accumulate_rank0.safetensors"), state_of(model))
+    assert_same_state(load_state(tmp / "accumulate_rank0.safetensors"), state_of(model), atol=1e-5)
 
 
 def test_indivisible_batch_is_a_clear_error(ranks_run):
@@ -371,7 +362,7 @@ def test_kmeans_runs_once_and_every_rank_gets_its_codes(ranks_run):
         assert torch.equal(a[k], b[k]), k
     model = fresh(replace=False)
     kmeans_init_codebooks(model, kmeans_tokens(0), iters=3, progress=False)
-    assert_close(state_of(model), a)
+    assert_same_state(state_of(model), a, atol=1e-5)
     other = fresh(replace=False)
     kmeans_init_codebooks(other, kmeans_tokens(1), iters=3, progress=False)
     assert not torch.equal(state_of(other)["blocks.0.hook_mlp_out.weight"], a["blocks.0.hook_mlp_out.weight"])

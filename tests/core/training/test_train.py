@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_models import assert_same_state
 from torch import nn
 
 import cbinterp
@@ -37,13 +38,6 @@ def config(**kw) -> TrainConfig:
 def with_codebooks(model):
     """Codebooks whose dead-code replacement draws from the global torch RNG during training."""
     return attach_codebooks(model, ["mlp"], n_codes=16, dead_after=2, dead_check_every=3)
-
-
-def assert_same_state(a: nn.Module, b: nn.Module):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for name in sa:
-        assert torch.equal(sa[name], sb[name]), name
 
 
 # -- schedule -------------------------------------------------------------------------------------------------

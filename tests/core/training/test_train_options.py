@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import make_model
+from tiny_models import assert_same_state, make_model
 
 from cbinterp import attach_codebooks, get_codebooks
 from cbinterp.core.codebooks.codebook import Codebook
@@ -32,16 +32,6 @@ def fresh(**codebook_options):
     return attach_codebooks(make_model(seed=0), ["attn", "mlp"], n_codes=16, **codebook_options)
 
 
-def assert_close(a, b, atol=1e-5):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        if sa[k].dtype.is_floating_point:
-            torch.testing.assert_close(sa[k], sb[k], atol=atol, rtol=1e-4, msg=k)
-        else:
-            assert torch.equal(sa[k], sb[k]), k
-
-
 # -- accumulation -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss", ["aeloss", "vqvae"])
 def test_accumulate_equals_the_whole_batch(loss):
@@ -50,7 +40,7 @@ def test_accumulate_equals_the_whole_batch(loss):
     whole = train(a, batches(), config())
     split = train(b, batches(), config(accumulate=4))
     assert split.losses == pytest.approx(whole.losses, abs=1e-5)
-    assert_close(b, a)  # usage counts exactly
+    assert_same_state(b, a, atol=1e-5)  # usage counts exactly
     assert int(get_codebooks(b)["blocks.0.hook_mlp_out"].train_steps) == 4  # per optimizer step, not micro-batch
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import assert_same_state
 
 from cbinterp import attach_codebooks, get_codebooks
 from cbinterp.core.training.loggers import JSONLLogger, read_jsonl
@@ -31,13 +32,6 @@ def config(**kw) -> TrainConfig:
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_state(model, state: dict[str, torch.Tensor]) -> None:
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for name, value in state.items():
-        assert torch.equal(now[name], value), name
 
 
 def checkpoint_step(path) -> int:
