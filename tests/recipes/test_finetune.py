@@ -159,7 +159,9 @@ def test_finetune_script_on_the_exported_baseline(tmp_path, load_benchmark):
     results = script.main(args)
     on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
     assert on_disk["comparison"] == pytest.approx(results["comparison"])
-    assert on_disk["hook_names"] == ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z"]  # the real attention layers
+    # the sublayers that compute: the export's even layers hold attention, the odd ones the MLP (see to_hf)
+    real = ["blocks.0.attn.hook_z", "blocks.2.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.3.hook_mlp_out"]
+    assert on_disk["hook_names"] == real
     assert on_disk["prepend_bos"] is True  # the export records the baseline's convention
     for key in ("base", "codebook", "control"):
         assert math.isfinite(on_disk["eval"][key]["loss"])
