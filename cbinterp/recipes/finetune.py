@@ -42,6 +42,7 @@ from cbinterp.core.codebooks.attach import (
 from cbinterp.core.codebooks.codebook import LOSSES, SIMILARITIES
 from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.core.training import distributed as dd
+from cbinterp.core.training.data import batch_fingerprint
 from cbinterp.core.training.train import TrainResult
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, resumes_codebook_phases, run_recipe
 from cbinterp.recipes.evaluate import evaluate
@@ -257,18 +258,22 @@ def _sources(data: TextSource, heldout: TextSource | None, recipe: FinetuneRecip
     return train, _Split(data, text_column, recipe.heldout_every, heldout=True), "text"
 
 
+#: The held-out windows evaluated are spread over the first `eval_windows * _EVAL_SPREAD` windows of the held-out text.
+_EVAL_SPREAD = 16
+
+
 def _heldout_windows(source, tokenizer, recipe: FinetuneRecipe, bos: bool, column: str) -> Int[Tensor, "n seq"]:
-    windows = list(
-        itertools.islice(
-            pack_documents(source, tokenizer, recipe.seq_len, bos, text_column=column), recipe.eval_windows
-        )
-    )
+    """`eval_windows` windows evenly spaced over the first `eval_windows * 16` windows of the held-out text: the whole
+    of a held-out split of a few thousand windows (not only its first documents), a bounded read of a larger one."""
+    packed = pack_documents(source, tokenizer, recipe.seq_len, bos, text_column=column)
+    windows = list(itertools.islice(packed, recipe.eval_windows * _EVAL_SPREAD))
     if not windows:
         raise ValueError(
             f"The held-out documents do not fill one window of seq_len={recipe.seq_len} tokens; give more held-out "
             "text (heldout=...), or hold out more documents (lower heldout_every)."
         )
-    return torch.stack(windows)
+    n = min(recipe.eval_windows, len(windows))
+    return torch.stack([windows[i * len(windows) // n] for i in range(n)])
 
 
 def _kmeans_windows(batches: Callable[[int], Tensor], recipe: FinetuneRecipe) -> Int[Tensor, "n seq"]:
@@ -347,6 +352,7 @@ def finetune_codebooks(
             prepend_bos=bos,
         )
     eval_rows = _heldout_windows(heldout_source, tokenizer, recipe, bos, column)
+    heldout_id = batch_fingerprint(eval_rows)
     root = Path(out_dir) if out_dir is not None else None
     ckpt = root / "checkpoints" if root is not None else None
     training = recipe.codebook_recipe(hook_names)
@@ -381,8 +387,9 @@ def finetune_codebooks(
                     evaluated("codebook_bypassed", target)
             return
         at_init = ckpt / _AT_INIT_FILE if ckpt is not None else None
-        if resuming:
-            evals["codebook_at_init"] = json.loads(at_init.read_text()) if at_init and at_init.exists() else None
+        if resuming:  # measured by the run that initialised the codes, when on the same held-out windows
+            saved = json.loads(at_init.read_text()) if at_init and at_init.exists() else {}
+            evals["codebook_at_init"] = saved.get("eval") if saved.get("heldout") == heldout_id else None
             return
         if recipe.kmeans:
             # here rather than in run_recipe: each codebook is divided by k before the next one's data is read
@@ -395,7 +402,7 @@ def finetune_codebooks(
         if at_init is not None and dd.is_main():
             at_init.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(at_init) as tmp:
-                tmp.write_text(json.dumps(evals["codebook_at_init"]))
+                tmp.write_text(json.dumps({"heldout": heldout_id, "eval": evals["codebook_at_init"]}))
 
     evaluated("base", model)
     outcome = run_recipe(
@@ -427,6 +434,7 @@ def finetune_codebooks(
             "heldout_windows": int(eval_rows.shape[0]),
             "heldout_predicted_tokens": int(eval_rows.shape[0] * (recipe.seq_len - 1)),
             "heldout_given": heldout is not None,
+            "heldout_fingerprint": heldout_id,
         },
         "resumed": resuming,
         "phases": phases,

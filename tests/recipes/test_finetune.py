@@ -103,6 +103,18 @@ def test_held_out_documents_are_never_trained_on(pretrained, texts):
         run(copy.deepcopy(pretrained), iter(texts))
 
 
+def test_held_out_windows_are_spread_over_the_held_out_text(pretrained, texts):
+    from cbinterp.recipes.finetune import _heldout_windows
+    from cbinterp.tasks.packing import pack_documents
+
+    every = torch.stack(list(pack_documents(texts, pretrained.tokenizer, 16)))
+    assert 60 * 16 > len(every) > 60  # the read cap (16 x eval_windows) holds them all
+    rows = _heldout_windows(texts, pretrained.tokenizer, QUICK.replace(eval_windows=60), True, "text")
+    assert torch.equal(rows, every[[i * len(every) // 60 for i in range(60)]])  # from the whole text, not its start
+    few = _heldout_windows(texts[:3], pretrained.tokenizer, QUICK.replace(eval_windows=400), True, "text")
+    assert torch.equal(few, torch.stack(list(pack_documents(texts[:3], pretrained.tokenizer, 16))))
+
+
 def test_finetune_resumes_exactly_after_an_interruption(pretrained, texts, tmp_path, monkeypatch):
     whole = run(copy.deepcopy(pretrained), texts, out_dir=tmp_path / "whole")
     save = loop.save_checkpoint
@@ -123,6 +135,9 @@ def test_finetune_resumes_exactly_after_an_interruption(pretrained, texts, tmp_p
     assert same(weights(again.control_model), weights(whole.control_model))
     for key in ("codebook_at_init", "codebook", "control"):
         assert again.evals[key]["loss"] == pytest.approx(whole.evals[key]["loss"], abs=1e-6)
+    # the codes' first evaluation is the first run's; on other held-out windows it is not reported
+    other = run(copy.deepcopy(pretrained), texts, QUICK.replace(eval_windows=5), out_dir=tmp_path / "resumed")
+    assert other.evals["codebook_at_init"] is None and other.evals["codebook"]["n_tokens"] == 5 * 15
 
 
 def test_streaming_and_a_frozen_model_follow_the_models_bos_convention(pretrained, texts):
