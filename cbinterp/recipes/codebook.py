@@ -216,7 +216,10 @@ def run_recipe(
     kmeans_done = False
     if spec.kmeans and not resuming:
         start = time.perf_counter()
-        kmeans_init_codebooks(model, kmeans_tokens, iters=spec.kmeans_iters, seed=recipe.seed, progress=progress)
+        # raw centroids, divided once all are fitted: the codes the shipped models were trained from
+        kmeans_init_codebooks(
+            model, kmeans_tokens, iters=spec.kmeans_iters, seed=recipe.seed, progress=progress, mean_of_k=False
+        )
         if spec.kmeans_mean_of_k:
             with torch.no_grad():
                 for codebook in get_codebooks(model).values():

@@ -89,7 +89,9 @@ def add_codebooks(
     attach_codebooks(model, sites=list(spec.sites), n_codes=spec.n_codes, k=spec.k, seed=recipe.seed,
                      loss=spec.loss, similarity=spec.similarity)  # fmt: skip
     if init_tokens is not None:
-        kmeans_init_codebooks(model, init_tokens, iters=spec.kmeans_iters, seed=recipe.seed, progress=progress)
+        # raw centroids, divided once all are fitted: the codes the shipped models were trained from
+        kmeans_init_codebooks(model, init_tokens, iters=spec.kmeans_iters, seed=recipe.seed, progress=progress,
+                              mean_of_k=False)  # fmt: skip
         if spec.kmeans_mean_of_k:
             with torch.no_grad():
                 for codebook in get_codebooks(model).values():

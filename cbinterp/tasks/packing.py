@@ -19,7 +19,14 @@ from transformers import PreTrainedTokenizerBase
 from cbinterp.core.codebooks.attach import require_hooked_transformer
 from cbinterp.tasks.text_sources import TextSource, iter_texts
 
-__all__ = ["DOCS_PER_BATCH", "DocumentTokens", "check_model", "pack_documents", "tokenize_documents"]
+__all__ = [
+    "DOCS_PER_BATCH",
+    "DocumentTokens",
+    "check_model",
+    "pack_documents",
+    "resolve_prepend_bos",
+    "tokenize_documents",
+]
 
 DOCS_PER_BATCH = 256  # documents tokenised per call: larger batches amortise the wrapper, 256 stay small
 
@@ -45,6 +52,25 @@ def check_model(model: HookedTransformer, seq_len: int, max_token_id: int | None
 def _check_seq_len(seq_len: int, bos: bool) -> None:
     if not isinstance(seq_len, int) or seq_len < (2 if bos else 1):
         raise ValueError(f"seq_len must be an int >= {2 if bos else 1} (BOS plus at least one token), got {seq_len!r}.")
+
+
+def resolve_prepend_bos(prepend_bos: bool | None, model: HookedTransformer | None) -> bool:
+    """Whether windows start with BOS: `prepend_bos` when given, else the model's convention
+    (`model.cfg.default_prepend_bos`: TransformerLens sets False for e.g. Pythia), else True."""
+    if prepend_bos is not None:
+        if not isinstance(prepend_bos, bool):
+            raise ValueError(f"prepend_bos must be None (follow the model), True or False, got {prepend_bos!r}.")
+        return prepend_bos
+    return bool(model.cfg.default_prepend_bos) if model is not None else True
+
+
+def _separator_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id placed between documents: EOS (a tokenizer without BOS can still pack windows without one)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            "The tokenizer has no EOS token, which packing puts between documents; set tokenizer.eos_token."
+        )
+    return tokenizer.eos_token_id
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
@@ -99,31 +125,45 @@ def pack_documents(
     never held in memory. The ids are not checked against a model here: `TextBatches` and `check_model` do that.
     """
     _check_seq_len(seq_len, bos)
-    bos_id, _, _ = _special_ids(tokenizer)
-    head = np.array([bos_id] if bos else [], dtype=np.int64)
+    head = np.array([_special_ids(tokenizer)[0]] if bos else [], dtype=np.int64)
     pieces = _pieces(_document_ids(texts, tokenizer, text_column, docs_per_batch), tokenizer, seq_len - len(head))
     return (torch.from_numpy(np.concatenate([head, piece])) for piece in pieces)
 
 
 def _pieces(doc_ids: Iterator[list[int]], tokenizer: PreTrainedTokenizerBase, size: int) -> Iterator[np.ndarray]:
     """Consecutive `size`-token pieces of the separator-joined stream of documents; the partial tail is dropped."""
-    separator = np.array([_special_ids(tokenizer)[1]], dtype=np.int64)
-    pending: list[np.ndarray] = []
-    n_pending, first = 0, True
+    packer = Packer(size, _separator_id(tokenizer))
     for ids in doc_ids:
-        if not ids:
-            continue
-        if not first:
-            pending.append(separator)
-        pending.append(np.asarray(ids, dtype=np.int64))
-        n_pending += len(ids) + (not first)
-        first = False
-        if n_pending >= size:
-            stream = np.concatenate(pending)
-            n_full = len(stream) // size
-            yield from stream[: n_full * size].reshape(n_full, size)
-            pending = [stream[n_full * size :]]
-            n_pending = len(pending[0])
+        yield from packer.add(ids)
+
+
+class Packer:
+    """Joins documents' ids with a separator and cuts the stream into `size`-token pieces as they fill.
+
+    `add(ids)` returns the pieces completed by one more document (empty documents are skipped, so no two
+    separators meet); the partial tail waits for the next document."""
+
+    def __init__(self, size: int, separator: int):
+        self.size = size
+        self.separator = np.array([separator], dtype=np.int64)
+        self.pending: list[np.ndarray] = []
+        self.n_pending, self.first = 0, True
+
+    def add(self, ids: list[int]) -> list[np.ndarray]:
+        if not len(ids):
+            return []
+        if not self.first:
+            self.pending.append(self.separator)
+        self.pending.append(np.asarray(ids, dtype=np.int64))
+        self.n_pending += len(ids) + (not self.first)
+        self.first = False
+        if self.n_pending < self.size:
+            return []
+        stream = np.concatenate(self.pending)
+        n_full = len(stream) // self.size
+        self.pending = [stream[n_full * self.size :]]
+        self.n_pending = len(self.pending[0])
+        return list(stream[: n_full * self.size].reshape(n_full, self.size))
 
 
 # -- whole documents for analysis -----------------------------------------------------------------------------

@@ -1,6 +1,11 @@
-"""Seeded, resumable training batches of packed windows: `TextBatches`."""
+"""Resumable training batches of packed windows: `TextBatches` (seeded shuffles of a corpus tokenised in memory)
+and `StreamingTextBatches` (read lazily, each rank tokenising only its own rows)."""
 
 from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -9,10 +14,20 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from cbinterp.tasks.packing import DOCS_PER_BATCH, _check_seq_len, check_model, pack_documents
-from cbinterp.tasks.text_sources import TextSource
+from cbinterp.tasks.packing import (
+    DOCS_PER_BATCH,
+    Packer,
+    _check_seq_len,
+    _encode_batches,
+    _separator_id,
+    _special_ids,
+    check_model,
+    pack_documents,
+    resolve_prepend_bos,
+)
+from cbinterp.tasks.text_sources import TextSource, iter_texts
 
-__all__ = ["TextBatches"]
+__all__ = ["StreamingTextBatches", "TextBatches"]
 
 
 class TextBatches:
@@ -63,17 +78,26 @@ class TextBatches:
         *,
         text_column: str = "text",
         docs_per_batch: int = DOCS_PER_BATCH,
+        prepend_bos: bool | None = None,
     ) -> TextBatches:
-        """Pack `texts` with `pack_documents` (BOS first in every window) and batch them."""
-        _check_seq_len(seq_len, True)
+        """Pack `texts` with `pack_documents` and batch them; the whole corpus is tokenised into memory (for a
+        corpus larger than that, or one rank's share of it, use `StreamingTextBatches`).
+
+        Args:
+            prepend_bos: start every window with BOS (None: as `model.cfg.default_prepend_bos` when a model is
+                given, else True). Without BOS a window is `seq_len` tokens of the stream.
+        """
+        bos = resolve_prepend_bos(prepend_bos, model)
+        _check_seq_len(seq_len, bos)
         if model is not None:
             check_model(model, seq_len)  # before tokenising a whole corpus
-        windows = pack_documents(texts, tokenizer, seq_len, text_column=text_column, docs_per_batch=docs_per_batch)
+        windows = pack_documents(texts, tokenizer, seq_len, bos, text_column=text_column, docs_per_batch=docs_per_batch)
         rows = [window.to(torch.int32) for window in windows]
         if not rows:
+            what = f"BOS plus {seq_len - 1} tokens" if bos else f"{seq_len} tokens"
             raise ValueError(
                 f"TextBatches: the corpus is empty: its tokens did not fill one window of seq_len={seq_len} "
-                f"(BOS plus {seq_len - 1} tokens). Add text or lower seq_len."
+                f"({what}). Add text or lower seq_len."
             )
         return cls(torch.stack(rows), batch_size, seed, model)
 
@@ -127,6 +151,135 @@ class TextBatches:
             f"TextBatches(n_sequences={self.n_sequences}, seq_len={self.seq_len}, "
             f"batch_size={self.batch_size}, seed={self.seed})"
         )
+
+
+class StreamingTextBatches:
+    """Batches of packed windows read lazily from `texts`: ``batches(step) -> (batch_size, seq_len)`` int64, and
+    ``batches(step, rank, world_size)`` -> this rank's rows, which is what `train` asks for under torchrun.
+
+    Documents are dealt to `batch_size` lanes in turn (document i of the source to lane ``i % batch_size``); each
+    lane packs its documents as `pack_documents` does (EOS between documents, BOS first in every window when
+    `prepend_bos`), and row j of batch `step` is window `step` of lane j. When the source runs out it is read again
+    from the start (the next epoch), each lane going on where it stopped. Hence:
+
+    - memory: a few documents per lane, never the corpus (a Hugging Face ``IterableDataset`` streams from disk);
+    - under torchrun, rank r reads the documents' text but tokenises only the documents of its lanes (its rows
+      ``r * b .. (r + 1) * b - 1`` of the global batch), and the global batch of a step is the same for any number
+      of ranks, so a checkpoint resumes with any number;
+    - step -> batch is a pure function of the source: consecutive steps cost one batch each, while an earlier step
+      than the last reads the source again from the start (resuming at step s tokenises the first s batches'
+      documents again; that is the price of holding nothing).
+
+    Windows come in corpus order within each lane: shuffle the documents beforehand (e.g. ``dataset.shuffle(seed)``)
+    when their order is not already random. The source must be readable more than once (a list, files, a ``Path``,
+    a ``datasets`` Dataset or IterableDataset): a one-shot iterator is refused.
+
+    Args:
+        prepend_bos: start every window with BOS (None: `model.cfg.default_prepend_bos` when a model is given,
+            else True).
+        text_column, docs_per_batch: as in `pack_documents`.
+    """
+
+    def __init__(
+        self,
+        texts: TextSource,
+        tokenizer: PreTrainedTokenizerBase,
+        seq_len: int,
+        batch_size: int,
+        model: HookedTransformer | None = None,
+        *,
+        prepend_bos: bool | None = None,
+        text_column: str = "text",
+        docs_per_batch: int = DOCS_PER_BATCH,
+    ):
+        if isinstance(texts, Iterator):
+            raise TypeError(
+                "StreamingTextBatches reads its source again for each epoch and on resume, so it cannot take a "
+                "one-shot iterator or generator; pass a list, a Path, a list of files or a datasets (Iterable)Dataset."
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        if not isinstance(docs_per_batch, int) or docs_per_batch < 1:
+            raise ValueError(f"docs_per_batch must be an int >= 1, got {docs_per_batch!r}.")
+        self.bos = resolve_prepend_bos(prepend_bos, model)
+        _check_seq_len(seq_len, self.bos)
+        if model is not None:
+            check_model(model, seq_len)
+        iter_texts(texts, text_column)  # refuses a source of the wrong kind now, not at the first batch
+        self.texts, self.tokenizer, self.text_column = texts, tokenizer, text_column
+        self.seq_len, self.batch_size, self.docs_per_batch = seq_len, batch_size, docs_per_batch
+        self._head = np.array([_special_ids(tokenizer)[0]] if self.bos else [], dtype=np.int64)
+        self._separator = _separator_id(tokenizer)
+        self._reader: tuple[range, Iterator[Tensor]] | None = None
+        self._next_step = 0
+        self._last: tuple[range, int, Tensor] | None = None
+
+    def lanes(self, rank: int = 0, world_size: int = 1) -> range:
+        """The lanes (rows of the global batch) that rank `rank` of `world_size` trains on."""
+        if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0 .. world_size - 1, got rank={rank!r}, world_size={world_size!r}.")
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split evenly over {world_size} ranks; use a multiple of "
+                f"{world_size}."
+            )
+        per = self.batch_size // world_size
+        return range(rank * per, (rank + 1) * per)
+
+    def __call__(self, step: int, rank: int = 0, world_size: int = 1) -> Int[Tensor, "rows seq_len"]:
+        step, lanes = _check_step(step), self.lanes(rank, world_size)
+        if self._last is not None and self._last[:2] == (lanes, step):
+            return self._last[2]
+        if self._reader is None or self._reader[0] != lanes or self._next_step > step:
+            self._reader, self._next_step = (lanes, self._read(lanes)), 0
+        while self._next_step <= step:
+            batch = next(self._reader[1])
+            self._next_step += 1
+        self._last = (lanes, step, batch)
+        return batch
+
+    def _documents(self) -> Iterator[tuple[int, int, str]]:
+        """(epoch, index in the source, text) of every document, the source read again and again."""
+        for epoch in itertools.count():
+            n = -1
+            for n, text in enumerate(iter_texts(self.texts, self.text_column)):
+                yield epoch, n, text
+            if n < 0:
+                raise ValueError("StreamingTextBatches: the corpus is empty (no documents). Check the source.")
+
+    def _read(self, lanes: range) -> Iterator[Tensor]:
+        """The batches of `lanes`, step after step."""
+        size = self.seq_len - len(self._head)
+        packers = {j: Packer(size, self._separator) for j in lanes}
+        ready: dict[int, deque] = {j: deque() for j in lanes}
+        documents, epoch, fed = self._documents(), 0, set()
+        while True:
+            while not all(ready.values()):
+                chunk = list(itertools.islice(documents, self.docs_per_batch))
+                for chunk_epoch, part in itertools.groupby(chunk, key=lambda doc: doc[0]):
+                    if chunk_epoch != epoch:  # a pass ended: a waiting lane that got nothing in it never will
+                        self._check_fed(lanes, ready, fed)
+                        epoch, fed = chunk_epoch, set()
+                    mine = [(n % self.batch_size, text) for _, n, text in part if n % self.batch_size in packers]
+                    encoded = _encode_batches(iter([text for _, text in mine]), self.tokenizer, max(1, len(mine)))
+                    for (lane, _), ids in zip(mine, encoded):
+                        if ids:
+                            fed.add(lane)
+                        ready[lane].extend(packers[lane].add(ids))
+            rows = [np.concatenate([self._head, ready[j].popleft()]) for j in lanes]
+            yield torch.from_numpy(np.stack(rows))
+
+    def _check_fed(self, lanes: range, ready: dict[int, deque], fed: set[int]) -> None:
+        starving = [j for j in lanes if not ready[j] and j not in fed]
+        if starving:
+            raise ValueError(
+                f"StreamingTextBatches: lane {starving[0]} of {self.batch_size} got no tokens in a whole pass over "
+                f"the corpus (document i goes to lane i % batch_size): the corpus has too few non-empty documents "
+                f"for batch_size={self.batch_size}. Add documents or lower batch_size."
+            )
+
+    def __repr__(self) -> str:
+        return f"StreamingTextBatches(seq_len={self.seq_len}, batch_size={self.batch_size}, prepend_bos={self.bos})"
 
 
 def _check_step(step: int) -> int:

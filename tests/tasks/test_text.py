@@ -299,6 +299,85 @@ def test_text_batches_drive_train(tok, corpus, tiny):
     assert result.steps == 3 and all(math.isfinite(loss) for loss in result.losses)
 
 
+def test_text_batches_follow_the_models_bos_convention(tok, corpus, tiny):
+    plain = TextBatches.from_texts(corpus, tok, seq_len=16, batch_size=4)  # no model: BOS first, as always
+    assert torch.equal(plain.sequences.long(), torch.stack(list(pack_documents(corpus, tok, 16))))
+    assert torch.equal(
+        TextBatches.from_texts(corpus, tok, seq_len=16, batch_size=4, model=tiny).sequences, plain.sequences
+    )
+    tiny.cfg.default_prepend_bos = False  # as TransformerLens sets for Pythia
+    no_bos = TextBatches.from_texts(corpus, tok, seq_len=16, batch_size=4, model=tiny)
+    assert torch.equal(no_bos.sequences.long(), torch.stack(list(pack_documents(corpus, tok, 16, bos=False))))
+    forced = TextBatches.from_texts(corpus, tok, seq_len=16, batch_size=4, model=tiny, prepend_bos=True)
+    assert torch.equal(forced.sequences, plain.sequences)
+    with pytest.raises(ValueError, match="prepend_bos must be None"):
+        TextBatches.from_texts(corpus, tok, seq_len=16, batch_size=4, prepend_bos="yes")
+
+
+class CountingTokenizer:
+    """A tokenizer that records every document it encodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, []
+
+    def __call__(self, texts, **kwargs):
+        self.seen.extend(texts)
+        return self.tokenizer(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_streaming_batches_are_lanes_of_packed_documents(tok, corpus):
+    from cbinterp.tasks.text_batches import StreamingTextBatches
+
+    batches = StreamingTextBatches(corpus, tok, seq_len=16, batch_size=4, docs_per_batch=7)
+    lanes = [list(pack_documents(corpus[j::4], tok, 16)) for j in range(4)]  # document i goes to lane i % 4
+    n_first_pass = min(len(lane) for lane in lanes)
+    for step in range(n_first_pass):
+        assert torch.equal(batches(step), torch.stack([lane[step] for lane in lanes])), step
+    late = [batches(s) for s in (n_first_pass + 40, 3, 0, n_first_pass + 40)]  # past an epoch, then back
+    again = StreamingTextBatches(corpus, tok, seq_len=16, batch_size=4)
+    assert all(torch.equal(b, again(s)) for b, s in zip(late, (n_first_pass + 40, 3, 0, n_first_pass + 40)))
+    assert late[0].dtype == torch.int64 and late[0].shape == (4, 16) and torch.all(late[0][:, 0] == tok.bos_token_id)
+    no_bos = StreamingTextBatches(corpus, tok, seq_len=16, batch_size=4, prepend_bos=False)
+    assert torch.equal(no_bos(2)[1], list(pack_documents(corpus[1::4], tok, 16, bos=False))[2])
+
+
+def test_streaming_ranks_tokenise_only_their_rows_and_make_the_same_global_batch(tok, corpus):
+    from cbinterp.tasks.text_batches import StreamingTextBatches
+
+    whole = StreamingTextBatches(corpus, tok, seq_len=16, batch_size=4)
+    counting = [CountingTokenizer(tok) for _ in range(2)]
+    ranks = [StreamingTextBatches(corpus, counting[r], seq_len=16, batch_size=4) for r in range(2)]
+    for step in range(6):
+        rows = [ranks[r](step, r, 2) for r in range(2)]
+        assert rows[0].shape == (2, 16) and torch.equal(torch.cat(rows), whole(step))
+    for r in range(2):  # rank r encodes documents of lanes 2r, 2r + 1 only: i % 4 in {2r, 2r + 1}
+        assert counting[r].seen and set(counting[r].seen) <= {d for i, d in enumerate(corpus) if i % 4 // 2 == r}
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        whole(0, 0, 3)
+
+
+def test_streaming_batches_refuse_bad_sources_and_drive_train(tok, corpus, tiny):
+    from cbinterp.core.training.train import TrainConfig, train
+    from cbinterp.tasks.text_batches import StreamingTextBatches
+
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        StreamingTextBatches(iter(corpus), tok, seq_len=16, batch_size=4)
+    with pytest.raises(ValueError, match="lane 3 of 4 got no tokens"):
+        StreamingTextBatches(corpus[:3], tok, seq_len=16, batch_size=4)(0)
+    with pytest.raises(ValueError, match="corpus is empty"):
+        StreamingTextBatches([], tok, seq_len=16, batch_size=4)(0)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        StreamingTextBatches(corpus, tok, seq_len=64, batch_size=4, model=tiny)
+    tiny.cfg.default_prepend_bos = False
+    batches = StreamingTextBatches(corpus, tok, seq_len=16, batch_size=4, model=tiny)
+    assert not batches.bos
+    result = train(tiny, batches, TrainConfig(steps=3, progress=False, log_every=1))
+    assert result.steps == 3 and all(math.isfinite(loss) for loss in result.losses)
+
+
 # -- tokenize_documents ---------------------------------------------------------------------------------------
 
 

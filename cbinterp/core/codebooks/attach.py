@@ -358,6 +358,7 @@ def kmeans_init_codebooks(
     sample_size: int | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    mean_of_k: bool = True,
 ) -> None:
     """Initialise every codebook to k-means centroids of its input on `tokens`, in forward order.
 
@@ -369,6 +370,11 @@ def kmeans_init_codebooks(
             bounds the time and memory of the Lloyd iterations.
         batch_size: sequences per forward pass while the activations are collected.
         progress: show a progress bar over the codebooks.
+        mean_of_k: divide the centroids of a codebook that sums its k codes by k, so that its output starts at
+            the input's scale for any k. Each centroid approximates the input on its own; undivided, the sum of k
+            of them is about k times the input. The selection does not change (inner-product similarity scores
+            x . c / |c|). A codebook that averages its k codes (`combine="mean"`) needs no division and gets none.
+            False: the raw centroids (the behaviour before this option).
 
     Under torch.distributed it runs once, on rank 0 (with rank 0's `tokens`), and every rank gets its codes.
     """
@@ -389,15 +395,21 @@ def kmeans_init_codebooks(
     if dd.active():
         if dd.is_main():
             with deterministic_on_cpu(next(model.parameters()).device):
-                _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
+                _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress, mean_of_k)
         for name, codebook in codebooks.items():  # the other ranks wait here for rank 0's codes
             dd.broadcast_(codebook.weight.data, f"the k-means codes of {name}", 0)
         return
     with deterministic_on_cpu(next(model.parameters()).device):
-        _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress)
+        _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress, mean_of_k)
 
 
-def _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress) -> None:
+def sums_codes(codebook: Codebook) -> bool:
+    """Whether `codebook`'s output is the sum of its k codes (so k-means centroids need dividing by k); a codebook
+    configured to average them (`combine="mean"`) is not."""
+    return getattr(codebook.cfg, "combine", "sum") == "sum"
+
+
+def _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size, progress, mean_of_k) -> None:
     bar = tqdm(codebooks.items(), desc="k-means init", disable=not progress, dynamic_ncols=True)
     for index, (name, codebook) in enumerate(bar):
         parts = []
@@ -415,3 +427,6 @@ def _kmeans_init(model, codebooks, tokens, iters, seed, sample_size, batch_size,
             rows = torch.randperm(x.shape[0], generator=generator)[:sample_size].sort().values
             x = x[rows.to(x.device)]
         codebook.kmeans_init(x, iters=iters, seed=seed + index)
+        if mean_of_k and codebook.k > 1 and sums_codes(codebook):
+            # before the next codebook's data is collected: it sees this codebook's output at the right scale
+            codebook.weight.div_(codebook.k)

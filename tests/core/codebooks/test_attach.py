@@ -412,6 +412,64 @@ def test_kmeans_init_codebooks_batches_and_samples(model, tokens):
         kmeans_init_codebooks(detach_codebooks(model), tokens)
 
 
+def _output_to_input_norm(model, tokens) -> dict[str, float]:
+    """Per codebook: mean |output| / mean |input| over every position of `tokens`."""
+    inputs, outputs = {}, {}
+    hooks = [(f"{name}.hook_input", lambda t, hook: inputs.setdefault(hook.name, t)) for name in get_codebooks(model)]
+    handles = [
+        cb.register_forward_hook(lambda m, args, out: outputs.setdefault(m.name, out))
+        for cb in get_codebooks(model).values()
+    ]
+    try:
+        with torch.no_grad():
+            model.run_with_hooks(tokens, fwd_hooks=hooks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        name: float(outputs[name].norm(dim=-1).mean() / inputs[f"{name}.hook_input"].norm(dim=-1).mean())
+        for name in get_codebooks(model)
+    }
+
+
+@pytest.mark.parametrize("sites", [["mlp"], ["attn", "mlp"]])
+def test_kmeans_init_codebooks_output_has_the_inputs_scale_for_any_k(model, sites):
+    """k-means centroids each approximate the input; a codebook sums k of them, so they are divided by k."""
+    from cbinterp import kmeans_init_codebooks
+
+    tokens = torch.randint(0, 11, (16, 16), generator=torch.Generator().manual_seed(3))
+    attach_codebooks(model, sites, n_codes=32, k=8)
+    raw = copy.deepcopy(model)
+    kmeans_init_codebooks(model, tokens, iters=5, progress=False)
+    kmeans_init_codebooks(raw, tokens, iters=5, progress=False, mean_of_k=False)
+    for name, ratio in _output_to_input_norm(model, tokens).items():
+        assert 0.5 <= ratio <= 2, f"{name}: output/input norm {ratio:.2f} after k-means at k = 8"
+    assert all(ratio > 4 for ratio in _output_to_input_norm(raw, tokens).values())  # undivided: about k times
+    first = next(iter(get_codebooks(model)))  # the first codebook's data does not depend on the others' codes
+    torch.testing.assert_close(get_codebooks(model)[first].weight, get_codebooks(raw)[first].weight / 8)
+
+
+def test_kmeans_init_codebooks_leaves_k1_and_averaging_codebooks_undivided(model, tokens):
+    from cbinterp import kmeans_init_codebooks
+
+    attach_codebooks(model, ["mlp"], n_codes=8, k=1)
+    raw = copy.deepcopy(model)
+    kmeans_init_codebooks(model, tokens, iters=3, progress=False)
+    kmeans_init_codebooks(raw, tokens, iters=3, progress=False, mean_of_k=False)
+    for name, cb in get_codebooks(model).items():
+        assert torch.equal(cb.weight, get_codebooks(raw)[name].weight)
+    detach_codebooks(model)
+    detach_codebooks(raw)
+    attach_codebooks(model, ["mlp"], n_codes=8, k=4)
+    attach_codebooks(raw, ["mlp"], n_codes=8, k=4)
+    for cb in [*get_codebooks(model).values(), *get_codebooks(raw).values()]:
+        cb.cfg.combine = "mean"  # a codebook that averages its k codes (the option's name in CodebookConfig)
+    kmeans_init_codebooks(model, tokens, iters=3, progress=False)
+    kmeans_init_codebooks(raw, tokens, iters=3, progress=False, mean_of_k=False)
+    for name, cb in get_codebooks(model).items():
+        assert torch.equal(cb.weight, get_codebooks(raw)[name].weight)
+
+
 def test_attach_existing_codebooks_by_hook_name(model, make_tiny_model, tokens):
     attach_codebooks(model, ["attn", "mlp"], n_codes=6, k=2, layers=[0])
     other = make_tiny_model(seed=0)
