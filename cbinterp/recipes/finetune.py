@@ -159,9 +159,11 @@ class FinetuneRecipe:
         return cls(**{**settings, **overrides})
 
     def replace(self, **changes) -> FinetuneRecipe:
+        """A copy with `changes` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The recipe as plain JSON data."""
         out = dataclasses.asdict(self)
         out["sites"] = list(self.sites)
         out["layers"] = None if self.layers is None else list(self.layers)
@@ -169,6 +171,7 @@ class FinetuneRecipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> FinetuneRecipe:
+        """The recipe `to_dict` wrote; unknown settings are an error."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -177,11 +180,14 @@ class FinetuneRecipe:
 
     @property
     def model_lr(self) -> float:
+        """The model's own learning rate: `codebook_lr * model_lr_factor`."""
         return self.codebook_lr * self.model_lr_factor
 
     def codebook_recipe(self, hook_names: list[str]) -> CodebookRecipe:
-        """The phases for `run_recipe`: ``codebook`` (the codebook model) and ``control`` (without codebooks, same
-        steps, batches and schedule), both on data stream 0. k-means is `finetune_codebooks`' own (see there)."""
+        """The phases for `run_recipe`: ``codebook`` (the codebook model) and ``control`` (without codebooks).
+
+        The control has the same steps, batches and schedule; both read data stream 0. k-means is
+        `finetune_codebooks`' own (see there)."""
         phase = Phase(
             "codebook",
             steps=self.steps,
@@ -262,9 +268,11 @@ def _sources(data: TextSource, heldout: TextSource | None, recipe: FinetuneRecip
 _EVAL_SPREAD = 16
 
 
-def _heldout_windows(source, tokenizer, recipe: FinetuneRecipe, bos: bool, column: str) -> Int[Tensor, "n seq"]:
-    """`eval_windows` windows evenly spaced over the first `eval_windows * 16` windows of the held-out text: the whole
-    of a held-out split of a few thousand windows (not only its first documents), a bounded read of a larger one."""
+def _heldout_windows(source, tokenizer, recipe: FinetuneRecipe, bos: bool, column: str) -> Int[Tensor, "rows pos"]:
+    """`eval_windows` windows evenly spaced over the first `eval_windows * 16` windows of the held-out text.
+
+    That is the whole of a held-out split of a few thousand windows (not only its first documents), and a bounded read
+    of a larger one."""
     packed = pack_documents(source, tokenizer, recipe.seq_len, bos, text_column=column)
     windows = list(itertools.islice(packed, recipe.eval_windows * _EVAL_SPREAD))
     if not windows:
@@ -276,7 +284,7 @@ def _heldout_windows(source, tokenizer, recipe: FinetuneRecipe, bos: bool, colum
     return torch.stack([windows[i * len(windows) // n] for i in range(n)])
 
 
-def _kmeans_windows(batches: Callable[[int], Tensor], recipe: FinetuneRecipe) -> Int[Tensor, "n seq"]:
+def _kmeans_windows(batches: Callable[[int], Tensor], recipe: FinetuneRecipe) -> Int[Tensor, "rows pos"]:
     """The first `kmeans_sequences` training windows (the first batches, as training will see them)."""
     n_batches = math.ceil(recipe.kmeans_sequences / recipe.batch_size)
     return torch.cat([batches(step) for step in range(n_batches)])[: recipe.kmeans_sequences]
@@ -298,8 +306,9 @@ def finetune_codebooks(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune codebooks into the pretrained `model` (in place) and compare it with the same model fine-tuned
-    without codebooks for the same steps, on held-out text.
+    """Fine-tune codebooks into the pretrained `model` (in place) and compare it with the control on held-out text.
+
+    The control is the same model fine-tuned without codebooks for the same steps.
 
     Args:
         data: the training text (`iter_texts`: a list of strings, a ``Path`` to a .txt / .jsonl file, a list of

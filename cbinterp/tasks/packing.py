@@ -55,8 +55,9 @@ def _check_seq_len(seq_len: int, bos: bool) -> None:
 
 
 def resolve_prepend_bos(prepend_bos: bool | None, model: HookedTransformer | None) -> bool:
-    """Whether windows start with BOS: `prepend_bos` when given, else the model's convention
-    (`model.cfg.default_prepend_bos`: TransformerLens sets False for e.g. Pythia), else True."""
+    """Whether windows start with BOS: `prepend_bos` when given, else the model's convention, else True.
+
+    The model's convention is `model.cfg.default_prepend_bos` (TransformerLens sets False for e.g. Pythia)."""
     if prepend_bos is not None:
         if not isinstance(prepend_bos, bool):
             raise ValueError(f"prepend_bos must be None (follow the model), True or False, got {prepend_bos!r}.")

@@ -1,5 +1,7 @@
-"""Resumable training batches of packed windows: `TextBatches` (seeded shuffles of a corpus tokenised in memory)
-and `StreamingTextBatches` (read lazily, each rank tokenising only its own rows)."""
+"""Resumable training batches of packed windows, in memory or streamed.
+
+`TextBatches` shuffles (seeded) a corpus tokenised in memory; `StreamingTextBatches` reads lazily, each rank
+tokenising only its own rows."""
 
 from __future__ import annotations
 
@@ -80,8 +82,9 @@ class TextBatches:
         docs_per_batch: int = DOCS_PER_BATCH,
         prepend_bos: bool | None = None,
     ) -> TextBatches:
-        """Pack `texts` with `pack_documents` and batch them; the whole corpus is tokenised into memory (for a
-        corpus larger than that, or one rank's share of it, use `StreamingTextBatches`).
+        """Pack `texts` with `pack_documents` and batch them; the whole corpus is tokenised into memory.
+
+        For a corpus larger than that, or one rank's share of it, use `StreamingTextBatches`.
 
         Args:
             prepend_bos: start every window with BOS (None: as `model.cfg.default_prepend_bos` when a model is
@@ -154,8 +157,9 @@ class TextBatches:
 
 
 class StreamingTextBatches:
-    """Batches of packed windows read lazily from `texts`: ``batches(step) -> (batch_size, seq_len)`` int64, and
-    ``batches(step, rank, world_size)`` -> this rank's rows, which is what `train` asks for under torchrun.
+    """Batches of packed windows read lazily from `texts`: ``batches(step) -> (batch_size, pos)`` int64.
+
+    ``batches(step, rank, world_size)`` gives this rank's rows, which is what `train` asks for under torchrun.
 
     Documents are dealt to `batch_size` lanes in turn (document i of the source to lane ``i % batch_size``); each
     lane packs its documents as `pack_documents` does (EOS between documents, BOS first in every window when
@@ -226,7 +230,8 @@ class StreamingTextBatches:
         per = self.batch_size // world_size
         return range(rank * per, (rank + 1) * per)
 
-    def __call__(self, step: int, rank: int = 0, world_size: int = 1) -> Int[Tensor, "rows seq_len"]:
+    def __call__(self, step: int, rank: int = 0, world_size: int = 1) -> Int[Tensor, "rows pos"]:
+        """The rows of batch `step` that lanes of `rank` (of `world_size`) hold."""
         step, lanes = _check_step(step), self.lanes(rank, world_size)
         if self._last is not None and self._last[:2] == (lanes, step):
             return self._last[2]

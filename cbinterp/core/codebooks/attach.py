@@ -404,8 +404,9 @@ def kmeans_init_codebooks(
 
 
 def sums_codes(codebook: Codebook) -> bool:
-    """Whether `codebook`'s output is the sum of its k codes (so k-means centroids need dividing by k); a codebook
-    configured to average them (`combine="mean"`) is not."""
+    """Whether `codebook`'s output is the sum of its k codes, so that k-means centroids need dividing by k.
+
+    A codebook configured to average them (`combine="mean"`) is not."""
     return getattr(codebook.cfg, "combine", "sum") == "sum"
 
 
