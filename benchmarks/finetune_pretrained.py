@@ -31,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from cbinterp.core.device import default_device  # noqa: E402
 from cbinterp.core.storage.io import save  # noqa: E402
 from cbinterp.models import from_hf  # noqa: E402
 from cbinterp.models.from_hf import EXPORT_FILE  # noqa: E402
@@ -80,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(err))
     if not args.model.is_dir():
         parser.error(f"--model {args.model}: no such folder; give a local Hugging Face model folder.")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or default_device()
     args.out = args.out or ROOT / "benchmarks" / "out" / ("finetune_quick" if args.quick else "finetune")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     return args
