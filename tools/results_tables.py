@@ -22,8 +22,9 @@ OURS_HEADER = ["", "seed 0", "seeds 0-2"]
 MODELS = ["without_codebooks", "control", "with_codebooks", "bypassed"]
 
 
-def _f(value: float, digits: int = 3) -> str:
-    return f"{value:.{digits}f}"
+def _f(value: float | None, digits: int = 3) -> str:
+    """`value` to `digits` places; "n/a" where the run measured nothing (e.g. no code passed the search)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _spread(stat: dict | None, digits: int = 3, full: bool = False) -> str:
