@@ -46,6 +46,7 @@ from cbinterp.core.training.data import batch_fingerprint
 from cbinterp.core.training.train import TrainResult
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, resumes_codebook_phases, run_recipe
 from cbinterp.recipes.evaluate import evaluate
+from cbinterp.recipes.flat import FlatRecipe
 from cbinterp.reporting import write_json
 from cbinterp.tasks.packing import pack_documents, resolve_prepend_bos
 from cbinterp.tasks.text_batches import StreamingTextBatches, TextBatches
@@ -61,7 +62,7 @@ _NON_NEGATIVE = ("warmup_steps", "kmeans_iters", "checkpoint_every", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneRecipe:
+class FinetuneRecipe(FlatRecipe):
     """Every setting of `finetune_codebooks`, checked on construction. `quick()` is a seconds-long run for tests.
 
     Attributes:
@@ -81,6 +82,8 @@ class FinetuneRecipe:
         prepend_bos: windows start with BOS (None: the model's `cfg.default_prepend_bos`).
         seed: codebook initialisation, k-means, batch order and training.
     """
+
+    _tuple_settings = ("sites", "layers")  # no annotation: a class constant, not a setting
 
     sites: tuple[str, ...] = ("attn", "mlp")
     layers: tuple[int, ...] | None = None
@@ -157,26 +160,6 @@ class FinetuneRecipe:
             checkpoint_every=3,
         )
         return cls(**{**settings, **overrides})
-
-    def replace(self, **changes) -> FinetuneRecipe:
-        """A copy with `changes` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """The recipe as plain JSON data."""
-        out = dataclasses.asdict(self)
-        out["sites"] = list(self.sites)
-        out["layers"] = None if self.layers is None else list(self.layers)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FinetuneRecipe:
-        """The recipe `to_dict` wrote; unknown settings are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown FinetuneRecipe settings {unknown}; known: {sorted(known)}.")
-        return cls(**data)
 
     @property
     def model_lr(self) -> float:

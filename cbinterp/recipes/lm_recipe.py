@@ -16,6 +16,7 @@ from cbinterp.core.codebooks.codebook import LOSSES
 from cbinterp.core.device import default_device
 from cbinterp.core.training.train import TrainConfig
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase
+from cbinterp.recipes.flat import FlatRecipe
 from cbinterp.recipes.gpt import gpt_config
 
 __all__ = ["PHASES", "STREAM_BASELINE", "STREAM_CONTINUED", "LMRecipe", "default_device", "train_config"]
@@ -27,7 +28,7 @@ STREAM_BASELINE, STREAM_CONTINUED = 0, 1
 
 
 @dataclasses.dataclass(frozen=True)
-class LMRecipe:
+class LMRecipe(FlatRecipe):
     """Every setting of the three phases. `paper()` is the default run, `quick()` a seconds-long one for tests.
 
     The model is a GPT-style HookedTransformer (pre-LayerNorm, GELU, rotary positions, d_head = d_model / n_heads)
@@ -120,25 +121,6 @@ class LMRecipe:
             checkpoint_every=40,
         )
         return cls(**{**settings, **overrides})
-
-    def replace(self, **changes) -> LMRecipe:
-        """A copy with `changes` applied (checked again, as a new recipe)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """The recipe as plain JSON-ready data (`from_dict` reads it back)."""
-        out = dataclasses.asdict(self)
-        out["sites"] = list(self.sites)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LMRecipe:
-        """The recipe that `to_dict` wrote; unknown settings are refused by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown LMRecipe settings {unknown}; known: {sorted(known)}.")
-        return cls(**data)
 
     @property
     def tokens_per_step(self) -> int:
