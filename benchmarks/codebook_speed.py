@@ -110,15 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = common.parser("codebook_speed", __doc__, warmup=3, repeats=30, seed=0, n_codes=1000, k=1)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument(
-        "--reference-python",
-        default=None,
-        help=f"Python of the codebook-features 0.1.2 venv (default: {common.DEFAULT_REFERENCE_PYTHON} if it exists)",
-    )
-    parser.add_argument(
-        "--setup-reference", action="store_true", help="build the reference venv first if it is not ready"
-    )
-    parser.add_argument("--no-reference", action="store_true", help="do not time the authors' library")
+    common.add_reference_options(parser)
     parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test, not a measurement")
     args = parser.parse_args(argv)
 

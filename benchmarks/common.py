@@ -34,6 +34,7 @@ __all__ = [
     "REFERENCE_REQUIREMENTS",
     "ROOT",
     "ReferenceRunner",
+    "add_reference_options",
     "baseline_name",
     "default_model",
     "finish",
@@ -181,6 +182,19 @@ def setup_reference(python: Path) -> None:
     )
     if not reference_works(python):
         raise SystemExit(f"{python} still cannot import codebook_features.models after installing")
+
+
+def add_reference_options(parser: argparse.ArgumentParser) -> None:
+    """The flags `resolve_reference` reads: --reference-python, --setup-reference, --no-reference."""
+    parser.add_argument(
+        "--reference-python",
+        default=None,
+        help=f"Python of the codebook-features 0.1.2 venv (default: {DEFAULT_REFERENCE_PYTHON} if it exists)",
+    )
+    parser.add_argument(
+        "--setup-reference", action="store_true", help="build the reference venv first if it is not ready"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="do not time the authors' library")
 
 
 def resolve_reference(args) -> tuple[Path | None, str]:

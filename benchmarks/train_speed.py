@@ -117,11 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = common.parser("train_speed", __doc__, batch=64, seq_len=128, n_codes=1000, warmup=2, repeats=10, seed=0)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (saves ~1 minute)")
-    parser.add_argument(
-        "--reference-python", default=None, help=f"default: {common.DEFAULT_REFERENCE_PYTHON} if it exists"
-    )
-    parser.add_argument("--setup-reference", action="store_true", help="build the reference venv first if needed")
-    parser.add_argument("--no-reference", action="store_true")
+    common.add_reference_options(parser)
     parser.add_argument(
         "--quick", action="store_true", help="tiny batches, no compile: a smoke test, not a measurement"
     )
