@@ -35,6 +35,7 @@ __all__ = [
     "ROOT",
     "ReferenceRunner",
     "add_reference_options",
+    "as_flags",
     "baseline_name",
     "default_model",
     "finish",
@@ -77,6 +78,11 @@ def parser(name: str, doc: str, **int_options: int) -> argparse.ArgumentParser:
 def settings(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The run's settings `names` as report fields, in that order: `{name: args.<name>}`."""
     return {name: getattr(args, name) for name in names}
+
+
+def as_flags(args: argparse.Namespace, *names: str) -> list[str]:
+    """The run's settings `names` as a command line for another script: `--seq-len 64` for `seq_len`, in order."""
+    return [part for name in names for part in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
 
 
 def finish(out: str | Path, report: dict) -> dict:
