@@ -39,7 +39,7 @@ from cbinterp.core.codebooks.attach import (
     require_hooked_transformer,
     resolve_sites,
 )
-from cbinterp.core.codebooks.codebook import LOSSES, SIMILARITIES
+from cbinterp.core.codebooks.codebook import SIMILARITIES
 from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.data import batch_fingerprint
@@ -114,28 +114,17 @@ class FinetuneRecipe(FlatRecipe):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-        object.__setattr__(self, "sites", sites)
-        if not sites:
-            raise ValueError("FinetuneRecipe.sites is empty: name at least one site ('attn', 'mlp', or a hook name).")
+        self._check_shared(_POSITIVE, _NON_NEGATIVE)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
-        for name in _POSITIVE + _NON_NEGATIVE:
-            value, least = getattr(self, name), 1 if name in _POSITIVE else 0
-            if not is_int(value) or value < least:
-                raise ValueError(f"FinetuneRecipe.{name} must be an int >= {least}, got {value!r}.")
         if not is_int(self.seq_len) or self.seq_len < 2:
             raise ValueError(f"FinetuneRecipe.seq_len must be an int >= 2, got {self.seq_len!r}.")
         for name in ("codebook_lr", "model_lr_factor"):
             if not is_real(getattr(self, name)) or getattr(self, name) <= 0:
                 hint = " (to keep the model fixed, set freeze_model=True)" if name == "model_lr_factor" else ""
                 raise ValueError(f"FinetuneRecipe.{name} must be a number > 0{hint}, got {getattr(self, name)!r}.")
-        if self.k > self.n_codes:
-            raise ValueError(f"k={self.k} is larger than n_codes={self.n_codes}.")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} is more than steps={self.steps}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown codebook loss {self.loss!r}; choose one of {LOSSES}.")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"Unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}.")
         if self.prepend_bos not in (None, True, False):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from transformer_lens import HookedTransformerConfig
 
-from cbinterp.core.codebooks.codebook import LOSSES
 from cbinterp.core.device import default_device
 from cbinterp.core.training.train import TrainConfig
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase
@@ -72,27 +71,16 @@ class LMRecipe(FlatRecipe):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", tuple(self.sites) if not isinstance(self.sites, str) else (self.sites,))
-        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "batch_size", "n_codes", "k", "kmeans_sequences"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LMRecipe.{name} must be a positive int, got {value!r}.")
-        for name in ("base_steps", "codebook_steps", "base_warmup", "codebook_warmup", "kmeans_iters", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"LMRecipe.{name} must be an int >= 0, got {value!r}.")
+        self._check_shared(
+            ("n_layers", "d_model", "n_heads", "d_mlp", "batch_size", "n_codes", "k", "kmeans_sequences"),
+            ("base_steps", "codebook_steps", "base_warmup", "codebook_warmup", "kmeans_iters", "seed"),
+        )
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}.")
         if self.vocab_size < 257:
             raise ValueError(f"vocab_size must be >= 257 (256 bytes plus <|endoftext|>), got {self.vocab_size}.")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS plus a token), got {self.seq_len}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown codebook loss {self.loss!r}; choose one of {LOSSES}.")
-        if not self.sites:
-            raise ValueError("LMRecipe.sites is empty: name at least one site ('attn', 'mlp', or a hook name).")
-        if self.k > self.n_codes:
-            raise ValueError(f"k={self.k} is larger than n_codes={self.n_codes}.")
 
     @classmethod
     def paper(cls, **overrides) -> LMRecipe:
