@@ -49,9 +49,18 @@ def build(args) -> HookedTransformer:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = common.parser(
-        "cache_speed", __doc__, docs=2048, seq_len=64, batch=64, n_layers=4, d_model=128, n_codes=1000, k=1, rounds=3
+        "cache_speed",
+        __doc__,
+        docs=2048,
+        seq_len=64,
+        batch=64,
+        n_layers=4,
+        d_model=128,
+        n_codes=1000,
+        k=1,
+        rounds=3,
+        seed=0,
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--quick", action="store_true", help="a tiny run: checks that it works, not a measurement")
     args = parser.parse_args(argv)
