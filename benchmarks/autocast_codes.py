@@ -26,9 +26,13 @@ from cbinterp import attach_codebooks, get_codebooks, kmeans_init_codebooks
 from cbinterp.core.codebooks.codebook import Codebook
 from cbinterp.core.codebooks.naming import CODES_SUFFIX, INPUT_SUFFIX
 from cbinterp.recipes.fsm import FSMRecipe
-from cbinterp.reporting import write_report
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__:  # python -m benchmarks.autocast_codes
+    from . import common
+else:  # python benchmarks/autocast_codes.py: this folder is sys.path[0]
+    import common
+
+ROOT = common.ROOT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,8 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         "per_codebook": rows,
         "overall": overall,
     }
-    write_report(args.out, result)
-    return result
+    return common.finish(args.out, result)
 
 
 if __name__ == "__main__":

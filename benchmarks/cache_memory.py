@@ -14,7 +14,6 @@ which writes and reads its own cache. Each child runs in the folder that holds t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -24,9 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from cbinterp.reporting import environment, write_report
+from cbinterp.reporting import environment
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__:  # python -m benchmarks.cache_memory
+    from . import common
+else:  # python benchmarks/cache_memory.py: this folder is sys.path[0]
+    import common
+
+ROOT = common.ROOT
 
 #: The child: imports cbinterp from its working folder, then caches or queries, and prints one JSON line. It builds
 #: cache_speed.py's model itself from the library's public names (importing cache_speed would import the benchmark's
@@ -99,11 +103,7 @@ def export(ref: str, into: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cache_memory.json"))
-    parser.add_argument("--docs", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64)
+    parser = common.parser("cache_memory", __doc__, docs=8192, seq_len=64, batch=64)
     parser.add_argument("--hook", default="blocks.0.hook_mlp_out", help="a hook whose activations are stored too")
     parser.add_argument("--baseline", default="main", help="git ref of the old path; '' to skip it")
     parser.add_argument("--quick", action="store_true", help="a tiny run: checks that it works, not a measurement")
@@ -151,18 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "cache_memory",
         "n_tokens": n_tokens,
-        "docs": args.docs,
-        "seq_len": args.seq_len,
-        "hook": args.hook,
-        "baseline": args.baseline,
-        "quick": args.quick,
+        **common.settings(args, "docs", "seq_len", "hook", "baseline", "quick"),
         **environment(load_average_start=load_before),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "results": rows,
         "same_answers": same,
     }
-    write_report(args.out, report)
-    return report
+    return common.finish(args.out, report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the plain pass, and at most 2*k bytes per token per codebook (per head for per-h
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -25,9 +24,12 @@ from transformer_lens import HookedTransformer
 from cbinterp import attach_codebooks, cache_codes, get_codebooks
 from cbinterp.core.device import default_device
 from cbinterp.recipes.fsm import FSMRecipe
-from cbinterp.reporting import environment, write_report
+from cbinterp.reporting import environment
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__:  # python -m benchmarks.cache_speed
+    from . import common
+else:  # python benchmarks/cache_speed.py: this folder is sys.path[0]
+    import common
 
 TARGETS = {"cached_over_plain": 1.10, "bytes_per_token_per_codebook_over_k": 2}
 
@@ -46,17 +48,19 @@ def build(args) -> HookedTransformer:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cache_speed.json"))
-    parser.add_argument("--docs", type=int, default=2048)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--n-codes", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = common.parser(
+        "cache_speed",
+        __doc__,
+        docs=2048,
+        seq_len=64,
+        batch=64,
+        n_layers=4,
+        d_model=128,
+        n_codes=1000,
+        k=1,
+        rounds=3,
+        seed=0,
+    )
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--quick", action="store_true", help="a tiny run: checks that it works, not a measurement")
     args = parser.parse_args(argv)
@@ -144,13 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "cache_speed",
         "n_tokens": n_tokens,
-        "docs": args.docs,
-        "seq_len": args.seq_len,
-        "batch": args.batch,
-        "n_codes": args.n_codes,
-        "k": args.k,
-        "rounds": args.rounds,
-        "quick": args.quick,
+        **common.settings(args, "docs", "seq_len", "batch", "n_codes", "k", "rounds", "quick"),
         **environment(device, load_average_start=load_before),
         "targets": TARGETS,
         "seconds": medians,
@@ -158,8 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios,
         "storage": storage,
     }
-    write_report(args.out, report)
-    return report
+    return common.finish(args.out, report)
 
 
 if __name__ == "__main__":

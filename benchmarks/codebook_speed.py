@@ -22,7 +22,6 @@ so that load from other processes on the machine hits them alike. Threads are le
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ import torch
 
 from cbinterp.core.codebooks.codebook import Codebook
 from cbinterp.core.device import default_device
-from cbinterp.reporting import environment, print_table, write_report
+from cbinterp.reporting import environment, print_table
 
 if __package__:  # python -m benchmarks.codebook_speed
     from . import common
@@ -108,24 +107,10 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(common.OUT / "codebook_speed.json"))
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-codes", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=1)
+    parser = common.parser("codebook_speed", __doc__, warmup=3, repeats=30, seed=0, n_codes=1000, k=1)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
-    parser.add_argument(
-        "--reference-python",
-        default=None,
-        help=f"Python of the codebook-features 0.1.2 venv (default: {common.DEFAULT_REFERENCE_PYTHON} if it exists)",
-    )
-    parser.add_argument(
-        "--setup-reference", action="store_true", help="build the reference venv first if it is not ready"
-    )
-    parser.add_argument("--no-reference", action="store_true", help="do not time the authors' library")
+    common.add_reference_options(parser)
     parser.add_argument("--quick", action="store_true", help="tiny inputs: a smoke test, not a measurement")
     args = parser.parse_args(argv)
 
@@ -149,16 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "--serve",
                         "--shape",
                         name,
-                        "--n-codes",
-                        str(args.n_codes),
-                        "--k",
-                        str(args.k),
-                        "--warmup",
-                        str(args.warmup),
-                        "--seed",
-                        str(args.seed),
-                        "--device",
-                        args.device,
+                        *common.as_flags(args, "n_codes", "k", "warmup", "seed", "device"),
                         "--input-shape",
                         *map(str, shape),
                     ]
@@ -244,18 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "codebook_speed",
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
         **environment(device, load_average_start=load_before),
-        "seed": args.seed,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "quick": args.quick,
+        **common.settings(args, "seed", "warmup", "repeats", "quick"),
         "statistic": "median seconds per forward+backward step",
         "floor": "unit-norm codes; x @ codes.T (one bmm over groups when grouped), then topk(k); no chunking",
         "reference": reference_note,
         "targets": TARGETS,
         "results": results,
     }
-    write_report(args.out, report)
-    return report
+    return common.finish(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What the benchmark scripts share and no user of cbinterp needs: where they write, the authors' library run as a
 timing reference in its own venv (codebook_speed, train_speed), and the inputs of the language-model benchmarks
-(lm_probes, lm_steering). The report tail (environment, strict JSON, tables, figures) is `cbinterp.reporting`.
+(lm_probes, lm_steering), and the ends of a report script: its command line (`parser`) and its report (`settings`,
+`finish`). The report's own pieces (environment, strict JSON, tables, figures) are `cbinterp.reporting`.
 
 A script imports this module by the way it was started, without touching sys.path::
 
@@ -12,6 +13,7 @@ A script imports this module by the way it was started, without touching sys.pat
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -19,8 +21,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from cbinterp.reporting import write_report
 
 __all__ = [
     "DEFAULT_REFERENCE_PYTHON",
@@ -29,15 +34,20 @@ __all__ = [
     "REFERENCE_REQUIREMENTS",
     "ROOT",
     "ReferenceRunner",
+    "add_reference_options",
+    "as_flags",
     "baseline_name",
     "default_model",
+    "finish",
     "heldout_halves",
     "load_model",
     "ms",
+    "parser",
     "ratio",
     "reference_works",
     "resolve_reference",
     "set_threads",
+    "settings",
     "setup_reference",
     "sync",
     "take_chars",
@@ -52,6 +62,33 @@ OUT = ROOT / "benchmarks" / "out"
 REFERENCE_DIR = ROOT / "benchmarks" / "reference"
 REFERENCE_REQUIREMENTS = REFERENCE_DIR / "requirements.txt"
 DEFAULT_REFERENCE_PYTHON = Path("/tmp/refvenv/bin/python")
+
+
+# -- a report script's command line and report ----------------------------------------------------------------
+def parser(name: str, doc: str, **int_options: int) -> argparse.ArgumentParser:
+    """A report script's parser: `doc`'s first line, `--out` (default benchmarks/out/<name>.json), then one
+    integer option per keyword in that order (`seq_len=64` is `--seq-len`, default 64)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", default=str(OUT / f"{name}.json"))
+    for key, default in int_options.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=default)
+    return p
+
+
+def settings(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The run's settings `names` as report fields, in that order: `{name: args.<name>}`."""
+    return {name: getattr(args, name) for name in names}
+
+
+def as_flags(args: argparse.Namespace, *names: str) -> list[str]:
+    """The run's settings `names` as a command line for another script: `--seq-len 64` for `seq_len`, in order."""
+    return [part for name in names for part in ("--" + name.replace("_", "-"), str(getattr(args, name)))]
+
+
+def finish(out: str | Path, report: dict) -> dict:
+    """A report script's last step: write `report` to `out` (strict JSON, atomically; prints where) and return it."""
+    write_report(out, report)
+    return report
 
 
 # -- timing --------------------------------------------------------------------------------------------------
@@ -151,6 +188,19 @@ def setup_reference(python: Path) -> None:
     )
     if not reference_works(python):
         raise SystemExit(f"{python} still cannot import codebook_features.models after installing")
+
+
+def add_reference_options(parser: argparse.ArgumentParser) -> None:
+    """The flags `resolve_reference` reads: --reference-python, --setup-reference, --no-reference."""
+    parser.add_argument(
+        "--reference-python",
+        default=None,
+        help=f"Python of the codebook-features 0.1.2 venv (default: {DEFAULT_REFERENCE_PYTHON} if it exists)",
+    )
+    parser.add_argument(
+        "--setup-reference", action="store_true", help="build the reference venv first if it is not ready"
+    )
+    parser.add_argument("--no-reference", action="store_true", help="do not time the authors' library")
 
 
 def resolve_reference(args) -> tuple[Path | None, str]:

@@ -15,12 +15,10 @@ accounts for: Python, dispatch, and the profiler's own cost.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch.autograd.profiler import record_function
@@ -31,9 +29,12 @@ from transformer_lens.components.mlps.mlp import MLP
 from cbinterp.core.codebooks.codebook import Codebook
 from cbinterp.core.training import fastpath
 from cbinterp.recipes.fsm import FSMRecipe
-from cbinterp.reporting import environment, write_report
+from cbinterp.reporting import environment
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__:  # python -m benchmarks.train_profile
+    from . import common
+else:  # python benchmarks/train_profile.py: this folder is sys.path[0]
+    import common
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
 FAMILIES = (
     "matmuls",
@@ -230,13 +231,7 @@ def profile_variant(recipe, codebooks: bool, fused: bool, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "train_profile.json"))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--n-codes", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = common.parser("train_profile", __doc__, batch=64, n_codes=1000, warmup=2, steps=3, seed=0)
     parser.add_argument("--quick", action="store_true", help="a tiny model and batch: a smoke test, not a measurement")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
@@ -265,8 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "quick": args.quick,
         "variants": dict(zip(names, rows)),
     }
-    write_report(args.out, report)
-    return report
+    return common.finish(args.out, report)
 
 
 if __name__ == "__main__":

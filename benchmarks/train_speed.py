@@ -24,7 +24,6 @@ The roofline is the step's matmul work (forward and backward of the model, forwa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -38,7 +37,7 @@ from cbinterp import attach_codebooks, get_codebooks
 from cbinterp.core.device import default_device
 from cbinterp.core.training.fastpath import fast_kernels
 from cbinterp.recipes.fsm import FSMRecipe
-from cbinterp.reporting import environment, write_report
+from cbinterp.reporting import environment
 
 if __package__:  # python -m benchmarks.train_speed
     from . import common
@@ -115,21 +114,10 @@ def matmul_rate(device: torch.device, n: int = 1024, repeats: int = 20) -> float
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(common.OUT / "train_speed.json"))
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-codes", type=int, default=1000)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = common.parser("train_speed", __doc__, batch=64, seq_len=128, n_codes=1000, warmup=2, repeats=10, seed=0)
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (saves ~1 minute)")
-    parser.add_argument(
-        "--reference-python", default=None, help=f"default: {common.DEFAULT_REFERENCE_PYTHON} if it exists"
-    )
-    parser.add_argument("--setup-reference", action="store_true", help="build the reference venv first if needed")
-    parser.add_argument("--no-reference", action="store_true")
+    common.add_reference_options(parser)
     parser.add_argument(
         "--quick", action="store_true", help="tiny batches, no compile: a smoke test, not a measurement"
     )
@@ -178,18 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                 str(reference_python),
                 str(REFERENCE_SCRIPT),
                 "--serve",
-                "--batch",
-                str(args.batch),
-                "--seq-len",
-                str(args.seq_len),
-                "--n-codes",
-                str(args.n_codes),
-                "--warmup",
-                str(args.warmup),
-                "--seed",
-                str(args.seed),
-                "--device",
-                args.device,
+                *common.as_flags(args, "batch", "seq_len", "n_codes", "warmup", "seed", "device"),
                 *[f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()],
             ]
         )
@@ -253,13 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "train_speed",
         "model": MODEL,
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "n_codes": args.n_codes,
+        **common.settings(args, "batch", "seq_len", "n_codes"),
         **environment(device, load_average_start=load_before),
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "quick": args.quick,
+        **common.settings(args, "warmup", "repeats", "quick"),
         "compile_s": compile_s,
         "reference": reference_note,
         "reference_meta": None if reference is None else reference.meta,
@@ -268,8 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_flops_per_s": peak,
         "results": rows,
     }
-    write_report(args.out, report)
-    return report
+    return common.finish(args.out, report)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,14 @@ from cbinterp.core.codebooks.attach import (
     require_hooked_transformer,
     resolve_sites,
 )
-from cbinterp.core.codebooks.codebook import LOSSES, SIMILARITIES
+from cbinterp.core.codebooks.codebook import SIMILARITIES
 from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.data import batch_fingerprint
 from cbinterp.core.training.train import TrainResult
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, resumes_codebook_phases, run_recipe
 from cbinterp.recipes.evaluate import evaluate
+from cbinterp.recipes.flat import FlatRecipe
 from cbinterp.reporting import write_json
 from cbinterp.tasks.packing import pack_documents, resolve_prepend_bos
 from cbinterp.tasks.text_batches import StreamingTextBatches, TextBatches
@@ -61,7 +62,7 @@ _NON_NEGATIVE = ("warmup_steps", "kmeans_iters", "checkpoint_every", "seed")
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneRecipe:
+class FinetuneRecipe(FlatRecipe):
     """Every setting of `finetune_codebooks`, checked on construction. `quick()` is a seconds-long run for tests.
 
     Attributes:
@@ -81,6 +82,8 @@ class FinetuneRecipe:
         prepend_bos: windows start with BOS (None: the model's `cfg.default_prepend_bos`).
         seed: codebook initialisation, k-means, batch order and training.
     """
+
+    _tuple_settings = ("sites", "layers")  # no annotation: a class constant, not a setting
 
     sites: tuple[str, ...] = ("attn", "mlp")
     layers: tuple[int, ...] | None = None
@@ -111,28 +114,17 @@ class FinetuneRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-        object.__setattr__(self, "sites", sites)
-        if not sites:
-            raise ValueError("FinetuneRecipe.sites is empty: name at least one site ('attn', 'mlp', or a hook name).")
+        self._check_shared(_POSITIVE, _NON_NEGATIVE)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
-        for name in _POSITIVE + _NON_NEGATIVE:
-            value, least = getattr(self, name), 1 if name in _POSITIVE else 0
-            if not is_int(value) or value < least:
-                raise ValueError(f"FinetuneRecipe.{name} must be an int >= {least}, got {value!r}.")
         if not is_int(self.seq_len) or self.seq_len < 2:
             raise ValueError(f"FinetuneRecipe.seq_len must be an int >= 2, got {self.seq_len!r}.")
         for name in ("codebook_lr", "model_lr_factor"):
             if not is_real(getattr(self, name)) or getattr(self, name) <= 0:
                 hint = " (to keep the model fixed, set freeze_model=True)" if name == "model_lr_factor" else ""
                 raise ValueError(f"FinetuneRecipe.{name} must be a number > 0{hint}, got {getattr(self, name)!r}.")
-        if self.k > self.n_codes:
-            raise ValueError(f"k={self.k} is larger than n_codes={self.n_codes}.")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} is more than steps={self.steps}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown codebook loss {self.loss!r}; choose one of {LOSSES}.")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"Unknown similarity {self.similarity!r}; choose one of {SIMILARITIES}.")
         if self.prepend_bos not in (None, True, False):
@@ -157,26 +149,6 @@ class FinetuneRecipe:
             checkpoint_every=3,
         )
         return cls(**{**settings, **overrides})
-
-    def replace(self, **changes) -> FinetuneRecipe:
-        """A copy with `changes` applied (and checked)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """The recipe as plain JSON data."""
-        out = dataclasses.asdict(self)
-        out["sites"] = list(self.sites)
-        out["layers"] = None if self.layers is None else list(self.layers)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FinetuneRecipe:
-        """The recipe `to_dict` wrote; unknown settings are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown FinetuneRecipe settings {unknown}; known: {sorted(known)}.")
-        return cls(**data)
 
     @property
     def model_lr(self) -> float:

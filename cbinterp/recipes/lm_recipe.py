@@ -12,10 +12,10 @@ from pathlib import Path
 
 from transformer_lens import HookedTransformerConfig
 
-from cbinterp.core.codebooks.codebook import LOSSES
 from cbinterp.core.device import default_device
 from cbinterp.core.training.train import TrainConfig
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase
+from cbinterp.recipes.flat import FlatRecipe
 from cbinterp.recipes.gpt import gpt_config
 
 __all__ = ["PHASES", "STREAM_BASELINE", "STREAM_CONTINUED", "LMRecipe", "default_device", "train_config"]
@@ -27,7 +27,7 @@ STREAM_BASELINE, STREAM_CONTINUED = 0, 1
 
 
 @dataclasses.dataclass(frozen=True)
-class LMRecipe:
+class LMRecipe(FlatRecipe):
     """Every setting of the three phases. `paper()` is the default run, `quick()` a seconds-long one for tests.
 
     The model is a GPT-style HookedTransformer (pre-LayerNorm, GELU, rotary positions, d_head = d_model / n_heads)
@@ -71,27 +71,16 @@ class LMRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", tuple(self.sites) if not isinstance(self.sites, str) else (self.sites,))
-        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "batch_size", "n_codes", "k", "kmeans_sequences"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LMRecipe.{name} must be a positive int, got {value!r}.")
-        for name in ("base_steps", "codebook_steps", "base_warmup", "codebook_warmup", "kmeans_iters", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"LMRecipe.{name} must be an int >= 0, got {value!r}.")
+        self._check_shared(
+            ("n_layers", "d_model", "n_heads", "d_mlp", "batch_size", "n_codes", "k", "kmeans_sequences"),
+            ("base_steps", "codebook_steps", "base_warmup", "codebook_warmup", "kmeans_iters", "seed"),
+        )
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}.")
         if self.vocab_size < 257:
             raise ValueError(f"vocab_size must be >= 257 (256 bytes plus <|endoftext|>), got {self.vocab_size}.")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS plus a token), got {self.seq_len}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown codebook loss {self.loss!r}; choose one of {LOSSES}.")
-        if not self.sites:
-            raise ValueError("LMRecipe.sites is empty: name at least one site ('attn', 'mlp', or a hook name).")
-        if self.k > self.n_codes:
-            raise ValueError(f"k={self.k} is larger than n_codes={self.n_codes}.")
 
     @classmethod
     def paper(cls, **overrides) -> LMRecipe:
@@ -120,25 +109,6 @@ class LMRecipe:
             checkpoint_every=40,
         )
         return cls(**{**settings, **overrides})
-
-    def replace(self, **changes) -> LMRecipe:
-        """A copy with `changes` applied (checked again, as a new recipe)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """The recipe as plain JSON-ready data (`from_dict` reads it back)."""
-        out = dataclasses.asdict(self)
-        out["sites"] = list(self.sites)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LMRecipe:
-        """The recipe that `to_dict` wrote; unknown settings are refused by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown LMRecipe settings {unknown}; known: {sorted(known)}.")
-        return cls(**data)
 
     @property
     def tokens_per_step(self) -> int:

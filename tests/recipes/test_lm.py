@@ -175,5 +175,11 @@ def test_recipe_checks_its_settings():
         LMRecipe(loss="l2")
     with pytest.raises(ValueError, match="k=9"):
         LMRecipe(n_codes=8, k=9)
+    with pytest.raises(ValueError, match="LMRecipe.sites is empty"):
+        LMRecipe(sites=())
+    with pytest.raises(ValueError, match="LMRecipe.base_steps must be an int >= 0"):
+        LMRecipe(base_steps=-1)
+    with pytest.raises(ValueError, match="LMRecipe.k must be an int >= 1, got True"):
+        LMRecipe(k=True)  # a bool is not a count (FinetuneRecipe refused it already; the two share their checks)
     assert LMRecipe.from_dict(TINY.to_dict()) == TINY
     assert LMRecipe.paper().loss == "aeloss" and LMRecipe.paper().k > 1
