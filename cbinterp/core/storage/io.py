@@ -165,7 +165,19 @@ def _legacy_config(path: Path) -> dict:
 
 
 def _is_legacy(path: Path) -> bool:
-    return not os.path.lexists(path / MANIFEST_FILE) and (path / CONFIG_FILE).is_file()
+    """Whether `path` is a version-1 model folder: a config.json of version 1 and no marker.
+
+    The marker is looked for first and the config read second, so a save swapping the folder in between can show a
+    new folder's config without a marker having been seen: a config of a later version is therefore never taken for
+    the legacy format, but read as a marked folder, whose reader retries a folder swapped meanwhile (and names a
+    missing marker as such)."""
+    if os.path.lexists(path / MANIFEST_FILE) or not (path / CONFIG_FILE).is_file():
+        return False
+    try:
+        version = json.loads((path / CONFIG_FILE).read_bytes()).get("version", 0)
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: the legacy reader says what is wrong with it
+    return not (is_int(version) and version > 1)
 
 
 def _folder_config(folder: fd.Folder) -> dict:

@@ -256,6 +256,24 @@ def test_a_save_landing_mid_load_leaves_the_load_whole(model, make_tiny_model, t
     assert state_equal(load(d, device="cpu"), after)
 
 
+def test_a_marker_missed_mid_swap_is_not_taken_for_the_old_format(model, tmp_path, monkeypatch):
+    # The reader looks for the marker while a save has set the old folder aside, then finds the new folder's
+    # config.json: a version-2 config without a marker seen is a swap in progress, never a version-1 folder.
+    d = tmp_path / "d"
+    save(model, d)
+    real_lexists, missed = os.path.lexists, []
+
+    def lexists(path):
+        if Path(path) == d / "cbinterp.json" and not missed:
+            missed.append(path)
+            return False
+        return real_lexists(path)
+
+    monkeypatch.setattr(os.path, "lexists", lexists)
+    loaded = load(d, device="cpu")
+    assert missed and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_a_load_between_the_renames_of_a_save_gets_the_new_model(model, make_tiny_model, tmp_path, monkeypatch):
     d = tmp_path / "d"
     save(model, d)
