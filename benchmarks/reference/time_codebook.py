@@ -12,12 +12,10 @@ that load from other processes on the machine hits both alike. An empty line or 
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 import warnings
 
-from serve_loop import reply, serve  # beside this script: its folder is sys.path[0] when run as a file
+from serve_loop import parser, reply, serve, timer  # beside this script: its folder is sys.path[0] when run as a file
 
 SHAPES = {
     # name: (input shape, per-code dim given to the layer, number of codebooks)
@@ -27,17 +25,10 @@ SHAPES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    parser.add_argument("--n-codes", type=int, default=1000)
-    parser.add_argument("--k", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--input-shape", type=int, nargs="+", default=None, help="override the input shape (tests)")
-    parser.add_argument("--serve", action="store_true", help="time steps on request from stdin (see above)")
-    args = parser.parse_args()
+    options = parser(__doc__, n_codes=1000, k=1, warmup=3, repeats=20)
+    options.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    options.add_argument("--input-shape", type=int, nargs="+", default=None, help="override the input shape (tests)")
+    args = options.parse_args()
 
     warnings.filterwarnings("ignore")
     import torch
@@ -77,15 +68,7 @@ def main() -> None:
         x.grad = None
         layer.zero_grad(set_to_none=True)
 
-    def timed(n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        return times
-
+    timed = timer(step, sync)
     for _ in range(args.warmup):
         step()
     sync()

@@ -12,28 +12,16 @@ times N more steps and prints {"times_s": [...]}; "quit" or an empty line ends i
 
 from __future__ import annotations
 
-import argparse
-import time
 import warnings
 
-from serve_loop import reply, serve  # beside this script: its folder is sys.path[0] when run as a file
+from serve_loop import parser, reply, serve, timer  # beside this script: its folder is sys.path[0] when run as a file
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--d-mlp", type=int, default=512)
-    parser.add_argument("--n-codes", type=int, default=1000)
-    parser.add_argument("--vocab", type=int, default=11)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--serve", action="store_true")
-    args = parser.parse_args()
+    options = parser(
+        __doc__, batch=64, seq_len=128, n_layers=4, d_model=128, n_heads=4, d_mlp=512, n_codes=1000, vocab=11, warmup=2
+    )
+    args = options.parse_args()
 
     warnings.filterwarnings("ignore")
     import torch
@@ -77,15 +65,11 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    def timed(n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return times
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    timed = timer(step, sync)
 
     for _ in range(args.warmup):
         step()
