@@ -307,15 +307,7 @@ def from_codebook_features(
         tokenizer = _tokenizer(None, path)
         if tokenizer is None and not isinstance(base, PretrainedConfig):
             tokenizer = _tokenizer(None, _folder(base, "base model"))
-    model = from_hf(
-        hf_model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        n_ctx=n_ctx,
-        default_prepend_bos=default_prepend_bos,
-        check=check,
-    )
+    model = from_hf(hf_model, tokenizer, device, dtype, n_ctx, default_prepend_bos, check)  # from_hf's own order
     attach_codebooks(model, codebooks)
     return model.eval()
 

@@ -135,15 +135,8 @@ class LMRecipe(FlatRecipe):
                 seed=self.seed + PHASES.index(name),  # each phase its own seed, as before the phase runner
             )
 
-        spec = CodebookSpec(
-            sites=self.sites,
-            n_codes=self.n_codes,
-            k=self.k,
-            loss=self.loss,
-            kmeans=True,
-            kmeans_iters=self.kmeans_iters,
-            kmeans_mean_of_k=self.kmeans_mean_of_k,
-        )
+        shared = ("sites", "n_codes", "k", "loss", "kmeans_iters", "kmeans_mean_of_k")  # CodebookSpec's names too
+        spec = CodebookSpec(**{name: getattr(self, name) for name in shared})  # with k-means, its default
         return CodebookRecipe(
             warm=phase("baseline", STREAM_BASELINE),
             codebooks=spec,
