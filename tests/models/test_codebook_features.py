@@ -107,6 +107,14 @@ def test_the_fixtures_need_the_affine_norm_and_the_mean():
     assert not torch.equal(codes["codes.0.attn_preproj"], want["codes.0.attn_preproj"])
 
 
+def test_the_options_reach_the_base_models_conversion():
+    """device, dtype, n_ctx, default_prepend_bos and check are `from_hf`'s, each passed on as itself."""
+    model = convert("neox-preproj", dtype=torch.float64, n_ctx=16, default_prepend_bos=True, check=False)
+    assert (model.cfg.dtype, model.cfg.n_ctx, model.cfg.default_prepend_bos) == (torch.float64, 16, True)
+    assert model.cfg.device in ("cpu", torch.device("cpu"))
+    assert next(model.parameters()).dtype == torch.float64
+
+
 def test_round_trip_through_cbinterp_save_and_load(tmp_path):
     model = convert("neo-preproj")
     cbinterp.save(model, tmp_path / "saved")
