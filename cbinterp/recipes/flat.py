@@ -6,7 +6,10 @@ LMRecipe and FinetuneRecipe: JSON holds their tuples as lists, and reading back 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; the package supports 3.10
+    from typing_extensions import Self
 
 from cbinterp.core.checks import is_int
 from cbinterp.core.codebooks.codebook import LOSSES
