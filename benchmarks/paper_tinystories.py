@@ -164,6 +164,7 @@ def slot_assignments(codes: Sequence[tuple[int, int, int]]) -> dict[tuple[int, i
 def forcing_hooks(model: HookedTransformer, codes: Sequence[tuple[int, int, int]]) -> list[tuple[str, object]]:
     """Hooks writing each code into its head's slot (`slot_assignments`) at every position, the prompt's included;
     the head's other slots keep the codebook's own choices."""
+    check_codes(model, {"forced": codes})
     by_layer: dict[int, list[tuple[int, int, int]]] = {}
     for (layer, head), slots in slot_assignments(codes).items():
         by_layer.setdefault(layer, []).extend((head, slot, code) for slot, code in slots.items())
