@@ -39,6 +39,7 @@ def test_benchmarks_leave_the_import_path_alone():
     assert [p.name for p in BENCHMARKS.glob("_*.py")] == ["__init__.py"], "shared code belongs in common.py"
     assert sorted(p.name for p in (BENCHMARKS / "reference").glob("*.py")) == [
         "make_codebook_features_fixtures.py",
+        "make_tinystories_fixture.py",
         "serve_loop.py",
         "time_codebook.py",
         "time_train.py",
