@@ -54,6 +54,11 @@ from cbinterp.tasks.fsm_analysis import (
     state_code_report,
 )
 
+if __package__:  # python -m benchmarks.fsm_precision
+    from . import fsm_table1
+else:  # python benchmarks/fsm_precision.py: this folder is sys.path[0]
+    import fsm_table1
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The paper's figures (Tamkin et al. 2023, FSM section) beside which the same quantities are printed.
@@ -111,8 +116,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true")
     group = parser.add_argument_group("recipe overrides (recorded; a resumed run must match)")
     group.add_argument("--codebook-loss", choices=["aeloss", "vqvae"], help="default aeloss (the paper's)")
+    group.add_argument("--n-states", type=int, help="states of the machine (default 100; 20 with --quick)")
+    group.add_argument("--n-edges", type=int, help="out-edges of each state (default 10; 4 with --quick)")
+    group.add_argument("--base", type=int, help="digits per token: a state is written in base BASE (default 10)")
     for name in ("warm_steps", "codebook_steps", "n_codes", "batch", "seq_len"):
         group.add_argument("--" + name.replace("_", "-"), type=int)
+    group = parser.add_argument_group("the paper's Table 1 (benchmarks/fsm_table1.py)")
+    group.add_argument(
+        "--table1",
+        action="store_true",
+        help="train and score the paper's Table 1 codebook configurations from the default run's warm start",
+    )
+    group.add_argument("--table1-skip-k128", action="store_true", help="leave out the k = 128 row (the slowest)")
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval-positions", type=int, default=None, help="default 100000 (30000 with --quick)")
     group.add_argument("--sample-sequences", type=int, default=500, help="sequences sampled for state accuracy")
@@ -129,7 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def recipe_of(args: argparse.Namespace, seed: int) -> FSMRecipe:
     """The recipe of one seed: the preset with the command line's overrides."""
     recipe = (FSMRecipe.quick if args.quick else FSMRecipe.paper)(seed=seed)
-    fields = {name: getattr(args, name) for name in ("batch", "seq_len") if getattr(args, name) is not None}
+    names = ("n_states", "n_edges", "base", "batch", "seq_len")
+    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     recipe = dataclasses.replace(recipe, **fields) if fields else recipe
     training = recipe.training
     if args.warm_steps is not None:
@@ -293,12 +309,11 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "state_digit_precise_codes": int(search["state_digit"]["n_precise_codes"].sum()),
     }
     timings = {"training_s": training_s, "accuracy_s": eval_acc_s, "total_s": time.perf_counter() - start}
-    tokens_per_step = recipe.tokens_per_step
     results = {
         "seed": seed,
         "recipe": settings,
         "device": args.device,
-        "phases": phases_summary(recipe.training, tokens_per_step),
+        "phases": phases_summary(recipe.training, recipe.phase_tokens_per_step),
         "tokens": result.tokens,
         "phase_seconds": result.seconds,
         "kmeans_initialised_this_run": result.kmeans_initialised,
@@ -423,6 +438,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: join its process group, one device per rank
         args.device = str(dd.init_from_env(args.device))
+    if args.table1:
+        if "WORLD_SIZE" in os.environ:
+            raise SystemExit("--table1 runs in one process; start it with python, not torchrun.")
+        return fsm_table1.main(args, recipe_of, check_resumable)
     return run(args)
 
 

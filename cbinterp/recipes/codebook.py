@@ -88,7 +88,9 @@ class CodebookSpec:
 class CodebookRecipe:
     """Warm start (`warm`), then codebooks, then `phases` with the codebooks in place; optionally a control model.
 
-    `warm` trains without codebooks (None: the model is already trained). With `control`, a copy of the warm-started
+    `warm` trains without codebooks (None: the model is already trained); `pretrain` phases, also without codebooks,
+    run before it (e.g. a stage on shorter windows, each phase reading its own stream). With `control`, a copy of the
+    warm-started
     model is trained without codebooks through every phase that trains the model (same steps, lr, data), so that
     "with codebooks" can be compared with a model that saw the same extra training; `controls` names the control's
     phases instead when they need names or settings of their own."""
@@ -99,19 +101,24 @@ class CodebookRecipe:
     control: bool = True
     seed: int = 0
     controls: list[Phase] | None = None  # None: each model-training phase, renamed control_<name>
+    pretrain: list[Phase] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.all_phases()]
         if len(set(names)) != len(names):
             raise ValueError(f"Phase names must be unique, got {names}.")
-        if any(p.freeze_model for p in ([self.warm] if self.warm else [])):
-            raise ValueError("The warm phase trains a model without codebooks; it cannot freeze the model.")
+        if any(p.freeze_model for p in self.warm_phases()):
+            raise ValueError("The warm phases train a model without codebooks; they cannot freeze the model.")
         if any(p.freeze_model for p in self.controls or []):
             raise ValueError("The control phases train a model without codebooks; they cannot freeze the model.")
 
+    def warm_phases(self) -> list[Phase]:
+        """The phases without codebooks, in the order they run: `pretrain`, then `warm`."""
+        return list(self.pretrain) + ([self.warm] if self.warm else [])
+
     def all_phases(self) -> list[Phase]:
         """Every phase in the order they run: the warm start, the codebook phases, then the control's."""
-        return ([self.warm] if self.warm else []) + list(self.phases) + self.control_phases()
+        return self.warm_phases() + list(self.phases) + self.control_phases()
 
     def control_phases(self) -> list[Phase]:
         """The control model's phases.
@@ -134,7 +141,8 @@ class CodebookRecipe:
         spec = CodebookSpec(**{**data["codebooks"], "sites": tuple(data["codebooks"]["sites"])})
         phases = [Phase(**p) for p in data["phases"]]
         controls = [Phase(**p) for p in data["controls"]] if data.get("controls") is not None else None
-        return cls(warm, spec, phases, data.get("control", True), data.get("seed", 0), controls)
+        pretrain = [Phase(**p) for p in data.get("pretrain", [])]
+        return cls(warm, spec, phases, data.get("control", True), data.get("seed", 0), controls, pretrain)
 
 
 @dataclasses.dataclass
@@ -200,8 +208,8 @@ def run_recipe(
         if after_phase is not None:
             after_phase(phase.name, target)
 
-    if recipe.warm is not None:
-        run_phase(recipe.warm, model)
+    for phase in recipe.warm_phases():
+        run_phase(phase, model)
     warm_model = copy.deepcopy(model)
     attach_codebooks(
         model,
@@ -246,13 +254,18 @@ def resumes_codebook_phases(recipe: CodebookRecipe, checkpoint_dir: str | Path |
     return any((recover_dir(Path(checkpoint_dir) / p.name) / TRAINER_FILE).exists() for p in recipe.phases)
 
 
-def phases_summary(recipe: CodebookRecipe, tokens_per_step: int) -> list[dict]:
-    """Per phase: name, steps, tokens, lr, codebook lr, frozen model (for reports)."""
+def phases_summary(recipe: CodebookRecipe, tokens_per_step: int | Callable[[Phase], int]) -> list[dict]:
+    """Per phase: name, steps, tokens, lr, codebook lr, frozen model (for reports).
+
+    Args:
+        tokens_per_step: the tokens of one step, or `tokens_per_step(phase)` where phases read batches of other
+            shapes."""
+    per_step = tokens_per_step if callable(tokens_per_step) else lambda phase: tokens_per_step
     return [
         {
             "phase": p.name,
             "steps": p.steps,
-            "tokens": p.steps * tokens_per_step,
+            "tokens": p.steps * per_step(p),
             "lr": p.lr,
             "codebook_lr": p.codebook_lr,
             "freeze_model": p.freeze_model,

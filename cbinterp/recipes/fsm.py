@@ -23,7 +23,7 @@ from cbinterp.tasks.fsm import FSM
 __all__ = ["FSMRecipe"]
 
 #: Data streams: each phase reads its own (k-means reads STREAM_KMEANS, evaluation should use others).
-STREAM_WARM, STREAM_CODEBOOKS, STREAM_KMEANS = 0, 1, 2
+STREAM_WARM, STREAM_CODEBOOKS, STREAM_KMEANS, STREAM_SHORT = 0, 1, 2, 3
 
 
 @dataclasses.dataclass
@@ -42,6 +42,9 @@ class FSMRecipe:
     d_mlp: int = 512
     seq_len: int = 128
     batch: int = 32
+    #: The shape of the short-window stage's batches (stream STREAM_SHORT), which runs before the warm start.
+    short_seq_len: int = 16
+    short_batch: int = 64
     kmeans_sequences: int = 512
     training: CodebookRecipe = dataclasses.field(default_factory=lambda: FSMRecipe.paper_training())
     seed: int = 0
@@ -105,8 +108,14 @@ class FSMRecipe:
         return HookedTransformer(self.model_config(fsm, device))
 
     def batches(self, fsm: FSM) -> Callable[[int], Callable[[int], Tensor]]:
-        """`batches(stream)(step)`: `batch` sequences of `seq_len` tokens, fixed by (seed, stream, step)."""
-        return lambda stream: fsm.token_batches(self.batch, self.seq_len, seed=self.data_seed(stream))
+        """`batches(stream)(step)`: `batch` sequences of `seq_len` tokens, fixed by (seed, stream, step).
+
+        Stream STREAM_SHORT gives `short_batch` sequences of `short_seq_len` tokens instead."""
+        return lambda stream: fsm.token_batches(*self.batch_shape(stream), seed=self.data_seed(stream))
+
+    def batch_shape(self, stream: int) -> tuple[int, int]:
+        """`(sequences, tokens)` of one batch of data stream `stream`."""
+        return (self.short_batch, self.short_seq_len) if stream == STREAM_SHORT else (self.batch, self.seq_len)
 
     def data_seed(self, stream: int) -> int:
         """The seed of data stream `stream` (warm start, codebooks, k-means ...) of this recipe's seed."""
@@ -118,8 +127,13 @@ class FSMRecipe:
 
     @property
     def tokens_per_step(self) -> int:
-        """Input tokens per training step (`batch` sequences of `seq_len`)."""
+        """Input tokens per training step (`batch` sequences of `seq_len`) outside the short-window stage."""
         return self.batch * self.seq_len
+
+    def phase_tokens_per_step(self, phase: Phase) -> int:
+        """Input tokens per step of `phase` (by the shape of its stream)."""
+        sequences, tokens = self.batch_shape(phase.stream)
+        return sequences * tokens
 
     def run(
         self,

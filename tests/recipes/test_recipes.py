@@ -11,7 +11,7 @@ import torch
 from cbinterp import get_codebooks
 from cbinterp.core.training.train import train
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, run_recipe
-from cbinterp.recipes.fsm import FSMRecipe
+from cbinterp.recipes.fsm import STREAM_SHORT, STREAM_WARM, FSMRecipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,3 +90,38 @@ def test_fsm_presets_are_the_papers_where_it_matters():
     assert not torch.equal(other.batches(other.fsm())(0)(0), quick.batches(quick.fsm())(0)(0))
     with pytest.raises(ValueError, match="multiple"):
         dataclasses.replace(quick, d_model=66)
+
+
+def test_pretrain_phases_run_before_the_warm_start_on_their_own_streams(make_tiny_model):
+    seen = []
+
+    def recording(stream: int):
+        seen.append(stream)
+        return batches(stream)
+
+    recipe = tiny_recipe(pretrain=[Phase("short", steps=2, lr=1e-3, stream=5)], control=False)
+    assert [p.name for p in recipe.warm_phases()] == ["short", "warm"]
+    result = run_recipe(make_tiny_model(), recording, recipe, batches(9)(0), progress=False, log=lambda m: None)
+    assert seen[:2] == [5, 0] and result.steps["short"] == 2
+    # The warm-started model is the one after both phases: the same as training them in turn by hand.
+    by_hand = make_tiny_model()
+    for phase in recipe.warm_phases():
+        train(by_hand, batches(phase.stream), phase.train_config(0, None, False, False))
+    a, b = by_hand.state_dict(), result.warm_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert CodebookRecipe.from_dict(recipe.to_dict()) == recipe
+    old = recipe.to_dict()
+    del old["pretrain"]  # a recipe written before pretrain phases existed
+    assert CodebookRecipe.from_dict(old).pretrain == []
+    with pytest.raises(ValueError, match="freeze"):
+        tiny_recipe(pretrain=[Phase("short", steps=2, lr=1e-3, stream=5, freeze_model=True)])
+
+
+def test_fsm_short_window_stream_has_its_own_shape():
+    recipe = FSMRecipe.quick(short_seq_len=8, short_batch=3)
+    fsm = recipe.fsm()
+    short = recipe.batches(fsm)(STREAM_SHORT)(0)
+    assert short.shape == (3, 8) and recipe.batches(fsm)(STREAM_WARM)(0).shape == (recipe.batch, recipe.seq_len)
+    phases = {p.name: p for p in recipe.training.all_phases()}
+    assert recipe.phase_tokens_per_step(Phase("x", 1, 1e-3, STREAM_SHORT)) == 24
+    assert recipe.phase_tokens_per_step(phases["warm"]) == recipe.tokens_per_step
