@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.checks import is_int
 from cbinterp.core.codebooks.attach import get_codebooks, insert_codebook, refresh_hooks, require_hooked_transformer
 from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
@@ -43,6 +43,7 @@ from cbinterp.core.storage.tokenizer import (
     tokenizer_fingerprint,
     write_tokenizer_files,
 )
+from cbinterp.core.tl_compat import Model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 
-def model_config_to_dict(cfg: HookedTransformerConfig) -> dict:
+def model_config_to_dict(cfg: tc.HookedTransformerConfig) -> dict:
     """The constructor arguments of a HookedTransformerConfig as JSON-safe values (device left out)."""
     out = {}
     for field in dataclasses.fields(cfg):
@@ -81,16 +82,17 @@ def model_config_to_dict(cfg: HookedTransformerConfig) -> dict:
     return out
 
 
-def model_config_from_dict(data: dict, device: str | torch.device | None = None) -> HookedTransformerConfig:
+def model_config_from_dict(data: dict, device: str | torch.device | None = None) -> tc.HookedTransformerConfig:
     data = dict(data)
     if isinstance(data.get("dtype"), str):
         data["dtype"] = getattr(torch, data["dtype"])
     if device is not None:
         data["device"] = str(device)
-    return HookedTransformerConfig(**data)
+    tc.require_hooked("Loading a cbinterp model saved from a HookedTransformer")
+    return tc.HookedTransformerConfig(**data)
 
 
-def model_description(model: HookedTransformer) -> dict:
+def model_description(model: Model) -> dict:
     """The JSON config of `model`: its HookedTransformerConfig and its codebooks' configs (JSON-normalised)."""
     return json.loads(
         json.dumps(
@@ -102,9 +104,7 @@ def model_description(model: HookedTransformer) -> dict:
     )
 
 
-def write_model(
-    model: HookedTransformer, directory: Path, extra: dict | None = None, with_tokenizer: bool = False
-) -> list[str]:
+def write_model(model: Model, directory: Path, extra: dict | None = None, with_tokenizer: bool = False) -> list[str]:
     """Write the weights and config files of `model` into an existing `directory`; returns the names written.
 
     Not atomic by itself, and no marker. The tokenizer's files are written too when `with_tokenizer` and one is
@@ -122,7 +122,7 @@ def write_model(
     return names
 
 
-def save(model: HookedTransformer, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def save(model: Model, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `model` (with its codebooks) to the directory `path`, atomically.
 
     Returns the path (absolute, `~` expanded).
@@ -227,18 +227,18 @@ def _check_model_config(config: dict, where: Path, header: dict | None) -> dict:
     return data
 
 
-def _construct(model_config: dict, codebooks: dict, device) -> HookedTransformer:
+def _construct(model_config: dict, codebooks: dict, device) -> Model:
     # Loading never runs code or downloads: no tokenizer name for TransformerLens to fetch (the saved tokenizer is
     # attached afterwards), and no remote code for a tokenizer or config to name.
     data = {**model_config, "tokenizer_name": None, "trust_remote_code": False}
-    model = HookedTransformer(model_config_from_dict(data, device))
+    model = tc.HookedTransformer(model_config_from_dict(data, device))
     for name, cb_config in codebooks.items():
         cb = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
         insert_codebook(model, name, cb, setup=False)
     return model
 
 
-def build_model(config: dict, path: Path, device=None, header: dict | None = None) -> HookedTransformer:
+def build_model(config: dict, path: Path, device=None, header: dict | None = None) -> Model:
     """A model (with its codebooks) as `config` describes it, weights not loaded yet.
 
     With the weights' `header` ({name: shape}), the shapes the config implies are checked against it first, on the
@@ -267,7 +267,7 @@ def build_model(config: dict, path: Path, device=None, header: dict | None = Non
     return model
 
 
-def _load_state(model: HookedTransformer, state: dict, weights_path: Path) -> None:
+def _load_state(model: Model, state: dict, weights_path: Path) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches: the config describes other codebooks or another model
@@ -282,7 +282,7 @@ def _load_state(model: HookedTransformer, state: dict, weights_path: Path) -> No
         )
 
 
-def load_weights(model: HookedTransformer, weights_path: Path) -> None:
+def load_weights(model: Model, weights_path: Path) -> None:
     """Load the safetensors file `weights_path` into `model` (all of it, shape for shape)."""
     try:
         state = load_file(weights_path)
@@ -307,7 +307,7 @@ def _saved_tokenizer(folder: fd.Folder, record) -> object | None:
     return tokenizer
 
 
-def _load_folder(folder: fd.Folder, device) -> HookedTransformer:
+def _load_folder(folder: fd.Folder, device) -> Model:
     config = _folder_config(folder)
     header = read_header(folder, WEIGHTS_FILE)
     model = build_model(config, folder.path, device, header=header)
@@ -317,7 +317,7 @@ def _load_folder(folder: fd.Folder, device) -> HookedTransformer:
     return model.eval()
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> HookedTransformer:
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Model:
     """Rebuild a model saved with `save` (or the model of a `train` checkpoint), on `device`.
 
     `device` defaults to the config's default (CUDA when present).
