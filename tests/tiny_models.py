@@ -4,9 +4,9 @@ fault worker."""
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
 
 import cbinterp
+from cbinterp.core.tl_compat import Model as HookedTransformer
 from cbinterp.recipes.gpt import gpt_config
 
 #: The shape of the tiny model, as `gpt_config` takes it (pre-LN, GELU, rotary positions, d_head = 8).
