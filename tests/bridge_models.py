@@ -80,6 +80,6 @@ def make_any(kind: str, folder: Path, seed: int = 0):
         from tiny_models import make_model
 
         return make_model(seed)
-    if tc.TransformerBridge is None:
-        pytest.skip(f"transformer-lens {tc.TL_VERSION} has no TransformerBridge")
+    if not tc.BRIDGE_SUPPORTED:
+        pytest.skip(f"cbinterp takes a TransformerBridge from transformer-lens 4 on (this is {tc.TL_VERSION})")
     return make_bridge(kind.removeprefix("bridge_"), folder, seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import cbinterp
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.tl_compat import Model as HookedTransformer
 from cbinterp.recipes.gpt import gpt_config
 
@@ -18,7 +19,7 @@ def make_model(seed: int = 0, **overrides) -> HookedTransformer:
 
     `overrides`: other shape arguments or HookedTransformerConfig fields (e.g. ``d_vocab=5``, ``dtype=...``)."""
     torch.manual_seed(seed)
-    return HookedTransformer(gpt_config(**{**TINY, **overrides}, seed=seed, device="cpu")).eval()
+    return tc.build_hooked(gpt_config(**{**TINY, **overrides}, seed=seed, device="cpu")).eval()
 
 
 def add_codebooks(model: HookedTransformer, seed: int = 0, sites=("attn", "mlp"), n_codes: int = 16, **codebooks):

@@ -22,6 +22,7 @@ from typing import Any, Union
 import torch
 
 __all__ = [
+    "BRIDGE_SUPPORTED",
     "HAS_HOOKED",
     "MODEL_TYPES",
     "Model",
@@ -52,8 +53,14 @@ except ImportError:  # pragma: no cover - every supported TransformerLens (>= 3.
 
 #: Whether this TransformerLens has `HookedTransformer` (3.x).
 HAS_HOOKED: bool = HookedTransformer is not None
+#: Whether cbinterp accepts a TransformerBridge here: from TransformerLens 4 on. 3.x's bridge is an earlier design
+#: (its `run_with_cache(pos_slice=...)` slices the head axis of per-head codebook tensors, and it has no `mod_dict`);
+#: on 3.x a bridge is refused with a clear error rather than giving subtly different caches.
+BRIDGE_SUPPORTED: bool = TransformerBridge is not None and TL_MAJOR >= 4
 #: The model classes cbinterp accepts, for `isinstance`.
-MODEL_TYPES: tuple[type, ...] = tuple(t for t in (HookedTransformer, TransformerBridge) if t is not None)
+MODEL_TYPES: tuple[type, ...] = tuple(
+    t for t, ok in ((HookedTransformer, HAS_HOOKED), (TransformerBridge, BRIDGE_SUPPORTED)) if ok
+)
 #: The annotation for "a model cbinterp accepts".
 Model = Union[MODEL_TYPES]  # noqa: UP007 (a tuple of classes known only at import time)
 
@@ -66,6 +73,11 @@ def is_bridge(model) -> bool:
 def require_model(model) -> Model:
     """`model` itself, after checking that it is a HookedTransformer or a TransformerBridge."""
     if not isinstance(model, MODEL_TYPES):
+        if TransformerBridge is not None and isinstance(model, TransformerBridge):
+            raise TypeError(
+                f"cbinterp supports TransformerBridge from transformer-lens 4 on; this is {TL_VERSION}. Install "
+                "transformer-lens>=4.3,<5 for bridges, or build the model as a HookedTransformer here."
+            )
         raise TypeError(
             f"cbinterp needs a transformer_lens.HookedTransformer or TransformerBridge, got {type(model).__name__}. "
             f"Build the model with HookedTransformer (transformer-lens 3.x) or boot it with "
@@ -163,3 +175,43 @@ def load_state_dict(model, state: dict[str, torch.Tensor], strict: bool = True):
     if not is_bridge(model):
         return model.load_state_dict(state, strict=strict)
     return _bridge_modules(model).load_state_dict(state, strict=strict)
+
+
+#: Run-time settings of a Hugging Face config that booting a bridge sets (and that a fresh model must not get).
+_BOOT_SETTINGS = ("output_attentions", "output_hidden_states", "attn_implementation", "_attn_implementation")
+
+
+def bridge_description(model) -> dict:
+    """What rebuilds a bridge's model without its source folder: the Hugging Face class name and config."""
+    hf_model = model.original_model
+    config = hf_model.config.to_dict()
+    for key in _BOOT_SETTINGS:  # set by the bridge when it boots, and refused by a config saved with them
+        config.pop(key, None)
+    return {"architecture": type(hf_model).__name__, "hf_config": config}
+
+
+def build_bridge(description: dict, tokenizer=None, device=None):
+    """A TransformerBridge of the model `description` (from `bridge_description`) names, its weights not loaded yet.
+
+    Offline and without running code from anywhere: the class must be one of `transformers`' causal LMs; the model is
+    written to a private temporary folder and booted from there, as `boot_transformers(path)` boots a user's folder.
+    """
+    import tempfile
+
+    import transformers
+
+    if TransformerBridge is None:  # pragma: no cover
+        raise ImportError(f"transformer-lens {TL_VERSION} has no TransformerBridge.")
+    architecture = description.get("architecture")
+    model_class = getattr(transformers, str(architecture), None)
+    hf_config = description.get("hf_config")
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise ValueError(f"{architecture!r} is not a transformers model class; the saved bridge cannot be rebuilt.")
+    if not isinstance(hf_config, dict) or not isinstance(hf_config.get("model_type"), str):
+        raise ValueError("The saved bridge has no Hugging Face config (hf_config with a model_type). Re-save it.")
+    config = transformers.AutoConfig.for_model(**hf_config)
+    with tempfile.TemporaryDirectory(prefix="cbinterp-bridge-") as tmp:
+        model_class(config).save_pretrained(tmp)
+        if tokenizer is not None:  # booting reloads it from the folder (to settle its BOS token)
+            tokenizer.save_pretrained(tmp)
+        return TransformerBridge.boot_transformers(tmp, device=device)

@@ -97,7 +97,11 @@ def model_description(model: Model) -> dict:
     return json.loads(
         json.dumps(
             {
-                "model_config": model_config_to_dict(model.cfg),
+                **(
+                    {"bridge": tc.bridge_description(model)}
+                    if tc.is_bridge(model)
+                    else {"model_config": model_config_to_dict(model.cfg)}
+                ),
                 "codebooks": {name: dataclasses.asdict(cb.cfg) for name, cb in get_codebooks(model).items()},
             }
         )
@@ -109,7 +113,8 @@ def write_model(model: Model, directory: Path, extra: dict | None = None, with_t
 
     Not atomic by itself, and no marker. The tokenizer's files are written too when `with_tokenizer` and one is
     attached."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # cloned: tied weights (a bridge's embedding and unembedding) share storage, which safetensors refuses
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in tc.state_dict(model).items()}
     save_file(state, directory / WEIGHTS_FILE)
     config = {"format": FORMAT, "version": VERSION, **model_description(model), "extra": extra or {}}
     names = list(MODEL_FILES)
@@ -238,12 +243,32 @@ def _construct(model_config: dict, codebooks: dict, device) -> Model:
     return model
 
 
-def build_model(config: dict, path: Path, device=None, header: dict | None = None) -> Model:
+def _build_bridge(config: dict, where: Path, device, tokenizer) -> Model:
+    """The TransformerBridge (with its codebooks) a saved bridge's config describes, weights not loaded yet."""
+    codebooks = config.get("codebooks")
+    if not isinstance(codebooks, dict) or not isinstance(config["bridge"], dict):
+        raise ValueError(
+            f"Damaged cbinterp config {where}: 'bridge' or 'codebooks' is not a mapping. Re-save the model."
+        )
+    try:
+        model = tc.build_bridge(config["bridge"], tokenizer=tokenizer, device=device)
+        for name, cb_config in codebooks.items():
+            cb = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
+            insert_codebook(model, name, cb, setup=False)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"Damaged cbinterp config {where}: {type(err).__name__}: {err}. Re-save the model.") from err
+    refresh_hooks(model)
+    return model
+
+
+def build_model(config: dict, path: Path, device=None, header: dict | None = None, tokenizer=None) -> Model:
     """A model (with its codebooks) as `config` describes it, weights not loaded yet.
 
     With the weights' `header` ({name: shape}), the shapes the config implies are checked against it first, on the
     meta device, so that a config describing another (or a huge) model is refused before anything is allocated."""
     where = path / CONFIG_FILE
+    if "bridge" in config:
+        return _build_bridge(config, where, device, tokenizer)
     model_config = _check_model_config(config, where, header)
     codebooks = config.get("codebooks")
     if not isinstance(codebooks, dict):
@@ -269,7 +294,7 @@ def build_model(config: dict, path: Path, device=None, header: dict | None = Non
 
 def _load_state(model: Model, state: dict, weights_path: Path) -> None:
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = tc.load_state_dict(model, state, strict=False)
     except RuntimeError as err:  # shape mismatches: the config describes other codebooks or another model
         raise ValueError(
             f"Weights in {weights_path} do not match the model its config describes: {err}. Re-save the model with "
@@ -310,10 +335,11 @@ def _saved_tokenizer(folder: fd.Folder, record) -> object | None:
 def _load_folder(folder: fd.Folder, device) -> Model:
     config = _folder_config(folder)
     header = read_header(folder, WEIGHTS_FILE)
-    model = build_model(config, folder.path, device, header=header)
+    tokenizer = _saved_tokenizer(folder, config["tokenizer"]) if config.get("tokenizer") else None
+    model = build_model(config, folder.path, device, header=header, tokenizer=tokenizer)
     _load_state(model, load_tensors(folder, WEIGHTS_FILE), folder.path / WEIGHTS_FILE)
-    if config.get("tokenizer"):
-        attach_tokenizer(model, _saved_tokenizer(folder, config["tokenizer"]))
+    if tokenizer is not None and not tc.is_bridge(model):  # a bridge is booted with it
+        attach_tokenizer(model, tokenizer)
     return model.eval()
 
 
