@@ -45,6 +45,8 @@ from cbinterp.core.storage.tokenizer import (
 )
 from cbinterp.core.tl_compat import Model
 
+#: The class a saved HookedTransformer is rebuilt as (None on TransformerLens 4, where loading one says so).
+HookedTransformer = tc.HookedTransformer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = mf.MODEL
@@ -236,7 +238,7 @@ def _construct(model_config: dict, codebooks: dict, device) -> Model:
     # Loading never runs code or downloads: no tokenizer name for TransformerLens to fetch (the saved tokenizer is
     # attached afterwards), and no remote code for a tokenizer or config to name.
     data = {**model_config, "tokenizer_name": None, "trust_remote_code": False}
-    model = tc.HookedTransformer(model_config_from_dict(data, device))
+    model = HookedTransformer(model_config_from_dict(data, device))
     for name, cb_config in codebooks.items():
         cb = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
         insert_codebook(model, name, cb, setup=False)
