@@ -19,11 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformer_lens import HookedTransformer
-
 from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import user_path
 from cbinterp.core.storage.io import load
+from cbinterp.core.tl_compat import Model
 from cbinterp.recipes.model_card import CARD_FILE, MODEL_DIR
 
 __all__ = [
@@ -124,7 +123,7 @@ def list_pretrained() -> dict[str, dict[str, Any]]:
     return {name: _summary(_read_card(path / CARD_FILE)) for name, path in _shipped().items()}
 
 
-def load_pretrained(name_or_path: PathLike = DEFAULT_MODEL, device: str | None = None) -> HookedTransformer:
+def load_pretrained(name_or_path: PathLike = DEFAULT_MODEL, device: str | None = None) -> Model:
     """Load a shipped model by name (see `list_pretrained`) or a model folder, with its tokenizer attached.
 
     `model.to_tokens`, `to_string`, `to_str_tokens` and `generate` then work offline; a codebook model has its

@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from bridge_models import KINDS, make_any
 from tiny_models import TINY, add_codebooks, make_model  # noqa: F401  (TINY: re-exported for test modules)
-from transformer_lens import HookedTransformer
+
+from cbinterp.core import tl_compat as tc
+from cbinterp.core.tl_compat import Model as HookedTransformer
 
 
 @pytest.fixture(scope="session")
 def _base_model() -> HookedTransformer:
+    if not tc.HAS_HOOKED:
+        pytest.skip(f"transformer-lens {tc.TL_VERSION} has no HookedTransformer (the any_model tests run on bridges)")
     return make_model()
 
 
@@ -22,6 +27,19 @@ def _base_model() -> HookedTransformer:
 def model(_base_model) -> HookedTransformer:
     """A tiny model without codebooks; a private copy per test so tests may attach, hook and mutate it."""
     return copy.deepcopy(_base_model)
+
+
+@pytest.fixture(scope="session", params=KINDS)
+def _base_any_model(request, tmp_path_factory):
+    return make_any(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture
+def any_model(_base_any_model):
+    """A tiny model of each kind: the HookedTransformer (where this TransformerLens has it) and GPT-NeoX, GPT-2 and
+    Llama-style TransformerBridges of the same shape; a private copy per test. A kind this TransformerLens lacks
+    skips with the reason."""
+    return copy.deepcopy(_base_any_model)
 
 
 @pytest.fixture
@@ -38,6 +56,8 @@ def tokens() -> torch.Tensor:
 @pytest.fixture
 def make_tiny_model():
     """Factory for further independent tiny models: `make_tiny_model(seed=1)`."""
+    if not tc.HAS_HOOKED:
+        pytest.skip(f"transformer-lens {tc.TL_VERSION} has no HookedTransformer (the any_model tests run on bridges)")
     return make_model
 
 

@@ -4,9 +4,10 @@ fault worker."""
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer
 
 import cbinterp
+from cbinterp.core import tl_compat as tc
+from cbinterp.core.tl_compat import Model as HookedTransformer
 from cbinterp.recipes.gpt import gpt_config
 
 #: The shape of the tiny model, as `gpt_config` takes it (pre-LN, GELU, rotary positions, d_head = 8).
@@ -18,7 +19,7 @@ def make_model(seed: int = 0, **overrides) -> HookedTransformer:
 
     `overrides`: other shape arguments or HookedTransformerConfig fields (e.g. ``d_vocab=5``, ``dtype=...``)."""
     torch.manual_seed(seed)
-    return HookedTransformer(gpt_config(**{**TINY, **overrides}, seed=seed, device="cpu")).eval()
+    return tc.build_hooked(gpt_config(**{**TINY, **overrides}, seed=seed, device="cpu")).eval()
 
 
 def add_codebooks(model: HookedTransformer, seed: int = 0, sites=("attn", "mlp"), n_codes: int = 16, **codebooks):

@@ -19,10 +19,10 @@ import types
 import numpy as np
 import torch
 from torch import nn
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import get_codebooks
 from cbinterp.core.storage import manifest as mf
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["check_runnable", "check_same_run", "describe_difference", "run_conditions"]
 
@@ -30,7 +30,7 @@ _SEARCH_SETTINGS = ("similarity", "normalize_input")  # the codebook settings be
 _MAX_DEPTH = 12
 
 
-def check_runnable(model: HookedTransformer) -> None:
+def check_runnable(model: Model) -> None:
     """Raise a ValueError if the model's codebooks cannot give codes to cache (bypassed) or change while running."""
     for name, cb in get_codebooks(model).items():
         if cb.bypass:
@@ -45,7 +45,7 @@ def check_runnable(model: HookedTransformer) -> None:
             )
 
 
-def run_conditions(model: HookedTransformer) -> dict:
+def run_conditions(model: Model) -> dict:
     """The conditions of a run of `model` now, as JSON: its codebooks' modes, settings, and hooks.
 
     `{"codebooks": {name: "applied" | "observed"}, "settings": {name: {...}}, "hooks": {module name: [{"fn": readable

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.codecache.store import CodeCache, cache_codes
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["cache_documents", "subset_cache", "text_token_mask"]
 
@@ -62,7 +62,7 @@ def text_token_mask(mask: Bool[Tensor, "rows pos"]) -> Bool[Tensor, "rows pos"]:
 
 
 def cache_documents(
-    model: HookedTransformer,
+    model: Model,
     documents,
     hooks: Sequence[str] = (),
     batch_size: int = 16,

@@ -9,18 +9,18 @@ import json
 from collections.abc import Sequence
 
 import torch
-from transformer_lens import HookedTransformer
 
 from cbinterp.codecache import conditions as cond
 from cbinterp.codecache.inputs import check_token_strings
 from cbinterp.codecache.layout import FORMAT_NAME, FORMAT_VERSION, LAYOUT, combined_fingerprint
 from cbinterp.core.codebooks.attach import get_codebooks
 from cbinterp.core.storage import manifest as mf
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["describe_mismatch", "model_identity", "new_marker", "run_fingerprint", "tokenizer_only_difference"]
 
 
-def model_identity(model: HookedTransformer, tokenizer_name: str | None = None) -> dict:
+def model_identity(model: Model, tokenizer_name: str | None = None) -> dict:
     """What identifies a model for a cache: its codebooks, the basics of its config, and its tokenizer's name.
 
     The tokenizer's name is `tokenizer_name` when given, for a tokenizer that lives outside the model."""
@@ -84,7 +84,7 @@ def run_fingerprint(meta: dict) -> str:
 
 
 def new_marker(
-    model: HookedTransformer,
+    model: Model,
     identity: dict,
     hooks: list[str],
     activation_dtype: torch.dtype,

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.codecache import integrity
 from cbinterp.codecache.folder import read_marker
@@ -18,6 +17,7 @@ from cbinterp.core.codebooks.attach import require_hooked_transformer
 from cbinterp.core.codebooks.naming import did_you_mean
 from cbinterp.core.storage import manifest as mf
 from cbinterp.core.storage.tokenizer import load_tokenizer
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["CodeCache"]
 
@@ -291,7 +291,7 @@ class CodeCache:
             raise KeyError(f"Hook {hook_name!r} was not cached; this cache has activations of {self.hook_names}.")
         return self._raw(f"act/{hook_name}")
 
-    def check_model(self, model: HookedTransformer, tokenizer_name: str | None = None, weights: bool = True) -> None:
+    def check_model(self, model: Model, tokenizer_name: str | None = None, weights: bool = True) -> None:
         """Raise ValueError if `model` is not what this cache was made with.
 
         Compared: codebooks, n_codes, vocabulary, size, tokenizer (`tokenizer_name`, as given to `cache_codes`), and

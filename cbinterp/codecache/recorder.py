@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.codecache.layout import code_dtype, stored_codes
 from cbinterp.codecache.writer import Writer
 from cbinterp.core.codebooks.naming import codes_hook_name
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["CodeRecorder"]
 
@@ -26,7 +26,7 @@ class CodeRecorder:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: Model,
         codebooks: dict,
         hooks: list[str],
         activation_dtype: torch.dtype,

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from cbinterp.codecache import conditions as cond
 from cbinterp.codecache.activation_cache import cached_codes
@@ -41,6 +40,7 @@ from cbinterp.codecache.resume import CoveredDocuments
 from cbinterp.codecache.writer import ChunkWriter, MemoryWriter
 from cbinterp.core.codebooks.attach import get_codebooks, require_hooked_transformer
 from cbinterp.core.storage.manifest import ResumeWarning
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 
 __all__ = ["CodeCache", "cache_codes", "cached_codes", "code_dtype", "no_code_value"]
@@ -48,7 +48,7 @@ __all__ = ["CodeCache", "cache_codes", "cached_codes", "code_dtype", "no_code_va
 
 @torch.no_grad()
 def cache_codes(
-    model: HookedTransformer,
+    model: Model,
     tokens_or_iterable: Tensor | Iterable[Tensor],
     batch_size: int = 32,
     hooks: Sequence[str] = (),
@@ -165,7 +165,7 @@ def cache_codes(
 
 
 def _checked_run(
-    model: HookedTransformer,
+    model: Model,
     chunk_tokens: int,
     activation_dtype: torch.dtype,
     directory: str | os.PathLike | None,

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from cbinterp.core.codebooks.attach import attach_codebooks
 from cbinterp.core.codebooks.codebook import Codebook
+from cbinterp.core.tl_compat import Model
 from cbinterp.models.from_hf import _tokenizer, from_hf
 
 __all__ = ["PLACEMENT_HOOKS", "from_codebook_features"]
@@ -246,7 +246,7 @@ def from_codebook_features(
     n_ctx: int | None = None,
     default_prepend_bos: bool | None = None,
     check: bool = True,
-) -> HookedTransformer:
+) -> Model:
     """A codebook model saved by `codebook-features` 0.1.2 as a HookedTransformer with cbinterp codebooks, offline.
 
     Args:

@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens import loading_from_pretrained as tl_loading
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,7 +23,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.storage.tokenizer import attach_tokenizer
+from cbinterp.core.tl_compat import Model
 
 # The name of the record `cbinterp.models.to_hf` leaves in its exports (to_hf imports this module's names, not back).
 EXPORT_FILE = "cbinterp_export.json"
@@ -127,6 +127,8 @@ def _hooked_config(hf_model: PreTrainedModel, architecture: str, name: str, devi
     TransformerLens converts a copy of the config written to a private temporary folder: it treats a path as a
     local model, but picks branches by words in the name (``llama``, ``gemma`` ...), so the user's folder name
     must not reach it."""
+    from transformer_lens import loading_from_pretrained as tl_loading  # TransformerLens 3 only (from_hf checks)
+
     with tempfile.TemporaryDirectory(prefix="cbinterp-from-hf-") as tmp:
         folder = Path(tmp) / "model"
         _converter_config(hf_model.config, architecture).save_pretrained(str(folder))
@@ -154,7 +156,7 @@ def _hooked_config(hf_model: PreTrainedModel, architecture: str, name: str, devi
         data.setdefault("default_prepend_bos", True)
         if n_ctx is not None:
             data["n_ctx"] = n_ctx
-        cfg = HookedTransformerConfig.from_dict(data)
+        cfg = tc.HookedTransformerConfig.from_dict(data)
         state = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf_model=hf_model, dtype=dtype)
     return cfg, state
 
@@ -183,7 +185,7 @@ def _exported_prepend_bos(path: Path) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
-def check_logits(hf_model: PreTrainedModel, model: HookedTransformer, n_tokens: int = 8, seed: int = 0) -> float:
+def check_logits(hf_model: PreTrainedModel, model: Model, n_tokens: int = 8, seed: int = 0) -> float:
     """Run both models on the same `n_tokens` random ids (from `seed`); return max |logit difference|.
 
     Raise ValueError when it is too large to be rounding, so a conversion is never silently wrong."""
@@ -218,7 +220,7 @@ def from_hf(
     n_ctx: int | None = None,
     default_prepend_bos: bool | None = None,
     check: bool = True,
-) -> HookedTransformer:
+) -> Model:
     """A Hugging Face causal LM as a HookedTransformer in eval mode, with its tokenizer attached; never online.
 
     Args:
@@ -239,6 +241,7 @@ def from_hf(
     The weights are converted unprocessed (no layer-norm folding or centring), so logits match the Hugging Face
     model's.
     """
+    tc.require_hooked("from_hf")
     dtype = torch.float32 if dtype is None else dtype
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}.")
@@ -265,7 +268,7 @@ def from_hf(
         cfg.default_prepend_bos = bool(default_prepend_bos)
     if "pos_embed.W_pos" in state:  # a learned position table longer than the n_ctx asked for
         state["pos_embed.W_pos"] = state["pos_embed.W_pos"][: cfg.n_ctx]
-    model = HookedTransformer(cfg)
+    model = tc.HookedTransformer(cfg)
     model.load_and_process_state_dict(
         state,
         fold_ln=False,

@@ -21,12 +21,12 @@ from pathlib import Path
 import einops
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformers import PhiConfig, PhiForCausalLM
 
 from cbinterp.core.codebooks.attach import get_codebooks, require_hooked_transformer
 from cbinterp.core.storage.atomic import atomic_dir
+from cbinterp.core.tl_compat import Model
 from cbinterp.models.from_hf import EXPORT_FILE  # written beside the Hugging Face files: layer map, files, BOS
 
 __all__ = ["EXPORT_FILE", "to_hf"]
@@ -37,7 +37,7 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_fast",
 Tensor = torch.Tensor
 
 
-def _problems(model: HookedTransformer) -> list[str]:
+def _problems(model: Model) -> list[str]:
     """Every setting of `model` that a Phi model cannot reproduce exactly."""
     cfg = model.cfg
     wanted = {
@@ -124,7 +124,7 @@ def _zeros(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.zeros_like(v) for k, v in tensors.items()}
 
 
-def phi_state_dict(model: HookedTransformer) -> tuple[dict[str, Tensor], list[dict]]:
+def phi_state_dict(model: Model) -> tuple[dict[str, Tensor], list[dict]]:
     """The PhiForCausalLM state dict of `model` (checked by `to_hf`), and which block part each Phi layer holds."""
     d_model = model.cfg.d_model
     state: dict[str, Tensor] = {"model.embed_tokens.weight": model.W_E}
@@ -150,7 +150,7 @@ def phi_state_dict(model: HookedTransformer) -> tuple[dict[str, Tensor], list[di
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, layout
 
 
-def phi_config(model: HookedTransformer, n_layers: int) -> PhiConfig:
+def phi_config(model: Model, n_layers: int) -> PhiConfig:
     cfg = model.cfg
     tokenizer = getattr(model, "tokenizer", None)
     ids = {}
@@ -199,7 +199,7 @@ def _check_replaceable(path: Path) -> None:
         )
 
 
-def to_hf(model: HookedTransformer, folder: str | os.PathLike) -> Path:
+def to_hf(model: Model, folder: str | os.PathLike) -> Path:
     """Write `model` (without codebooks) as a Hugging Face PhiForCausalLM folder, with its tokenizer; returns it.
 
     ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` then gives the same logits (float32), and

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import (
     attach_codebooks,
@@ -24,6 +23,7 @@ from cbinterp.core.codebooks.attach import (
     require_hooked_transformer,
 )
 from cbinterp.core.storage.atomic import recover_dir
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.train import TRAINER_FILE, TrainConfig, TrainResult, train
 
@@ -152,9 +152,9 @@ class RecipeResult:
     `warm_model` is a copy of the model after the warm start, `control_model` that copy trained further without
     codebooks (None without `recipe.control`)."""
 
-    model: HookedTransformer
-    warm_model: HookedTransformer
-    control_model: HookedTransformer | None
+    model: Model
+    warm_model: Model
+    control_model: Model | None
     losses: dict[str, list[float]]
     steps: dict[str, int]
     tokens: dict[str, int]
@@ -163,7 +163,7 @@ class RecipeResult:
 
 
 def run_recipe(
-    model: HookedTransformer,
+    model: Model,
     batches: BatchSource,
     recipe: CodebookRecipe,
     kmeans_tokens: Tensor | None = None,
@@ -171,7 +171,7 @@ def run_recipe(
     progress: bool = True,
     compile: bool = False,
     log: Callable[[str], None] | None = None,
-    after_phase: Callable[[str, HookedTransformer], None] | None = None,
+    after_phase: Callable[[str, Model], None] | None = None,
     on_trained: Callable[[str, TrainResult, float], None] | None = None,
 ) -> RecipeResult:
     """Run `recipe` on `model` (changed in place: it ends with codebooks, trained).
@@ -195,7 +195,7 @@ def run_recipe(
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     losses, steps, tokens, seconds = {}, {}, {}, {}
 
-    def run_phase(phase: Phase, target: HookedTransformer) -> None:
+    def run_phase(phase: Phase, target: Model) -> None:
         start = time.perf_counter()
         fn = batches(phase.stream)
         result = train(target, fn, phase.train_config(recipe.seed, root, progress, compile))

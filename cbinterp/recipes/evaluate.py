@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
 from cbinterp.core.codebooks.attach import get_codebooks
+from cbinterp.core.tl_compat import Model
 from cbinterp.tasks.text import TextSource, pack_documents
 
 __all__ = ["evaluate", "heldout_sequences"]
@@ -39,7 +39,7 @@ def _count_codes(counts: Tensor, codes: Tensor, hook) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: HookedTransformer,
+    model: Model,
     sequences: Int[Tensor, "rows pos"],
     batch_size: int = 64,
     count_codes: bool = True,

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.checks import is_int, is_real
 from cbinterp.core.codebooks.attach import (
@@ -41,6 +40,7 @@ from cbinterp.core.codebooks.attach import (
 )
 from cbinterp.core.codebooks.codebook import SIMILARITIES
 from cbinterp.core.storage.atomic import atomic_file
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.data import batch_fingerprint
 from cbinterp.core.training.train import TrainResult
@@ -196,9 +196,9 @@ class FinetuneResult:
         record: everything as JSON data (also written to ``<out_dir>/results.json``).
     """
 
-    model: HookedTransformer
-    base_model: HookedTransformer
-    control_model: HookedTransformer | None
+    model: Model
+    base_model: Model
+    control_model: Model | None
     evals: dict[str, Any]
     comparison: dict[str, float | None]
     record: dict[str, Any]
@@ -262,12 +262,12 @@ def _kmeans_windows(batches: Callable[[int], Tensor], recipe: FinetuneRecipe) ->
     return torch.cat([batches(step) for step in range(n_batches)])[: recipe.kmeans_sequences]
 
 
-def _hook_names(model: HookedTransformer, recipe: FinetuneRecipe) -> list[str]:
+def _hook_names(model: Model, recipe: FinetuneRecipe) -> list[str]:
     return [name for _, name in resolve_sites(model, list(recipe.sites), recipe.layers)]
 
 
 def finetune_codebooks(
-    model: HookedTransformer,
+    model: Model,
     data: TextSource,
     recipe: FinetuneRecipe | None = None,
     out_dir: str | Path | None = None,
@@ -342,7 +342,7 @@ def finetune_codebooks(
     phases: dict[str, dict] = {}
     timings: dict[str, float] = {}
 
-    def evaluated(key: str, target: HookedTransformer) -> None:
+    def evaluated(key: str, target: Model) -> None:
         mark = time.perf_counter()
         evals[key] = evaluate(target, eval_rows, recipe.eval_batch_size)
         timings[f"eval_{key}_s"] = time.perf_counter() - mark
@@ -360,7 +360,7 @@ def finetune_codebooks(
             "train_losses_every_10": result.losses[::10],
         }
 
-    def after_phase(name: str, target: HookedTransformer) -> None:
+    def after_phase(name: str, target: Model) -> None:
         if name != "attached":
             evaluated(name, target)
             if name == "codebook":

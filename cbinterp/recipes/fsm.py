@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from cbinterp.core import tl_compat as tc
+from cbinterp.core.tl_compat import Model
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase, RecipeResult, run_recipe
 from cbinterp.recipes.gpt import gpt_config
 from cbinterp.tasks.fsm import FSM
@@ -97,15 +98,15 @@ class FSMRecipe:
         """The recipe's random FSM (fixed by `n_states`, `n_edges`, `base` and `seed`)."""
         return FSM.random(self.n_states, self.n_edges, self.base, self.seed)
 
-    def model_config(self, fsm: FSM, device: str | None = None) -> HookedTransformerConfig:
+    def model_config(self, fsm: FSM, device: str | None = None) -> tc.HookedTransformerConfig:
         """The transformer's config for sequences of `fsm` (on `device`, default: cuda when present)."""
         shape = (self.n_layers, self.d_model, self.n_heads, self.d_mlp, self.seq_len, fsm.vocab_size)
         return gpt_config(*shape, seed=self.seed, device=device)
 
-    def build_model(self, fsm: FSM, device: str | None = None) -> HookedTransformer:
+    def build_model(self, fsm: FSM, device: str | None = None) -> Model:
         """A freshly initialised transformer (seeded by `seed`) for sequences of `fsm`."""
         torch.manual_seed(self.seed)
-        return HookedTransformer(self.model_config(fsm, device))
+        return tc.build_hooked(self.model_config(fsm, device))
 
     def batches(self, fsm: FSM) -> Callable[[int], Callable[[int], Tensor]]:
         """`batches(stream)(step)`: `batch` sequences of `seq_len` tokens, fixed by (seed, stream, step).

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformer_lens import HookedTransformerConfig
-
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.device import default_device
 
 __all__ = ["gpt_config"]
@@ -22,7 +21,7 @@ def gpt_config(
     seed: int,
     device: str | None = None,
     **settings: Any,
-) -> HookedTransformerConfig:
+) -> tc.HookedTransformerConfig:
     """A pre-LayerNorm, GELU, rotary-position HookedTransformerConfig with d_head = d_model / n_heads.
 
     Args:
@@ -50,4 +49,5 @@ def gpt_config(
         device=device or default_device(),
         seed=seed,
     )
-    return HookedTransformerConfig(**{**shape, **settings})
+    tc.require_hooked("gpt_config")
+    return tc.HookedTransformerConfig(**{**shape, **settings})

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import codebooks_bypassed
 from cbinterp.core.storage.atomic import atomic_file, recover_dir
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training.train import TrainResult
 from cbinterp.recipes.codebook import resumes_codebook_phases, run_recipe
 from cbinterp.recipes.evaluate import evaluate, heldout_sequences
@@ -188,13 +188,13 @@ def run_lm(
         elif record["tokens_per_s"]:
             log(f"  ({letter}) {record['tokens_per_s']:,.0f} tokens/s")
 
-    def evaluated(key: str, phase_model: HookedTransformer) -> None:
+    def evaluated(key: str, phase_model: Model) -> None:
         mark = time.perf_counter()
         evals[key] = evaluate(phase_model, heldout, recipe.eval_batch_size)
         timings[f"eval_{key}_s"] = time.perf_counter() - mark
         log(f"  held-out {key}: loss {evals[key]['loss']:.4f} nats/token, accuracy {evals[key]['accuracy']:.4f}")
 
-    def after_phase(phase: str, phase_model: HookedTransformer) -> None:
+    def after_phase(phase: str, phase_model: Model) -> None:
         if phase == "attached":  # the codebook model before training, on part of the held-out windows
             if not resuming:
                 at_init = evaluate(phase_model, heldout[: 4 * recipe.eval_batch_size], recipe.eval_batch_size)

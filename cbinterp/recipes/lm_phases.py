@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.codebooks.attach import attach_codebooks, get_codebooks, kmeans_init_codebooks
 from cbinterp.core.storage.atomic import recover_dir
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training.train import TrainResult, is_checkpoint, train
 from cbinterp.recipes.codebook import BatchSource
 from cbinterp.recipes.lm_recipe import STREAM_BASELINE, STREAM_CONTINUED, LMRecipe, train_config
@@ -46,12 +47,12 @@ def build_model(recipe: LMRecipe, tokenizer: PreTrainedTokenizerBase, device: st
     """A freshly initialised (seeded) HookedTransformer for `recipe`, with `tokenizer` attached."""
     d_vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
     torch.manual_seed(recipe.seed)
-    model = HookedTransformer(recipe.model_config(d_vocab, device))
+    model = tc.build_hooked(recipe.model_config(d_vocab, device))
     return attach_tokenizer(model, tokenizer)
 
 
 def train_batches(
-    recipe: LMRecipe, texts: TextSource, tokenizer: PreTrainedTokenizerBase, model: HookedTransformer | None = None
+    recipe: LMRecipe, texts: TextSource, tokenizer: PreTrainedTokenizerBase, model: Model | None = None
 ) -> TextBatches:
     """The training windows (BOS + seq_len - 1 tokens, documents joined by <|endoftext|>), seeded batches."""
     return TextBatches.from_texts(texts, tokenizer, recipe.seq_len, recipe.batch_size, seed=recipe.seed, model=model)
@@ -81,9 +82,7 @@ def kmeans_tokens(batches: TextBatches, recipe: LMRecipe) -> Int[Tensor, "rows p
     return batches.sequences[pick].long()
 
 
-def add_codebooks(
-    model: HookedTransformer, recipe: LMRecipe, init_tokens: Tensor | None = None, progress: bool = False
-) -> HookedTransformer:
+def add_codebooks(model: Model, recipe: LMRecipe, init_tokens: Tensor | None = None, progress: bool = False) -> Model:
     """Attach the recipe's codebooks; with `init_tokens`, initialise them by k-means on their inputs there."""
     spec = recipe.codebook_recipe().codebooks
     attach_codebooks(model, sites=list(spec.sites), n_codes=spec.n_codes, k=spec.k, seed=recipe.seed,
@@ -100,7 +99,7 @@ def add_codebooks(
 
 
 def train_baseline(
-    model: HookedTransformer,
+    model: Model,
     batches: TextBatches,
     recipe: LMRecipe,
     checkpoint_dir: str | Path | None = None,
@@ -111,12 +110,12 @@ def train_baseline(
 
 
 def train_codebook_model(
-    model: HookedTransformer,
+    model: Model,
     batches: TextBatches,
     recipe: LMRecipe,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
-    on_init: Callable[[HookedTransformer], None] | None = None,
+    on_init: Callable[[Model], None] | None = None,
 ) -> TrainResult:
     """Phase (b): attach codebooks to the trained baseline `model` (in place), initialise them, train end to end.
 
@@ -131,7 +130,7 @@ def train_codebook_model(
 
 
 def finetune_baseline(
-    model: HookedTransformer,
+    model: Model,
     batches: TextBatches,
     recipe: LMRecipe,
     checkpoint_dir: str | Path | None = None,
@@ -142,7 +141,7 @@ def finetune_baseline(
 
 
 def _train_phase(
-    model: HookedTransformer,
+    model: Model,
     batches: TextBatches,
     recipe: LMRecipe,
     phase: str,

@@ -10,8 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from transformer_lens import HookedTransformerConfig
-
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.device import default_device
 from cbinterp.core.training.train import TrainConfig
 from cbinterp.recipes.codebook import CodebookRecipe, CodebookSpec, Phase
@@ -145,7 +144,7 @@ class LMRecipe(FlatRecipe):
             seed=self.seed,
         )
 
-    def model_config(self, d_vocab: int, device: str | None = None) -> HookedTransformerConfig:
+    def model_config(self, d_vocab: int, device: str | None = None) -> tc.HookedTransformerConfig:
         """The transformer's config for a vocabulary of `d_vocab` ids (on `device`, default: cuda when present)."""
         shape = (self.n_layers, self.d_model, self.n_heads, self.d_mlp, self.seq_len, d_vocab)
         settings = dict(act_fn=self.act_fn, positional_embedding_type=self.positional_embedding_type)

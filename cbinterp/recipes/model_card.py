@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
 from cbinterp.core.codebooks.attach import get_codebooks
 from cbinterp.core.storage.atomic import atomic_file
 from cbinterp.core.storage.io import save
 from cbinterp.core.storage.tokenizer import save_tokenizer
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["CARD_FILE", "CARD_FORMAT", "MODEL_DIR", "TOKENIZER_DIR", "lm_card", "write_model_folder"]
 
@@ -39,7 +39,7 @@ def _lineage(phase: str) -> tuple[str, ...]:
 
 def lm_card(
     phase: str,
-    model: HookedTransformer,
+    model: Model,
     *,
     name: str,
     recipe: dict,
@@ -81,9 +81,7 @@ def lm_card(
     }
 
 
-def write_model_folder(
-    model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, directory: str | Path, card: dict
-) -> Path:
+def write_model_folder(model: Model, tokenizer: PreTrainedTokenizerBase, directory: str | Path, card: dict) -> Path:
     """Write ``model/``, ``tokenizer/`` and ``card.json`` into `directory` (each atomically)."""
     directory = Path(directory)
     save(model, directory / MODEL_DIR, extra={"card": card.get("name"), "recipe": card.get("recipe")})

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.storage.atomic import atomic_file
 
 __all__ = [
@@ -285,7 +286,6 @@ def sample_from_model(
         raise ValueError(f"temperature must be positive (sampling), got {temperature}.")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}.")
-    from transformer_lens import HookedTransformer
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
@@ -294,7 +294,8 @@ def sample_from_model(
     for start in range(0, n_sequences, batch_size):
         n = min(batch_size, n_sequences - start)
         tokens = torch.full((n, 1), bos, dtype=torch.long, device=device)
-        cached = isinstance(model, HookedTransformer)
+        # A bridge (or any other callable model) runs whole prefixes: its key-value cache is not this one.
+        cached = tc.HAS_HOOKED and isinstance(model, tc.HookedTransformer)
         kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, n) if cached else None
         step = lambda new, kv=kv: model(new, past_kv_cache=kv, attention_mask=torch.ones_like(new))  # no padding
         logits = step(tokens) if cached else model(tokens)

@@ -10,12 +10,12 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.codecache.store import cache_codes
 from cbinterp.core.codebooks.attach import get_codebooks, require_hooked_transformer
 from cbinterp.core.codebooks.heads import head_column
 from cbinterp.core.codebooks.naming import INPUT_SUFFIX
+from cbinterp.core.tl_compat import Model
 from cbinterp.metrics import add_neuron_precision, code_feature_table
 from cbinterp.metrics.classifiers import best_neuron_precision_batch, code_feature_counts
 from cbinterp.tasks.fsm import FSM
@@ -70,7 +70,7 @@ class FSMActivations:
 
 @torch.no_grad()
 def collect_fsm_activations(
-    model: HookedTransformer,
+    model: Model,
     fsm: FSM,
     n_positions: int = 200_000,
     seq_len: int = 64,
@@ -118,7 +118,7 @@ def collect_fsm_activations(
 
 
 def fsm_code_table(
-    model: HookedTransformer,
+    model: Model,
     fsm: FSM,
     acts: FSMActivations,
     min_fires: int = 20,
@@ -383,7 +383,7 @@ def neurons_at_code_recall(
 
 
 def state_code_report(
-    model: HookedTransformer,
+    model: Model,
     fsm: FSM,
     acts: FSMActivations,
     codebooks: Sequence[str],

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
 from cbinterp.core.codebooks.attach import require_hooked_transformer
+from cbinterp.core.tl_compat import Model
 from cbinterp.tasks.text_sources import TextSource, iter_texts
 
 __all__ = [
@@ -34,7 +34,7 @@ DOCS_PER_BATCH = 256  # documents tokenised per call: larger batches amortise th
 # -- checks ---------------------------------------------------------------------------------------------------
 
 
-def check_model(model: HookedTransformer, seq_len: int, max_token_id: int | None = None) -> None:
+def check_model(model: Model, seq_len: int, max_token_id: int | None = None) -> None:
     """Raise ValueError if rows of `seq_len` tokens (ids up to `max_token_id`) do not fit `model`."""
     require_hooked_transformer(model)
     if seq_len > model.cfg.n_ctx:
@@ -54,7 +54,7 @@ def _check_seq_len(seq_len: int, bos: bool) -> None:
         raise ValueError(f"seq_len must be an int >= {2 if bos else 1} (BOS plus at least one token), got {seq_len!r}.")
 
 
-def resolve_prepend_bos(prepend_bos: bool | None, model: HookedTransformer | None) -> bool:
+def resolve_prepend_bos(prepend_bos: bool | None, model: Model | None) -> bool:
     """Whether windows start with BOS: `prepend_bos` when given, else the model's convention, else True.
 
     The model's convention is `model.cfg.default_prepend_bos` (TransformerLens sets False for e.g. Pythia)."""
@@ -197,7 +197,7 @@ def tokenize_documents(
     texts: TextSource,
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
-    model: HookedTransformer | None = None,
+    model: Model | None = None,
     *,
     text_column: str = "text",
     docs_per_batch: int = DOCS_PER_BATCH,

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
+from cbinterp.core.tl_compat import Model
 from cbinterp.tasks.packing import (
     DOCS_PER_BATCH,
     Packer,
@@ -47,7 +47,7 @@ class TextBatches:
         sequences: Int[Tensor, "rows pos"],
         batch_size: int,
         seed: int = 0,
-        model: HookedTransformer | None = None,
+        model: Model | None = None,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
@@ -76,7 +76,7 @@ class TextBatches:
         seq_len: int,
         batch_size: int,
         seed: int = 0,
-        model: HookedTransformer | None = None,
+        model: Model | None = None,
         *,
         text_column: str = "text",
         docs_per_batch: int = DOCS_PER_BATCH,
@@ -145,7 +145,7 @@ class TextBatches:
         """The batch of step `step` (see `indices`)."""
         return self.sequences[self.indices(step)].long()
 
-    def check_model(self, model: HookedTransformer) -> None:
+    def check_model(self, model: Model) -> None:
         """Raise ValueError if the sequences are longer than `model.cfg.n_ctx` or hold ids >= `cfg.d_vocab`."""
         check_model(model, self.seq_len, int(self.sequences.max()))
 
@@ -190,7 +190,7 @@ class StreamingTextBatches:
         tokenizer: PreTrainedTokenizerBase,
         seq_len: int,
         batch_size: int,
-        model: HookedTransformer | None = None,
+        model: Model | None = None,
         *,
         prepend_bos: bool | None = None,
         text_column: str = "text",

@@ -1,4 +1,4 @@
-"""Attach codebooks to a HookedTransformer at hook names, find them, bypass them, and take them off again."""
+"""Attach codebooks to a HookedTransformer or TransformerBridge at hook names; find, bypass and remove them."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from functools import partial
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import Slice
 
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
 from cbinterp.core.codebooks.naming import CODES_HOOK, CODES_SUFFIX, INPUT_HOOK, INPUT_SUFFIX, did_you_mean
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training.determinism import deterministic_on_cpu
 
 __all__ = [
@@ -39,24 +40,18 @@ SITE_HOOKS = {
 PerSite = int | Mapping[str, int]
 
 
-def require_hooked_transformer(model) -> HookedTransformer:
-    if not isinstance(model, HookedTransformer):
-        raise TypeError(
-            f"cbinterp needs a transformer_lens.HookedTransformer, got {type(model).__name__}. "
-            "Build or load the model with HookedTransformer (transformer-lens>=3.9,<4); TransformerBridge is not "
-            "supported."
-        )
-    return model
+#: The model check every public entry point runs (a HookedTransformer or a TransformerBridge).
+require_hooked_transformer = tc.require_model
 
 
-def get_codebooks(model: HookedTransformer) -> dict[str, Codebook]:
+def get_codebooks(model: Model) -> dict[str, Codebook]:
     """Every codebook in the model, by the hook name it sits at, in forward order."""
     require_hooked_transformer(model)
-    return {name: m for name, m in model.named_modules() if isinstance(m, Codebook)}
+    return {tc.site_name(model, name, m): m for name, m in model.named_modules() if isinstance(m, Codebook)}
 
 
 def resolve_sites(
-    model: HookedTransformer,
+    model: Model,
     sites: str | Sequence[str],
     layers: Sequence[int] | None = None,
 ) -> list[tuple[str, str]]:
@@ -75,15 +70,16 @@ def resolve_sites(
     for layer in layers:
         if not isinstance(layer, int) or not 0 <= layer < n_layers:
             raise ValueError(f"Layer {layer!r} is out of range: this model has layers 0..{n_layers - 1}.")
+    hook_points = model.hook_dict  # a bridge computes it on each access
     pairs = []
     for site in sites:
         template = SITE_HOOKS.get(site, site)
         names = [template.format(layer=l) for l in layers] if "{layer}" in template else [template]
         for name in names:
-            module = model.mod_dict.get(name)
+            module = hook_points.get(name)
             if not isinstance(module, HookPoint) or name.endswith((CODES_SUFFIX, INPUT_SUFFIX)):
                 # suggest only names that would be accepted: never a codebook's own hooks (nor the name refused)
-                valid = [n for n in model.hook_dict if not n.endswith((CODES_SUFFIX, INPUT_SUFFIX))]
+                valid = [n for n in hook_points if not n.endswith((CODES_SUFFIX, INPUT_SUFFIX))]
                 inner = (
                     " It is a codebook's own hook point; codebooks sit at the hook names themselves."
                     if name.endswith((CODES_SUFFIX, INPUT_SUFFIX))
@@ -106,34 +102,32 @@ def _per_site(value: PerSite, site: str, hook_name: str, what: str) -> int:
     return value
 
 
-def _activation_sites(
-    model: HookedTransformer, names: list[str]
-) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.device]]:
+def _activation_sites(model: Model, names: list[str]) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.device]]:
     """Trailing (non batch, non position) shape of each hook's activation, and its device, from a one-token forward.
 
     The device is where a codebook at the hook must sit: in a model split over devices (`n_devices > 1`) each block
     computes on its own, and a codebook on `model.cfg.device` would mix them."""
     shapes, devices = {}, {}
 
-    def record(tensor, hook):
-        shapes[hook.name] = tuple(tensor.shape[2:])
-        devices[hook.name] = tensor.device
+    def record(name, tensor, hook):  # by the name asked for: a bridge's hook point is named after its module path
+        shapes[name] = tuple(tensor.shape[2:])
+        devices[name] = tensor.device
 
     tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(n, record) for n in names])
+        model.run_with_hooks(tokens, fwd_hooks=[(n, partial(record, n)) for n in names])
     return shapes, devices
 
 
 def attach_codebooks(
-    model: HookedTransformer,
+    model: Model,
     sites: str | Sequence[str] | Mapping[str, Codebook] = ("attn", "mlp"),
     n_codes: PerSite = 1000,
     k: PerSite = 1,
     layers: Sequence[int] | None = None,
     seed: int = 0,
     **codebook_kwargs,
-) -> HookedTransformer:
+) -> Model:
     """Insert codebooks into `model` in place at the given sites and return it.
 
     Each codebook goes on the device its site's activation is on (in a model split over devices, its block's),
@@ -190,7 +184,7 @@ def attach_codebooks(
     return model
 
 
-def _check_free(model: HookedTransformer, names: list[str], sites) -> None:
+def _check_free(model: Model, names: list[str], sites) -> None:
     """Every name is a hook site without a codebook or hooks, listed once."""
     existing = get_codebooks(model)
     for name in names:
@@ -205,7 +199,7 @@ def _check_free(model: HookedTransformer, names: list[str], sites) -> None:
         raise ValueError(f"A hook site is listed twice in {list(sites)}.")
 
 
-def _attach_existing(model: HookedTransformer, codebooks: Mapping[str, Codebook]) -> HookedTransformer:
+def _attach_existing(model: Model, codebooks: Mapping[str, Codebook]) -> Model:
     """Attach given `Codebook` objects at hook names, after checking that each fits its activation."""
     if not codebooks:
         raise ValueError("No codebooks given: the mapping from hook name to Codebook is empty.")
@@ -233,18 +227,14 @@ def _attach_existing(model: HookedTransformer, codebooks: Mapping[str, Codebook]
     return model
 
 
-def insert_codebook(
-    model: HookedTransformer, hook_name: str, codebook: Codebook | HookPoint, setup: bool = True
-) -> None:
+def insert_codebook(model: Model, hook_name: str, codebook: Codebook | HookPoint, setup: bool = True) -> None:
     """Put `codebook` (or a plain `HookPoint`, to detach) at `hook_name` (low level; `attach_codebooks` checks)."""
-    parent_name, _, attr = hook_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, codebook)
+    tc.replace_hook_point(model, hook_name, codebook)
     if setup:
         refresh_hooks(model)
 
 
-def detach_codebooks(model: HookedTransformer, names: Sequence[str] | None = None) -> HookedTransformer:
+def detach_codebooks(model: Model, names: Sequence[str] | None = None) -> Model:
     """Remove codebooks (all, or those at `names`) and restore plain hook points; returns the model."""
     codebooks = get_codebooks(model)
     names = list(codebooks) if names is None else list(names)
@@ -257,7 +247,7 @@ def detach_codebooks(model: HookedTransformer, names: Sequence[str] | None = Non
 
 
 @contextlib.contextmanager
-def _codebooks_set(model: HookedTransformer, attr: str, value: bool, names: Sequence[str] | None = None):
+def _codebooks_set(model: Model, attr: str, value: bool, names: Sequence[str] | None = None):
     """Set a run-time flag of the codebooks (all, or those at `names`) inside the block, and restore it after."""
     codebooks = get_codebooks(model)
     if names is not None:
@@ -275,12 +265,12 @@ def _codebooks_set(model: HookedTransformer, attr: str, value: bool, names: Sequ
             setattr(cb, attr, was)
 
 
-def codebooks_bypassed(model: HookedTransformer, names: Sequence[str] | None = None) -> ContextManager:
+def codebooks_bypassed(model: Model, names: Sequence[str] | None = None) -> ContextManager:
     """Run the model with its codebooks (all, or those at `names`) passing activations through, computing no codes."""
     return _codebooks_set(model, "bypass", True, names)
 
 
-def codebooks_observed(model: HookedTransformer, names: Sequence[str] | None = None) -> ContextManager:
+def codebooks_observed(model: Model, names: Sequence[str] | None = None) -> ContextManager:
     """Run the model with its codebooks (all, or those at `names`) observing only.
 
     Codes are computed and show in `hook_codes` and caches, but each activation passes through unchanged, so the
@@ -289,14 +279,14 @@ def codebooks_observed(model: HookedTransformer, names: Sequence[str] | None = N
     return _codebooks_set(model, "observe_only", True, names)
 
 
-def training_codebooks(model: HookedTransformer, on: bool = True) -> ContextManager:
+def training_codebooks(model: Model, on: bool = True) -> ContextManager:
     """Mark the forwards inside as training steps of the codebooks (what `train` does for its steps).
 
     Only then are the training statistics updated and dead codes replaced. Restores the previous state on exit."""
     return _codebooks_set(model, "in_train_loop", on)
 
 
-def counting_usage(model: HookedTransformer, names: Sequence[str] | None = None) -> ContextManager:
+def counting_usage(model: Model, names: Sequence[str] | None = None) -> ContextManager:
     """Count code usage (`Codebook.counts`, `n_dead`, `dead_codes`) in the forwards inside.
 
     Only for the codebooks at `names` (default all). Outside it (and outside `train`), forwards leave the counts
@@ -304,9 +294,9 @@ def counting_usage(model: HookedTransformer, names: Sequence[str] | None = None)
     return _codebooks_set(model, "track_usage", True, names)
 
 
-def refresh_hooks(model: HookedTransformer) -> None:
+def refresh_hooks(model: Model) -> None:
     """Rebuild the hook registry after codebooks were inserted or removed (and keep per-head code axes intact)."""
-    model.setup()
+    tc.refresh_hooks(model, get_codebooks(model))
     grouped = {f"{n}.{sub}" for n, cb in get_codebooks(model).items() if cb.grouped for sub in (CODES_HOOK, INPUT_HOOK)}
     if grouped:
         model.get_caching_hooks = partial(_get_caching_hooks_with_head_axis, model, grouped)
@@ -314,23 +304,22 @@ def refresh_hooks(model: HookedTransformer) -> None:
         model.__dict__.pop("get_caching_hooks", None)
 
 
-def _get_caching_hooks_with_head_axis(model: HookedTransformer, head_axis_names: set[str], *args, **kwargs):
+def _get_caching_hooks_with_head_axis(model: Model, head_axis_names: set[str], *args, **kwargs):
     """`get_caching_hooks` that slices `pos_slice` along the position axis (-3) of per-head codebook tensors.
 
     TransformerLens picks the position axis by the hook name's ending; `...hook_z.hook_codes` is
     `(batch, pos, head, k)`, so without this it would slice the head axis.
     """
-    bound = inspect.signature(HookedTransformer.get_caching_hooks).bind(model, *args, **kwargs)
+    plain = type(model).get_caching_hooks
+    bound = inspect.signature(plain).bind(model, *args, **kwargs)
     bound.apply_defaults()
     params = dict(bound.arguments)
     params.pop("self")
     pos_slice = params["pos_slice"]
-    cache, fwd, bwd = HookedTransformer.get_caching_hooks(model, **params)
+    cache, fwd, bwd = plain(model, **params)
     if pos_slice is None:
         return cache, fwd, bwd
-    _, plain_fwd, plain_bwd = HookedTransformer.get_caching_hooks(
-        model, **{**params, "pos_slice": None, "cache": cache}
-    )
+    _, plain_fwd, plain_bwd = plain(model, **{**params, "pos_slice": None, "cache": cache})
     slice_ = Slice.unwrap(pos_slice)
 
     def save_then_slice(save, suffix, tensor, hook):
@@ -350,7 +339,7 @@ def _get_caching_hooks_with_head_axis(model: HookedTransformer, head_axis_names:
 
 @torch.no_grad()
 def kmeans_init_codebooks(
-    model: HookedTransformer,
+    model: Model,
     tokens: torch.Tensor,
     iters: int = 10,
     seed: int = 0,

@@ -318,6 +318,14 @@ class Codebook(HookPoint):
 
     def forward(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
         """The sum (or mean) of the k most similar codes to `x` (per group), or `x` itself while bypassed."""
+        conversion = self.hook_conversion
+        if conversion is None:
+            return self._quantize(x)
+        # A TransformerBridge's hook point sees a flat tensor and shows hooks another shape (hook_z's heads): the
+        # codebook quantizes what hooks see, as it does at the same name of a HookedTransformer.
+        return conversion.revert(self._quantize(conversion.convert(x)))
+
+    def _quantize(self, x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
         x = self.hook_input(x)
         if self.bypass:
             return x

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from cbinterp.core.checks import check_token_ids, is_int
@@ -40,6 +39,7 @@ from cbinterp.core.codebooks.selection import (
     _selected_axes,
     _shape_hint,
 )
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["ablate_codes", "force_codes", "generate_with_codes", "intervene", "replace_codes", "steering_hooks"]
 
@@ -48,7 +48,7 @@ Hook = tuple[str, HookFn]
 
 
 # -- finding the codebook -----------------------------------------------------------------------------------
-def resolve_codebook(model: HookedTransformer, codebook: str | Codebook) -> tuple[str, Codebook]:
+def resolve_codebook(model: Model, codebook: str | Codebook) -> tuple[str, Codebook]:
     """The `(name, Codebook)` for a codebook given by its hook name (with or without `.hook_codes`) or itself."""
     require_hooked_transformer(model)
     codebooks = get_codebooks(model)
@@ -74,7 +74,7 @@ def resolve_codebook(model: HookedTransformer, codebook: str | Codebook) -> tupl
 
 # -- one hook ----------------------------------------------------------------------------------------------
 def _make_hook(
-    model: HookedTransformer,
+    model: Model,
     codebook: str | Codebook,
     positions: PositionsLike,
     heads: HeadsLike,
@@ -118,7 +118,7 @@ def _make_hook(
 
 # -- the three interventions ------------------------------------------------------------------------------
 def replace_codes(
-    model: HookedTransformer,
+    model: Model,
     codebook: str | Codebook,
     codes: CodesLike,
     *,
@@ -161,7 +161,7 @@ def replace_codes(
 
 
 def force_codes(
-    model: HookedTransformer,
+    model: Model,
     codebook: str | Codebook,
     codes: CodesLike,
     *,
@@ -206,7 +206,7 @@ def force_codes(
 
 
 def ablate_codes(
-    model: HookedTransformer,
+    model: Model,
     codebook: str | Codebook,
     codes: CodesLike,
     *,
@@ -232,7 +232,7 @@ def ablate_codes(
 
 
 # -- applying hooks ---------------------------------------------------------------------------------------
-def _flatten_hooks(model: HookedTransformer, hook_lists: Sequence) -> list[Hook]:
+def _flatten_hooks(model: Model, hook_lists: Sequence) -> list[Hook]:
     hooks = []
     for item in hook_lists:
         is_hook = isinstance(item, tuple) and len(item) == 2 and (isinstance(item[0], str) or callable(item[0]))
@@ -253,7 +253,7 @@ def _flatten_hooks(model: HookedTransformer, hook_lists: Sequence) -> list[Hook]
 
 
 @contextlib.contextmanager
-def intervene(model: HookedTransformer, *hook_lists: Hook | Sequence[Hook]) -> Iterator[HookedTransformer]:
+def intervene(model: Model, *hook_lists: Hook | Sequence[Hook]) -> Iterator[Model]:
     """Run a block of calls (forward passes, `run_with_cache`, `generate`) with the given hooks.
 
     They are removed on exit, also on an exception. Arguments are hooks or lists of hooks, applied in the order
@@ -295,7 +295,7 @@ def _steering_ids(ids: Tensor, name: str, cb: Codebook) -> Tensor:
 
 
 def steering_hooks(
-    model: HookedTransformer,
+    model: Model,
     codebook_codes: Mapping[str, CodesLike],
     n_slots: None | int | Mapping[str, int] = None,
     prompt_len: int | None = None,
@@ -350,7 +350,7 @@ def steering_hooks(
 
 
 def generate_with_codes(
-    model: HookedTransformer,
+    model: Model,
     tokens: str | Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
     codebook_codes: Mapping[str, CodesLike],
     n_slots: None | int | Mapping[str, int] = None,

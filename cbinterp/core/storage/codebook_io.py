@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import get_codebooks, require_hooked_transformer
 from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
@@ -26,6 +25,7 @@ from cbinterp.core.storage import manifest as mf
 from cbinterp.core.storage.atomic import atomic_dir, readable_dir, recover_dir, user_path
 from cbinterp.core.storage.manifest import MANIFEST_FILE, sha256_of
 from cbinterp.core.storage.tensorfile import check_shapes, load_tensors, read_header, skeleton_shapes
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["CODEBOOK_CONFIG", "CODEBOOK_WEIGHTS", "load_codebook", "load_codebooks", "save_codebook", "save_codebooks"]
 
@@ -98,7 +98,7 @@ def _check_set_replaceable(path: Path) -> None:
         )
 
 
-def save_codebooks(model: HookedTransformer, directory: str | os.PathLike) -> Path:
+def save_codebooks(model: Model, directory: str | os.PathLike) -> Path:
     """Write every codebook of `model` as one set into `directory`, atomically. Returns the directory.
 
     A folder per codebook (as `save_codebook` writes it, named by its hook name); a later save replaces the set as a

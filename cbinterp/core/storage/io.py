@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.checks import is_int
 from cbinterp.core.codebooks.attach import get_codebooks, insert_codebook, refresh_hooks, require_hooked_transformer
 from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
@@ -43,7 +43,10 @@ from cbinterp.core.storage.tokenizer import (
     tokenizer_fingerprint,
     write_tokenizer_files,
 )
+from cbinterp.core.tl_compat import Model
 
+#: The class a saved HookedTransformer is rebuilt as (None on TransformerLens 4, where loading one says so).
+HookedTransformer = tc.HookedTransformer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = mf.MODEL
@@ -68,7 +71,7 @@ __all__ = [
 ]
 
 
-def model_config_to_dict(cfg: HookedTransformerConfig) -> dict:
+def model_config_to_dict(cfg: tc.HookedTransformerConfig) -> dict:
     """The constructor arguments of a HookedTransformerConfig as JSON-safe values (device left out)."""
     out = {}
     for field in dataclasses.fields(cfg):
@@ -81,35 +84,39 @@ def model_config_to_dict(cfg: HookedTransformerConfig) -> dict:
     return out
 
 
-def model_config_from_dict(data: dict, device: str | torch.device | None = None) -> HookedTransformerConfig:
+def model_config_from_dict(data: dict, device: str | torch.device | None = None) -> tc.HookedTransformerConfig:
     data = dict(data)
     if isinstance(data.get("dtype"), str):
         data["dtype"] = getattr(torch, data["dtype"])
     if device is not None:
         data["device"] = str(device)
-    return HookedTransformerConfig(**data)
+    tc.require_hooked("Loading a cbinterp model saved from a HookedTransformer")
+    return tc.HookedTransformerConfig(**data)
 
 
-def model_description(model: HookedTransformer) -> dict:
+def model_description(model: Model) -> dict:
     """The JSON config of `model`: its HookedTransformerConfig and its codebooks' configs (JSON-normalised)."""
     return json.loads(
         json.dumps(
             {
-                "model_config": model_config_to_dict(model.cfg),
+                **(
+                    {"bridge": tc.bridge_description(model)}
+                    if tc.is_bridge(model)
+                    else {"model_config": model_config_to_dict(model.cfg)}
+                ),
                 "codebooks": {name: dataclasses.asdict(cb.cfg) for name, cb in get_codebooks(model).items()},
             }
         )
     )
 
 
-def write_model(
-    model: HookedTransformer, directory: Path, extra: dict | None = None, with_tokenizer: bool = False
-) -> list[str]:
+def write_model(model: Model, directory: Path, extra: dict | None = None, with_tokenizer: bool = False) -> list[str]:
     """Write the weights and config files of `model` into an existing `directory`; returns the names written.
 
     Not atomic by itself, and no marker. The tokenizer's files are written too when `with_tokenizer` and one is
     attached."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # cloned: tied weights (a bridge's embedding and unembedding) share storage, which safetensors refuses
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in tc.state_dict(model).items()}
     save_file(state, directory / WEIGHTS_FILE)
     config = {"format": FORMAT, "version": VERSION, **model_description(model), "extra": extra or {}}
     names = list(MODEL_FILES)
@@ -122,7 +129,7 @@ def write_model(
     return names
 
 
-def save(model: HookedTransformer, path: str | os.PathLike, extra: dict | None = None) -> Path:
+def save(model: Model, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write `model` (with its codebooks) to the directory `path`, atomically.
 
     Returns the path (absolute, `~` expanded).
@@ -227,7 +234,7 @@ def _check_model_config(config: dict, where: Path, header: dict | None) -> dict:
     return data
 
 
-def _construct(model_config: dict, codebooks: dict, device) -> HookedTransformer:
+def _construct(model_config: dict, codebooks: dict, device) -> Model:
     # Loading never runs code or downloads: no tokenizer name for TransformerLens to fetch (the saved tokenizer is
     # attached afterwards), and no remote code for a tokenizer or config to name.
     data = {**model_config, "tokenizer_name": None, "trust_remote_code": False}
@@ -238,12 +245,32 @@ def _construct(model_config: dict, codebooks: dict, device) -> HookedTransformer
     return model
 
 
-def build_model(config: dict, path: Path, device=None, header: dict | None = None) -> HookedTransformer:
+def _build_bridge(config: dict, where: Path, device, tokenizer) -> Model:
+    """The TransformerBridge (with its codebooks) a saved bridge's config describes, weights not loaded yet."""
+    codebooks = config.get("codebooks")
+    if not isinstance(codebooks, dict) or not isinstance(config["bridge"], dict):
+        raise ValueError(
+            f"Damaged cbinterp config {where}: 'bridge' or 'codebooks' is not a mapping. Re-save the model."
+        )
+    try:
+        model = tc.build_bridge(config["bridge"], tokenizer=tokenizer, device=device)
+        for name, cb_config in codebooks.items():
+            cb = Codebook.from_config(CodebookConfig(**cb_config), device=model.cfg.device, dtype=model.cfg.dtype)
+            insert_codebook(model, name, cb, setup=False)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"Damaged cbinterp config {where}: {type(err).__name__}: {err}. Re-save the model.") from err
+    refresh_hooks(model)
+    return model
+
+
+def build_model(config: dict, path: Path, device=None, header: dict | None = None, tokenizer=None) -> Model:
     """A model (with its codebooks) as `config` describes it, weights not loaded yet.
 
     With the weights' `header` ({name: shape}), the shapes the config implies are checked against it first, on the
     meta device, so that a config describing another (or a huge) model is refused before anything is allocated."""
     where = path / CONFIG_FILE
+    if "bridge" in config:
+        return _build_bridge(config, where, device, tokenizer)
     model_config = _check_model_config(config, where, header)
     codebooks = config.get("codebooks")
     if not isinstance(codebooks, dict):
@@ -267,9 +294,9 @@ def build_model(config: dict, path: Path, device=None, header: dict | None = Non
     return model
 
 
-def _load_state(model: HookedTransformer, state: dict, weights_path: Path) -> None:
+def _load_state(model: Model, state: dict, weights_path: Path) -> None:
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = tc.load_state_dict(model, state, strict=False)
     except RuntimeError as err:  # shape mismatches: the config describes other codebooks or another model
         raise ValueError(
             f"Weights in {weights_path} do not match the model its config describes: {err}. Re-save the model with "
@@ -282,7 +309,7 @@ def _load_state(model: HookedTransformer, state: dict, weights_path: Path) -> No
         )
 
 
-def load_weights(model: HookedTransformer, weights_path: Path) -> None:
+def load_weights(model: Model, weights_path: Path) -> None:
     """Load the safetensors file `weights_path` into `model` (all of it, shape for shape)."""
     try:
         state = load_file(weights_path)
@@ -307,17 +334,18 @@ def _saved_tokenizer(folder: fd.Folder, record) -> object | None:
     return tokenizer
 
 
-def _load_folder(folder: fd.Folder, device) -> HookedTransformer:
+def _load_folder(folder: fd.Folder, device) -> Model:
     config = _folder_config(folder)
     header = read_header(folder, WEIGHTS_FILE)
-    model = build_model(config, folder.path, device, header=header)
+    tokenizer = _saved_tokenizer(folder, config["tokenizer"]) if config.get("tokenizer") else None
+    model = build_model(config, folder.path, device, header=header, tokenizer=tokenizer)
     _load_state(model, load_tensors(folder, WEIGHTS_FILE), folder.path / WEIGHTS_FILE)
-    if config.get("tokenizer"):
-        attach_tokenizer(model, _saved_tokenizer(folder, config["tokenizer"]))
+    if tokenizer is not None and not tc.is_bridge(model):  # a bridge is booted with it
+        attach_tokenizer(model, tokenizer)
     return model.eval()
 
 
-def load(path: str | os.PathLike, device: str | torch.device | None = None) -> HookedTransformer:
+def load(path: str | os.PathLike, device: str | torch.device | None = None) -> Model:
     """Rebuild a model saved with `save` (or the model of a `train` checkpoint), on `device`.
 
     `device` defaults to the config's default (CUDA when present).

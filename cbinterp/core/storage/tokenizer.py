@@ -13,11 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from cbinterp.core.codebooks.attach import require_hooked_transformer
 from cbinterp.core.storage.atomic import atomic_dir, atomic_file
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["attach_tokenizer", "load_tokenizer", "save_tokenizer", "tokenizer_fingerprint", "write_tokenizer_files"]
 
@@ -117,7 +117,7 @@ def _vocab_extent(tokenizer: PreTrainedTokenizerBase) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
 
 
-def attach_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase) -> HookedTransformer:
+def attach_tokenizer(model: Model, tokenizer: PreTrainedTokenizerBase) -> Model:
     """Give `model` (built from a config, without a tokenizer) `tokenizer`, offline; returns `model`.
 
     Afterwards ``model.to_tokens``, ``to_string``, ``to_str_tokens`` and ``generate`` work, and

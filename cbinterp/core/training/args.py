@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import get_codebooks
+from cbinterp.core.tl_compat import Model
 
 __all__ = ["check_call", "check_eval_result", "check_frozen_codebooks", "check_trainable_dtype"]
 
@@ -37,7 +37,7 @@ def check_eval_result(result, step: int) -> dict:
     return dict(result)
 
 
-def check_frozen_codebooks(model: HookedTransformer) -> None:
+def check_frozen_codebooks(model: Model) -> None:
     """Refuse a frozen codebook that dead-code replacement would rewrite inside `train` all the same."""
     for name, cb in get_codebooks(model).items():
         if not cb.weight.requires_grad and cb.cfg.dead_after is not None:
@@ -48,7 +48,7 @@ def check_frozen_codebooks(model: HookedTransformer) -> None:
             )
 
 
-def check_trainable_dtype(model: HookedTransformer) -> None:
+def check_trainable_dtype(model: Model) -> None:
     """Refuse float16 parameters, which AdamW cannot update."""
     half = sorted({str(p.dtype) for p in model.parameters() if p.dtype == torch.float16})
     if half:

@@ -20,7 +20,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import get_codebooks
 from cbinterp.core.storage import manifest as mf
@@ -35,6 +34,7 @@ from cbinterp.core.storage.io import (
     write_model,
 )
 from cbinterp.core.storage.manifest import ResumeWarning
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.config import TrainConfig
 from cbinterp.core.training.data import TrainData
@@ -163,7 +163,7 @@ def resume_settings(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in skip}))
 
 
-def save_checkpoint(path: Path, model: HookedTransformer, optimizer, step: int, losses: list[float], **record) -> None:
+def save_checkpoint(path: Path, model: Model, optimizer, step: int, losses: list[float], **record) -> None:
     """Model (cbinterp format) plus optimizer, step and RNG state, written atomically as one directory."""
     tensors: dict[str, Tensor] = {}
     state = {
@@ -210,7 +210,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     return config, state, manifest
 
 
-def base_fingerprint(model: HookedTransformer) -> str:
+def base_fingerprint(model: Model) -> str:
     """Fingerprint of the model's own weights, codebooks left out.
 
     A resumed run may skip its codebook initialisation (e.g. k-means), since the checkpoint's codebooks replace it,
@@ -223,7 +223,7 @@ def _diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _check_fits(path: Path, config: dict, state: dict, model: HookedTransformer, cfg: TrainConfig, init: str) -> None:
+def _check_fits(path: Path, config: dict, state: dict, model: Model, cfg: TrainConfig, init: str) -> None:
     """Refuse a checkpoint made with other settings, another model or other codebooks."""
     now = model_description(model)
     stored_cb, now_cb = config.get("codebooks", {}), now["codebooks"]
@@ -291,7 +291,7 @@ def prepare_checkpoint_dir(cfg: TrainConfig) -> Path | None:
 
 
 def start_or_resume(
-    model: HookedTransformer,
+    model: Model,
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     data: TrainData,

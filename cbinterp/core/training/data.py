@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.checks import check_token_ids
 from cbinterp.core.storage import manifest as mf
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.config import TrainConfig
 
@@ -219,7 +219,7 @@ class TrainData:
             )
 
 
-def check_batch(tokens, step: int, model: HookedTransformer, ids_checked: bool = False) -> Int[Tensor, "batch pos"]:
+def check_batch(tokens, step: int, model: Model, ids_checked: bool = False) -> Int[Tensor, "batch pos"]:
     """The step's batch as a tensor, refused with a clear error unless it is (batch, seq) token ids the model takes.
 
     `ids_checked`: the ids were all checked already (rows of a token tensor checked once), which saves the per-step

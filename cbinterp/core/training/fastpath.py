@@ -21,9 +21,14 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.components import Attention, LayerNorm, LayerNormPre
 from transformer_lens.hook_points import HookPoint
+
+from cbinterp.core.tl_compat import Model
+
+try:
+    from transformer_lens.components import Attention, LayerNorm, LayerNormPre
+except ImportError:  # TransformerLens 4: only bridges, which run Hugging Face's modules (attention already fused)
+    Attention = LayerNorm = LayerNormPre = None
 
 __all__ = ["attention_fusable", "fast_kernels"]
 
@@ -111,12 +116,13 @@ def _layer_norm_forward(self, x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def fast_kernels(model: HookedTransformer, enabled: bool = True) -> Iterator[int]:
+def fast_kernels(model: Model, enabled: bool = True) -> Iterator[int]:
     """Within the block, fusable attention and layer-norm layers of `model` take the fused kernels.
 
     See the module docstring. Yields how many layers were switched. Nested or disabled, it changes nothing."""
     switched = []
-    if enabled:
+    # A TransformerBridge runs Hugging Face's own layers, none of which is switched: it keeps its own kernels.
+    if enabled and Attention is not None:
         for module in model.modules():
             if "_cbinterp_original_forward" in module.__dict__:
                 continue  # already switched by an enclosing block

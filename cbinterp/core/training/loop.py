@@ -12,9 +12,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import get_codebooks, training_codebooks
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.args import check_eval_result
 from cbinterp.core.training.checkpoint import RunState, base_fingerprint, resume_settings, save_checkpoint
@@ -30,12 +30,12 @@ __all__ = ["LoopSetup", "run_loop"]
 class LoopSetup:
     """What `train` sets up for the loop."""
 
-    model: HookedTransformer
+    model: Model
     data: TrainData
     cfg: TrainConfig
     optimizer: torch.optim.Optimizer
     device: torch.device
-    eval_fn: Callable[[HookedTransformer, int], dict] | None
+    eval_fn: Callable[[Model, int], dict] | None
     checkpoint_dir: Path | None
     loggers: list  # rank 0's; empty on the other ranks
 
@@ -136,7 +136,7 @@ def _start(setup: LoopSetup, run: RunState) -> _Loop:
     )
 
 
-def _data_parallel(model: HookedTransformer, device: torch.device) -> DistributedDataParallel:
+def _data_parallel(model: Model, device: torch.device) -> DistributedDataParallel:
     """The model in DistributedDataParallel, leaving the codebooks' buffers to the codebooks."""
     # broadcast_buffers=False: the codebooks keep their buffers equal themselves (counts are summed over the ranks
     # by CodebookStepSync); DDP's default, rank 0's buffers copied over every forward, would drop the other ranks'

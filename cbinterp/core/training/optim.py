@@ -7,9 +7,9 @@ import math
 from collections.abc import Iterator
 
 import torch
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.codebooks.attach import get_codebooks
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training.config import TrainConfig
 
 __all__ = ["lr_factor", "make_optimizer", "restored_requires_grad", "set_learning_rates", "trained_names"]
@@ -27,7 +27,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: HookedTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: Model, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with the codebooks in their own parameter group (own lr and weight decay).
 
     Only parameters with `requires_grad` set are trained: one the caller froze is left out of the optimizer (so
@@ -76,14 +76,14 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, cfg: TrainCo
         group["lr"] = group["base_lr"] * lr_factor(step, cfg)
 
 
-def trained_names(model: HookedTransformer, optimizer) -> list[list[str]]:
+def trained_names(model: Model, optimizer) -> list[list[str]]:
     """The names of the parameters each optimizer group trains, in the optimizer's order."""
     names = {id(p): name for name, p in model.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
 
 
 @contextlib.contextmanager
-def restored_requires_grad(model: HookedTransformer) -> Iterator[None]:
+def restored_requires_grad(model: Model) -> Iterator[None]:
     """Put every parameter's `requires_grad` flag back as it was (`freeze_model` clears them)."""
     before = [(p, p.requires_grad) for p in model.parameters()]
     try:

@@ -13,16 +13,16 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.checks import is_real
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.config import TrainConfig
 
 __all__ = ["PendingLosses", "Progress", "non_finite_error"]
 
 
-def non_finite_error(loss: float, step: int, model: HookedTransformer, codebooks, where_steps: str = "") -> Exception:
+def non_finite_error(loss: float, step: int, model: Model, codebooks, where_steps: str = "") -> Exception:
     """The error for a non-finite loss at `step`: which codebook input went non-finite first, and what to do."""
     sites = [name for name, cb in codebooks if not torch.isfinite(cb.last_mse)]
     where = f" (first non-finite codebook input: {sites[0]})" if sites else ""

@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from transformer_lens import HookedTransformer
 
 from cbinterp.core.checks import check_token_ids
 from cbinterp.core.codebooks.attach import require_hooked_transformer
 from cbinterp.core.storage.manifest import ResumeWarning
+from cbinterp.core.tl_compat import Model
 from cbinterp.core.training import distributed as dd
 from cbinterp.core.training.args import check_call, check_frozen_codebooks, check_trainable_dtype
 from cbinterp.core.training.checkpoint import (
@@ -65,10 +65,10 @@ __all__ = [
 
 
 def train(
-    model: HookedTransformer,
+    model: Model,
     batches: Batches,
     cfg: TrainConfig,
-    eval_fn: Callable[[HookedTransformer, int], dict] | None = None,
+    eval_fn: Callable[[Model, int], dict] | None = None,
     resume: bool = True,
     loggers: Sequence[TrainLogger] = (),
 ) -> TrainResult:

@@ -23,6 +23,12 @@ N_HEADS, D_HEAD, D_MODEL = 4, 8, 32
 BATCH, POS = 3, 7
 
 
+@pytest.fixture
+def model(any_model):
+    """Every test here runs on each kind of tiny model: a HookedTransformer and GPT-NeoX, GPT-2 and Llama bridges."""
+    return any_model
+
+
 def attached(model, **kwargs):
     kwargs.setdefault("n_codes", 20)
     return attach_codebooks(model, **kwargs)
@@ -66,7 +72,8 @@ def test_original_hook_names_see_quantized_activation(model, tokens):
     # what flows on is the quantized value: attention output is computed from the quantized hook_z
     attn = model.blocks[0].attn
     z = cache["blocks.0.attn.hook_z"]
-    attn_out = torch.einsum("bphd,hdm->bpm", z, attn.W_O) + attn.b_O
+    b_O = attn.b_O if attn.b_O is not None else 0.0  # a Llama bridge's output projection has no bias
+    attn_out = torch.einsum("bphd,hdm->bpm", z, attn.W_O) + b_O
     torch.testing.assert_close(cache["blocks.0.hook_attn_out"], attn_out, rtol=1e-5, atol=1e-5)
 
 
@@ -214,14 +221,14 @@ def test_layers_argument(model, tokens):
 
 
 def test_explicit_hook_names_and_templates(model, tokens):
-    attached(model, sites=["blocks.0.hook_resid_pre", "blocks.{layer}.hook_resid_mid", "resid"], layers=[1])
+    attached(model, sites=["blocks.0.hook_resid_pre", "blocks.{layer}.hook_attn_out", "resid"], layers=[1])
     assert set(get_codebooks(model)) == {
         "blocks.0.hook_resid_pre",
-        "blocks.1.hook_resid_mid",
+        "blocks.1.hook_attn_out",
         "blocks.1.hook_resid_post",
     }
     _, cache = model.run_with_cache(tokens)
-    assert cache["blocks.1.hook_resid_mid.hook_codes"].shape == (BATCH, POS, 1)
+    assert cache["blocks.1.hook_attn_out.hook_codes"].shape == (BATCH, POS, 1)
     assert resolve_sites(model, "blocks.{layer}.hook_mlp_out") == [
         ("blocks.{layer}.hook_mlp_out", "blocks.0.hook_mlp_out"),
         ("blocks.{layer}.hook_mlp_out", "blocks.1.hook_mlp_out"),
@@ -238,6 +245,7 @@ def test_attach_keeps_codebook_kwargs(model):
 # -- bypass and detach ----------------------------------------------------------------------------------
 def test_codebooks_bypassed_equals_plain_model(model, tokens):
     plain = copy.deepcopy(model)
+    only_attn = attached(copy.deepcopy(plain), sites="attn")  # copied before any forward (a bridge keeps graphs)
     expected = plain(tokens)
     attached(model)
     assert not torch.allclose(model(tokens), expected)
@@ -245,7 +253,6 @@ def test_codebooks_bypassed_equals_plain_model(model, tokens):
         assert torch.equal(model(tokens), expected)
     assert not torch.allclose(model(tokens), expected)
     # bypassing some: equal to a model with only the others attached
-    only_attn = attached(copy.deepcopy(plain), sites="attn")
     with codebooks_bypassed(model, ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]):
         assert torch.equal(model(tokens), only_attn(tokens))
     # restored after an exception too
@@ -364,9 +371,9 @@ def test_nan_activation_in_training_names_site(model, tokens):
         model(tokens)
 
 
-def test_attach_existing_codebooks_by_hook_name(model, make_tiny_model, tokens):
+def test_attach_existing_codebooks_by_hook_name(model, tokens):
+    other, fresh = copy.deepcopy(model), copy.deepcopy(model)  # the same architecture, the same weights
     attach_codebooks(model, ["attn", "mlp"], n_codes=6, k=2, layers=[0])
-    other = make_tiny_model(seed=0)
     given = {name: copy.deepcopy(cb) for name, cb in get_codebooks(model).items()}
     assert attach_codebooks(other, given) is other
     assert list(get_codebooks(other)) == list(given)
@@ -376,7 +383,6 @@ def test_attach_existing_codebooks_by_hook_name(model, make_tiny_model, tokens):
     _, theirs = other.run_with_cache(tokens)
     for name in given:  # same weights in the same architecture: the same codes
         assert torch.equal(mine[f"{name}.hook_codes"], theirs[f"{name}.hook_codes"])
-    fresh = make_tiny_model(seed=0)
     mlp = given["blocks.0.hook_mlp_out"]
     with pytest.raises(ValueError, match=r"per-position shape .*hook_z"):
         attach_codebooks(fresh, {"blocks.0.attn.hook_z": copy.deepcopy(mlp)})
