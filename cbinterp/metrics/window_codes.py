@@ -36,6 +36,7 @@ __all__ = [
     "window_code_shares",
     "window_codes",
     "window_match_counts",
+    "window_steering_codes",
 ]
 
 WINDOW_COLUMNS = ["codebook", "head", "code", "active_in", "active_out", "score", "passes"]
@@ -175,14 +176,39 @@ def window_codes(
     return table[WINDOW_COLUMNS].reset_index(drop=True)
 
 
-def best_window_codes(table: pd.DataFrame, cache) -> pd.DataFrame:
-    """The best-scoring code of every (codebook, head) of a `window_codes` table.
+def best_window_codes(table: pd.DataFrame, cache, per_head: int = 1) -> pd.DataFrame:
+    """The `per_head` best-scoring codes of every (codebook, head) of a `window_codes` table.
 
-    In codebook then head order: what `cbinterp.metrics.steering.steering_codes` turns into codes to force."""
-    best = table.sort_values("score", ascending=False, kind="mergesort").drop_duplicates(["codebook", "head"])
+    In codebook then head order, best first within a head: with `per_head=1`, what
+    `cbinterp.metrics.steering.steering_codes` turns into codes to force (`window_steering_codes` takes any)."""
+    if not is_int(per_head) or per_head < 1:
+        raise ValueError(f"per_head must be a positive int, got {per_head!r}.")
+    ranked = table.sort_values("score", ascending=False, kind="mergesort")
+    best = ranked.groupby(["codebook", "head"], dropna=False, sort=False).head(per_head)
     order = {name: i for i, name in enumerate(cache.codebook_names)}
     best = best.assign(_order=best["codebook"].map(order)).sort_values(["_order", "head"], kind="mergesort")
     return best.drop(columns="_order").reset_index(drop=True)
+
+
+def window_steering_codes(best: pd.DataFrame, cache) -> dict[str, Tensor]:
+    """`generate_with_codes`' `codebook_codes` from `best_window_codes` rows, several codes per head allowed.
+
+    Codebook -> `(n,)` ids, or `(heads, n)` for a per-head codebook (row h: head h's codes, best first), n the
+    fewest codes any head has; a per-head codebook with a head that has none is left out (every head is forced)."""
+    out = {}
+    for name in cache.codebook_names:
+        rows = best[best["codebook"] == name]
+        if rows.empty:
+            continue
+        if cache.codes(name).dim() == 3:
+            heads = cache.codes(name).shape[1]
+            per = [rows.loc[rows["head"] == h, "code"].astype(int).to_list() for h in range(heads)]
+            n = min(len(c) for c in per)
+            if n:
+                out[name] = torch.tensor([c[:n] for c in per], dtype=torch.long)
+        else:
+            out[name] = torch.tensor(rows["code"].astype(int).to_list(), dtype=torch.long)
+    return out
 
 
 def topic_window_codes(

@@ -14,6 +14,7 @@ from cbinterp.metrics.window_codes import (
     topic_window_codes,
     window_code_shares,
     window_codes,
+    window_steering_codes,
 )
 
 STRINGS = ["war ", "a ", "b ", "c "]
@@ -116,6 +117,11 @@ def test_best_window_codes_feed_steering_codes_per_head():
     best = best_window_codes(table, cache)
     assert [(int(r.head), int(r.code)) for r in best.itertuples()] == [(0, 5), (1, 3)]
     assert steering_codes(best, cache)["attn"].tolist() == [[5], [3]]
+    assert window_steering_codes(best, cache)["attn"].tolist() == [[5], [3]]
+    two = best_window_codes(table, cache, per_head=2)  # each head's two best, best first
+    assert window_steering_codes(two, cache)["attn"].tolist() == [[5, 2], [3, 6]]  # code 1 is never topical
+    with pytest.raises(ValueError, match="per_head"):
+        best_window_codes(table, cache, per_head=0)
 
 
 def test_window_codes_groups_and_a_codebook_without_heads():
