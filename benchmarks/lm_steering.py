@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -34,6 +35,13 @@ from cbinterp.codecache.vocab import Vocabulary
 from cbinterp.core.codebooks.attach import codebooks_bypassed, get_codebooks
 from cbinterp.core.codebooks.interventions import generate_with_codes
 from cbinterp.metrics.steering import steering_codes, topic_codes
+from cbinterp.metrics.window_codes import (
+    best_window_codes,
+    text_windows,
+    topic_window_codes,
+    window_codes,
+    window_steering_codes,
+)
 from cbinterp.reporting import Timer, save_figure, write_json
 from cbinterp.tasks.lm_features import (
     TOPIC_PROMPTS,
@@ -42,6 +50,7 @@ from cbinterp.tasks.lm_features import (
     mentions_topic,
     topic_regex,
 )
+from cbinterp.tasks.source_classifier import SourceClassifier, word_windows
 from cbinterp.tasks.text import tokenize_documents, tokenizer_fingerprint
 
 if __package__:  # python -m benchmarks.lm_steering
@@ -102,6 +111,21 @@ def parse_args(argv=None):
     p.add_argument("--min-fires", type=int, default=5, help="a topic code must fire this often on half A")
     p.add_argument("--max-chars", type=int, default=None, help="characters of half A to find codes on")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more fight on a shared CPU)")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--sources", action="store_true", help="only source steering (default: topics, then sources)")
+    part.add_argument("--no-sources", action="store_true", help="only topic steering")
+    p.add_argument("--window", type=int, default=128, help="tokens per window of the window-level rule")
+    p.add_argument("--min-matches", type=int, default=3, help="topic regex matches that make a window topical")
+    p.add_argument(
+        "--min-active",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.3],
+        help="window-level rule: shares of a group window's tokens a code must be active on (each is counted)",
+    )
+    p.add_argument(
+        "--max-elsewhere", type=float, default=0.05, help="window-level rule: the most it may be active elsewhere"
+    )
     args = p.parse_args(argv)
     args.model = args.model or common.default_model()
     if args.out is None:
@@ -111,7 +135,8 @@ def parse_args(argv=None):
         args.n_prompts, args.seeds, args.rows, args.new_tokens = min(args.n_prompts, 2), args.seeds[:1], 2, 12
         args.dev_seeds = args.dev_seeds[:1]
         args.max_chars = args.max_chars or 20000
-    args.topics = args.topics or list(TOPICS)
+        args.window = min(args.window, 32)
+    args.topics = [] if args.sources else args.topics or list(TOPICS)
     for t in args.topics:
         topic_regex(t)  # KeyError lists the known topics
     return args
@@ -208,10 +233,15 @@ def baseline_loss(baseline, samples, eos: int, bypass: bool) -> tuple[float, lis
     return (total / count if count else float("nan")), per_sample
 
 
-def judge(samples, topic: str, vocab, eos: int) -> dict:
-    regex = topic_regex(topic)
+def judge(samples, topic, vocab, eos: int) -> dict:
+    """Which continuations hit `topic`: a topic name (its regex matches) or a function of the list of texts that
+    returns one bool per text (e.g. "the source classifier reads it as the Bible")."""
     texts = [vocab.text(continuation(s, eos)) for s in samples]
-    mention = np.array([mentions_topic(t, regex) for t in texts])
+    if callable(topic):
+        mention = np.array(topic(texts), dtype=bool).reshape(len(texts))
+    else:
+        regex = topic_regex(topic)
+        mention = np.array([mentions_topic(t, regex) for t in texts], dtype=bool)
     repetitive = np.array([is_repetitive(t) for t in texts])
     return {
         "n": len(texts),
@@ -262,8 +292,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--baseline {base_label} has codebooks; give the no-codebook baseline LM (or 'bypass').")
         if tokenizer_fingerprint(baseline.tokenizer) != tokenizer_fingerprint(tokenizer):
             raise SystemExit(f"--baseline {base_label} has another tokenizer than --model {args.model}.")
-    half_a, _ = common.heldout_halves(args.model)
-    texts_a = common.take_chars(half_a, args.max_chars)
+    half_a, half_b = common.heldout_halves(args.model)
+    texts_a, sources_a = heldout_texts(half_a, args.max_chars)
     docs = tokenize_documents(texts_a, tokenizer, model.cfg.n_ctx, model)
     cache = cache_documents(model, docs, batch_size=16)
     timer.mark("cache")
@@ -282,6 +312,10 @@ def main(argv=None) -> dict:
     _, unsteered_losses = baseline_loss(baseline, unsteered, eos, bypass)
     loss_cap = float(np.nanquantile(np.array(unsteered_losses, dtype=np.float64), 0.95))
     timer.mark("generate_unsteered")
+    ctx = SimpleNamespace(
+        args=args, model=model, baseline=baseline, bypass=bypass, vocab=vocab, eos=eos, loss_cap=loss_cap,
+        cache=cache, tokenizer=tokenizer, strengths=strengths, gen=gen, dev=dev, unsteered=unsteered,
+    )  # fmt: skip
     per_topic = {}
     for topic in args.topics:
         un, _ = summary(unsteered, topic, vocab, eos, baseline, bypass, loss_cap)
@@ -296,6 +330,8 @@ def main(argv=None) -> dict:
             "met": False,
         }
         per_topic[topic] = entry
+        entry["paper_rule"] = paper_rule_topic(ctx, topic)
+        timer.mark(f"paper_rule_{topic}")
         # the ceiling: what the model does with the topic in its context (a topic sentence as the prompt)
         topic_prompt = TOPIC_PROMPTS[topic]
         room = model.cfg.n_ctx - len(model.to_tokens(topic_prompt)[0])
@@ -326,8 +362,14 @@ def main(argv=None) -> dict:
         ]
         timer.mark(f"steer_{topic}")
         print_topic(topic, entry, judged)
+    sources = None
+    if not args.no_sources:
+        sources = run_sources(
+            ctx, [sources_a[d] for d in text_windows(cache, args.window)[1].tolist()], half_a + half_b
+        )
+        timer.mark("sources")
     met = [t for t, e in per_topic.items() if e.get("met")]
-    un_all, un_judged = summary(unsteered, args.topics[0], vocab, eos, baseline, bypass, loss_cap)
+    un_all, un_judged = summary(unsteered, lambda texts: [False] * len(texts), vocab, eos, baseline, bypass, loss_cap)
     headline = {
         "topics": len(args.topics),
         "topics_meeting_target": met,
@@ -344,10 +386,15 @@ def main(argv=None) -> dict:
         "dev_samples_per_condition": len(prompts) * len(args.dev_seeds) * min(args.rows, 2),
         "new_tokens": new_tokens,
     }
-    print_table(per_topic, headline, base_label)
-    fig = steering_figure(per_topic, f"Topic steering ({args.model}), n={len(unsteered)} samples per condition")
     args.out.mkdir(parents=True, exist_ok=True)
-    figures = save_figure(fig, args.out, "figure")
+    figures = []
+    if per_topic:
+        print_table(per_topic, headline, base_label)
+        print_paper_rule(per_topic, args)
+        fig = steering_figure(per_topic, f"Topic steering ({args.model}), n={len(unsteered)} samples per condition")
+        figures = save_figure(fig, args.out, "figure")
+    if sources is not None:
+        print_sources(sources, headline)
     results = {
         "settings": {
             "model": str(args.model),
@@ -370,10 +417,16 @@ def main(argv=None) -> dict:
             "code_search_tokens": cache.n_tokens,
             "topics": {t: TOPICS[t] for t in args.topics},
             "topic_prompts": {t: TOPIC_PROMPTS[t] for t in args.topics},
+            "window_rule": WINDOW_RULE,
+            "window": args.window,
+            "min_matches": args.min_matches,
+            "min_active": args.min_active,
+            "max_elsewhere": args.max_elsewhere,
         },
         "headline": headline,
         "paper": PAPER,
         "topics": per_topic,
+        "sources": sources,
         "unsteered_samples": [
             {"prompt": x["prompt"], "seed": x["seed"], "text": t, "loss": lo}
             for x, t, lo in zip(unsteered, un_judged["texts"], un_judged["loss"])
@@ -384,6 +437,225 @@ def main(argv=None) -> dict:
     write_json(args.out / "results.json", results)
     print(f"wrote {args.out / 'results.json'}, {', '.join(figures)}")
     return results
+
+
+#: The window-level code selection, as settings record it (`cbinterp.metrics.window_codes`).
+WINDOW_RULE = (
+    "text cut into windows of `window` tokens of one document; a code's activity in a window = the share of its "
+    "tokens on which the code is among its head's k codes; active_in / active_out = its mean activity over the "
+    "group's windows / the other windows (topics: topical = >= min_matches regex matches, other = no match; "
+    "sources: the source's windows against every other source's); a code passes when active_in >= min_active and "
+    "active_out <= max_elsewhere; steering candidates, ranked by active_in - active_out: each head's best code in "
+    "n_slots slots ('best'), or its n_slots best codes, one slot each ('top'); which, and n_slots, chosen on the dev "
+    "seeds"
+)
+#: Source steering's target: readable samples classified as the source.
+SOURCE_TARGET = {"readable_at_least": 0.80, "sources": 4}
+
+
+def heldout_texts(docs, max_chars: int | None) -> tuple[list[str], list[str]]:
+    """The texts of `docs` and their sources: all, or about `max_chars` characters shared evenly by the sources
+    (`common.take_chars` within each)."""
+    if max_chars is None:
+        return [d.text for d in docs], [d.source for d in docs]
+    by_source: dict[str, list] = {}
+    for d in docs:
+        by_source.setdefault(d.source, []).append(d)
+    texts, sources = [], []
+    for source, group in by_source.items():
+        part = common.take_chars(group, max(1, max_chars // len(by_source)))
+        texts += part
+        sources += [source] * len(part)
+    return texts, sources
+
+
+def code_rows(best) -> list[dict]:
+    """JSON-able rows (codebook, head, code, active_in, active_out) of a `best_window_codes` table."""
+    return best[["codebook", "head", "code", "active_in", "active_out"]].to_dict(orient="records")
+
+
+def n_passing(table, min_active: float, max_elsewhere: float) -> int:
+    if table.empty:
+        return 0
+    return int(((table["active_in"] >= min_active) & (table["active_out"] <= max_elsewhere)).sum())
+
+
+def window_candidates(table, cache, strengths) -> dict[tuple[str, int], dict]:
+    """(kind, n_slots) -> codes to force, from a `window_codes` table: each head's best code in n_slots slots
+    ("best"), or its n_slots best codes, one slot each ("top", n_slots >= 2)."""
+    out = {}
+    one = steering_codes(best_window_codes(table, cache), cache)
+    for n in strengths:
+        if one:
+            out[("best", n)] = one
+        if n >= 2:
+            top = window_steering_codes(best_window_codes(table, cache, per_head=n), cache)
+            if top:
+                out[("top", n)] = top
+    return out
+
+
+def sweep_and_score(ctx, candidates: dict, hit) -> dict:
+    """Force each candidate ((kind, n_slots) -> codes) on the dev seeds, keep the one with the highest readable hit
+    rate (ties: fewer slots, then "best"), and score it on the scoring seeds. `hit` is a topic name or a function
+    of the texts."""
+    args, judge_args = ctx.args, (ctx.vocab, ctx.eos, ctx.baseline, ctx.bypass, ctx.loss_cap)
+    sweep = {}
+    for (kind, n), codes in candidates.items():
+        samples = generate(ctx.model, seeds=args.dev_seeds, codes=codes, n_slots={c: n for c in codes}, **ctx.dev)
+        sweep[(kind, n)], _ = summary(samples, hit, *judge_args)
+    kind, chosen = max(sweep, key=lambda c: (sweep[c]["rate_readable"], -c[1], c[0] == "best"))
+    codes = candidates[(kind, chosen)]
+    samples = generate(ctx.model, seeds=args.seeds, codes=codes, n_slots={c: chosen for c in codes}, **ctx.gen)
+    steered, judged = summary(samples, hit, *judge_args)
+    return {
+        "kind": kind,
+        "n_slots": chosen,
+        "forced": {name: ids.tolist() for name, ids in codes.items()},
+        "dev_sweep": {
+            f"{k}/{n}": {"rate": v["rate"], "rate_readable": v["rate_readable"]} for (k, n), v in sweep.items()
+        },
+        "steered": steered,
+        "samples": [
+            {"prompt": x["prompt"], "seed": x["seed"], "text": t, "hit": m, "readable": r, "loss": lo}
+            for x, t, m, r, lo in zip(samples, judged["texts"], judged["mention"], judged["readable"], judged["loss"])
+        ],
+    }
+
+
+def paper_rule_topic(ctx, topic: str) -> dict:
+    """The paper's window-level rule for one topic on half A: how many codes pass each `--min-active`, and the
+    steering that each head's best candidate gives (passing or not)."""
+    args = ctx.args
+    table, counts = topic_window_codes(
+        ctx.cache,
+        TOPICS[topic],
+        ctx.tokenizer,
+        window=args.window,
+        min_matches=args.min_matches,
+        min_active=args.min_active[0],
+        max_elsewhere=args.max_elsewhere,
+    )
+    out = {"windows": counts, "n_pass": {str(t): n_passing(table, t, args.max_elsewhere) for t in args.min_active}}
+    out["best"], out["steered"] = [], None
+    if table.empty:
+        return out
+    out["best"] = code_rows(best_window_codes(table, ctx.cache))
+    candidates = window_candidates(table, ctx.cache, ctx.strengths)
+    if candidates:
+        out.update(sweep_and_score(ctx, candidates, topic))
+    return out
+
+
+def run_sources(ctx, window_source: list[str], heldout_docs) -> dict:
+    """Source steering: per corpus source, each head's best window-level code of its half-A windows against the
+    other sources' (`window_codes`), forced in the number of slots chosen on the dev seeds; a sample hits when the
+    source classifier (`SourceClassifier`, trained on the training split, blind to the codes) reads its
+    continuation as that source."""
+    from cbinterp.tasks.corpus import load_corpus
+
+    args, cache = ctx.args, ctx.cache
+    train = load_corpus(split="train")
+    if args.quick:
+        train = train[::10]
+    clf = SourceClassifier.fit([d.text for d in train], [d.source for d in train])
+    un_texts = [ctx.vocab.text(continuation(s, ctx.eos)) for s in ctx.unsteered]
+    n_words = max(5, int(np.median([len(t.split()) for t in un_texts])))
+    pieces, labels = [], []
+    for d in heldout_docs:
+        w = word_windows(d.text, n_words)
+        pieces += w
+        labels += [d.source] * len(w)
+    accuracy = clf.accuracy(pieces, labels)
+    accuracy["n_words"] = n_words
+    windows, _ = text_windows(cache, args.window)
+    window_source = np.array(window_source)
+    per_source = {}
+    for source in sorted(set(window_source) & set(clf.labels)):
+        in_group = torch.from_numpy(window_source == source)
+        table = window_codes(cache, windows, in_group, min_active=args.min_active[0], max_elsewhere=args.max_elsewhere)
+        candidates = window_candidates(table, cache, ctx.strengths)
+
+        def hit(texts, source=source):
+            return [label == source for label in clf.predict(texts)]
+
+        un, _ = summary(ctx.unsteered, hit, ctx.vocab, ctx.eos, ctx.baseline, ctx.bypass, ctx.loss_cap)
+        entry = {
+            "unsteered": un,
+            "windows": int(in_group.sum()),
+            "n_pass": {str(t): n_passing(table, t, args.max_elsewhere) for t in args.min_active},
+            "best": code_rows(best_window_codes(table, cache)),
+            "steered": None,
+            "met": False,
+        }
+        if candidates:
+            entry.update(sweep_and_score(ctx, candidates, hit))
+            entry["met"] = entry["steered"]["rate_readable"] >= SOURCE_TARGET["readable_at_least"]
+        per_source[source] = entry
+    met = [s for s, e in per_source.items() if e["met"]]
+    return {
+        "classifier": {
+            "kind": "naive Bayes over word counts (SourceClassifier), uniform priors",
+            "train_documents": len(train),
+            "heldout_accuracy": accuracy,
+        },
+        "target": SOURCE_TARGET,
+        "sources_meeting_target": met,
+        "meets_target": len(met) >= SOURCE_TARGET["sources"],
+        "per_source": per_source,
+    }
+
+
+def _codes_text(forced: dict) -> str:
+    """Forced codes as "L<layer>h<head>:<codes>", e.g. "L1h2:578,335" (no h for a codebook without heads)."""
+    out = []
+    for name, ids in forced.items():
+        layer = name.split(".")[1] if name.startswith("blocks.") else name
+        per_head = bool(ids) and isinstance(ids[0], list)
+        for h, codes in enumerate(ids if per_head else [ids]):
+            out.append(f"L{layer}{f'h{h}' if per_head else ''}:{','.join(str(c) for c in codes)}")
+    return " ".join(out)
+
+
+def print_paper_rule(per_topic, args) -> None:
+    thresholds = "/".join(f"{t:g}" for t in args.min_active)
+    print(
+        f"\nThe paper's window-level rule on half A (windows of {args.window} tokens; topical = {args.min_matches}+ "
+        f"matches, elsewhere = none; passes = active on >= {thresholds} of a topical window's tokens on average, "
+        f"<= {args.max_elsewhere:g} elsewhere); steered = each head's best candidate forced"
+    )
+    print(f"{'topic':<10} {'topical':>7} {'pass':>9} {'unsteered':>9} {'steered':>8} {'readable':>8} {'slots':>8}")
+    for topic, e in per_topic.items():
+        r = e["paper_rule"]
+        passes = "/".join(str(r["n_pass"][str(t)]) for t in args.min_active)
+        s = r["steered"]
+        rates = f"{s['rate']:>8.0%} {s['rate_readable']:>8.0%} {r['kind'] + ' x' + str(r['n_slots']):>8}" if s else ""
+        print(f"{topic:<10} {r['windows']['topical']:>7} {passes:>9} {e['unsteered']['rate']:>9.0%} {rates}")
+
+
+def print_sources(sources, headline) -> None:
+    acc = sources["classifier"]["heldout_accuracy"]
+    per = ", ".join(f"{k} {v:.2f}" for k, v in acc["per_label"].items())
+    print(
+        f"\nSource steering: share of samples the source classifier reads as the source (n = "
+        f"{headline['samples_per_condition']} per condition). Classifier accuracy on held-out windows of "
+        f"{acc['n_words']} words: {acc['overall']:.3f} (macro {acc['macro']:.3f}; {per})"
+    )
+    head = (
+        f"{'source':<10} {'windows':>7} {'pass':>7} {'unsteered':>9} {'steered':>8} {'readable':>8} {'slots':>8}  codes"
+    )
+    print(head)
+    print("-" * len(head))
+    for source, e in sources["per_source"].items():
+        passes = "/".join(str(v) for v in e["n_pass"].values())
+        s = e["steered"]
+        rates = f"{s['rate']:>8.0%} {s['rate_readable']:>8.0%} {e['kind'] + ' x' + str(e['n_slots']):>8}" if s else ""
+        codes = _codes_text(e["forced"]) if s else "(no codes)"
+        print(f"{source:<10} {e['windows']:>7} {passes:>7} {e['unsteered']['rate']:>9.0%} {rates}  {codes}")
+    print(
+        f"Target: readable >= {SOURCE_TARGET['readable_at_least']:.0%} on >= {SOURCE_TARGET['sources']} sources: "
+        f"{len(sources['sources_meeting_target'])} met ({', '.join(sources['sources_meeting_target'])})"
+    )
 
 
 def print_topic(topic, entry, steer) -> None:

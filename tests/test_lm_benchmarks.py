@@ -84,8 +84,43 @@ def test_lm_steering_quick(tiny_lm, tmp_path, load_benchmark, capsys):
             )
             assert entry["steered"]["baseline_loss"] > 0
             assert len(entry["samples"]) == 4
+        rule = entry["paper_rule"]  # the paper's window-level rule beside the token-level one
+        assert set(rule["n_pass"]) == {"0.5", "0.3"} and rule["n_pass"]["0.5"] <= rule["n_pass"]["0.3"]
+        assert rule["windows"]["topical"] + rule["windows"]["elsewhere"] <= rule["windows"]["windows"]
+        if rule["steered"] is not None:
+            assert rule["steered"]["n"] == 4 and rule["n_slots"] in results["headline"]["strengths_tried"]
     assert "plotly" in (tmp_path / "figure.html").read_text()
-    assert "Share of samples mentioning the topic" in capsys.readouterr().out
+    check_sources(results, on_disk)
+    out = capsys.readouterr().out
+    assert "Share of samples mentioning the topic" in out
+    assert "The paper's window-level rule" in out and "Source steering" in out
+
+
+def check_sources(results, on_disk):
+    """The source-steering part of a quick run: every source judged by the classifier, its codes and slots."""
+    sources = results["sources"]
+    assert on_disk["sources"]["sources_meeting_target"] == sources["sources_meeting_target"]
+    acc = sources["classifier"]["heldout_accuracy"]
+    assert 0.0 <= acc["overall"] <= 1.0 and acc["n_words"] >= 5
+    assert set(acc["per_label"]) == {"austen", "bible", "brown", "lee", "wikipedia"}
+    assert set(sources["per_source"]) <= set(acc["per_label"]) and len(sources["per_source"]) >= 4
+    for entry in sources["per_source"].values():
+        assert entry["unsteered"]["n"] == 4 and entry["windows"] > 0
+        assert entry["best"] and all(row["active_in"] > 0 for row in entry["best"])
+        if entry["steered"] is not None:
+            s = entry["steered"]
+            assert 0.0 <= s["rate_readable"] <= s["rate"] <= 1.0
+            assert entry["n_slots"] in results["headline"]["strengths_tried"] and len(entry["samples"]) == 4
+            assert entry["kind"] in ("best", "top") and entry["forced"]
+
+
+@pytest.mark.slow
+def test_lm_steering_sources_only(tiny_lm, tmp_path, load_benchmark):
+    lm, base = tiny_lm
+    args = ["--quick", "--sources", "--model", str(lm), "--baseline", str(base), "--out", str(tmp_path)]
+    results = load_benchmark("lm_steering").main(args)
+    assert results["topics"] == {} and results["settings"]["topics"] == {}
+    check_sources(results, json.loads((tmp_path / "results.json").read_text()))
 
 
 def test_lm_steering_is_deterministic(tiny_lm, tmp_path, load_benchmark):

@@ -44,3 +44,4 @@ def test_language_model_tutorial_runs_top_to_bottom():
     outputs = run_notebook("language_model.ipynb")
     text = "".join(o.get("text", "") for o in outputs)
     assert "mean held-out precision" in text and "steered" in text
+    assert "active_in" in text  # the source-steering cell ran its window-level search
