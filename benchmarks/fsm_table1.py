@@ -2,6 +2,7 @@
 
     python benchmarks/fsm_precision.py --table1                 # seed 0, from the default run's warm start
     python benchmarks/fsm_precision.py --table1 --seeds 0 1 2   # the spread over seeds
+    python benchmarks/fsm_table1.py --seeds 0 1 2              # the same
 
 Every row starts from the same warm-started model (the default recipe's, resumed from `--out`'s checkpoints when
 `fsm_precision.py` trained it there already) and trains the codebook phase's steps with the default recipe's
@@ -176,3 +177,13 @@ def main(
     )
     print(f"wrote {args.out}/table1.json", flush=True)
     return summary
+
+
+if __name__ == "__main__":  # the same as fsm_precision.py --table1, with its options
+    import sys
+
+    if __package__:
+        from . import fsm_precision
+    else:
+        import fsm_precision
+    fsm_precision.main(["--table1", *sys.argv[1:]])

@@ -170,6 +170,34 @@ def test_fsm_precision_overrides_and_folders(load_benchmark):
         script.parse_args(["--seeds", "1", "1"])
 
 
+def test_fsm_precision_machine_shape_overrides_are_recorded(tmp_path, load_benchmark):
+    script = load_benchmark("fsm_precision")
+    args = script.parse_args(["--quick", "--n-states", "30", "--n-edges", "3", "--base", "4"])
+    recipe = script.recipe_of(args, 1)
+    fsm = recipe.fsm()
+    assert (fsm.n_states, fsm.n_edges, fsm.base, fsm.digits) == (30, 3, 4, 3)
+    assert recipe.to_dict()["n_states"] == 30  # recorded with the recipe, so a resume must match
+    script.check_resumable(tmp_path, recipe.to_dict(), fresh=False)
+    default = script.recipe_of(script.parse_args(["--quick"]), 1).to_dict()
+    with pytest.raises(SystemExit, match="n_states"):
+        script.check_resumable(tmp_path, default, fresh=False)
+
+
+def test_fsm_table1_rows_differ_only_in_their_codebooks(load_benchmark):
+    table1 = load_benchmark("fsm_table1")
+    base = load_benchmark("fsm_precision").recipe_of(load_benchmark("fsm_precision").parse_args(["--quick"]), 0)
+    training = base.training
+    # The rows the default run trains already are the default recipe itself (resumed from its checkpoints).
+    assert table1.row_training(training, "none") is training and table1.row_training(training, "attn_mlp_k1") is training
+    k16 = table1.row_training(training, "attn_mlp_k16")
+    assert (k16.codebooks.k, k16.codebooks.sites, k16.codebooks.kmeans_mean_of_k) == (16, ("attn", "mlp"), True)
+    assert [p.name for p in k16.phases] == [p.name + "_attn_mlp_k16" for p in training.phases] and not k16.control
+    assert [(p.steps, p.lr, p.stream) for p in k16.phases] == [(p.steps, p.lr, p.stream) for p in training.phases]
+    assert k16.warm_phases() == training.warm_phases()  # the same warm start, resumed
+    attn = table1.row_training(training, "attn_k1")
+    assert attn.codebooks.sites == ("attn",) and attn.codebooks.k == 1
+
+
 def test_fsm_precision_aggregates_seeds(load_benchmark):
     script = load_benchmark("fsm_precision")
     runs = [{"headline": {"state_code_precision_mean": v, "states_with_own_code": n}} for v, n in ((0.5, 3), (0.7, 5))]
