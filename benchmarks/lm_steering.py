@@ -2,6 +2,8 @@
 
     python benchmarks/lm_steering.py                      # the shipped DEFAULT_MODEL, every topic
     python benchmarks/lm_steering.py --model PATH --quick # a few short samples (tests)
+    python benchmarks/lm_steering.py --paper-tinystories --base PATH --codebook PATH
+                                      # the paper's Table 3 on the paper's model (benchmarks/paper_tinystories.py)
 
 Topic codes are found from data, on held-out half A only (text the model never trained on): for every codebook and
 head, the code that best detects the topic's words (the regex of `cbinterp.tasks.lm_features.TOPICS`), or the token
@@ -21,6 +23,7 @@ topic. Writes `results.json` (settings, per-topic rates, codes, the dev sweep, a
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -275,6 +278,14 @@ def summary(samples, topic, vocab, eos, baseline, bypass, loss_cap: float) -> tu
 
 
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--paper-tinystories" in argv:  # the paper's own model and protocol, with options of its own
+        if __package__:
+            from . import paper_tinystories
+        else:
+            import paper_tinystories
+        argv.remove("--paper-tinystories")
+        return paper_tinystories.main(argv)
     args = parse_args(argv)
     common.set_threads(args.threads)
     timer = Timer()

@@ -185,3 +185,9 @@ def test_main_on_local_folders_prints_and_writes_the_report(pt, tmp_path, no_net
     assert list(written["topics"]) == ["dragon", "fire"] == list(report["topics"])
     assert written["settings"]["prompts"] == pt.PROMPTS and written["settings"]["samples_per_prompt"] == 2
     assert written["settings"]["loss_scored_by"] == "codebook model, codebooks bypassed"  # base-neo1 has no weights
+
+
+def test_lm_steering_forwards_paper_tinystories(load_benchmark, tmp_path, no_network):
+    steering = load_benchmark("lm_steering")
+    with pytest.raises(SystemExit, match="--download"):  # paper_tinystories' own check, reached through lm_steering
+        steering.main(["--paper-tinystories", "--base", str(tmp_path / "absent"), "--out", str(tmp_path)])
