@@ -100,7 +100,13 @@ SEED_KEYS = [
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="FSMRecipe.quick() instead of FSMRecipe.paper()")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="FSMRecipe.quick() instead of FSMRecipe.paper()")
+    preset.add_argument(
+        "--paper-scale",
+        action="store_true",
+        help="FSMRecipe.paper_scale(): the paper's schedule (20k steps of 512 sequences; for a GPU)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (default: 0)")
     parser.add_argument(
         "--out",
@@ -119,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--n-states", type=int, help="states of the machine (default 100; 20 with --quick)")
     group.add_argument("--n-edges", type=int, help="out-edges of each state (default 10; 4 with --quick)")
     group.add_argument("--base", type=int, help="digits per token: a state is written in base BASE (default 10)")
-    for name in ("warm_steps", "codebook_steps", "n_codes", "batch", "seq_len"):
+    for name in ("short_steps", "warm_steps", "codebook_steps", "n_codes", "batch", "seq_len"):
         group.add_argument("--" + name.replace("_", "-"), type=int)
     group = parser.add_argument_group("the paper's Table 1 (benchmarks/fsm_table1.py)")
     group.add_argument(
@@ -134,7 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--min-recall", type=float, default=0.01, help="the paper's recall cut of the code search")
     args = parser.parse_args(argv)
     args.device = args.device or default_device()
-    args.out = args.out or ROOT / "benchmarks" / "out" / ("fsm_quick" if args.quick else "fsm")
+    args.out = args.out or ROOT / "benchmarks" / "out" / (
+        "fsm_quick" if args.quick else "fsm_paper_scale" if args.paper_scale else "fsm"
+    )
     args.eval_positions = args.eval_positions or (30_000 if args.quick else 100_000)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds lists a seed twice: {args.seeds}")
@@ -143,13 +151,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def recipe_of(args: argparse.Namespace, seed: int) -> FSMRecipe:
     """The recipe of one seed: the preset with the command line's overrides."""
-    recipe = (FSMRecipe.quick if args.quick else FSMRecipe.paper)(seed=seed)
+    preset = FSMRecipe.quick if args.quick else FSMRecipe.paper_scale if args.paper_scale else FSMRecipe.paper
+    recipe = preset(seed=seed)
     names = ("n_states", "n_edges", "base", "batch", "seq_len")
     fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     recipe = dataclasses.replace(recipe, **fields) if fields else recipe
     training = recipe.training
     if args.warm_steps is not None:
         training = dataclasses.replace(training, warm=dataclasses.replace(training.warm, steps=args.warm_steps))
+    if args.short_steps is not None:
+        if not training.pretrain:
+            raise SystemExit("--short-steps: this preset has no short-window stage.")
+        pretrain = [dataclasses.replace(p, steps=args.short_steps) for p in training.pretrain if args.short_steps]
+        training = dataclasses.replace(training, pretrain=pretrain)
     if args.codebook_steps is not None:
         training = dataclasses.replace(
             training, phases=[dataclasses.replace(p, steps=args.codebook_steps) for p in training.phases]

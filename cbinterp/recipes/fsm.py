@@ -59,14 +59,23 @@ class FSMRecipe:
     # -- presets ----------------------------------------------------------------------------------------
     @staticmethod
     def paper_training(
-        warm_steps: int = 250, codebook_steps: int = 150, loss: str = "aeloss", n_codes: int = 1000
+        warm_steps: int = 1000,
+        codebook_steps: int = 150,
+        loss: str = "aeloss",
+        n_codes: int = 1000,
+        short_steps: int = 1000,
     ) -> CodebookRecipe:
-        """The default training: warm start, codebooks after every head and every MLP, then end to end.
+        """The default training: short windows, a warm start, codebooks after every head and every MLP, end to end.
 
-        1000 codes, k=1, aeloss, k-means initialised; end to end, the model trains at a tenth of the codebooks'
-        learning rate."""
+        The short-window stage (`short_steps` steps of `short_batch` x `short_seq_len` tokens) teaches the machine's
+        transition table: in windows of a few states there is little to copy from the context, so the model must
+        hold the table in its weights; the warm start then trains every position of the full context. 1000 codes,
+        k=1, aeloss, k-means initialised; end to end, the model trains at a tenth of the codebooks' learning rate.
+        `short_steps=0` leaves the short stage out."""
+        short = [Phase("short", steps=short_steps, lr=3e-3, stream=STREAM_SHORT)] if short_steps else []
         return CodebookRecipe(
-            warm=Phase("warm", steps=warm_steps, lr=3e-3, stream=STREAM_WARM),
+            pretrain=short,
+            warm=Phase("warm", steps=warm_steps, lr=1e-3 if short else 3e-3, stream=STREAM_WARM),
             codebooks=CodebookSpec(sites=("attn", "mlp"), n_codes=n_codes, k=1, loss=loss),
             phases=[Phase("codebooks", steps=codebook_steps, lr=1e-4, codebook_lr=1e-3, stream=STREAM_CODEBOOKS)],
         )
@@ -75,6 +84,30 @@ class FSMRecipe:
     def paper(cls, seed: int = 0, **overrides) -> FSMRecipe:
         """The paper's FSM (100 states, 10 edges, two digits per state), 4 layers x d_model 128, context 128."""
         return cls(seed=seed, **overrides)
+
+    @classmethod
+    def paper_scale(cls, seed: int = 0, **overrides) -> FSMRecipe:
+        """The paper's own schedule for the model without codebooks: 20k steps of 512 sequences at a constant 1e-3.
+
+        For a GPU (hours on a CPU). The codebook phase then trains 2000 steps of 512 sequences with the default
+        recipe's learning rates; the paper instead trained each codebook model from scratch for 20k steps."""
+        training = CodebookRecipe(
+            warm=Phase(
+                "warm",
+                steps=20_000,
+                lr=1e-3,
+                stream=STREAM_WARM,
+                warmup_steps=0,
+                schedule="constant",
+                weight_decay=0.0,
+                checkpoint_every=500,
+            ),
+            codebooks=CodebookSpec(sites=("attn", "mlp"), n_codes=1000, k=1, loss="aeloss"),
+            phases=[
+                Phase("codebooks", steps=2000, lr=1e-4, codebook_lr=1e-3, stream=STREAM_CODEBOOKS, checkpoint_every=500)
+            ],
+        )
+        return cls(seed=seed, **{"batch": 512, "kmeans_sequences": 1024, "training": training, **overrides})
 
     @classmethod
     def quick(cls, seed: int = 0, **overrides) -> FSMRecipe:
@@ -89,7 +122,7 @@ class FSMRecipe:
             seq_len=64,
             batch=64,
             kmeans_sequences=256,
-            training=cls.paper_training(warm_steps=200, codebook_steps=150, n_codes=200),
+            training=cls.paper_training(warm_steps=200, codebook_steps=150, n_codes=200, short_steps=0),
         )
         return cls(seed=seed, **{**settings, **overrides})
 
