@@ -2,6 +2,7 @@
 
     python benchmarks/lm_steering.py                      # the shipped DEFAULT_MODEL, every topic
     python benchmarks/lm_steering.py --model PATH --quick # a few short samples (tests)
+    python benchmarks/lm_steering.py --sources            # only source steering (the five corpus sources)
     python benchmarks/lm_steering.py --paper-tinystories --base PATH --codebook PATH
                                       # the paper's Table 3 on the paper's model (benchmarks/paper_tinystories.py)
 
@@ -14,6 +15,17 @@ and how many slots are chosen per topic on dev seeds, and the chosen setting is 
 every prompt x seed x row, temperature 1, `--new-tokens` new tokens, the same seeds for the unsteered and every
 steered condition. A sample "mentions the topic" when its continuation (prompt excluded) matches the topic regex.
 
+Source steering (`--sources`; after the topics by default) asks the same of the corpus's five sources, judged by a
+source classifier blind to the codes (`SourceClassifier`: naive Bayes over words and word pairs, trained on the
+training split only, settings `CLASSIFIER` chosen on a split of the training documents; its accuracy is reported on
+held-out windows as long as the samples). Codes per source, on half A: each head's codes ranked by the window-level
+rule's score (`cbinterp.metrics.window_codes`, the source's windows against every other source's), by difference
+(active_in - active_out) and by ratio (active_in / (active_in + active_out), codes active on >= `--min-in` of a
+source window's tokens); candidates: each head's best code in n_slots slots ("best") or its n_slots best codes
+("top"), for both scores ("-ratio"); the one with the highest dev-seed readable rate is scored on the other seeds.
+"prompted" (the ceiling) continues `--source-prompt-tokens` tokens of the source's own half-A text. Target: readable
+>= 80% on >= 4 of 5 sources (`SOURCE_TARGET`).
+
 Steered text must still be text: the baseline (no-codebook) model's per-token loss on every continuation is
 measured, and a sample is "readable" when it is not one word repeated (`is_repetitive`) and its loss is at most
 the 95th percentile of the unsteered samples' losses. The headline rate counts readable samples that mention the
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -118,6 +131,15 @@ def parse_args(argv=None):
     part.add_argument("--sources", action="store_true", help="only source steering (default: topics, then sources)")
     part.add_argument("--no-sources", action="store_true", help="only topic steering")
     p.add_argument("--window", type=int, default=128, help="tokens per window of the window-level rule")
+    p.add_argument(
+        "--min-in",
+        type=float,
+        default=0.02,
+        help="source codes ranked by ratio: the least share of a source window's tokens a code must be active on",
+    )
+    p.add_argument(
+        "--source-prompt-tokens", type=int, default=16, help="tokens of the source's own text in a 'prompted' sample"
+    )
     p.add_argument("--min-matches", type=int, default=3, help="topic regex matches that make a window topical")
     p.add_argument(
         "--min-active",
@@ -179,12 +201,16 @@ def find_topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires:
 
 @torch.no_grad()
 def generate(model, prompts, seeds, rows, new_tokens, codes=None, n_slots=None):
-    """`rows` samples of every prompt for every seed: dicts with prompt, seed, ids (prompt + new tokens) and
-    prompt_len. Prompts of the same token length share one generate call per seed (seeded by the seed and the
-    length), so a condition costs a few calls whatever the number of prompts."""
+    """`rows` samples of every prompt (a string, or token ids starting with BOS) for every seed: dicts with prompt,
+    seed, ids (prompt + new tokens) and prompt_len. Prompts of the same token length share one generate call per
+    seed (seeded by the seed and the length), so a condition costs a few calls whatever the number of prompts."""
     groups: dict[int, list[tuple[str, Tensor]]] = {}
     for prompt in prompts:
-        ids = model.to_tokens(prompt)[0]
+        if isinstance(prompt, str):
+            ids = model.to_tokens(prompt)[0]
+        else:  # token ids (BOS first): recorded as the text after the BOS
+            ids = torch.as_tensor(prompt, dtype=torch.long)
+            prompt = model.to_string(ids[1:])
         groups.setdefault(len(ids), []).append((prompt, ids))
     samples = []
     kwargs = dict(max_new_tokens=new_tokens, do_sample=True, temperature=1.0, stop_at_eos=True, verbose=False)
@@ -433,6 +459,8 @@ def main(argv=None) -> dict:
             "min_matches": args.min_matches,
             "min_active": args.min_active,
             "max_elsewhere": args.max_elsewhere,
+            "min_in": args.min_in,
+            "source_prompt_tokens": args.source_prompt_tokens,
         },
         "headline": headline,
         "paper": PAPER,
@@ -462,6 +490,12 @@ WINDOW_RULE = (
 )
 #: Source steering's target: readable samples classified as the source.
 SOURCE_TARGET = {"readable_at_least": 0.80, "sources": 4}
+#: How source codes are ranked (`window_codes`' score); both give candidates, the dev seeds choose.
+SOURCE_SCORES = ("difference", "ratio")
+#: The source classifier's settings, chosen on the training split alone (every fifth training document, by a hash
+#: of its id, held out of fitting; 65-word windows): word pairs raised macro accuracy from 0.937 to 0.946; with
+#: them, min_count 2 / alpha 0.1 beat min_count 5 (0.944) and alpha 0.01 (0.917) or 1 (0.857).
+CLASSIFIER = {"bigrams": True, "min_count": 2, "alpha": 0.1}
 
 
 def heldout_texts(docs, max_chars: int | None) -> tuple[list[str], list[str]]:
@@ -491,18 +525,18 @@ def n_passing(table, min_active: float, max_elsewhere: float) -> int:
     return int(((table["active_in"] >= min_active) & (table["active_out"] <= max_elsewhere)).sum())
 
 
-def window_candidates(table, cache, strengths) -> dict[tuple[str, int], dict]:
+def window_candidates(table, cache, strengths, suffix: str = "") -> dict[tuple[str, int], dict]:
     """(kind, n_slots) -> codes to force, from a `window_codes` table: each head's best code in n_slots slots
-    ("best"), or its n_slots best codes, one slot each ("top", n_slots >= 2)."""
+    ("best"), or its n_slots best codes, one slot each ("top", n_slots >= 2); `suffix` is appended to the kinds."""
     out = {}
     one = steering_codes(best_window_codes(table, cache), cache)
     for n in strengths:
         if one:
-            out[("best", n)] = one
+            out[("best" + suffix, n)] = one
         if n >= 2:
             top = window_steering_codes(best_window_codes(table, cache, per_head=n), cache)
             if top:
-                out[("top", n)] = top
+                out[("top" + suffix, n)] = top
     return out
 
 
@@ -515,7 +549,7 @@ def sweep_and_score(ctx, candidates: dict, hit) -> dict:
     for (kind, n), codes in candidates.items():
         samples = generate(ctx.model, seeds=args.dev_seeds, codes=codes, n_slots={c: n for c in codes}, **ctx.dev)
         sweep[(kind, n)], _ = summary(samples, hit, *judge_args)
-    kind, chosen = max(sweep, key=lambda c: (sweep[c]["rate_readable"], -c[1], c[0] == "best"))
+    kind, chosen = max(sweep, key=lambda c: (sweep[c]["rate_readable"], -c[1], c[0].startswith("best")))
     codes = candidates[(kind, chosen)]
     samples = generate(ctx.model, seeds=args.seeds, codes=codes, n_slots={c: chosen for c in codes}, **ctx.gen)
     steered, judged = summary(samples, hit, *judge_args)
@@ -559,17 +593,18 @@ def paper_rule_topic(ctx, topic: str) -> dict:
 
 
 def run_sources(ctx, window_source: list[str], heldout_docs) -> dict:
-    """Source steering: per corpus source, each head's best window-level code of its half-A windows against the
-    other sources' (`window_codes`), forced in the number of slots chosen on the dev seeds; a sample hits when the
-    source classifier (`SourceClassifier`, trained on the training split, blind to the codes) reads its
-    continuation as that source."""
+    """Source steering: per corpus source, each head's window-level codes of its half-A windows against the other
+    sources' (`window_codes`, ranked by difference and by ratio), the candidate (score, best / top, n_slots) chosen
+    on the dev seeds; a sample hits when the source classifier (`SourceClassifier` over words and word pairs,
+    trained on the training split, blind to the codes) reads its continuation as that source. "prompted" is the
+    ceiling: continuations of the source's own half-A text."""
     from cbinterp.tasks.corpus import load_corpus
 
     args, cache = ctx.args, ctx.cache
     train = load_corpus(split="train")
     if args.quick:
         train = train[::10]
-    clf = SourceClassifier.fit([d.text for d in train], [d.source for d in train])
+    clf = SourceClassifier.fit([d.text for d in train], [d.source for d in train], **CLASSIFIER)
     un_texts = [ctx.vocab.text(continuation(s, ctx.eos)) for s in ctx.unsteered]
     n_words = max(5, int(np.median([len(t.split()) for t in un_texts])))
     pieces, labels = [], []
@@ -581,32 +616,53 @@ def run_sources(ctx, window_source: list[str], heldout_docs) -> dict:
     accuracy["n_words"] = n_words
     windows, _ = text_windows(cache, args.window)
     window_source = np.array(window_source)
+    judge_args = (ctx.vocab, ctx.eos, ctx.baseline, ctx.bypass, ctx.loss_cap)
     per_source = {}
     for source in sorted(set(window_source) & set(clf.labels)):
         in_group = torch.from_numpy(window_source == source)
-        table = window_codes(cache, windows, in_group, min_active=args.min_active[0], max_elsewhere=args.max_elsewhere)
-        candidates = window_candidates(table, cache, ctx.strengths)
+        tables = {
+            score: window_codes(
+                cache,
+                windows,
+                in_group,
+                min_active=args.min_active[0],
+                max_elsewhere=args.max_elsewhere,
+                score=score,
+                min_in=args.min_in if score == "ratio" else 0.0,
+            )
+            for score in SOURCE_SCORES
+        }
+        candidates = {}
+        for score, table in tables.items():
+            candidates.update(window_candidates(table, cache, ctx.strengths, "" if score == "difference" else "-ratio"))
 
         def hit(texts, source=source):
             return [label == source for label in clf.predict(texts)]
 
-        un, _ = summary(ctx.unsteered, hit, ctx.vocab, ctx.eos, ctx.baseline, ctx.bypass, ctx.loss_cap)
+        un, _ = summary(ctx.unsteered, hit, *judge_args)
+        prompts = source_prompts(cache, windows, in_group, len(ctx.gen["prompts"]) * ctx.gen["rows"], ctx)
+        prompted = generate(ctx.model, prompts, args.seeds, 1, ctx.gen["new_tokens"])
+        table = tables["difference"]
         entry = {
             "unsteered": un,
+            "prompted": summary(prompted, hit, *judge_args)[0],
             "windows": int(in_group.sum()),
             "n_pass": {str(t): n_passing(table, t, args.max_elsewhere) for t in args.min_active},
             "best": code_rows(best_window_codes(table, cache)),
+            "best_ratio": code_rows(best_window_codes(tables["ratio"], cache)),
             "steered": None,
             "met": False,
         }
         if candidates:
             entry.update(sweep_and_score(ctx, candidates, hit))
             entry["met"] = entry["steered"]["rate_readable"] >= SOURCE_TARGET["readable_at_least"]
+            entry["labels_of_steered"] = dict(Counter(clf.predict([x["text"] for x in entry["samples"]])))
         per_source[source] = entry
     met = [s for s, e in per_source.items() if e["met"]]
     return {
         "classifier": {
-            "kind": "naive Bayes over word counts (SourceClassifier), uniform priors",
+            "kind": "naive Bayes over word and word-pair counts (SourceClassifier), uniform priors",
+            "settings": CLASSIFIER,
             "train_documents": len(train),
             "heldout_accuracy": accuracy,
         },
@@ -615,6 +671,22 @@ def run_sources(ctx, window_source: list[str], heldout_docs) -> dict:
         "meets_target": len(met) >= SOURCE_TARGET["sources"],
         "per_source": per_source,
     }
+
+
+def source_prompts(cache, windows, in_group, n: int, ctx) -> list[Tensor]:
+    """`n` prompts of the group's own text: BOS and the first `--source-prompt-tokens` tokens of windows spread
+    evenly over the group's windows (repeated when it has fewer than `n`)."""
+    want = min(ctx.args.source_prompt_tokens, ctx.model.cfg.n_ctx - 1 - ctx.gen["new_tokens"])
+    bos = ctx.tokenizer.bos_token_id
+    tokens = cache.tokens
+    group = torch.nonzero(in_group).flatten().tolist()
+    out = []
+    for i in np.linspace(0, len(group) - 1, n).round().astype(int):
+        ids = tokens[windows == group[i]].long()
+        ids = ids[ids != bos][:want]  # a row's BOS may fall inside a window
+        out.append(torch.cat([torch.tensor([bos]), ids]))
+    shortest = min(len(x) for x in out)
+    return [x[:shortest] for x in out]  # one length: one generate call per seed
 
 
 def _codes_text(forced: dict) -> str:
@@ -653,16 +725,29 @@ def print_sources(sources, headline) -> None:
         f"{acc['n_words']} words: {acc['overall']:.3f} (macro {acc['macro']:.3f}; {per})"
     )
     head = (
-        f"{'source':<10} {'windows':>7} {'pass':>7} {'unsteered':>9} {'steered':>8} {'readable':>8} {'slots':>8}  codes"
+        f"{'source':<10} {'windows':>7} {'pass':>7} {'unsteered':>9} {'prompted':>8} {'steered':>8} {'readable':>8} "
+        f"{'slots':>12}  codes"
     )
     print(head)
     print("-" * len(head))
     for source, e in sources["per_source"].items():
         passes = "/".join(str(v) for v in e["n_pass"].values())
         s = e["steered"]
-        rates = f"{s['rate']:>8.0%} {s['rate_readable']:>8.0%} {e['kind'] + ' x' + str(e['n_slots']):>8}" if s else ""
+        rates = f"{s['rate']:>8.0%} {s['rate_readable']:>8.0%} {e['kind'] + ' x' + str(e['n_slots']):>12}" if s else ""
         codes = _codes_text(e["forced"]) if s else "(no codes)"
-        print(f"{source:<10} {e['windows']:>7} {passes:>7} {e['unsteered']['rate']:>9.0%} {rates}  {codes}")
+        print(
+            f"{source:<10} {e['windows']:>7} {passes:>7} {e['unsteered']['rate']:>9.0%} {e['prompted']['rate']:>8.0%} "
+            f"{rates}  {codes}"
+        )
+    print(
+        "prompted = continuations of 16 tokens of the source's own half-A text (the ceiling: what the model writes "
+        "with the source in its context); steered samples read as: "
+        + "; ".join(
+            f"{src} -> {', '.join(f'{k} {v}' for k, v in sorted(e['labels_of_steered'].items()))}"
+            for src, e in sources["per_source"].items()
+            if e.get("labels_of_steered")
+        )
+    )
     print(
         f"Target: readable >= {SOURCE_TARGET['readable_at_least']:.0%} on >= {SOURCE_TARGET['sources']} sources: "
         f"{len(sources['sources_meeting_target'])} met ({', '.join(sources['sources_meeting_target'])})"

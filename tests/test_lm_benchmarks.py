@@ -106,12 +106,15 @@ def check_sources(results, on_disk):
     assert set(sources["per_source"]) <= set(acc["per_label"]) and len(sources["per_source"]) >= 4
     for entry in sources["per_source"].values():
         assert entry["unsteered"]["n"] == 4 and entry["windows"] > 0
+        assert entry["prompted"]["n"] == 4 and 0.0 <= entry["prompted"]["rate"] <= 1.0  # the ceiling
+        assert entry["best_ratio"] and all(row["active_in"] >= 0.02 for row in entry["best_ratio"])
         assert entry["best"] and all(row["active_in"] > 0 for row in entry["best"])
         if entry["steered"] is not None:
             s = entry["steered"]
             assert 0.0 <= s["rate_readable"] <= s["rate"] <= 1.0
             assert entry["n_slots"] in results["headline"]["strengths_tried"] and len(entry["samples"]) == 4
-            assert entry["kind"] in ("best", "top") and entry["forced"]
+            assert entry["kind"] in ("best", "top", "best-ratio", "top-ratio") and entry["forced"]
+            assert sum(entry["labels_of_steered"].values()) == 4
 
 
 @pytest.mark.slow

@@ -13,6 +13,10 @@ neither). For every (codebook, head, code):
 
 and a code passes when `active_in >= min_active` and `active_out <= max_elsewhere`. The same rule selects codes for
 any split of the windows into a group and the rest (`window_codes`), e.g. the windows of one corpus source.
+
+`score="ratio"` ranks by precision instead, `active_in / (active_in + active_out)`: a rare code found almost only
+in the group outranks a common one that is merely a little more common there. With `min_in`, codes less active than
+that in the group are left out (a precise code that is almost never active cannot steer).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from cbinterp.core.codebooks.heads import HEAD_DTYPE
 
 __all__ = [
     "WINDOW_COLUMNS",
+    "WINDOW_SCORES",
     "best_window_codes",
     "text_windows",
     "topic_window_codes",
@@ -40,6 +45,8 @@ __all__ = [
 ]
 
 WINDOW_COLUMNS = ["codebook", "head", "code", "active_in", "active_out", "score", "passes"]
+#: How `window_codes` ranks codes: active_in - active_out, or active_in / (active_in + active_out).
+WINDOW_SCORES = ("difference", "ratio")
 
 
 def text_windows(
@@ -135,13 +142,23 @@ def window_codes(
     *,
     min_active: float = 0.5,
     max_elsewhere: float = 0.05,
+    score: str = "difference",
+    min_in: float = 0.0,
 ) -> pd.DataFrame:
     """Every code active in the windows of `in_group`, scored against `out_group` (default: every other window).
+
+    Args:
+        score: "difference" (`active_in - active_out`) or "ratio" (`active_in / (active_in + active_out)`).
+        min_in: codes with `active_in` below this are left out.
 
     Returns the columns `WINDOW_COLUMNS`, best `score` first: `active_in` / `active_out` are the codes' mean shares
     of a window's tokens (see the module's docstring), `passes` is `active_in >= min_active` and `active_out <=
     max_elsewhere`. `head` is `Int64`, `pd.NA` for a codebook without heads."""
     min_active, max_elsewhere = _check_thresholds(min_active, max_elsewhere)
+    if score not in WINDOW_SCORES:
+        raise ValueError(f"score must be one of {WINDOW_SCORES}, got {score!r}.")
+    if not is_real(min_in) or not 0.0 <= min_in <= 1.0:
+        raise ValueError(f"min_in must be a share of a window's tokens in [0, 1], got {min_in!r}.")
     in_group = torch.as_tensor(in_group, dtype=torch.bool)
     out_group = ~in_group if out_group is None else torch.as_tensor(out_group, dtype=torch.bool)
     if out_group.shape != in_group.shape:
@@ -154,7 +171,7 @@ def window_codes(
     outside = window_code_shares(cache, windows, out_group)
     frames = []
     for name, shares in inside.items():
-        heads, codes = torch.nonzero(shares > 0, as_tuple=True)
+        heads, codes = torch.nonzero((shares > 0) & (shares >= min_in), as_tuple=True)
         a_in, a_out = shares[heads, codes], outside[name][heads, codes]
         per_head = cache.codes(name).dim() == 3
         head_col = pd.array(heads.tolist() if per_head else [pd.NA] * len(heads), dtype=HEAD_DTYPE)
@@ -170,7 +187,10 @@ def window_codes(
             )
         )
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=WINDOW_COLUMNS[:5])
-    table["score"] = table["active_in"] - table["active_out"]
+    if score == "ratio":  # active_in > 0 on every row, so the ratio is defined
+        table["score"] = table["active_in"] / (table["active_in"] + table["active_out"])
+    else:
+        table["score"] = table["active_in"] - table["active_out"]
     table["passes"] = (table["active_in"] >= min_active) & (table["active_out"] <= max_elsewhere)
     table = table.sort_values(["score", "codebook", "head", "code"], ascending=[False, True, True, True])
     return table[WINDOW_COLUMNS].reset_index(drop=True)

@@ -5,7 +5,9 @@ continuation by its words alone. Words are case-kept letter runs, digit runs and
 numbers and quotes tell news, encyclopedia and fiction apart). Training counts every occurrence (add-`alpha`
 smoothing); a text is scored on its distinct words, each once, because a short generated text repeats words far
 more than the training prose does and one repeated word must not decide its source. Priors are uniform, so a source
-with more training text is not favoured; words seen fewer than `min_count` times in training are ignored.
+with more training text is not favoured; words seen fewer than `min_count` times in training are ignored. With
+`bigrams=True`, pairs of adjacent words ("of the", "Mr Darcy") count as words too: word order tells news from
+encyclopedia prose that shares its vocabulary.
 
     clf = SourceClassifier.fit([d.text for d in train], [d.source for d in train])
     clf.predict(["And God said, Let there be light."])     # ["bible"]
@@ -24,7 +26,7 @@ import numpy as np
 
 from cbinterp.core.checks import is_int, is_real
 
-__all__ = ["SourceClassifier", "words", "word_windows"]
+__all__ = ["SourceClassifier", "features", "words", "word_windows"]
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+|[^\w\s]")
 
@@ -34,6 +36,12 @@ def words(text: str) -> list[str]:
 
     Letter runs (case kept, with an inner apostrophe), digit runs, and single punctuation marks."""
     return _WORD.findall(text)
+
+
+def features(text: str, bigrams: bool = False) -> list[str]:
+    """The classifier's features of `text`: its `words`, then (with `bigrams`) each adjacent pair as "a b"."""
+    w = words(text)
+    return w + [f"{a} {b}" for a, b in zip(w, w[1:])] if bigrams else w
 
 
 def word_windows(text: str, n_words: int) -> list[str]:
@@ -50,26 +58,38 @@ def word_windows(text: str, n_words: int) -> list[str]:
 class SourceClassifier:
     """Naive Bayes over word counts, trained with `fit`.
 
-    `labels`, `vocabulary` (word -> column), `log_prob` (labels x words: log P(word | label), add-`alpha` smoothed).
+    `labels`, `vocabulary` (word -> column), `log_prob` (labels x words: log P(word | label), add-`alpha` smoothed),
+    `bigrams` (whether word pairs are features too).
     """
 
     labels: tuple[str, ...]
     vocabulary: dict[str, int]
     log_prob: np.ndarray
+    bigrams: bool = False
 
     @classmethod
     def fit(
-        cls, texts: Iterable[str], labels: Iterable[str], min_count: int = 2, alpha: float = 0.1
+        cls,
+        texts: Iterable[str],
+        labels: Iterable[str],
+        min_count: int = 2,
+        alpha: float = 0.1,
+        bigrams: bool = False,
     ) -> SourceClassifier:
-        """Train on `texts` and their `labels` (one label per text; at least two distinct labels)."""
+        """Train on `texts` and their `labels` (one label per text; at least two distinct labels).
+
+        Args:
+            bigrams: count pairs of adjacent words as features too (`features`)."""
         if not is_int(min_count) or min_count < 1:
             raise ValueError(f"min_count must be a positive int, got {min_count!r}.")
         if not is_real(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive number (the add-alpha smoothing), got {alpha!r}.")
+        if not isinstance(bigrams, bool):
+            raise TypeError(f"bigrams must be True or False, got {bigrams!r}.")
         counts: dict[str, Counter] = {}
         n_texts = 0
         for text, label in zip(texts, labels, strict=True):
-            counts.setdefault(str(label), Counter()).update(words(text))
+            counts.setdefault(str(label), Counter()).update(features(text, bigrams))
             n_texts += 1
         if len(counts) < 2:
             raise ValueError(f"fit needs texts of at least two labels, got {sorted(counts)} from {n_texts} texts.")
@@ -87,13 +107,13 @@ class SourceClassifier:
                 if w in index:
                     table[row, index[w]] += n
         log_prob = np.log(table) - np.log(table.sum(axis=1, keepdims=True))
-        return cls(labels=ordered, vocabulary=index, log_prob=log_prob)
+        return cls(labels=ordered, vocabulary=index, log_prob=log_prob, bigrams=bigrams)
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
-        """`(len(texts), len(labels))` log-likelihoods of each text's distinct known words under each label."""
+        """`(len(texts), len(labels))` log-likelihoods of each text's distinct known features under each label."""
         out = np.zeros((len(texts), len(self.labels)))
         for i, text in enumerate(texts):
-            ids = sorted({self.vocabulary[w] for w in words(text) if w in self.vocabulary})
+            ids = sorted({self.vocabulary[w] for w in features(text, self.bigrams) if w in self.vocabulary})
             out[i] = self.log_prob[:, ids].sum(axis=1)
         return out
 

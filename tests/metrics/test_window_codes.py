@@ -147,3 +147,26 @@ def test_window_codes_groups_and_a_codebook_without_heads():
     with pytest.raises(ValueError, match="differ in shape"):
         window_codes(cache, windows, window_doc == 0, torch.ones(3, dtype=torch.bool))
     assert isinstance(table, pd.DataFrame)
+
+
+def test_ratio_score_prefers_a_precise_code_and_min_in_drops_rare_ones():
+    """Code 1: on 6/8 of the group's tokens and 2/8 elsewhere (difference 0.5, ratio 0.75); code 2: on 2/8 of the
+    group's tokens only (difference 0.25, ratio 1)."""
+    doc = [0] * 8 + [1] * 8
+    attn = torch.zeros(16, 1, 1, dtype=torch.long)
+    attn[[0, 1, 2, 4, 5, 6], 0, 0] = 1
+    attn[[3, 7], 0, 0] = 2
+    attn[[8, 12], 0, 0] = 1
+    cache = cache_of([1] * 16, doc, attn)
+    windows, window_doc = text_windows(cache, window=4)
+    group = window_doc == 0
+    by_diff = window_codes(cache, windows, group)
+    assert by_diff.code.tolist() == [1, 2] and by_diff.score.tolist() == pytest.approx([0.5, 0.25])
+    by_ratio = window_codes(cache, windows, group, score="ratio")
+    assert by_ratio.code.tolist() == [2, 1] and by_ratio.score.tolist() == pytest.approx([1.0, 0.75])
+    floor = window_codes(cache, windows, group, score="ratio", min_in=0.3)
+    assert floor.code.tolist() == [1]
+    with pytest.raises(ValueError, match="score must be one of"):
+        window_codes(cache, windows, group, score="log")
+    with pytest.raises(ValueError, match="min_in"):
+        window_codes(cache, windows, group, min_in=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cbinterp.tasks.source_classifier import SourceClassifier, word_windows, words
+from cbinterp.tasks.source_classifier import SourceClassifier, features, word_windows, words
 
 TRAIN = [
     ("And the Lord said unto Moses, go forth to the temple and pray.", "bible"),
@@ -62,3 +62,15 @@ def test_bad_training_input_is_refused():
         SourceClassifier.fit(["a", "b"], ["x"])  # one label per text
     with pytest.raises(TypeError, match="list of texts"):
         classifier().predict("the Lord")
+
+
+def test_bigrams_tell_word_order_apart():
+    """Two sources with the same words in another order: only word pairs can tell them apart."""
+    texts, labels = ["dog bites man", "dog bites man", "man bites dog", "man bites dog"], ["x", "x", "y", "y"]
+    plain = SourceClassifier.fit(texts, labels, min_count=1)
+    assert plain.scores(["man bites dog"])[0].tolist()[0] == pytest.approx(plain.scores(["man bites dog"])[0][1])
+    pairs = SourceClassifier.fit(texts, labels, min_count=1, bigrams=True)
+    assert pairs.predict(["the man bites a dog", "a dog bites the man"]) == ["y", "x"]
+    assert features("a b c", bigrams=True) == ["a", "b", "c", "a b", "b c"] and features("a b") == ["a", "b"]
+    with pytest.raises(TypeError, match="bigrams"):
+        SourceClassifier.fit(texts, labels, bigrams="yes")
