@@ -11,6 +11,8 @@ differ go through here:
   that its nested hook points are listed under the hook name the user gave (`blocks.0.attn.hook_z.hook_codes`);
 * `state_dict` / `load_state_dict`: every parameter and buffer, codebooks included (a bridge's own `state_dict()`
   leaves out modules it does not know);
+* `unused_parameters`: what a bridge holds but never reads (kept out of training, so that DDP sees every trained
+  parameter get a gradient);
 * `build_hooked`: a config-built `HookedTransformer`, with a clear error where TransformerLens 4 has none.
 """
 
@@ -37,6 +39,7 @@ __all__ = [
     "require_hooked",
     "require_model",
     "state_dict",
+    "unused_parameters",
 ]
 
 TL_VERSION: str = importlib.metadata.version("transformer-lens")
@@ -175,6 +178,27 @@ def load_state_dict(model, state: dict[str, torch.Tensor], strict: bool = True):
     if not is_bridge(model):
         return model.load_state_dict(state, strict=strict)
     return _bridge_modules(model).load_state_dict(state, strict=strict)
+
+
+def unused_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters `model`'s forward never reads: none on a HookedTransformer.
+
+    A bridge of a fused-QKV model (GPT-2's `c_attn`) splits the fused matrix into q, k and v copies when it boots and
+    runs on those; the fused one stays in the Hugging Face model, stale (TransformerLens leaves it out of the bridge's
+    own state_dict). Training it would give it no gradient, which DistributedDataParallel refuses."""
+    if not is_bridge(model):
+        return []
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
+
+    used: set[int] = set()  # a parameter the fused matrix shares with a used module is used
+    unused: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, JointQKVAttentionBridge) and isinstance(module._modules.get("qkv"), torch.nn.Module):
+            unused.update((id(p), p) for p in module.qkv.parameters())
+            for name in ("q", "k", "v", "o"):
+                if isinstance(module._modules.get(name), torch.nn.Module):
+                    used.update(id(p) for p in module._modules[name].parameters())
+    return [p for i, p in unused.items() if i not in used]
 
 
 #: Run-time settings of a Hugging Face config that booting a bridge sets (and that a fresh model must not get).
