@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bridge_models import skip_without_hooked
 from safetensors.torch import load_file
 
 from cbinterp.core.codebooks.interventions import intervene
@@ -33,6 +34,7 @@ def pt(load_benchmark):
 
 @pytest.fixture(scope="module")
 def model():
+    skip_without_hooked()
     return from_codebook_features(FOLDER, BASE, device="cpu")
 
 
