@@ -5,10 +5,10 @@ cbinterp runs on a `HookedTransformer` (TransformerLens 3.x) or a `TransformerBr
 differ go through here:
 
 * `MODEL_TYPES` / `Model`: the accepted classes (for `isinstance` and annotations), `require_model` the check;
-* `hook_point_path`: where a hook name's `HookPoint` sits in the module tree (a bridge calls `blocks.0.attn.hook_z`
-  an alias of `blocks.0.attn.o.hook_in`);
-* `replace_hook_point` and `refresh_hooks`: put a module (a `Codebook`) at a hook name and rebuild the registry so
-  that its nested hook points are listed under the hook name the user gave (`blocks.0.attn.hook_z.hook_codes`);
+* `replace_hook_point` and `refresh_hooks`: put a module (a `Codebook`) at a hook name, wherever the module tree holds
+  that hook point (a bridge calls `blocks.0.attn.hook_z` an alias of `blocks.0.attn.o.hook_in`, and in compatibility
+  mode holds it under both), and rebuild the registry so that its nested hook points are listed under the hook name
+  the user gave (`blocks.0.attn.hook_z.hook_codes`);
 * `state_dict` / `load_state_dict`: every parameter and buffer, codebooks included (a bridge's own `state_dict()`
   leaves out modules it does not know);
 * `unused_parameters`: what a bridge holds but never reads (kept out of training, so that DDP sees every trained
@@ -31,7 +31,6 @@ __all__ = [
     "TL_MAJOR",
     "TL_VERSION",
     "build_hooked",
-    "hook_point_path",
     "is_bridge",
     "load_state_dict",
     "refresh_hooks",
@@ -105,31 +104,30 @@ def build_hooked(cfg) -> Any:
     return HookedTransformer(cfg)
 
 
-def hook_point_path(model, hook_name: str) -> str:
-    """The module path of the HookPoint at `hook_name` (the name itself, except for a bridge's aliases)."""
-    if not is_bridge(model):
-        return hook_name
-    module = model.hook_dict.get(hook_name)
-    path = getattr(module, "cbinterp_path", None) or getattr(module, "name", None)
-    if module is None or path is None:
-        return hook_name
-    return path
-
-
 def replace_hook_point(model, hook_name: str, module: torch.nn.Module) -> None:
     """Put `module` (a HookPoint: a Codebook, or a plain one to detach) where the hook point of `hook_name` sits.
 
     On a bridge the old hook point's tensor conversion (a bridge shows `hook_z` as `(batch, pos, heads, d_head)` while
-    the tensor flowing through is `(batch, pos, d_model)`) moves to the new module, which applies it itself."""
-    path = hook_point_path(model, hook_name)
-    parent_name, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
+    the tensor flowing through is `(batch, pos, d_model)`) moves to the new module, which applies it itself; and the
+    module takes the old one's place wherever the tree holds it: in compatibility mode a bridge installs its aliases
+    as attributes too (`attn.hook_z` is `attn.o.hook_in`), and an alias left on the old hook point would read and
+    hook a module off the forward."""
+    if not is_bridge(model):
+        parent_name, _, attr = hook_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module.hook_conversion = getattr(getattr(parent, attr), "hook_conversion", None)
+        setattr(parent, attr, module)
+        return
+    old = model.hook_dict.get(hook_name)
+    if old is None:
+        raise ValueError(f"{hook_name!r} is not a hook point of this bridge.")
     module.hook_conversion = getattr(old, "hook_conversion", None)
-    if is_bridge(model):
-        module.cbinterp_path = path  # the registry renames the module; its place in the tree stays this
-        module.cbinterp_site = hook_name if hook_name != path else getattr(old, "cbinterp_site", None)
-    setattr(parent, attr, module)
+    module.cbinterp_site = hook_name  # the registry may name it by an alias or by its path; it answers to this
+    holders = [(parent, attr) for parent in model.modules() for attr, child in parent._modules.items() if child is old]
+    if not holders:
+        raise RuntimeError(f"The hook point of {hook_name!r} is not in the bridge's module tree; cannot replace it.")
+    for parent, attr in holders:
+        setattr(parent, attr, module)
 
 
 def site_name(model, path: str, module: torch.nn.Module) -> str:
@@ -143,7 +141,8 @@ def refresh_hooks(model, sites: dict[str, torch.nn.Module]) -> None:
     """Rebuild the hook registry after modules were put at hook names (`sites`: hook name -> module).
 
     Nested hook points of each module are registered under its hook name (`<hook name>.hook_codes`) and named so,
-    on a bridge as on a HookedTransformer."""
+    on a bridge as on a HookedTransformer: on a bridge, only so (the scan also lists them under each path and alias
+    the module sits at)."""
     if not is_bridge(model):
         model.setup()
         return
@@ -151,11 +150,11 @@ def refresh_hooks(model, sites: dict[str, torch.nn.Module]) -> None:
     model._initialize_hook_registry()
     registry = model._hook_registry
     for name, module in sites.items():
-        path = hook_point_path(model, name)
-        for sub_name, sub in module.named_modules():
-            if not sub_name or not hasattr(sub, "fwd_hooks"):
-                continue
-            registry.pop(f"{path}.{sub_name}", None)
+        nested = {sub_name: sub for sub_name, sub in module.named_modules() if sub_name and hasattr(sub, "fwd_hooks")}
+        ids = {id(sub) for sub in nested.values()}
+        for key in [key for key, hook in registry.items() if id(hook) in ids]:
+            del registry[key]
+        for sub_name, sub in nested.items():
             sub.name = f"{name}.{sub_name}"
             registry[sub.name] = sub
         module.name = name
