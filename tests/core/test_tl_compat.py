@@ -135,3 +135,19 @@ def test_codebooks_sit_in_the_forward_of_a_bridge_in_compatibility_mode(any_mode
     with torch.no_grad():
         assert torch.equal(model(tokens), plain)
     assert not cbinterp.get_codebooks(model)
+
+
+@pytest.mark.skipif(not tc.BRIDGE_SUPPORTED, reason=f"no TransformerBridge support on transformer-lens {tc.TL_VERSION}")
+def test_the_quick_start_runs_on_a_bridge():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "quickstart_bridge.py"
+    spec = importlib.util.spec_from_file_location("quickstart_bridge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main() == {
+        "blocks.0.hook_mlp_out.hook_codes": (2, 16, 1),
+        "blocks.0.attn.hook_z.hook_codes": (2, 16, 4, 1),
+        "blocks.0.hook_mlp_out.hook_input": (2, 16, 64),
+    }
