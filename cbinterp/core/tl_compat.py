@@ -33,6 +33,7 @@ __all__ = [
     "build_hooked",
     "is_bridge",
     "load_state_dict",
+    "no_hooked_message",
     "refresh_hooks",
     "replace_hook_point",
     "require_hooked",
@@ -88,14 +89,24 @@ def require_model(model) -> Model:
     return model
 
 
-def require_hooked(what: str) -> None:
-    """Raise a clear ImportError when `what` needs HookedTransformer and this TransformerLens (4.x) has none."""
+def no_hooked_message(what: str, instead: str | None = None) -> str:
+    """Why `what` fails on a TransformerLens without HookedTransformer, and the fix.
+
+    `instead`: what to do on this TransformerLens (default: bring a bridge to any function that takes a model)."""
+    instead = instead or (
+        "bring a model booted with TransformerBridge.boot_transformers(path) (every cbinterp function that takes a "
+        "model accepts one)"
+    )
+    return (
+        f"{what} builds a HookedTransformer, which transformer-lens {TL_VERSION} no longer has. Install "
+        f"transformer-lens>=3.9,<4 for it, or {instead}."
+    )
+
+
+def require_hooked(what: str, instead: str | None = None) -> None:
+    """Raise a clear ImportError (`no_hooked_message`) where this TransformerLens (4.x) has no HookedTransformer."""
     if not HAS_HOOKED:
-        raise ImportError(
-            f"{what} builds a HookedTransformer, which transformer-lens {TL_VERSION} no longer has. Install "
-            "transformer-lens>=3.9,<4 for it, or bring a model booted with TransformerBridge.boot_transformers(path) "
-            "(every cbinterp function that takes a model accepts one)."
-        )
+        raise ImportError(no_hooked_message(what, instead))
 
 
 def build_hooked(cfg) -> Any:
