@@ -92,3 +92,22 @@ def test_lm_probes_measures_a_saved_bridge(load_benchmark, tmp_path, capsys):
         results["settings"]["neuron_hooks"]
     )
     assert "Held-out half B" in capsys.readouterr().out
+
+
+def test_tl_bridge_speed_times_this_environments_class_and_merges_the_other(load_benchmark, tmp_path, capsys):
+    speed = load_benchmark("tl_bridge_speed")
+    mine, other = f"tl{tc.TL_MAJOR}", f"tl{3 if tc.TL_MAJOR >= 4 else 4}"
+    first = speed.main(["--quick", "--out", str(tmp_path)])
+    part = first["runs"][mine]
+    kind = "hooked" if tc.HAS_HOOKED else "bridge"
+    assert part["class"] == ("HookedTransformer" if tc.HAS_HOOKED else "TransformerBridge")
+    assert {kind, f"{kind}_no_codebooks"} <= set(part["rows"]) and (part["fast_kernel_layers"] > 0) == tc.HAS_HOOKED
+    assert all(row["median_s"] > 0 and len(row["times_s"]) == 2 for row in part["rows"].values())
+    assert "merged.json" not in {p.name for p in tmp_path.iterdir()}  # nothing to merge yet
+    theirs = json.loads((tmp_path / f"{mine}.json").read_text())  # stand-in for the other environment's run
+    theirs["rows"] = {("bridge" if tc.HAS_HOOKED else "hooked"): {**part["rows"][kind], "median_s": 1.0}}
+    (tmp_path / f"{other}.json").write_text(json.dumps(theirs))
+    merged = speed.main(["--quick", "--out", str(tmp_path)])
+    assert set(merged["runs"]) == {"tl3", "tl4"} and merged["bridge_over_hooked"] > 0
+    assert json.loads((tmp_path / "merged.json").read_text())["bridge_over_hooked"] == merged["bridge_over_hooked"]
+    assert "bridge step time / HookedTransformer step time" in capsys.readouterr().out
