@@ -29,6 +29,7 @@ HOOK = "blocks.0.attn.hook_z.hook_codes"
 
 @pytest.fixture
 def pt(load_benchmark):
+    skip_without_hooked()  # the script builds HookedTransformers
     return load_benchmark("paper_tinystories")
 
 
