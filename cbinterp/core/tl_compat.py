@@ -148,15 +148,29 @@ def site_name(model, path: str, module: torch.nn.Module) -> str:
     return getattr(module, "cbinterp_site", None) or path
 
 
+def _compatibility_mode_after_codebooks(*args, **kwargs) -> None:
+    """A bridge's `enable_compatibility_mode` while it has codebooks: refused, with the order that works."""
+    raise RuntimeError(
+        "Enable compatibility mode before attaching codebooks: it rebuilds the hook registry (the codes would be "
+        "cached under other names) and, with weight processing, changes what reaches each codebook. Detach them "
+        "(codebooks = cbinterp.get_codebooks(model); cbinterp.detach_codebooks(model)), enable it, and attach them "
+        "again (cbinterp.attach_codebooks(model, codebooks))."
+    )
+
+
 def refresh_hooks(model, sites: dict[str, torch.nn.Module]) -> None:
     """Rebuild the hook registry after modules were put at hook names (`sites`: hook name -> module).
 
     Nested hook points of each module are registered under its hook name (`<hook name>.hook_codes`) and named so,
     on a bridge as on a HookedTransformer: on a bridge, only so (the scan also lists them under each path and alias
-    the module sits at)."""
+    the module sits at). A bridge with codebooks refuses `enable_compatibility_mode`, which would undo this."""
     if not is_bridge(model):
         model.setup()
         return
+    if sites:
+        model.enable_compatibility_mode = _compatibility_mode_after_codebooks
+    else:
+        model.__dict__.pop("enable_compatibility_mode", None)
     model.clear_hook_registry()
     model._initialize_hook_registry()
     registry = model._hook_registry

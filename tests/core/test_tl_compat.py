@@ -151,3 +151,17 @@ def test_the_quick_start_runs_on_a_bridge():
         "blocks.0.attn.hook_z.hook_codes": (2, 16, 4, 1),
         "blocks.0.hook_mlp_out.hook_input": (2, 16, 64),
     }
+
+
+def test_compatibility_mode_after_codebooks_is_refused_with_the_order_that_works(any_model, tokens):
+    if not tc.is_bridge(any_model):
+        pytest.skip("compatibility mode is a bridge's")
+    model = cbinterp.attach_codebooks(any_model, SITES, n_codes=16)
+    for each in (model, copy.deepcopy(model)):  # the refusal travels with a copy
+        with pytest.raises(RuntimeError, match="before attaching codebooks.*detach_codebooks"):
+            each.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    codebooks = cbinterp.get_codebooks(model)
+    cbinterp.detach_codebooks(model)
+    model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    cbinterp.attach_codebooks(model, codebooks)
+    assert sorted(_codes(model, tokens)) == sorted(f"{n}.hook_codes" for n in codebooks)
