@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import cbinterp
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.codebooks.interventions import intervene, replace_codes
 from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import atomic_file
@@ -77,6 +78,8 @@ def ensure_model(args: argparse.Namespace) -> None:
     """Train the recipe's model into `--from` when it lacks one (the same recipe as fsm_precision.py's default)."""
     if (args.source / "model" / "config.json").is_file() and (args.source / "fsm.json").is_file():
         return
+    if not tc.HAS_HOOKED:  # a saved model (a bridge too) is measured as it is; training one needs a config
+        raise SystemExit(tc.no_hooked_message(f"No model in {args.source}: training one", "save one there first"))
     recipe = FSMRecipe.quick() if args.quick else FSMRecipe.paper()
     print(f"training the FSM model into {args.source} (FSMRecipe.{'quick' if args.quick else 'paper'}())", flush=True)
     fsm, result = recipe.run(

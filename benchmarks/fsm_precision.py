@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import cbinterp
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.codebooks.attach import codebooks_bypassed, get_codebooks
 from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import atomic_file
@@ -450,6 +451,9 @@ def _records(table) -> list[dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if not tc.HAS_HOOKED:
+        what, instead = "fsm_precision.py trains from a config and", "measure a saved model with fsm_intervention.py"
+        raise SystemExit(tc.no_hooked_message(what, instead + " --from DIR (DIR/model, DIR/fsm.json)"))
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: join its process group, one device per rank
         args.device = str(dd.init_from_env(args.device))
     if args.table1:

@@ -30,6 +30,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from cbinterp.core import tl_compat as tc  # noqa: E402
 from cbinterp.core.storage.atomic import atomic_dir, atomic_file  # noqa: E402
 from cbinterp.pretrained import BASELINE_MODEL, DEFAULT_MODEL, MODELS_DIR  # noqa: E402
 from cbinterp.recipes.lm import PHASES, LMRecipe, default_device, run_lm  # noqa: E402
@@ -264,7 +265,11 @@ def ship(out: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    if not tc.HAS_HOOKED:
+        what, instead = "lm_train.py trains from a config and", "measure a saved model with lm_probes.py --model DIR"
+        raise SystemExit(tc.no_hooked_message(what, instead))
+    return run(args)
 
 
 if __name__ == "__main__":

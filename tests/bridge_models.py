@@ -72,11 +72,23 @@ def make_bridge(architecture: str, folder: Path, seed: int = 0):
     return boot(save_hf_folder(architecture, folder, seed))
 
 
+#: Why a test that builds a HookedTransformer skips on this TransformerLens (None where it has the class).
+NO_HOOKED_REASON: str | None = (
+    None
+    if tc.HAS_HOOKED
+    else f"needs a HookedTransformer, which transformer-lens {tc.TL_VERSION} has not (the bridge tests cover 4.x)"
+)
+
+
+def skip_without_hooked() -> None:
+    """Skip the running test, with the reason, where this TransformerLens has no HookedTransformer."""
+    if NO_HOOKED_REASON is not None:
+        pytest.skip(NO_HOOKED_REASON)
+
+
 def make_any(kind: str, folder: Path, seed: int = 0):
     """A tiny model of `kind` (one of `KINDS`); the case skips where this TransformerLens lacks the class."""
     if kind == "hooked":
-        if not tc.HAS_HOOKED:
-            pytest.skip(f"transformer-lens {tc.TL_VERSION} has no HookedTransformer")
         from tiny_models import make_model
 
         return make_model(seed)

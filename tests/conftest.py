@@ -9,18 +9,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from bridge_models import KINDS, make_any
+from bridge_models import KINDS, NO_HOOKED_REASON, make_any
 from tiny_models import TINY, add_codebooks, make_model  # noqa: F401  (TINY: re-exported for test modules)
 
-from cbinterp.core import tl_compat as tc
 from cbinterp.core.tl_compat import Model as HookedTransformer
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "needs_hooked: the test builds a HookedTransformer other than by make_model (a recipe, from_hf, a spawned "
+        "rank); it skips, with the reason, on transformer-lens 4",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if NO_HOOKED_REASON is None:
+        return
+    skip = pytest.mark.skip(reason=NO_HOOKED_REASON)
+    for item in items:
+        if item.get_closest_marker("needs_hooked") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def _base_model() -> HookedTransformer:
-    if not tc.HAS_HOOKED:
-        pytest.skip(f"transformer-lens {tc.TL_VERSION} has no HookedTransformer (the any_model tests run on bridges)")
-    return make_model()
+    return make_model()  # skips where this TransformerLens has no HookedTransformer
 
 
 @pytest.fixture
@@ -56,8 +70,6 @@ def tokens() -> torch.Tensor:
 @pytest.fixture
 def make_tiny_model():
     """Factory for further independent tiny models: `make_tiny_model(seed=1)`."""
-    if not tc.HAS_HOOKED:
-        pytest.skip(f"transformer-lens {tc.TL_VERSION} has no HookedTransformer (the any_model tests run on bridges)")
     return make_model
 
 

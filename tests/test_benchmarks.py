@@ -264,6 +264,7 @@ def test_codebook_speed_quick_report_is_consistent(tmp_path, capsys, load_benchm
         assert row["ours_over_reference"] is None  # --no-reference
 
 
+@pytest.mark.needs_hooked  # the script builds HookedTransformers
 def test_train_speed_quick_report_is_consistent(tmp_path, load_benchmark):
     out = tmp_path / "train_speed.json"
     report = load_benchmark("train_speed").main(["--quick", "--no-reference", "--out", str(out)])
@@ -282,6 +283,7 @@ def test_train_speed_quick_report_is_consistent(tmp_path, load_benchmark):
     assert results["ours"]["roofline_tokens_per_s"] < results["no_codebooks"]["roofline_tokens_per_s"]
 
 
+@pytest.mark.needs_hooked  # the script builds HookedTransformers
 def test_train_profile_quick_accounts_for_the_whole_step(tmp_path, load_benchmark):
     out = tmp_path / "train_profile.json"
     report = load_benchmark("train_profile").main(["--quick", "--out", str(out)])
@@ -293,6 +295,7 @@ def test_train_profile_quick_accounts_for_the_whole_step(tmp_path, load_benchmar
         assert row["family_s"]["matmuls"] > 0 and row["family_s"]["optimizer"] > 0
 
 
+@pytest.mark.needs_hooked  # the script builds HookedTransformers
 def test_cache_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
     out = tmp_path / "cache_speed.json"
     report = load_benchmark("cache_speed").main(["--quick", "--out", str(out)])
@@ -321,6 +324,7 @@ def test_cache_memory_quick_report_is_consistent(tmp_path, capsys, load_benchmar
     assert "open+query" in capsys.readouterr().out
 
 
+@pytest.mark.needs_hooked  # the script builds HookedTransformers
 def test_ddp_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
     out = tmp_path / "ddp_speed.json"
     report = load_benchmark("ddp_speed").main(["--quick", "--out", str(out)])
@@ -333,6 +337,7 @@ def test_ddp_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
     assert "x 1 rank" in capsys.readouterr().out
 
 
+@pytest.mark.needs_hooked  # the script builds HookedTransformers
 def test_autocast_codes_quick_report_is_consistent(tmp_path, load_benchmark):
     out = tmp_path / "autocast_codes.json"
     report = load_benchmark("autocast_codes").main(["--quick", "--out", str(out)])

@@ -71,6 +71,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+@pytest.mark.needs_hooked  # the pages are written for the pinned transformer-lens 3.9
 @pytest.mark.parametrize("page", PAGES[1:], ids=lambda p: str(p.relative_to(ROOT)))
 def test_snippets_run(page, one_thread):
     """Each page's Python snippets, in order in one namespace (the README's own are tests/test_readme.py's)."""

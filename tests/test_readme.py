@@ -18,6 +18,7 @@ def test_readme_has_snippets():
     assert len(python_blocks(README.read_text(encoding="utf-8"))) >= 2
 
 
+@pytest.mark.needs_hooked  # the quick start on a bridge: tools/quickstart_bridge.py, run by test_quickstart_bridge
 def test_readme_snippets_run(one_thread):
     namespace: dict = {}
     for i, block in enumerate(python_blocks(README.read_text(encoding="utf-8"))):

@@ -4,6 +4,7 @@ fault worker."""
 from __future__ import annotations
 
 import torch
+from bridge_models import skip_without_hooked
 
 import cbinterp
 from cbinterp.core import tl_compat as tc
@@ -17,7 +18,9 @@ TINY = dict(n_layers=2, d_model=32, n_heads=4, d_mlp=64, n_ctx=16, d_vocab=11)
 def make_model(seed: int = 0, **overrides) -> HookedTransformer:
     """A fresh tiny HookedTransformer on the CPU with deterministic weights (no Hub access).
 
-    `overrides`: other shape arguments or HookedTransformerConfig fields (e.g. ``d_vocab=5``, ``dtype=...``)."""
+    `overrides`: other shape arguments or HookedTransformerConfig fields (e.g. ``d_vocab=5``, ``dtype=...``). Under
+    pytest on transformer-lens 4 (no HookedTransformer) the calling test skips with the reason."""
+    skip_without_hooked()
     torch.manual_seed(seed)
     return tc.build_hooked(gpt_config(**{**TINY, **overrides}, seed=seed, device="cpu")).eval()
 

@@ -5,12 +5,14 @@ cbinterp runs on a `HookedTransformer` (TransformerLens 3.x) or a `TransformerBr
 differ go through here:
 
 * `MODEL_TYPES` / `Model`: the accepted classes (for `isinstance` and annotations), `require_model` the check;
-* `hook_point_path`: where a hook name's `HookPoint` sits in the module tree (a bridge calls `blocks.0.attn.hook_z`
-  an alias of `blocks.0.attn.o.hook_in`);
-* `replace_hook_point` and `refresh_hooks`: put a module (a `Codebook`) at a hook name and rebuild the registry so
-  that its nested hook points are listed under the hook name the user gave (`blocks.0.attn.hook_z.hook_codes`);
+* `replace_hook_point` and `refresh_hooks`: put a module (a `Codebook`) at a hook name, wherever the module tree holds
+  that hook point (a bridge calls `blocks.0.attn.hook_z` an alias of `blocks.0.attn.o.hook_in`, and in compatibility
+  mode holds it under both), and rebuild the registry so that its nested hook points are listed under the hook name
+  the user gave (`blocks.0.attn.hook_z.hook_codes`);
 * `state_dict` / `load_state_dict`: every parameter and buffer, codebooks included (a bridge's own `state_dict()`
   leaves out modules it does not know);
+* `unused_parameters`: what a bridge holds but never reads (kept out of training, so that DDP sees every trained
+  parameter get a gradient);
 * `build_hooked`: a config-built `HookedTransformer`, with a clear error where TransformerLens 4 has none.
 """
 
@@ -29,14 +31,15 @@ __all__ = [
     "TL_MAJOR",
     "TL_VERSION",
     "build_hooked",
-    "hook_point_path",
     "is_bridge",
     "load_state_dict",
+    "no_hooked_message",
     "refresh_hooks",
     "replace_hook_point",
     "require_hooked",
     "require_model",
     "state_dict",
+    "unused_parameters",
 ]
 
 TL_VERSION: str = importlib.metadata.version("transformer-lens")
@@ -86,14 +89,24 @@ def require_model(model) -> Model:
     return model
 
 
-def require_hooked(what: str) -> None:
-    """Raise a clear ImportError when `what` needs HookedTransformer and this TransformerLens (4.x) has none."""
+def no_hooked_message(what: str, instead: str | None = None) -> str:
+    """Why `what` fails on a TransformerLens without HookedTransformer, and the fix.
+
+    `instead`: what to do on this TransformerLens (default: bring a bridge to any function that takes a model)."""
+    instead = instead or (
+        "bring a model booted with TransformerBridge.boot_transformers(path) (every cbinterp function that takes a "
+        "model accepts one)"
+    )
+    return (
+        f"{what} builds a HookedTransformer, which transformer-lens {TL_VERSION} no longer has. Install "
+        f"transformer-lens>=3.9,<4 for it, or {instead}."
+    )
+
+
+def require_hooked(what: str, instead: str | None = None) -> None:
+    """Raise a clear ImportError (`no_hooked_message`) where this TransformerLens (4.x) has no HookedTransformer."""
     if not HAS_HOOKED:
-        raise ImportError(
-            f"{what} builds a HookedTransformer, which transformer-lens {TL_VERSION} no longer has. Install "
-            "transformer-lens>=3.9,<4 for it, or bring a model booted with TransformerBridge.boot_transformers(path) "
-            "(every cbinterp function that takes a model accepts one)."
-        )
+        raise ImportError(no_hooked_message(what, instead))
 
 
 def build_hooked(cfg) -> Any:
@@ -102,31 +115,30 @@ def build_hooked(cfg) -> Any:
     return HookedTransformer(cfg)
 
 
-def hook_point_path(model, hook_name: str) -> str:
-    """The module path of the HookPoint at `hook_name` (the name itself, except for a bridge's aliases)."""
-    if not is_bridge(model):
-        return hook_name
-    module = model.hook_dict.get(hook_name)
-    path = getattr(module, "cbinterp_path", None) or getattr(module, "name", None)
-    if module is None or path is None:
-        return hook_name
-    return path
-
-
 def replace_hook_point(model, hook_name: str, module: torch.nn.Module) -> None:
     """Put `module` (a HookPoint: a Codebook, or a plain one to detach) where the hook point of `hook_name` sits.
 
     On a bridge the old hook point's tensor conversion (a bridge shows `hook_z` as `(batch, pos, heads, d_head)` while
-    the tensor flowing through is `(batch, pos, d_model)`) moves to the new module, which applies it itself."""
-    path = hook_point_path(model, hook_name)
-    parent_name, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
+    the tensor flowing through is `(batch, pos, d_model)`) moves to the new module, which applies it itself; and the
+    module takes the old one's place wherever the tree holds it: in compatibility mode a bridge installs its aliases
+    as attributes too (`attn.hook_z` is `attn.o.hook_in`), and an alias left on the old hook point would read and
+    hook a module off the forward."""
+    if not is_bridge(model):
+        parent_name, _, attr = hook_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module.hook_conversion = getattr(getattr(parent, attr), "hook_conversion", None)
+        setattr(parent, attr, module)
+        return
+    old = model.hook_dict.get(hook_name)
+    if old is None:
+        raise ValueError(f"{hook_name!r} is not a hook point of this bridge.")
     module.hook_conversion = getattr(old, "hook_conversion", None)
-    if is_bridge(model):
-        module.cbinterp_path = path  # the registry renames the module; its place in the tree stays this
-        module.cbinterp_site = hook_name if hook_name != path else getattr(old, "cbinterp_site", None)
-    setattr(parent, attr, module)
+    module.cbinterp_site = hook_name  # the registry may name it by an alias or by its path; it answers to this
+    holders = [(parent, attr) for parent in model.modules() for attr, child in parent._modules.items() if child is old]
+    if not holders:
+        raise RuntimeError(f"The hook point of {hook_name!r} is not in the bridge's module tree; cannot replace it.")
+    for parent, attr in holders:
+        setattr(parent, attr, module)
 
 
 def site_name(model, path: str, module: torch.nn.Module) -> str:
@@ -136,23 +148,38 @@ def site_name(model, path: str, module: torch.nn.Module) -> str:
     return getattr(module, "cbinterp_site", None) or path
 
 
+def _compatibility_mode_after_codebooks(*args, **kwargs) -> None:
+    """A bridge's `enable_compatibility_mode` while it has codebooks: refused, with the order that works."""
+    raise RuntimeError(
+        "Enable compatibility mode before attaching codebooks: it rebuilds the hook registry (the codes would be "
+        "cached under other names) and, with weight processing, changes what reaches each codebook. Detach them "
+        "(codebooks = cbinterp.get_codebooks(model); cbinterp.detach_codebooks(model)), enable it, and attach them "
+        "again (cbinterp.attach_codebooks(model, codebooks))."
+    )
+
+
 def refresh_hooks(model, sites: dict[str, torch.nn.Module]) -> None:
     """Rebuild the hook registry after modules were put at hook names (`sites`: hook name -> module).
 
     Nested hook points of each module are registered under its hook name (`<hook name>.hook_codes`) and named so,
-    on a bridge as on a HookedTransformer."""
+    on a bridge as on a HookedTransformer: on a bridge, only so (the scan also lists them under each path and alias
+    the module sits at). A bridge with codebooks refuses `enable_compatibility_mode`, which would undo this."""
     if not is_bridge(model):
         model.setup()
         return
+    if sites:
+        model.enable_compatibility_mode = _compatibility_mode_after_codebooks
+    else:
+        model.__dict__.pop("enable_compatibility_mode", None)
     model.clear_hook_registry()
     model._initialize_hook_registry()
     registry = model._hook_registry
     for name, module in sites.items():
-        path = hook_point_path(model, name)
-        for sub_name, sub in module.named_modules():
-            if not sub_name or not hasattr(sub, "fwd_hooks"):
-                continue
-            registry.pop(f"{path}.{sub_name}", None)
+        nested = {sub_name: sub for sub_name, sub in module.named_modules() if sub_name and hasattr(sub, "fwd_hooks")}
+        ids = {id(sub) for sub in nested.values()}
+        for key in [key for key, hook in registry.items() if id(hook) in ids]:
+            del registry[key]
+        for sub_name, sub in nested.items():
             sub.name = f"{name}.{sub_name}"
             registry[sub.name] = sub
         module.name = name
@@ -175,6 +202,27 @@ def load_state_dict(model, state: dict[str, torch.Tensor], strict: bool = True):
     if not is_bridge(model):
         return model.load_state_dict(state, strict=strict)
     return _bridge_modules(model).load_state_dict(state, strict=strict)
+
+
+def unused_parameters(model) -> list[torch.nn.Parameter]:
+    """The parameters `model`'s forward never reads: none on a HookedTransformer.
+
+    A bridge of a fused-QKV model (GPT-2's `c_attn`) splits the fused matrix into q, k and v copies when it boots and
+    runs on those; the fused one stays in the Hugging Face model, stale (TransformerLens leaves it out of the bridge's
+    own state_dict). Training it would give it no gradient, which DistributedDataParallel refuses."""
+    if not is_bridge(model):
+        return []
+    from transformer_lens.model_bridge.generalized_components.joint_qkv_attention import JointQKVAttentionBridge
+
+    used: set[int] = set()  # a parameter the fused matrix shares with a used module is used
+    unused: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, JointQKVAttentionBridge) and isinstance(module._modules.get("qkv"), torch.nn.Module):
+            unused.update((id(p), p) for p in module.qkv.parameters())
+            for name in ("q", "k", "v", "o"):
+                if isinstance(module._modules.get(name), torch.nn.Module):
+                    used.update(id(p) for p in module._modules[name].parameters())
+    return [p for i, p in unused.items() if i not in used]
 
 
 #: Run-time settings of a Hugging Face config that booting a bridge sets (and that a fresh model must not get).

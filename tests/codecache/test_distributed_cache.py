@@ -107,6 +107,7 @@ def assert_identical(a: CodeCache, b: CodeCache) -> None:
     assert torch.equal(token_positions(a, "7"), token_positions(b, "7"))
 
 
+@pytest.mark.needs_hooked  # the ranks build the tiny HookedTransformer themselves
 def test_two_ranks_make_the_one_process_cache(tmp_path):
     reports = run_ranks(tmp_path, tmp_path / "c")
     assert reports == {0: {"ok": True}, 1: {"ok": True}}
@@ -122,6 +123,7 @@ def test_two_ranks_make_the_one_process_cache(tmp_path):
     assert files == set(cache.meta["files"]) | {"cbinterp.json"}  # no temporaries, nothing unlisted
 
 
+@pytest.mark.needs_hooked  # the ranks build the tiny HookedTransformer themselves
 def test_a_dead_rank_leaves_the_cache_as_it_was_and_the_run_resumes(tmp_path):
     directory = tmp_path / "c"
     reports = run_ranks(tmp_path, directory, die_rank=1, die_after=3)

@@ -107,3 +107,61 @@ def test_a_transformer_lens_3_bridge_is_refused_with_the_version_to_install(tmp_
     bridge = make_bridge("neox", tmp_path / "neox")
     with pytest.raises(TypeError, match="from transformer-lens 4 on"):
         cbinterp.attach_codebooks(bridge, SITES)
+
+
+@pytest.mark.parametrize("processing", [False, True], ids=["no-processing", "processed"])
+def test_codebooks_sit_in_the_forward_of_a_bridge_in_compatibility_mode(any_model, tokens, processing):
+    """Compatibility mode installs hook aliases as attributes (`attn.hook_z` is `attn.o.hook_in`): the codebook must
+    replace the hook point at every place it is held, or it sits beside the forward and quantizes nothing."""
+    if not tc.is_bridge(any_model):
+        pytest.skip("compatibility mode is a bridge's")
+    any_model.enable_compatibility_mode(disable_warnings=True, no_processing=not processing)
+    with torch.no_grad():
+        plain = any_model(tokens)
+    model = cbinterp.attach_codebooks(any_model, SITES, n_codes=16, k=2)
+    names = list(cbinterp.get_codebooks(model))
+    assert names == [f"blocks.{layer}.{site}" for layer in range(2) for site in ("attn.hook_z", "hook_mlp_out")]
+    codes = _codes(model, tokens)
+    assert sorted(codes) == sorted(f"{n}.hook_codes" for n in names)
+    assert codes["blocks.0.attn.hook_z.hook_codes"].shape == (*tokens.shape, 4, 2)
+    with torch.no_grad():
+        quantized = model(tokens)
+        with cbinterp.codebooks_bypassed(model):
+            assert torch.equal(model(tokens), plain)
+        with cbinterp.intervene(model, cbinterp.force_codes(model, "blocks.0.attn.hook_z", 3)):
+            forced = model(tokens)
+    assert not torch.allclose(quantized, plain) and not torch.allclose(forced, quantized)
+    cbinterp.detach_codebooks(model)
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain)
+    assert not cbinterp.get_codebooks(model)
+
+
+@pytest.mark.skipif(not tc.BRIDGE_SUPPORTED, reason=f"no TransformerBridge support on transformer-lens {tc.TL_VERSION}")
+def test_the_quick_start_runs_on_a_bridge():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "quickstart_bridge.py"
+    spec = importlib.util.spec_from_file_location("quickstart_bridge", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main() == {
+        "blocks.0.hook_mlp_out.hook_codes": (2, 16, 1),
+        "blocks.0.attn.hook_z.hook_codes": (2, 16, 4, 1),
+        "blocks.0.hook_mlp_out.hook_input": (2, 16, 64),
+    }
+
+
+def test_compatibility_mode_after_codebooks_is_refused_with_the_order_that_works(any_model, tokens):
+    if not tc.is_bridge(any_model):
+        pytest.skip("compatibility mode is a bridge's")
+    model = cbinterp.attach_codebooks(any_model, SITES, n_codes=16)
+    for each in (model, copy.deepcopy(model)):  # the refusal travels with a copy
+        with pytest.raises(RuntimeError, match="before attaching codebooks.*detach_codebooks"):
+            each.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    codebooks = cbinterp.get_codebooks(model)
+    cbinterp.detach_codebooks(model)
+    model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    cbinterp.attach_codebooks(model, codebooks)
+    assert sorted(_codes(model, tokens)) == sorted(f"{n}.hook_codes" for n in codebooks)

@@ -56,6 +56,7 @@ def copy_with_config(tmp_path: Path, name: str, **changes) -> Path:
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.needs_hooked
 def test_same_codes_and_logits_as_the_authors_code(name, no_network):
     model = convert(name)
     want = expected(name)
@@ -66,6 +67,7 @@ def test_same_codes_and_logits_as_the_authors_code(name, no_network):
     assert (logits - want["logits"]).abs().max().item() <= 1e-5
 
 
+@pytest.mark.needs_hooked
 def test_placements_sit_at_their_hooks():
     preproj = get_codebooks(convert("neox-preproj"))
     assert list(preproj) == [
@@ -91,6 +93,7 @@ def test_placements_sit_at_their_hooks():
     assert {cb.cfg.similarity for cb in blocks.values()} == {"euclidean"}
 
 
+@pytest.mark.needs_hooked
 def test_the_fixtures_need_the_affine_norm_and_the_mean():
     """Without the trained scale and bias, or with the k codes summed, the model is not the authors' one."""
     want = expected("neox-preproj")
@@ -107,6 +110,7 @@ def test_the_fixtures_need_the_affine_norm_and_the_mean():
     assert not torch.equal(codes["codes.0.attn_preproj"], want["codes.0.attn_preproj"])
 
 
+@pytest.mark.needs_hooked
 def test_the_options_reach_the_base_models_conversion():
     """device, dtype, n_ctx, default_prepend_bos and check are `from_hf`'s, each passed on as itself."""
     model = convert("neox-preproj", dtype=torch.float64, n_ctx=16, default_prepend_bos=True, check=False)
@@ -115,6 +119,7 @@ def test_the_options_reach_the_base_models_conversion():
     assert next(model.parameters()).dtype == torch.float64
 
 
+@pytest.mark.needs_hooked
 def test_round_trip_through_cbinterp_save_and_load(tmp_path):
     model = convert("neo-preproj")
     cbinterp.save(model, tmp_path / "saved")
@@ -145,6 +150,7 @@ def lay_out_as_hub_cache(cache: Path, repo_id: str, files: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
+@pytest.mark.needs_hooked
 def test_released_model_by_hub_name_offline(tmp_path, no_network):
     """The documented path: `snapshot_download` the codebook model and its base, then convert; here from a cache."""
     from huggingface_hub import snapshot_download
@@ -167,6 +173,7 @@ def test_hub_name_not_downloaded():
         from_codebook_features("taufeeque/some-model", FIXTURES / "base-gpt2")
 
 
+@pytest.mark.needs_hooked
 def test_other_folders_refused(tmp_path):
     model = convert("gpt2-preproj")
     cbinterp.save(model, tmp_path / "ours")

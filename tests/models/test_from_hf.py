@@ -12,6 +12,8 @@ import cbinterp
 from cbinterp.models import SUPPORTED_ARCHITECTURES, from_hf
 from cbinterp.models.from_hf import check_logits
 
+pytestmark = pytest.mark.needs_hooked  # from_hf / to_hf convert to and from a HookedTransformer
+
 TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
 
 

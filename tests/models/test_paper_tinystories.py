@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bridge_models import skip_without_hooked
 from safetensors.torch import load_file
 
 from cbinterp.core.codebooks.interventions import intervene
@@ -28,11 +29,13 @@ HOOK = "blocks.0.attn.hook_z.hook_codes"
 
 @pytest.fixture
 def pt(load_benchmark):
+    skip_without_hooked()  # the script builds HookedTransformers
     return load_benchmark("paper_tinystories")
 
 
 @pytest.fixture(scope="module")
 def model():
+    skip_without_hooked()
     return from_codebook_features(FOLDER, BASE, device="cpu")
 
 

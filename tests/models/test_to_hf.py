@@ -15,6 +15,8 @@ from cbinterp.models import from_hf, to_hf
 from cbinterp.models.to_hf import EXPORT_FILE
 from cbinterp.pretrained import load_pretrained
 
+pytestmark = pytest.mark.needs_hooked  # from_hf / to_hf convert to and from a HookedTransformer
+
 TEXT = [
     "The little dog ran to the park, and then it sat under a big tree.",
     "Once upon a time there was a girl who liked to read books about the sea.",

@@ -9,6 +9,8 @@ from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.recipes.gpt import gpt_config
 from cbinterp.recipes.lm_recipe import LMRecipe
 
+pytestmark = pytest.mark.needs_hooked  # gpt_config is a HookedTransformerConfig
+
 
 def test_the_shape_is_pre_ln_gelu_rotary_with_whole_heads():
     cfg = gpt_config(2, 48, 3, 96, 20, 11, seed=5, device="cpu")

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from bridge_models import skip_without_hooked
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,6 +51,7 @@ TINY = LMRecipe.quick(
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, one_thread):
+    skip_without_hooked()  # the recipe builds its HookedTransformer from a config
     docs = generate_corpus(300, seed=0)
     out = tmp_path_factory.mktemp("lm")
     results = run_lm(TINY, docs[:280], docs[280:], out, device="cpu", progress=False, log=lambda _: None)

@@ -74,6 +74,7 @@ def test_recipe_checks_and_round_trips(model):
     assert fsm_recipe.training.seed == 3
 
 
+@pytest.mark.needs_hooked  # model_config is a HookedTransformerConfig
 def test_fsm_presets_are_the_papers_where_it_matters():
     paper = FSMRecipe.paper()
     fsm = paper.fsm()

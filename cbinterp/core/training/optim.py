@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.codebooks.attach import get_codebooks
 from cbinterp.core.tl_compat import Model
 from cbinterp.core.training.config import TrainConfig
@@ -32,12 +33,14 @@ def make_optimizer(model: Model, cfg: TrainConfig) -> torch.optim.AdamW:
 
     Only parameters with `requires_grad` set are trained: one the caller froze is left out of the optimizer (so
     neither its gradient nor weight decay moves it). `cfg.freeze_model` clears the flag of every weight outside the
-    codebooks; `train` restores all flags afterwards, calling this directly leaves them so.
+    codebooks; `train` restores all flags afterwards, calling this directly leaves them so. What the forward never
+    reads (`tl_compat.unused_parameters`: a bridge's stale fused QKV matrix) is left out and its flag cleared too.
     """
     codebook_params = {id(cb.weight) for cb in get_codebooks(model).values()}
     cb_all = [p for p in model.parameters() if id(p) in codebook_params]
     cb = [p for p in cb_all if p.requires_grad]
-    rest = [p for p in model.parameters() if id(p) not in codebook_params and p.requires_grad]
+    unused = {id(p): p for p in tc.unused_parameters(model)}
+    rest = [p for p in model.parameters() if id(p) not in codebook_params and id(p) not in unused and p.requires_grad]
     if cfg.freeze_model and not cb:
         why = "all its codebooks are frozen (requires_grad=False)" if cb_all else "the model has no codebooks"
         raise ValueError(
@@ -52,6 +55,8 @@ def make_optimizer(model: Model, cfg: TrainConfig) -> torch.optim.AdamW:
     if cfg.freeze_model:
         for p in rest:
             p.requires_grad_(False)
+    for p in unused.values():  # never read by the forward: no gradient, which DDP would take for a failed rank
+        p.requires_grad_(False)
     groups = [
         {
             "params": cb,

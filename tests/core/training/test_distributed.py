@@ -13,11 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bridge_models import boot, save_hf_folder
 from safetensors.torch import load_file, save_file
 from tiny_models import assert_same_state, make_model
 
 import cbinterp
 from cbinterp import attach_codebooks, get_codebooks, kmeans_init_codebooks
+from cbinterp.core import tl_compat as tc
 from cbinterp.core.training.loggers import JSONLLogger, read_jsonl
 from cbinterp.core.training.train import TRAINER_FILE, TrainConfig, train
 from cbinterp.tasks.fsm import FSM
@@ -47,8 +49,13 @@ def fresh(replace: bool = True):
     return with_codebooks(make_model(seed=0), replace)
 
 
+def fresh_bridge(tmp: Path):
+    """The GPT-2 bridge of the folder the parent wrote, with codebooks (the ranks boot it alike)."""
+    return with_codebooks(boot(tmp / "hf"))
+
+
 def state_of(model) -> dict:
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone().contiguous() for k, v in tc.state_dict(model).items()}
 
 
 def count_replacements(monkeypatch_target: list):
@@ -152,6 +159,13 @@ def scenario_die(rank: int, tmp: Path) -> dict:
 
     train(fresh(), dying, config(checkpoint_every=2, checkpoint_dir=str(tmp / "ck_die")))
     return {}
+
+
+def scenario_bridge(rank: int, tmp: Path) -> dict:
+    model = fresh_bridge(tmp)
+    result = train(model, batches(), config())
+    save_file(state_of(model), tmp / f"bridge_rank{rank}.safetensors")
+    return {"losses": result.losses}
 
 
 def kmeans_tokens(seed: int) -> torch.Tensor:
@@ -340,6 +354,7 @@ def test_only_rank_zero_logs(ranks_run):
     assert not (tmp / "log_rank1.jsonl").read_text()  # opened on both ranks, written on rank 0 only
 
 
+@pytest.mark.needs_hooked  # the ranks build the tiny HookedTransformer themselves
 def test_rank_dying_mid_run_stops_the_others_and_keeps_the_last_checkpoint(tmp_path):
     results = run_ranks(tmp_path, ["die"])
     assert results[1] == {"exit": 3}
@@ -366,3 +381,19 @@ def test_kmeans_runs_once_and_every_rank_gets_its_codes(ranks_run):
     other = fresh(replace=False)
     kmeans_init_codebooks(other, kmeans_tokens(1), iters=3, progress=False)
     assert not torch.equal(state_of(other)["blocks.0.hook_mlp_out.weight"], a["blocks.0.hook_mlp_out.weight"])
+
+
+@pytest.mark.skipif(not tc.BRIDGE_SUPPORTED, reason=f"no TransformerBridge support on transformer-lens {tc.TL_VERSION}")
+def test_a_bridge_trains_on_two_ranks_as_on_one_with_the_whole_batch(tmp_path):
+    save_hf_folder("gpt2", tmp_path / "hf")
+    results = run_ranks(tmp_path, ["bridge"])
+    for r, res in enumerate(results):
+        assert "error" not in res and "exit" not in res, (r, res)
+    a, b = load_state(tmp_path / "bridge_rank0.safetensors"), load_state(tmp_path / "bridge_rank1.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith(".counts") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    model = fresh_bridge(tmp_path)
+    one = train(model, batches(), config())
+    assert_same_state(state_of(model), a, atol=1e-5)
+    assert one.losses == pytest.approx(results[0]["bridge"]["losses"], abs=1e-5)

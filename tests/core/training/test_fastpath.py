@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens.components import Attention
 
 from cbinterp import attach_codebooks
-from cbinterp.core.training.fastpath import attention_fusable, fast_kernels
+from cbinterp.core import tl_compat as tc
+from cbinterp.core.training.fastpath import Attention, attention_fusable, fast_kernels
 
 
 def loss_and_grads(model, tokens):
@@ -133,4 +133,13 @@ def test_local_attention_is_not_fused(make_tiny_model):
     tokens = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(4))
     expected = model(tokens, return_type="loss")
     with fast_kernels(model):
+        torch.testing.assert_close(model(tokens, return_type="loss"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bridge_keeps_its_own_layers_and_trains_the_same(any_model, tokens):
+    """A bridge runs Hugging Face's layers (eager attention, so that its pattern hooks fire): nothing is switched."""
+    model = attach_codebooks(any_model, ["attn", "mlp"], n_codes=16).train()
+    expected = model(tokens, return_type="loss")
+    with fast_kernels(model) as switched:
+        assert (switched == 0) == tc.is_bridge(model)
         torch.testing.assert_close(model(tokens, return_type="loss"), expected, rtol=1e-5, atol=1e-6)
