@@ -1,13 +1,14 @@
 # `make reproduce` runs the FSM figure reproduction, `make test` the whole test suite (slow tier and notebooks
-# included), `make test-fast` the fast tier only (-m "not slow", for development). Each first builds the
-# local virtual environment .venv (only when pyproject.toml or the constraints changed).
+# included), `make test-fast` the fast tier only (-m "not slow", for development), `make test-tl4` the fast tier on
+# transformer-lens 4 in its own .venv-tl4 (tools/tl_other_env.sh). Each first builds its virtual environment (only
+# when pyproject.toml or the constraints changed).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.cbinterp-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: reproduce test test-fast setup
+.PHONY: reproduce test test-fast test-tl4 setup
 reproduce: $(STAMP)
 	$(VENV)/bin/python benchmarks/fsm_precision.py $(ARGS)
 
@@ -16,6 +17,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-tl4:
+	tools/tl_other_env.sh $(PYTEST_ARGS)
 
 setup: $(STAMP)
 
