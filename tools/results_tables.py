@@ -2,6 +2,8 @@
 
     python tools/results_tables.py benchmarks/out/fsm/seed_0/results.json --seeds benchmarks/out/fsm/seeds.json
     python tools/results_tables.py benchmarks/out/fsm/seed_0/results.json --check benchmarks/README.md
+    python tools/results_tables.py benchmarks/out/fsm/seed_0/results.json --seeds benchmarks/out/fsm/seeds.json \
+        --snapshot tests/fixtures/fsm_default_run   # what the tests check benchmarks/README.md against
 
 `results.json` is one seed's run (its `headline`, `accuracy`, `code_search`, `phases`, `recipe` and `paper`);
 `seeds.json` (written by `--seeds 0 1 2`) fills the "seeds 0-2" column with mean ± standard deviation. The two
@@ -224,14 +226,32 @@ def check(text: str, results: dict, seeds: dict | None = None) -> list[str]:
     return problems
 
 
+def snapshot(results: dict, seeds: dict | None) -> tuple[dict, dict | None]:
+    """The run without what the tables never read (per-state rows, loss curves): small enough to commit."""
+    results = json.loads(json.dumps(results))
+    results.pop("losses", None)
+    results.get("code_search", {}).pop("states", None)
+    seeds = None if seeds is None else {key: seeds[key] for key in ("seeds", "aggregate") if key in seeds}
+    return results, seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="a run's results.json (fsm_precision.py)")
     parser.add_argument("--seeds", type=Path, help="seeds.json of `fsm_precision.py --seeds ...`")
     parser.add_argument("--check", type=Path, metavar="MARKDOWN", help="compare with this file instead of printing")
+    parser.add_argument("--snapshot", type=Path, metavar="DIR", help="write the run's table inputs there instead")
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text(encoding="utf-8"))
     seeds = json.loads(args.seeds.read_text(encoding="utf-8")) if args.seeds else None
+    if args.snapshot is not None:
+        small, small_seeds = snapshot(results, seeds)
+        args.snapshot.mkdir(parents=True, exist_ok=True)
+        for name, data in (("results.json", small), ("seeds.json", small_seeds)):
+            if data is not None:
+                (args.snapshot / name).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        print(f"wrote {args.snapshot}")
+        return 0
     if args.check is None:
         print(
             markdown(PAPER_HEADER, paper_table(results, seeds))
