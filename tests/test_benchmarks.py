@@ -347,3 +347,11 @@ def test_autocast_codes_quick_report_is_consistent(tmp_path, load_benchmark):
             assert 0.0 <= row[key] <= 1.0
     # the search in float32 changes fewer codes than the same forward with the search in bf16
     assert report["overall"]["fp32_search"] < report["overall"]["bf16_search"]
+
+
+def test_fsm_warm_sweep_reads_stages_and_names_a_bad_one(load_benchmark):
+    sweep = load_benchmark("fsm_warm_sweep")
+    args = sweep.parse_args(["--name", "x", "--stages", "1000:64:16:3e-3,600:32:128:1e-3"])
+    assert args.stages == [(1000, 64, 16, 3e-3), (600, 32, 128, 1e-3)]
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--name", "x", "--stages", "1000:64:16"])
