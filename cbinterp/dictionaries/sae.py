@@ -106,8 +106,10 @@ class SparseAutoencoder(nn.Module):
         w_dec = w_dec / w_dec.norm(dim=-1, keepdim=True)
         kw = dict(device=device, dtype=dtype)
         self.W_dec = nn.Parameter(w_dec.to(**kw))
-        # the encoder starts as the decoder's transpose (Gao et al. 2024; SAELens' default)
-        self.W_enc = nn.Parameter(w_dec.transpose(1, 2).contiguous().to(**kw))
+        # the encoder starts as the decoder's transpose (Gao et al. 2024; SAELens' default), a tenth of it for L1
+        # (SAELens' decoder norm 0.1), where about half of all latents are active at first and would sum to tens of x
+        w_enc = w_dec.transpose(1, 2).contiguous() * (1.0 if cfg.architecture == "topk" else 0.1)
+        self.W_enc = nn.Parameter(w_enc.to(**kw))
         self.b_enc = nn.Parameter(torch.zeros(g, n, **kw))
         self.b_dec = nn.Parameter(torch.zeros(g, d, **kw))
         self.register_buffer("input_scale", torch.ones(g, **kw))
@@ -131,14 +133,14 @@ class SparseAutoencoder(nn.Module):
         return y if self.cfg.groups > 1 else y.squeeze(-2)
 
     # -- encode / decode ---------------------------------------------------------------------------------------
-    def pre_activations(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
+    def pre_activations(self, x: Float[Tensor, "... dim"]) -> Float[Tensor, "... n_latents"]:
         """The latents before the activation function, `(..., [groups,] n_latents)`."""
         xg = self._grouped(x)
         scaled = xg / self.input_scale[:, None] - self.b_dec
         pre = torch.einsum("...gd,gdn->...gn", scaled, self.W_enc) + self.b_enc
         return self._ungrouped(pre)
 
-    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_latents"]:
+    def encode(self, x: Float[Tensor, "... dim"]) -> Float[Tensor, "... n_latents"]:
         """Latents `(..., [groups,] n_latents)`: ReLU ("l1"), or ReLU of the top k and 0 elsewhere ("topk")."""
         pre = self.pre_activations(x)
         if self.cfg.architecture == "l1":
@@ -146,7 +148,7 @@ class SparseAutoencoder(nn.Module):
         values, ids = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, ids, torch.relu(values))
 
-    def decode(self, latents: Float[Tensor, "... n_latents"]) -> Float[Tensor, "... d_in"]:
+    def decode(self, latents: Float[Tensor, "... n_latents"]) -> Float[Tensor, "... dim"]:
         """The reconstruction `(..., [groups,] d_in)` of dense latents."""
         lg = latents if self.cfg.groups > 1 else latents.unsqueeze(-2)
         out = torch.einsum("...gn,gnd->...gd", lg, self.W_dec) + self.b_dec
@@ -154,7 +156,7 @@ class SparseAutoencoder(nn.Module):
 
     def decode_sparse(
         self, values: Float[Tensor, "... n"], ids: Int[Tensor, "... n"], bias: bool = True
-    ) -> Float[Tensor, "... d_in"]:
+    ) -> Float[Tensor, "... dim"]:
         """The reconstruction from a few latents per token: `values` at latent `ids` (`(..., [groups,] n)`).
 
         Cheaper than `decode` for TopK latents. Without `bias`, no `b_dec` (and no input scale): the scaled sum of
@@ -168,14 +170,14 @@ class SparseAutoencoder(nn.Module):
         return self._ungrouped(out)
 
     def sparse_sum(
-        self, values: Float[Tensor, "m groups n"], ids: Int[Tensor, "m groups n"]
-    ) -> Float[Tensor, "m groups d_in"]:
+        self, values: Float[Tensor, "n groups _k"], ids: Int[Tensor, "n groups _k"]
+    ) -> Float[Tensor, "n groups dim"]:
         """The sum of the decoder rows `ids` weighted by `values`, per group (scaled units, no bias); id -1 adds 0."""
         g = self.cfg.groups
         rows = self.W_dec[torch.arange(g, device=ids.device)[None, :, None], ids.clamp_min(0)]  # (m, g, n, d)
         return torch.einsum("mgn,mgnd->mgd", values * (ids >= 0), rows)
 
-    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+    def forward(self, x: Float[Tensor, "... dim"]) -> Float[Tensor, "... dim"]:
         """The reconstruction of `x`."""
         return self.decode(self.encode(x))
 
@@ -191,7 +193,7 @@ class SparseAutoencoder(nn.Module):
 
     # -- training helpers --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_from_data_(self, x: Float[Tensor, "... d_in"]) -> None:
+    def init_from_data_(self, x: Float[Tensor, "... dim"]) -> None:
         """Set `input_scale` (scaled inputs have mean squared norm d_in) and `b_dec` (their mean) from a sample."""
         xg = self._grouped(x).reshape(-1, self.cfg.groups, self.cfg.d_in).to(self.W_dec.dtype)
         mean_sq = xg.pow(2).sum(-1).mean(0)  # (groups,)

@@ -23,7 +23,7 @@ token's listed ids, i.e. active).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -35,12 +35,12 @@ from cbinterp.codecache.documents import text_token_mask
 from cbinterp.codecache.identity import model_identity, new_marker
 from cbinterp.codecache.layout import code_dtype, stored_codes
 from cbinterp.codecache.store import CodeCache
-from cbinterp.core.checks import check_token_ids
+from cbinterp.core.checks import check_token_ids, is_int
 from cbinterp.core.codebooks.attach import get_codebooks, insert_codebook, refresh_hooks, resolve_sites
 from cbinterp.core.codebooks.naming import did_you_mean
 from cbinterp.dictionaries.sae import SparseAutoencoder
 
-__all__ = ["SAEHook", "attach_saes", "cache_latents", "detach_saes", "get_saes", "saes_observed"]
+__all__ = ["SAEHook", "attach_saes", "cache_latents", "detach_saes", "force_latent", "get_saes", "saes_observed"]
 
 
 class SAEHook(HookPoint):
@@ -130,6 +130,31 @@ def saes_observed(model: HookedTransformer) -> Iterator[HookedTransformer]:
     finally:
         for s, was in zip(saes, before):
             s.observe_only = was
+
+
+def force_latent(site: str, latent: int, value: float, head: int | None = None) -> tuple[str, Callable]:
+    """A hook `(name, fn)` that sets `latent` of the SAE at `site` to `value` at every position.
+
+    In `head` only for a per-head SAE (every head when None). For `run_with_hooks`, `model.hooks` or `generate`:
+    steering with a latent, as `force_codes` steers with a code. The SAE must be spliced (not observed) for it to
+    change anything."""
+    if not is_int(latent) or latent < 0:
+        raise ValueError(f"latent must be an int >= 0, got {latent!r}.")
+    if head is not None and (not is_int(head) or head < 0):
+        raise ValueError(f"head must be None (every head) or an int >= 0, got {head!r}.")
+
+    def hook(latents: Tensor, hook) -> Tensor:
+        if latent >= latents.shape[-1]:
+            raise ValueError(f"latent {latent} is out of range: {hook.name} has {latents.shape[-1]} latents.")
+        if head is None:
+            latents[..., latent] = value
+        else:
+            if latents.dim() < 4 or head >= latents.shape[-2]:
+                raise ValueError(f"head {head} is out of range for {hook.name}'s latents {tuple(latents.shape)}.")
+            latents[..., head, latent] = value
+        return latents
+
+    return f"{site}.hook_latents", hook
 
 
 @torch.no_grad()

@@ -46,8 +46,8 @@ class SAETrainConfig:
         lr, warmup_steps, schedule, min_lr_ratio: Adam's learning rate and its schedule, as `TrainConfig`'s.
         l1_coefficient: L1 SAEs: the penalty's coefficient (the start value when `target_l0` is set).
         target_l0: L1 SAEs: adapt the coefficient of each group towards this mean number of active latents.
-        tune_fraction, tune_rate: over which share of the steps, and how fast (log-coefficient change per step at
-            an L0 twice the target).
+        tune_fraction, tune_rate: over which share of the steps, and how fast: the log-coefficient changes by
+            `tune_rate * clamp(log(L0 / target_l0), -1, 1)` per step.
         aux_coefficient, aux_k, dead_steps: TopK SAEs: the AuxK loss's weight, how many dead latents it uses per
             token (default d_in // 2), and after how many steps without firing a latent counts as dead.
     """
@@ -60,7 +60,7 @@ class SAETrainConfig:
     l1_coefficient: float = 1.0
     target_l0: float | None = None
     tune_fraction: float = 0.5
-    tune_rate: float = 0.05
+    tune_rate: float = 0.03
     aux_coefficient: float = 1 / 32
     aux_k: int | None = None
     dead_steps: int = 25
@@ -118,7 +118,7 @@ class SAETrainer:
         """Bool `(groups, n_latents)`: latents that have not fired for `dead_steps` steps."""
         return (self.n_steps - self.last_fired) >= self.cfg.dead_steps
 
-    def step(self, x: Float[Tensor, "... d_in"]) -> dict:
+    def step(self, x: Float[Tensor, "... dim"]) -> dict:
         """One optimiser step on the activations `x`; returns that step's metrics (also kept in `history`)."""
         sae, cfg = self.sae, self.cfg
         xg = sae._grouped(x.to(sae.W_dec.dtype))
@@ -160,15 +160,16 @@ class SAETrainer:
             self.last_fired[fired] = self.n_steps
             l0 = active.mean(0)  # (groups,)
             if self.tuning:
-                ratio = ((l0.double() - cfg.target_l0) / cfg.target_l0).clamp(-1.0, 1.0)
+                # in log space, so that twice and half the target pull equally hard; clamped against early swings
+                ratio = torch.log(l0.double().clamp_min(1e-3) / cfg.target_l0).clamp(-1.0, 1.0)
                 self.l1 *= torch.exp(cfg.tune_rate * ratio)
             variance = (scaled - scaled.mean(0)).pow(2).sum(-1).mean(0)
             fvu = err.mean(0) / variance.clamp_min(1e-12)
         record = {
             "step": self.n_steps,
             "loss": float(loss.detach()),
-            "mse": float(mse),
-            "aux": float(aux),
+            "mse": float(mse.detach()),
+            "aux": float(aux.detach()),
             "fvu": fvu.tolist(),
             "l0": l0.tolist(),
             "n_dead": int(self.dead().sum()),
