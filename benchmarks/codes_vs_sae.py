@@ -25,9 +25,9 @@ reconstruction (fraction of variance unexplained at each site, with the dictiona
 next-token loss with the dictionary spliced in (an SAE without its error term; the codebook model as trained),
 dead units (never active on a held-out token), training time and parameter counts.
 
-Steering to the five corpus sources is not run here yet: it waits for the source-steering method
-(`cbinterp.metrics.steering`, being written); `steer_sources` below is where it plugs in, with
-`cbinterp.dictionaries.sae_hooks.force_latent` forcing a latent to its typical active value.
+Steering to the five corpus sources is not run here yet: it waits for the source-steering method (being added
+beside `cbinterp.metrics.steering`); `steer_sources` below is where it plugs in, with
+`cbinterp.dictionaries.sae_hooks.force_latent` forcing a latent to its typical active value (`typical_values`).
 
 Writes `results.json`, `figure.html` (per feature: best code, best latent of each SAE, best neuron of each model,
 held-out precision) and the trained SAEs (`saes/<kind>/<site>/`, `load_sae`) under `--out`.
@@ -304,12 +304,16 @@ def summarise(rows_by_side: dict[str, list[dict]]) -> dict:
     return out
 
 
-def steer_sources(models, saes, cache_a, args) -> dict:
-    """Steering to the five corpus sources with codes, and with SAE latents forced to their typical active value.
+def steer_sources(models, saes, caches, args) -> dict:
+    """Steering to the five corpus sources: with codes, and with SAE latents forced to their typical active value.
 
-    Not run yet: it needs the source-steering method (a window-level rule and a bag-of-words source classifier in
-    `cbinterp.metrics.steering`), which is being written; the SAE side forces latents with
-    `cbinterp.dictionaries.sae_hooks.force_latent(site, head, latent, value)` where the codebook side forces codes."""
+    Not run yet: it needs the source-steering method (the paper's window-level code selection and a bag-of-words
+    source classifier), which is being added to cbinterp beside `cbinterp.metrics.steering`. How it plugs in: the
+    window-level rule reads a `CodeCache`, so it selects latents from `caches[kind, "a"]` exactly as it selects codes
+    from `caches["code", "a"]`; the codebook side is steered by forcing codes (`generate_with_codes`), each SAE side
+    by `cbinterp.dictionaries.sae_hooks.force_latent(site, latent, value, head)` with `value` from
+    `cbinterp.dictionaries.sae.typical_values(sae, half A's hook_input activations)`, the SAEs spliced in; the same
+    prompts, seeds and classifier score every side."""
     return {"status": "not run: the source-steering method is not in cbinterp yet"}
 
 
@@ -388,7 +392,7 @@ def main(argv=None) -> dict:
         metrics[side]["dead"] = dead_units([caches[side, "a"], caches[side, "b"]], sites)
         metrics[side]["active_per_token_head"] = active_per_token(caches[side, "b"], sites)
     timer.mark("measure")
-    steering = steer_sources({"code": codebook_model, "baseline": baseline}, saes, caches["code", "a"], args)
+    steering = steer_sources({"code": codebook_model, "baseline": baseline}, saes, caches, args)
 
     cost = {
         "code": {

@@ -32,7 +32,16 @@ from torch import Tensor, nn
 from cbinterp.core.checks import is_int
 from cbinterp.core.storage.atomic import atomic_dir, readable_dir, recover_dir, user_path
 
-__all__ = ["ARCHITECTURES", "SAE_FORMAT", "SAEConfig", "SparseAutoencoder", "load_sae", "save_sae"]
+__all__ = [
+    "ARCHITECTURES",
+    "SAE_FORMAT",
+    "SAEConfig",
+    "SparseAutoencoder",
+    "load_sae",
+    "read_sae_record",
+    "save_sae",
+    "typical_values",
+]
 
 ARCHITECTURES = ("topk", "l1")
 SAE_FORMAT = "cbinterp-sae"
@@ -211,6 +220,35 @@ class SparseAutoencoder(nn.Module):
         c = self.cfg
         sparsity = f"k={c.k}" if c.architecture == "topk" else "l1"
         return f"{c.architecture}: groups={c.groups}, d_in={c.d_in}, n_latents={c.n_latents}, {sparsity}"
+
+
+@torch.no_grad()
+def typical_values(
+    sae: SparseAutoencoder, x: Float[Tensor, "... dim"], chunk_tokens: int = 4096
+) -> Float[Tensor, "... n_latents"]:
+    """Each latent's median value over the tokens of `x` where it is active, `([groups,] n_latents)`.
+
+    0 where it is never active. What steering forces a latent to: the value it takes when the SAE itself uses it."""
+    xg = sae._grouped(x).reshape(-1, sae.cfg.groups, sae.cfg.d_in)
+    g, n = sae.cfg.groups, sae.cfg.n_latents
+    keys, values = [], []
+    for start in range(0, xg.shape[0], chunk_tokens):
+        latents = sae.encode(xg[start : start + chunk_tokens].to(sae.W_dec.dtype))  # (m, g, n)
+        m, grp, lat = latents.nonzero(as_tuple=True)
+        keys.append(grp * n + lat)
+        values.append(latents[m, grp, lat].float())
+    key, value = torch.cat(keys), torch.cat(values)
+    out = torch.zeros(g * n, device=value.device)
+    if key.numel():
+        order = torch.argsort(value, stable=True)  # by value first, then (stable) by key below
+        key, value = key[order], value[order]
+        order = torch.argsort(key, stable=True)
+        key, value = key[order], value[order]  # by key, values ascending within each key
+        uniq, counts = torch.unique_consecutive(key, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        out[uniq] = value[starts + (counts - 1) // 2]  # the lower median
+    out = out.view(g, n)
+    return out if sae.cfg.groups > 1 else out[0]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,14 @@ import json
 import pytest
 import torch
 
-from cbinterp.dictionaries.sae import SAEConfig, SparseAutoencoder, load_sae, read_sae_record, save_sae
+from cbinterp.dictionaries.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    load_sae,
+    read_sae_record,
+    save_sae,
+    typical_values,
+)
 from cbinterp.dictionaries.sae_hooks import (
     attach_saes,
     cache_latents,
@@ -91,6 +98,20 @@ def test_config_errors_name_the_fix():
     with pytest.raises(ValueError, match="n_latents must be an int >= 1"):
         SAEConfig(d_in=8, n_latents=True)
     assert SAEConfig(d_in=8, n_latents=100, architecture="l1", k=None).ids_per_token == 64
+
+
+def test_typical_values_are_each_latents_median_when_active():
+    sae = _topk()
+    x = torch.randn(300, 2, 8)
+    typical = typical_values(sae, x, chunk_tokens=64)
+    latents = sae.encode(x)
+    for group, latent in [(0, 0), (1, 5), (1, 63)]:
+        on = latents[:, group, latent][latents[:, group, latent] > 0]
+        want = on.sort().values[(len(on) - 1) // 2] if len(on) else torch.tensor(0.0)
+        assert typical[group, latent] == want
+    with torch.no_grad():
+        sae.b_enc[0, 3] = -1e4  # never active: 0
+    assert typical_values(sae, x)[0, 3] == 0.0
 
 
 # -- training -----------------------------------------------------------------------------------------------------
