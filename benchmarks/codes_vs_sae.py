@@ -78,6 +78,25 @@ HIDDEN_FEATURES: dict[str, str] = {
     "nature": r"(?i)\b(?:tree|trees|river|rivers|mountain|mountains|forest|forests|field|fields|flower|flowers)\b",
     "time_words": r"(?i)\b(?:day|days|night|nights|morning|evening|week|weeks|year|years|hour|hours)\b",
 }
+#: What is not the same on the two sides, by construction or by choice (the results carry this list).
+DIFFERENCES = [
+    "network: the codebook model's weights were trained end to end with its codebooks (from the baseline's); the SAEs "
+    "are fitted to the frozen baseline, which never adapted to them",
+    "initialisation: codebooks start from k-means centroids of their inputs (256 windows); SAEs from random unit "
+    "directions (encoder = decoder transpose, a tenth of it for L1), b_dec at the data mean",
+    "optimiser: SAEs Adam at 1e-2 without weight decay (LR_NOTE); the codebook phase AdamW at 1e-3, weight decay "
+    "0.01; the same schedule (25 warmup steps, cosine to 10%), the same 250 batches",
+    "what is active: a codebook picks exactly k = 8 codes per token and head by similarity and sums them unweighted; "
+    "TopK picks at most 8 latents (ReLU may zero some) and weights them; L1 has a varying number (mean tuned to 8 "
+    "in training; ids capped at --l1-ids per token and head). The probes read every side as binary 'active or not'",
+    "layer 1's input: the codebook model's layer-1 codes read activations computed through layer 0's codes (as "
+    "trained); each SAE's latents are of the clean activation it was trained on (both spliced together for the loss)",
+    "dead units: codebooks have no dead-code replacement in this model; TopK SAEs get the AuxK loss; L1 nothing",
+    "size: an SAE has an encoder and a decoder (about twice a codebook's parameters per site)",
+    "neurons: each side's best neuron is searched in its own network (the codebook model's, the baseline's)",
+    "training time: the codebook phase trains the whole language model (the card's wall time, an earlier run); the "
+    "SAEs' time is their own steps here, the baseline's forward passes counted apart",
+]
 KINDS = ("topk", "l1")
 SIDES = ("code", "topk", "l1")
 LABELS = {"code": "codebook", "topk": "TopK SAE", "l1": "L1 SAE"}
@@ -444,6 +463,7 @@ def main(argv=None) -> dict:
         "metrics": metrics,
         "cost": cost,
         "steering": steering,
+        "differences": DIFFERENCES,
         "files": files,
         "timings_s": timer.marks,
     }
