@@ -384,6 +384,7 @@ def main(argv=None) -> dict:
     tokenizer = codebook_model.tokenizer
     seq_len = codebook_model.cfg.n_ctx
     docs = {h: tokenize_documents(t, tokenizer, seq_len, codebook_model) for h, t in (("a", texts_a), ("b", texts_b))}
+    print(f"caching half A ({len(texts_a)} documents) and half B ({len(texts_b)}) on every side", flush=True)
     mlp = [f"blocks.{layer}.mlp.hook_post" for layer in range(baseline.cfg.n_layers)]
     neurons = mlp + [f"{site}.hook_input" for site in sites]
     caches = {("code", h): cache_documents(codebook_model, docs[h], hooks=neurons, batch_size=16) for h in ("a", "b")}
@@ -394,12 +395,14 @@ def main(argv=None) -> dict:
         detach_saes(baseline)
     timer.mark("cache")
 
+    print("probing: chosen on half A, scored on half B", flush=True)
     probes = {}
     for group, features in (("features", FEATURES), ("hidden_features", HIDDEN_FEATURES)):
         rows = {side: probe_side(caches[side, "a"], caches[side, "b"], features, tokenizer, args) for side in SIDES}
         probes[group] = {"rows": rows, "summary": summarise(rows)}
     timer.mark("probe")
 
+    print("loss and reconstruction on the held-out windows", flush=True)
     heldout = heldout_sequences(texts_a + texts_b, tokenizer, seq_len)
     metrics = {"baseline (no dictionary)": run_metrics_plain(baseline, heldout)}
     metrics["code"] = run_metrics(codebook_model, heldout, sites)
