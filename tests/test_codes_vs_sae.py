@@ -47,5 +47,10 @@ def test_codes_vs_sae_quick(tmp_path, load_benchmark, capsys):
             assert sae.cfg.architecture == kind and sae.cfg.n_latents == 1024 and sae.cfg.groups == 4
             assert read_sae_record(path)["extra"]["site"] == site
     assert results["steering"]["status"].startswith("not run")
+    assert on_disk["differences"] == bench.DIFFERENCES
+    summary = results["probes"]["features"]["summary"]
+    for side in bench.SIDES:
+        v = summary[side]
+        assert v["over_neuron"] == pytest.approx(v["precision_b"] / v["neuron_precision_b"] - 1)
     assert "plotly" in (tmp_path / "figure.html").read_text()
     assert "code vs topk" in capsys.readouterr().out
