@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--name", required=True, help="the candidate's name (the JSON file's)")
     parser.add_argument("--stages", required=True, help="comma-separated steps:batch:seq_len:lr")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-states", type=int, default=100, help="the machine's shape (default: the paper's)")
+    parser.add_argument("--n-edges", type=int, default=10)
+    parser.add_argument("--base", type=int, default=10)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--sample-sequences", type=int, default=100)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -60,7 +63,7 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = FSMRecipe.paper(seed=args.seed)
+    recipe = FSMRecipe.paper(seed=args.seed, n_states=args.n_states, n_edges=args.n_edges, base=args.base)
     fsm = recipe.fsm()
     model = recipe.build_model(fsm, "cpu")
     val = fsm.sample(256, recipe.seq_len, seed=recipe.data_seed(STREAM_VAL))
@@ -124,7 +127,14 @@ def main(argv=None) -> list[dict]:
     ]
     print_table(header, table)
     path = write_json(
-        args.out / f"{args.name}.json", {"name": args.name, "seed": args.seed, "stages": args.stages, "rows": rows}
+        args.out / f"{args.name}.json",
+        {
+            "name": args.name,
+            "seed": args.seed,
+            "machine": fsm.to_dict() | {"successors": None},
+            "stages": args.stages,
+            "rows": rows,
+        },
     )
     print(f"wrote {path}", flush=True)
     return rows
