@@ -63,7 +63,8 @@ def test_codes_vs_sae_quick(tmp_path, load_benchmark, capsys):
                 assert {int(k.split("/")[1]) for k in e["dev_sweep"]} <= set(steering["strengths_tried"])
                 assert all(f in sites for f in e["forced"])
     assert any(e["steered"] for e in steering["sides"]["topk"]["per_source"].values())
-    assert "TopK SAE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "TopK SAE" in out and "code vs topk" in out
 
     # --reuse --steering-only: the saved SAEs, only the steering rewritten, everything else kept
     again = bench.main(["--quick", "--out", str(tmp_path), "--no-progress", "--max-chars", "8000", "--reuse",
@@ -80,7 +81,6 @@ def test_codes_vs_sae_quick(tmp_path, load_benchmark, capsys):
         )
         assert first.get("forced") == second.get("forced") and first["unsteered"] == second["unsteered"]
     assert on_disk["differences"] == bench.DIFFERENCES
-    assert "code vs topk" in capsys.readouterr().out
     summary = results["probes"]["features"]["summary"]
     for side in bench.SIDES:
         v = summary[side]
