@@ -2,6 +2,7 @@
 
     python benchmarks/codes_vs_sae.py            # the shipped english-baseline / english-codebook pair (<= 30 CPU min)
     python benchmarks/codes_vs_sae.py --quick    # a seconds-long run on slices of the text (the tests)
+    python benchmarks/codes_vs_sae.py --reuse --steering-only   # source steering with the saved SAEs
 
 Two sides, fair by construction:
 
@@ -25,9 +26,14 @@ reconstruction (fraction of variance unexplained at each site, with the dictiona
 next-token loss with the dictionary spliced in (an SAE without its error term; the codebook model as trained);
 dead units (never active on a held-out token), training time and parameter counts.
 
-Steering to the five corpus sources is not run here yet: it waits for the source-steering method (being added
-beside `cbinterp.metrics.steering`); `steer_sources` below is where it plugs in, with
-`cbinterp.dictionaries.sae_hooks.force_latent` forcing a latent to its typical active value (`typical_values`).
+Steering to the five corpus sources (`steer_sources`) is `lm_steering.py --sources` run on every side by its own
+functions: the same half-A text, windows, window-level rule, candidates (best / top, n_slots, difference / ratio
+score), dev seed, prompts, scoring seeds, source classifier, readable rule and baseline-loss scorer (the clean
+`english-baseline`). The codebook side forces codes (`generate_with_codes`); an SAE side is the baseline with its
+SAEs spliced in, steered by `force_latent` at each chosen latent's typical active value (`typical_values`, the
+median over half A's tokens where it is active), scaled by the slots the candidate gives it (one latent in n slots:
+n times it), from the prompt's last position on. Each side's unsteered samples are its own model's, and its loss
+cap their 95th percentile.
 
 Writes `results.json`, `figure.html` (per feature: best code, best latent of each SAE, best neuron of each model,
 held-out precision) and the trained SAEs (`saes/<kind>/<site>/`, `load_sae`) under `--out`.
@@ -48,10 +54,11 @@ import torch.nn.functional as F
 
 from cbinterp.codecache.documents import cache_documents
 from cbinterp.core.codebooks.attach import get_codebooks
-from cbinterp.dictionaries.sae import SAEConfig, SparseAutoencoder, save_sae
-from cbinterp.dictionaries.sae_hooks import attach_saes, cache_latents, detach_saes, get_saes
+from cbinterp.dictionaries.sae import SAEConfig, SparseAutoencoder, load_sae, save_sae, typical_values
+from cbinterp.dictionaries.sae_hooks import attach_saes, cache_latents, detach_saes, force_latent, get_saes
 from cbinterp.dictionaries.sae_train import SAETrainConfig, SAETrainer
 from cbinterp.metrics.heldout import probe_heldout
+from cbinterp.metrics.window_codes import text_windows
 from cbinterp.pretrained import pretrained_card
 from cbinterp.recipes.evaluate import heldout_sequences
 from cbinterp.recipes.lm_phases import train_batches
@@ -61,9 +68,10 @@ from cbinterp.tasks.lm_features import FEATURES
 from cbinterp.tasks.text import tokenize_documents
 
 if __package__:  # python -m benchmarks.codes_vs_sae
-    from . import common
+    from . import common, lm_steering
 else:  # python benchmarks/codes_vs_sae.py: this folder is sys.path[0]
     import common
+    import lm_steering
 
 #: Regex features written for this benchmark only (nothing was tuned on them): forms and word sets that
 #: `FEATURES` does not hold.
@@ -97,6 +105,9 @@ DIFFERENCES = [
     "neurons: each side's best neuron is searched in its own network (the codebook model's, the baseline's)",
     "training time: the codebook phase trains the whole language model (the card's wall time, an earlier run); the "
     "SAEs' time is their own steps here, the baseline's forward passes counted apart",
+    "steering: a forced code takes n of the codebook's k slots, its own best k - n codes filling the rest; a forced "
+    "latent is set to n times its typical active value (n = the slots the candidate gives it) and every other latent "
+    "keeps the value the SAE gave it. Each side's unsteered samples, and so its loss cap, are its own model's",
 ]
 KINDS = ("topk", "l1")
 SIDES = ("code", "topk", "l1")
@@ -128,7 +139,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the SAEs' initial weights")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: more fight on a shared CPU)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="load the SAEs saved under --out instead of training them")
+    p.add_argument("--steering-only", action="store_true", help="with --reuse: only source steering, written into "
+                   "--out's results.json (the rest of it kept)")  # fmt: skip
+    p.add_argument("--no-steering", action="store_true", help="skip source steering")
+    p.add_argument("--steer-kinds", nargs="*", default=list(KINDS), choices=KINDS, help="SAE kinds to steer")
     args = p.parse_args(argv)
+    if args.steering_only and (not args.reuse or args.no_steering):
+        p.error("--steering-only needs --reuse (the saved SAEs) and no --no-steering")
     args.codebook_model = args.codebook_model or common.default_model()
     args.baseline_model = args.baseline_model or common.baseline_name()
     if args.out is None:
@@ -326,17 +344,103 @@ def summarise(rows_by_side: dict[str, list[dict]]) -> dict:
     return out
 
 
-def steer_sources(models, saes, caches, args) -> dict:
-    """Steering to the five corpus sources: with codes, and with SAE latents forced to their typical active value.
+def load_saes(args, sites) -> tuple[dict, dict]:
+    """The SAEs a run saved under `--out` (`--reuse`), and the training record of that run's results.json."""
+    saes = {}
+    for kind in KINDS:
+        for site in sites:
+            path = args.out / "saes" / kind / site
+            if not path.is_dir():
+                raise SystemExit(f"--reuse: no saved SAE at {path}; run without --reuse first (it trains and saves).")
+            sae = load_sae(path)
+            c = sae.cfg
+            if c.architecture != kind or c.n_latents != args.n_latents or (kind == "topk" and c.k != args.k):
+                raise SystemExit(
+                    f"--reuse: the SAE at {path} is {c.architecture} with {c.n_latents} latents, k={c.k}; this run "
+                    f"asks for {kind} with {args.n_latents}, k={args.k}. Drop --reuse to train new ones."
+                )
+            saes[kind, site] = sae
+    previous = args.out / "results.json"
+    training = json.loads(previous.read_text())["training"] if previous.is_file() else {}
+    training["reused_from"] = str(args.out / "saes")
+    return saes, training
 
-    Not run yet: it needs the source-steering method (the paper's window-level code selection and a bag-of-words
-    source classifier), which is being added to cbinterp beside `cbinterp.metrics.steering`. How it plugs in: the
-    window-level rule reads a `CodeCache`, so it selects latents from `caches[kind, "a"]` exactly as it selects codes
-    from `caches["code", "a"]`; the codebook side is steered by forcing codes (`generate_with_codes`), each SAE side
-    by `cbinterp.dictionaries.sae_hooks.force_latent(site, latent, value, head)` with `value` from
-    `cbinterp.dictionaries.sae.typical_values(sae, half A's hook_input activations)`, the SAEs spliced in; the same
-    prompts, seeds and classifier score every side."""
-    return {"status": "not run: the source-steering method is not in cbinterp yet"}
+
+def forced_latents(latents: dict, n_slots: int, typical: dict) -> dict:
+    """`lm_steering.generate`'s arguments that steer with latents: each chosen latent (site -> `(heads, n)` ids, as
+    codes are given) forced to its typical value times the slots it would take of a codebook (n_slots / n)."""
+    hooks = []
+    for site, ids in latents.items():
+        ids = ids.reshape(ids.shape[0], -1)
+        scale = n_slots / ids.shape[1]  # "best": one latent in n_slots slots; "top": n latents, one slot each
+        for head, row in enumerate(ids.tolist()):
+            for latent in row:
+                value = scale * float(typical[site][head, latent])
+                hooks.append(force_latent(site, latent, value, head=head, last_only=True))
+    return {"hooks": hooks}
+
+
+def steering_args(args):
+    """`lm_steering.py --sources`' settings for this run (its quick settings in --quick)."""
+    argv = ["--sources", "--model", args.codebook_model, "--baseline", args.baseline_model, "--out", str(args.out)]
+    if args.quick:
+        argv += ["--quick", "--max-chars", str(args.max_chars), "--n-slots", "1", "2"]
+    return lm_steering.parse_args(argv)
+
+
+def steer_sources(codebook_model, baseline, saes: dict, sites: list[str], args) -> dict:
+    """Steering to the five corpus sources by `lm_steering`'s source mode: with codes, and with each SAE kind's
+    latents forced (see the module docstring). Per side, `lm_steering.run_sources`' record."""
+    sargs = steering_args(args)
+    half_a, half_b = common.heldout_halves(args.codebook_model)
+    texts, sources = lm_steering.heldout_texts(half_a, sargs.max_chars)
+    docs = tokenize_documents(texts, codebook_model.tokenizer, codebook_model.cfg.n_ctx, codebook_model)
+    code_cache = cache_documents(codebook_model, docs, batch_size=16)
+    windows, window_doc = text_windows(code_cache, sargs.window)
+    window_source = [sources[d] for d in window_doc.tolist()]
+    k = min(cb.k for cb in get_codebooks(codebook_model).values())
+    print(f"source steering: codes ({len(window_source)} windows of half A)", flush=True)
+    ctx = lm_steering.steering_context(sargs, codebook_model, baseline, False, code_cache, k)
+    sides = {"code": lm_steering.run_sources(ctx, window_source, half_a + half_b)}
+    sides["code"]["loss_cap"] = ctx.loss_cap
+    for kind in args.steer_kinds:
+        print(f"source steering: {LABELS[kind]} latents", flush=True)
+        model = common.load_model(args.baseline_model)  # spliced with SAEs; `baseline` stays clean to score
+        attach_saes(model, {site: saes[kind, site] for site in sites})
+        cache = cache_latents(model, docs, hooks=[f"{site}.hook_input" for site in sites])
+        if not torch.equal(text_windows(cache, sargs.window)[0], windows):
+            raise RuntimeError("the latent cache's windows differ from the code cache's; they must be the same text")
+        typical = {site: typical_values(saes[kind, site], cache.activations(f"{site}.hook_input")) for site in sites}
+        ctx = lm_steering.steering_context(sargs, model, baseline, False, cache, k)
+        ctx.force = lambda latents, n, typical=typical: forced_latents(latents, n, typical)
+        sides[kind] = lm_steering.run_sources(ctx, window_source, half_a + half_b)
+        sides[kind]["loss_cap"] = ctx.loss_cap
+    keys = ("seeds", "dev_seeds", "rows", "n_prompts", "new_tokens", "window", "min_active", "max_elsewhere")
+    return {
+        "settings": {key: getattr(sargs, key) for key in (*keys, "min_in", "max_chars")},
+        "strengths_tried": ctx.strengths,
+        "samples_per_condition": len(ctx.unsteered),
+        "sides": sides,
+    }
+
+
+def steering_table(steering: dict) -> list[str]:
+    """Per source and side: unsteered -> steered (readable), and the candidate chosen."""
+    lines = [f"{'source':<10} {'side':<9} {'unsteered':>9} {'steered':>8} {'readable':>8} {'chosen':>14}  loss cap"]
+    sides = steering["sides"]
+    for source in sides["code"]["per_source"]:
+        for side, record in sides.items():
+            e = record["per_source"].get(source)
+            if e is None:
+                continue
+            s = e["steered"]
+            chosen = f"{e['kind']} x{e['n_slots']}" if s else "(none)"
+            rates = f"{s['rate']:>8.0%} {s['rate_readable']:>8.0%}" if s else f"{'':>8} {'':>8}"
+            cap = record["loss_cap"]
+            lines.append(
+                f"{source:<10} {LABELS[side]:<9} {e['unsteered']['rate']:>9.0%} {rates} {chosen:>14}  {cap:.2f}"
+            )
+    return lines
 
 
 def figure(rows_by_side: dict[str, list[dict]], title: str):
@@ -373,15 +477,33 @@ def main(argv=None) -> dict:
     card = pretrained_card(args.codebook_model)
     if args.steps is None:
         args.steps = 20 if args.quick else int(card["recipe"]["codebook_steps"])
-    stream, recipe, first_batch = training_stream(args, baseline)
-    timer.mark("load")
-    print(f"training {len(KINDS)} x {len(sites)} SAEs ({args.n_latents} latents x {baseline.cfg.n_heads} heads) "
-          f"for {args.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens", flush=True)  # fmt: skip
-    saes, training = train_saes(args, baseline, sites, recipe, stream)
-    training["first_batch"] = first_batch
-    timer.mark("train")
-    for (kind, site), sae in saes.items():
-        save_sae(sae, args.out / "saes" / kind / site, extra={"site": site, **training["trainers"][f"{kind}/{site}"]})
+    if args.reuse:
+        saes, training = load_saes(args, sites)
+        recipe = LMRecipe.from_dict(card["recipe"])
+        recipe = recipe.replace(batch_size=training.get("batch_size", args.batch_size or recipe.batch_size))
+        timer.mark("load")
+    else:
+        stream, recipe, first_batch = training_stream(args, baseline)
+        timer.mark("load")
+        print(f"training {len(KINDS)} x {len(sites)} SAEs ({args.n_latents} latents x {baseline.cfg.n_heads} heads) "
+              f"for {args.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens", flush=True)  # fmt: skip
+        saes, training = train_saes(args, baseline, sites, recipe, stream)
+        training["first_batch"] = first_batch
+        timer.mark("train")
+        for (kind, site), sae in saes.items():
+            extra = {"site": site, **training["trainers"][f"{kind}/{site}"]}
+            save_sae(sae, args.out / "saes" / kind / site, extra=extra)
+    if args.steering_only:
+        steering = steer_sources(codebook_model, baseline, saes, sites, args)
+        timer.mark("steer")
+        previous = args.out / "results.json"
+        results = json.loads(previous.read_text()) if previous.is_file() else {}
+        results["steering"] = steering
+        results.setdefault("timings_s", {})["steer"] = timer.marks["steer"]
+        write_json(previous, results)
+        print("\n".join(steering_table(steering)))
+        print(f"wrote the steering into {previous}; total {sum(timer.marks.values()):.0f} s")
+        return results
 
     half_a, half_b = common.heldout_halves(args.codebook_model)
     texts_a, texts_b = common.take_chars(half_a, args.max_chars), common.take_chars(half_b, args.max_chars)
@@ -418,7 +540,10 @@ def main(argv=None) -> dict:
         metrics[side]["dead"] = dead_units([caches[side, "a"], caches[side, "b"]], sites)
         metrics[side]["active_per_token_head"] = active_per_token(caches[side, "b"], sites)
     timer.mark("measure")
-    steering = steer_sources({"code": codebook_model, "baseline": baseline}, saes, caches, args)
+    steering = {"status": "not run (--no-steering)"}
+    if not args.no_steering:
+        steering = steer_sources(codebook_model, baseline, saes, sites, args)
+        timer.mark("steer")
 
     cost = {
         "code": {
@@ -430,11 +555,11 @@ def main(argv=None) -> dict:
     for kind in KINDS:
         sae = saes[kind, sites[0]]
         cost[kind] = {
-            "train_s": training["train_s"][kind],
+            "train_s": training.get("train_s", {}).get(kind),
             "what": "the SAEs' own steps; the frozen baseline's forward passes, shared by both kinds, are extra",
             "parameters_per_site": int(sum(p.numel() for p in sae.parameters())),
         }
-    cost["forward_s"] = training["forward_s"]
+    cost["forward_s"] = training.get("forward_s")
     title = f"Best code / SAE latent / neuron per regex feature, held-out precision ({args.codebook_model})"
     fig = figure(probes["features"]["rows"], title)
     files = save_figure(fig, args.out, "figure")
@@ -514,7 +639,12 @@ def print_report(results: dict) -> None:
             f"{m[side]['dead']['fraction']:.1%}  active/token/head {m[side]['active_per_token_head']:.2f}  "
             f"train {cost[side]['train_s'] or 0:.0f} s"
         )
-    print(json.dumps(results["steering"]))
+    if "sides" in results["steering"]:
+        print("source steering: share of samples the source classifier reads as the source (readable: also not "
+              "repetitive, baseline loss within the side's unsteered 95th percentile, 'loss cap')")  # fmt: skip
+        print("\n".join(steering_table(results["steering"])))
+    else:
+        print(json.dumps(results["steering"]))
 
 
 if __name__ == "__main__":

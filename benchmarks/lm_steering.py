@@ -200,10 +200,11 @@ def find_topic_codes(cache, topic: str, tokenizer, min_recall: float, min_fires:
 
 
 @torch.no_grad()
-def generate(model, prompts, seeds, rows, new_tokens, codes=None, n_slots=None):
+def generate(model, prompts, seeds, rows, new_tokens, codes=None, n_slots=None, hooks=()):
     """`rows` samples of every prompt (a string, or token ids starting with BOS) for every seed: dicts with prompt,
     seed, ids (prompt + new tokens) and prompt_len. Prompts of the same token length share one generate call per
-    seed (seeded by the seed and the length), so a condition costs a few calls whatever the number of prompts."""
+    seed (seeded by the seed and the length), so a condition costs a few calls whatever the number of prompts.
+    Steered by forcing `codes` (`generate_with_codes`) or by other forward `hooks` (e.g. SAE latents forced)."""
     groups: dict[int, list[tuple[str, Tensor]]] = {}
     for prompt in prompts:
         if isinstance(prompt, str):
@@ -221,7 +222,8 @@ def generate(model, prompts, seeds, rows, new_tokens, codes=None, n_slots=None):
             if codes:
                 out = generate_with_codes(model, tokens, codes, n_slots=n_slots, **kwargs)
             else:
-                out = model.generate(tokens, **kwargs)
+                with model.hooks(fwd_hooks=list(hooks)):
+                    out = model.generate(tokens, **kwargs)
             for i, (prompt, _) in enumerate(members):
                 for r in range(rows):
                     ids = out[i * rows + r].tolist()
@@ -335,24 +337,12 @@ def main(argv=None) -> dict:
     cache = cache_documents(model, docs, batch_size=16)
     timer.mark("cache")
     k = {name: cb.k for name, cb in get_codebooks(model).items()}
-    k_min = min(k.values())
-    default = [1, 2, k_min // 2, k_min]
-    strengths = sorted({min(max(1, n), k_min) for n in (args.n_slots or default)})
     found = {t: find_topic_codes(cache, t, tokenizer, args.min_recall, args.min_fires) for t in args.topics}
     timer.mark("find_codes")
-    prompts = PROMPTS[: args.n_prompts]
-    longest = max(len(model.to_tokens(p)[0]) for p in prompts)
-    new_tokens = min(args.new_tokens, model.cfg.n_ctx - longest)  # prompt + continuation must fit the context
-    gen = dict(prompts=prompts, rows=args.rows, new_tokens=new_tokens)
-    dev = dict(prompts=prompts, rows=min(args.rows, 2), new_tokens=new_tokens)
-    unsteered = generate(model, seeds=args.seeds, **gen)
-    _, unsteered_losses = baseline_loss(baseline, unsteered, eos, bypass)
-    loss_cap = float(np.nanquantile(np.array(unsteered_losses, dtype=np.float64), 0.95))
+    ctx = steering_context(args, model, baseline, bypass, cache, min(k.values()))
+    strengths, gen, dev, unsteered, loss_cap = ctx.strengths, ctx.gen, ctx.dev, ctx.unsteered, ctx.loss_cap
+    prompts, new_tokens = gen["prompts"], gen["new_tokens"]
     timer.mark("generate_unsteered")
-    ctx = SimpleNamespace(
-        args=args, model=model, baseline=baseline, bypass=bypass, vocab=vocab, eos=eos, loss_cap=loss_cap,
-        cache=cache, tokenizer=tokenizer, strengths=strengths, gen=gen, dev=dev, unsteered=unsteered,
-    )  # fmt: skip
     per_topic = {}
     for topic in args.topics:
         un, _ = summary(unsteered, topic, vocab, eos, baseline, bypass, loss_cap)
@@ -478,6 +468,29 @@ def main(argv=None) -> dict:
     return results
 
 
+def steering_context(args, model, baseline, bypass: bool, cache, k: int) -> SimpleNamespace:
+    """What every steered condition of `model` shares: the strengths to try (n_slots, of `k` slots), the prompts
+    and generation settings (`gen`, and `dev` for the dev seeds), the unsteered samples and the loss cap (the 95th
+    percentile of their per-sample baseline loss); `cache` (half A's codes) is where codes are chosen."""
+    tokenizer = model.tokenizer
+    eos = tokenizer.eos_token_id
+    default = [1, 2, k // 2, k]
+    strengths = sorted({min(max(1, n), k) for n in (args.n_slots or default)})
+    prompts = PROMPTS[: args.n_prompts]
+    longest = max(len(model.to_tokens(p)[0]) for p in prompts)
+    new_tokens = min(args.new_tokens, model.cfg.n_ctx - longest)  # prompt + continuation must fit the context
+    gen = dict(prompts=prompts, rows=args.rows, new_tokens=new_tokens)
+    dev = dict(prompts=prompts, rows=min(args.rows, 2), new_tokens=new_tokens)
+    unsteered = generate(model, seeds=args.seeds, **gen)
+    _, unsteered_losses = baseline_loss(baseline, unsteered, eos, bypass)
+    loss_cap = float(np.nanquantile(np.array(unsteered_losses, dtype=np.float64), 0.95))
+    return SimpleNamespace(
+        args=args, model=model, baseline=baseline, bypass=bypass, vocab=Vocabulary(tokenizer), eos=eos,
+        loss_cap=loss_cap, cache=cache, tokenizer=tokenizer, strengths=strengths, gen=gen, dev=dev,
+        unsteered=unsteered, force=forced_codes,
+    )  # fmt: skip
+
+
 #: The window-level code selection, as settings record it (`cbinterp.metrics.window_codes`).
 WINDOW_RULE = (
     "text cut into windows of `window` tokens of one document; a code's activity in a window = the share of its "
@@ -540,18 +553,24 @@ def window_candidates(table, cache, strengths, suffix: str = "") -> dict[tuple[s
     return out
 
 
+def forced_codes(codes: dict, n_slots: int) -> dict:
+    """`generate`'s arguments that force `codes` (codebook -> ids) in `n_slots` slots of every codebook."""
+    return {"codes": codes, "n_slots": {c: n_slots for c in codes}}
+
+
 def sweep_and_score(ctx, candidates: dict, hit) -> dict:
     """Force each candidate ((kind, n_slots) -> codes) on the dev seeds, keep the one with the highest readable hit
     rate (ties: fewer slots, then "best"), and score it on the scoring seeds. `hit` is a topic name or a function
     of the texts."""
     args, judge_args = ctx.args, (ctx.vocab, ctx.eos, ctx.baseline, ctx.bypass, ctx.loss_cap)
+    force = getattr(ctx, "force", forced_codes)
     sweep = {}
     for (kind, n), codes in candidates.items():
-        samples = generate(ctx.model, seeds=args.dev_seeds, codes=codes, n_slots={c: n for c in codes}, **ctx.dev)
+        samples = generate(ctx.model, seeds=args.dev_seeds, **force(codes, n), **ctx.dev)
         sweep[(kind, n)], _ = summary(samples, hit, *judge_args)
     kind, chosen = max(sweep, key=lambda c: (sweep[c]["rate_readable"], -c[1], c[0].startswith("best")))
     codes = candidates[(kind, chosen)]
-    samples = generate(ctx.model, seeds=args.seeds, codes=codes, n_slots={c: chosen for c in codes}, **ctx.gen)
+    samples = generate(ctx.model, seeds=args.seeds, **force(codes, chosen), **ctx.gen)
     steered, judged = summary(samples, hit, *judge_args)
     return {
         "kind": kind,

@@ -132,12 +132,15 @@ def saes_observed(model: HookedTransformer) -> Iterator[HookedTransformer]:
             s.observe_only = was
 
 
-def force_latent(site: str, latent: int, value: float, head: int | None = None) -> tuple[str, Callable]:
+def force_latent(
+    site: str, latent: int, value: float, head: int | None = None, last_only: bool = False
+) -> tuple[str, Callable]:
     """A hook `(name, fn)` that sets `latent` of the SAE at `site` to `value` at every position.
 
     In `head` only for a per-head SAE (every head when None). For `run_with_hooks`, `model.hooks` or `generate`:
     steering with a latent, as `force_codes` steers with a code. The SAE must be spliced (not observed) for it to
-    change anything."""
+    change anything. With `last_only`, only at the last position of each forward pass: in a `generate` with its
+    (default) KV cache, that is from the prompt's last position on, where `generate_with_codes` forces codes."""
     if not is_int(latent) or latent < 0:
         raise ValueError(f"latent must be an int >= 0, got {latent!r}.")
     if head is not None and (not is_int(head) or head < 0):
@@ -146,12 +149,13 @@ def force_latent(site: str, latent: int, value: float, head: int | None = None) 
     def hook(latents: Tensor, hook) -> Tensor:
         if latent >= latents.shape[-1]:
             raise ValueError(f"latent {latent} is out of range: {hook.name} has {latents.shape[-1]} latents.")
+        target = latents[:, -1:] if last_only else latents  # a view: writing it writes `latents`
         if head is None:
-            latents[..., latent] = value
+            target[..., latent] = value
         else:
             if latents.dim() < 4 or head >= latents.shape[-2]:
                 raise ValueError(f"head {head} is out of range for {hook.name}'s latents {tuple(latents.shape)}.")
-            latents[..., head, latent] = value
+            target[..., head, latent] = value
         return latents
 
     return f"{site}.hook_latents", hook

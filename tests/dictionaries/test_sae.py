@@ -264,6 +264,19 @@ def test_force_latent_sets_its_value_in_one_head(model, tokens):
         force_latent(site, 7, 2.5, head=-2)
 
 
+def test_force_latent_last_only_leaves_earlier_positions(model, tokens):
+    saes = _hook_z_saes(model)
+    attach_saes(model, saes)
+    site = "blocks.1.attn.hook_z"
+    _, clean = model.run_with_cache(tokens)
+    with model.hooks(fwd_hooks=[force_latent(site, 7, 2.5, head=1, last_only=True)]):
+        _, cache = model.run_with_cache(tokens)
+    latents, before = cache[f"{site}.hook_latents"], clean[f"{site}.hook_latents"]
+    assert bool((latents[:, -1, 1, 7] == 2.5).all())
+    torch.testing.assert_close(latents[:, :-1], before[:, :-1])
+    torch.testing.assert_close(latents[:, -1, 0], before[:, -1, 0])  # other heads untouched
+
+
 @pytest.mark.parametrize("kind", ["topk", "l1"])
 def test_cache_latents_holds_the_active_ids_as_codes(model, kind):
     from cbinterp.metrics.heldout import probe_heldout
