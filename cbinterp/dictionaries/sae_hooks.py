@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from cbinterp.codecache.documents import text_token_mask
@@ -38,6 +37,7 @@ from cbinterp.codecache.store import CodeCache
 from cbinterp.core.checks import check_token_ids, is_int
 from cbinterp.core.codebooks.attach import get_codebooks, insert_codebook, refresh_hooks, resolve_sites
 from cbinterp.core.codebooks.naming import did_you_mean
+from cbinterp.core.tl_compat import Model
 from cbinterp.dictionaries.sae import SparseAutoencoder
 
 __all__ = ["SAEHook", "attach_saes", "cache_latents", "detach_saes", "force_latent", "get_saes", "saes_observed"]
@@ -66,12 +66,12 @@ class SAEHook(HookPoint):
         return x if self.observe_only else recon
 
 
-def get_saes(model: HookedTransformer) -> dict[str, SAEHook]:
+def get_saes(model: Model) -> dict[str, SAEHook]:
     """Every attached SAE, by the hook name it sits at, in forward order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SAEHook)}
 
 
-def attach_saes(model: HookedTransformer, saes: Mapping[str, SparseAutoencoder]) -> HookedTransformer:
+def attach_saes(model: Model, saes: Mapping[str, SparseAutoencoder]) -> Model:
     """Put each SAE at its hook name (in place; moved to the model's device and dtype) and return the model.
 
     Each SAE must fit its site's activation: `(d_in,)` per position, or `(groups, d_in)` (heads at `hook_z`)."""
@@ -107,7 +107,7 @@ def attach_saes(model: HookedTransformer, saes: Mapping[str, SparseAutoencoder])
     return model
 
 
-def detach_saes(model: HookedTransformer, names: Sequence[str] | None = None) -> HookedTransformer:
+def detach_saes(model: Model, names: Sequence[str] | None = None) -> Model:
     """Remove the SAEs (all, or those at `names`), restoring plain hook points; returns the model."""
     saes = get_saes(model)
     for name in saes if names is None else names:
@@ -119,7 +119,7 @@ def detach_saes(model: HookedTransformer, names: Sequence[str] | None = None) ->
 
 
 @contextlib.contextmanager
-def saes_observed(model: HookedTransformer) -> Iterator[HookedTransformer]:
+def saes_observed(model: Model) -> Iterator[Model]:
     """Inside, every SAE computes its latents but passes its activation through (the model's own outputs)."""
     saes = list(get_saes(model).values())
     before = [s.observe_only for s in saes]
@@ -163,7 +163,7 @@ def force_latent(
 
 @torch.no_grad()
 def cache_latents(
-    model: HookedTransformer,
+    model: Model,
     documents,
     hooks: Sequence[str] = (),
     batch_size: int = 16,
