@@ -188,7 +188,9 @@ def test_fsm_table1_rows_differ_only_in_their_codebooks(load_benchmark):
     base = load_benchmark("fsm_precision").recipe_of(load_benchmark("fsm_precision").parse_args(["--quick"]), 0)
     training = base.training
     # The rows the default run trains already are the default recipe itself (resumed from its checkpoints).
-    assert table1.row_training(training, "none") is training and table1.row_training(training, "attn_mlp_k1") is training
+    assert (
+        table1.row_training(training, "none") is training and table1.row_training(training, "attn_mlp_k1") is training
+    )
     k16 = table1.row_training(training, "attn_mlp_k16")
     assert (k16.codebooks.k, k16.codebooks.sites, k16.codebooks.kmeans_mean_of_k) == (16, ("attn", "mlp"), True)
     assert [p.name for p in k16.phases] == [p.name + "_attn_mlp_k16" for p in training.phases] and not k16.control

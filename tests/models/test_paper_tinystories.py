@@ -190,6 +190,7 @@ def test_main_on_local_folders_prints_and_writes_the_report(pt, tmp_path, no_net
     assert written["settings"]["loss_scored_by"] == "codebook model, codebooks bypassed"  # base-neo1 has no weights
 
 
+@pytest.mark.needs_hooked  # lm_steering and the paper's script build HookedTransformers
 def test_lm_steering_forwards_paper_tinystories(load_benchmark, tmp_path, no_network):
     steering = load_benchmark("lm_steering")
     with pytest.raises(SystemExit, match="--download"):  # paper_tinystories' own check, reached through lm_steering
