@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,7 @@ __all__ = [
     "resolve_reference",
     "set_threads",
     "settings",
+    "step_rows",
     "setup_reference",
     "sync",
     "take_chars",
@@ -96,6 +98,19 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously), so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def step_rows(times: dict[str, list[float]], tokens_per_step: int) -> dict[str, dict]:
+    """Per timed function: median and least seconds, tokens/s at the median, and every time measured."""
+    return {
+        name: {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "tokens_per_s": tokens_per_step / statistics.median(t),
+            "times_s": t,
+        }
+        for name, t in times.items()
+    }
 
 
 def time_interleaved(

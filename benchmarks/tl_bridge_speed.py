@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,15 +93,7 @@ def measure(args, folder: Path) -> dict:
     fns[f"{kind}_no_codebooks"] = stepper(build(folder, False, args), tokens)
     times = common.time_interleaved(fns, args.warmup, args.repeats, torch.device("cpu"))
     n_tokens = args.batch * args.seq_len
-    rows = {
-        name: {
-            "median_s": statistics.median(t),
-            "min_s": min(t),
-            "tokens_per_s": n_tokens / statistics.median(t),
-            "times_s": t,
-        }
-        for name, t in times.items()
-    }
+    rows = common.step_rows(times, n_tokens)
     return {
         "transformer_lens": tc.TL_VERSION,
         "class": type(with_cb).__name__,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import time
 from collections.abc import Callable
 
@@ -178,15 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             reference.close()
 
     n_tokens = args.batch * args.seq_len
-    rows = {
-        name: {
-            "median_s": statistics.median(t),
-            "min_s": min(t),
-            "tokens_per_s": n_tokens / statistics.median(t),
-            "times_s": t,
-        }
-        for name, t in times.items()
-    }
+    rows = common.step_rows(times, n_tokens)
     ref_tps = rows.get("reference", {}).get("tokens_per_s")
     for name, row in rows.items():
         row["over_reference"] = None if ref_tps is None else row["tokens_per_s"] / ref_tps
