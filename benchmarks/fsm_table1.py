@@ -78,17 +78,17 @@ def row_training(base: CodebookRecipe, row: str) -> CodebookRecipe:
 def row_metrics(model, fsm: FSM, recipe: FSMRecipe, n_sequences: int, device: str) -> dict:
     """Validation loss and next-token accuracy (teacher-forced), and the sampled state accuracy."""
     model.eval()
-    val = fsm.sample(512, recipe.seq_len, seed=recipe.data_seed(STREAM_VAL)).tokens.to(device)
+    data = fsm.sample(512, recipe.seq_len, seed=recipe.data_seed(STREAM_VAL))
+    val = data.tokens.to(device)
     losses, hits = [], []
     for rows in val.split(128):
         logits = model(rows)
         losses.append(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten()))
         hits.append((logits[:, :-1].argmax(-1) == rows[:, 1:]).float().mean())
     sampled = sampled_state_accuracy(model, fsm, n_sequences, recipe.seq_len, seed=recipe.data_seed(STREAM_SAMPLE))
-    optimal = fsm.optimal_loss(fsm.sample(512, recipe.seq_len, seed=recipe.data_seed(STREAM_VAL)))
     return {
         "loss": float(torch.stack(losses).mean()),
-        "optimal_loss": optimal,
+        "optimal_loss": fsm.optimal_loss(data),
         "next_token_accuracy": float(torch.stack(hits).mean()),
         "state_accuracy": sampled["state_accuracy"],
         "valid_next_state_mass": sampled["valid_next_state_mass"],
