@@ -62,6 +62,17 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "cbinterp.metrics.probes": ("probe", "search_codes"),
     "cbinterp.metrics.heldout": ("probe_heldout",),
     "cbinterp.metrics.steering": ("steering_codes", "topic_codes"),
+    "cbinterp.metrics.window_codes": (
+        "best_window_codes",
+        "text_windows",
+        "topic_window_codes",
+        "window_codes",
+        "window_steering_codes",
+    ),
+    "cbinterp.tasks.source_classifier": ("SourceClassifier",),
+    "cbinterp.dictionaries.sae": ("SAEConfig", "SparseAutoencoder", "load_sae", "save_sae"),
+    "cbinterp.dictionaries.sae_train": ("SAETrainConfig", "train_sae"),
+    "cbinterp.dictionaries.sae_hooks": ("attach_saes", "cache_latents", "detach_saes", "force_latent", "get_saes"),
     "cbinterp.viz.plots": (
         "code_frequency_figure",
         "code_vs_neuron_figure",
