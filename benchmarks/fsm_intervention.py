@@ -33,6 +33,7 @@ from cbinterp.core import tl_compat as tc
 from cbinterp.core.codebooks.interventions import intervene, replace_codes
 from cbinterp.core.device import default_device
 from cbinterp.core.storage.atomic import atomic_file
+from cbinterp.models.hooked_as_bridge import hooked_names
 from cbinterp.recipes.fsm import FSMRecipe
 from cbinterp.reporting import write_json
 from cbinterp.tasks.fsm import FSM
@@ -193,7 +194,8 @@ def conditions_of(model) -> dict[str, list[str]]:
     codebooks = list(cbinterp.get_codebooks(model))
     attn = [n for n in codebooks if n.endswith("attn.hook_z")]
     mlp = [n for n in codebooks if n.endswith("hook_mlp_out")]
-    layer = lambda name: int(name.split(".")[1])
+    saved = hooked_names(model)  # a model saved from a HookedTransformer and loaded on TransformerLens 4 moves names
+    layer = lambda name: int(saved[name].split(".")[1])
     conditions = {"none": []}
     conditions |= {f"attn_layer_{layer(n)}": [n] for n in attn}
     conditions |= {f"mlp_layer_{layer(n)}": [n] for n in mlp}

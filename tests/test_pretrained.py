@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-from bridge_models import skip_without_hooked
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,7 +44,6 @@ def test_shipped_models_are_listed_with_their_cards():
 
 @pytest.fixture(scope="module")
 def model(one_thread):
-    skip_without_hooked()  # the shipped models are saved HookedTransformers
     return load_pretrained(DEFAULT_MODEL, device="cpu")
 
 
@@ -74,7 +72,6 @@ def test_shipped_model_reproduces_its_cards_check(model):
     assert again["accuracy"] == pytest.approx(check["accuracy"], abs=2e-3)
 
 
-@pytest.mark.needs_hooked
 def test_baseline_loads_without_codebooks():
     baseline = load_pretrained(BASELINE_MODEL, device="cpu")
     assert not cbinterp.get_codebooks(baseline)

@@ -30,6 +30,7 @@ __all__ = [
     "Model",
     "TL_MAJOR",
     "TL_VERSION",
+    "boot_bridge",
     "build_hooked",
     "is_bridge",
     "load_state_dict",
@@ -244,12 +245,8 @@ def build_bridge(description: dict, tokenizer=None, device=None):
     Offline and without running code from anywhere: the class must be one of `transformers`' causal LMs; the model is
     written to a private temporary folder and booted from there, as `boot_transformers(path)` boots a user's folder.
     """
-    import tempfile
-
     import transformers
 
-    if TransformerBridge is None:  # pragma: no cover
-        raise ImportError(f"transformer-lens {TL_VERSION} has no TransformerBridge.")
     architecture = description.get("architecture")
     model_class = getattr(transformers, str(architecture), None)
     hf_config = description.get("hf_config")
@@ -258,8 +255,20 @@ def build_bridge(description: dict, tokenizer=None, device=None):
     if not isinstance(hf_config, dict) or not isinstance(hf_config.get("model_type"), str):
         raise ValueError("The saved bridge has no Hugging Face config (hf_config with a model_type). Re-save it.")
     config = transformers.AutoConfig.for_model(**hf_config)
+    return boot_bridge(model_class(config), tokenizer=tokenizer, device=device)
+
+
+def boot_bridge(hf_model, tokenizer=None, device=None):
+    """A TransformerBridge of the Hugging Face model `hf_model` (in memory), with `tokenizer`, on `device`.
+
+    The model is written to a private temporary folder and booted from there, as `boot_transformers(path)` boots a
+    user's folder: offline, and without running code from anywhere."""
+    import tempfile
+
+    if TransformerBridge is None:  # pragma: no cover
+        raise ImportError(f"transformer-lens {TL_VERSION} has no TransformerBridge.")
     with tempfile.TemporaryDirectory(prefix="cbinterp-bridge-") as tmp:
-        model_class(config).save_pretrained(tmp)
+        hf_model.save_pretrained(tmp)
         if tokenizer is not None:  # booting reloads it from the folder (to settle its BOS token)
             tokenizer.save_pretrained(tmp)
         return TransformerBridge.boot_transformers(tmp, device=device)

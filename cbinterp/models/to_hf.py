@@ -37,9 +37,10 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_fast": "gelu_fast",
 Tensor = torch.Tensor
 
 
-def _problems(model: Model) -> list[str]:
-    """Every setting of `model` that a Phi model cannot reproduce exactly."""
-    cfg = model.cfg
+def problems(cfg, state: dict[str, Tensor]) -> list[str]:
+    """Every setting of a HookedTransformer (its `cfg` and TransformerLens-named `state`) Phi cannot reproduce exactly.
+
+    `cfg` is a `HookedTransformerConfig` or anything with its attributes (a saved config read back)."""
     wanted = {
         "positional_embedding_type": "rotary",
         "rotary_adjacent_pairs": False,
@@ -83,21 +84,22 @@ def _problems(model: Model) -> list[str]:
     if cfg.positional_embedding_type == "rotary" and int(cfg.d_head * (cfg.rotary_dim / cfg.d_head)) != cfg.rotary_dim:
         out.append(f"rotary_dim {cfg.rotary_dim} is not a fraction of d_head {cfg.d_head} Phi can express")
     if cfg.parallel_attn_mlp and cfg.normalization_type == "LN":
-        for i, block in enumerate(model.blocks):
-            if not (torch.equal(block.ln1.w, block.ln2.w) and torch.equal(block.ln1.b, block.ln2.b)):
+        for i in range(cfg.n_layers):
+            ln1, ln2 = f"blocks.{i}.ln1.", f"blocks.{i}.ln2."
+            if not all(torch.equal(state[ln1 + p], state[ln2 + p]) for p in ("w", "b") if ln2 + p in state):
                 out.append(f"block {i} runs attention and MLP in parallel from two different LayerNorms")
                 break
     return out
 
 
-def _norm(module, d_model: int) -> dict[str, Tensor]:
-    if hasattr(module, "w"):
-        return {"weight": module.w, "bias": module.b}
-    ones = torch.ones(d_model, dtype=module.cfg.dtype)  # LNPre: a LayerNorm with the identity affine map
+def _norm(state: dict[str, Tensor], prefix: str, d_model: int) -> dict[str, Tensor]:
+    if prefix + "w" in state:
+        return {"weight": state[prefix + "w"], "bias": state[prefix + "b"]}
+    ones = torch.ones(d_model)  # LNPre: a LayerNorm with the identity affine map
     return {"weight": ones, "bias": torch.zeros_like(ones)}
 
 
-def _attention(attn) -> dict[str, Tensor]:
+def _attention(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     def heads_in(w: Float[Tensor, "heads d_model d_head"]) -> Float[Tensor, "heads*d_head d_model"]:
         return einops.rearrange(w, "n m h -> (n h) m")
 
@@ -105,54 +107,60 @@ def _attention(attn) -> dict[str, Tensor]:
         return einops.rearrange(b, "n h -> (n h)")
 
     return {
-        "q_proj.weight": heads_in(attn.W_Q),
-        "q_proj.bias": heads_bias(attn.b_Q),
-        "k_proj.weight": heads_in(attn.W_K),
-        "k_proj.bias": heads_bias(attn.b_K),
-        "v_proj.weight": heads_in(attn.W_V),
-        "v_proj.bias": heads_bias(attn.b_V),
-        "dense.weight": einops.rearrange(attn.W_O, "n h m -> m (n h)"),
-        "dense.bias": attn.b_O,
+        "q_proj.weight": heads_in(state[prefix + "W_Q"]),
+        "q_proj.bias": heads_bias(state[prefix + "b_Q"]),
+        "k_proj.weight": heads_in(state[prefix + "W_K"]),
+        "k_proj.bias": heads_bias(state[prefix + "b_K"]),
+        "v_proj.weight": heads_in(state[prefix + "W_V"]),
+        "v_proj.bias": heads_bias(state[prefix + "b_V"]),
+        "dense.weight": einops.rearrange(state[prefix + "W_O"], "n h m -> m (n h)"),
+        "dense.bias": state[prefix + "b_O"],
     }
 
 
-def _mlp(mlp) -> dict[str, Tensor]:
-    return {"fc1.weight": mlp.W_in.T, "fc1.bias": mlp.b_in, "fc2.weight": mlp.W_out.T, "fc2.bias": mlp.b_out}
+def _mlp(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {
+        "fc1.weight": state[prefix + "W_in"].T,
+        "fc1.bias": state[prefix + "b_in"],
+        "fc2.weight": state[prefix + "W_out"].T,
+        "fc2.bias": state[prefix + "b_out"],
+    }
 
 
 def _zeros(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.zeros_like(v) for k, v in tensors.items()}
 
 
-def phi_state_dict(model: Model) -> tuple[dict[str, Tensor], list[dict]]:
-    """The PhiForCausalLM state dict of `model` (checked by `to_hf`), and which block part each Phi layer holds."""
-    d_model = model.cfg.d_model
-    state: dict[str, Tensor] = {"model.embed_tokens.weight": model.W_E}
+def phi_state_dict(cfg, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[dict]]:
+    """The PhiForCausalLM state dict of a HookedTransformer's `cfg` and `state`, and which block part each layer holds.
+
+    `cfg` and `state` should pass `problems` first."""
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+    phi: dict[str, Tensor] = {"model.embed_tokens.weight": state["embed.W_E"]}
     layout: list[dict] = []
 
-    def layer(ln, attention: dict, mlp: dict, part: dict) -> None:
+    def layer(ln: str, attention: dict, mlp: dict, part: dict) -> None:
         prefix = f"model.layers.{len(layout)}."
-        state.update({f"{prefix}input_layernorm.{k}": v for k, v in _norm(ln, d_model).items()})
-        state.update({f"{prefix}self_attn.{k}": v for k, v in attention.items()})
-        state.update({f"{prefix}mlp.{k}": v for k, v in mlp.items()})
+        phi.update({f"{prefix}input_layernorm.{k}": v for k, v in _norm(state, ln, cfg.d_model).items()})
+        phi.update({f"{prefix}self_attn.{k}": v for k, v in attention.items()})
+        phi.update({f"{prefix}mlp.{k}": v for k, v in mlp.items()})
         layout.append(part)
 
-    for i, block in enumerate(model.blocks):
-        attention, mlp = _attention(block.attn), _mlp(block.mlp)
-        if model.cfg.parallel_attn_mlp:
-            layer(block.ln1, attention, mlp, {"block": i, "holds": "attention and MLP"})
+    for i in range(cfg.n_layers):
+        attention, mlp = _attention(state, f"blocks.{i}.attn."), _mlp(state, f"blocks.{i}.mlp.")
+        if cfg.parallel_attn_mlp:
+            layer(f"blocks.{i}.ln1.", attention, mlp, {"block": i, "holds": "attention and MLP"})
         else:
-            layer(block.ln1, attention, _zeros(mlp), {"block": i, "holds": "attention (its MLP is zeros)"})
-            layer(block.ln2, _zeros(attention), mlp, {"block": i, "holds": "MLP (its attention is zeros)"})
-    state.update({f"model.final_layernorm.{k}": v for k, v in _norm(model.ln_final, d_model).items()})
-    state["lm_head.weight"] = model.W_U.T
-    state["lm_head.bias"] = model.b_U
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}, layout
+            layer(f"blocks.{i}.ln1.", attention, _zeros(mlp), {"block": i, "holds": "attention (its MLP is zeros)"})
+            layer(f"blocks.{i}.ln2.", _zeros(attention), mlp, {"block": i, "holds": "MLP (its attention is zeros)"})
+    phi.update({f"model.final_layernorm.{k}": v for k, v in _norm(state, "ln_final.", cfg.d_model).items()})
+    phi["lm_head.weight"] = state["unembed.W_U"].T
+    phi["lm_head.bias"] = state["unembed.b_U"]
+    return {k: v.contiguous() for k, v in phi.items()}, layout
 
 
-def phi_config(model: Model, n_layers: int) -> PhiConfig:
-    cfg = model.cfg
-    tokenizer = getattr(model, "tokenizer", None)
+def phi_config(cfg, n_layers: int, tokenizer=None) -> PhiConfig:
+    """The PhiConfig of a HookedTransformer's `cfg` written as `n_layers` Phi layers (BOS/EOS/pad from `tokenizer`)."""
     ids = {}
     if tokenizer is not None:
         ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -177,6 +185,21 @@ def phi_config(model: Model, n_layers: int) -> PhiConfig:
         dtype="float32",
         **ids,
     )
+
+
+def phi_model(cfg, state: dict[str, Tensor], tokenizer=None) -> tuple[PhiForCausalLM, list[dict]]:
+    """The PhiForCausalLM computing what a HookedTransformer (`cfg`, `state`) computes, and its layer layout.
+
+    Settings Phi cannot reproduce exactly raise a ValueError naming each."""
+    found = problems(cfg, state)
+    if found:
+        raise ValueError(
+            "This model cannot be written exactly as a Hugging Face PhiForCausalLM: " + "; ".join(found) + "."
+        )
+    phi, layout = phi_state_dict(cfg, state)
+    hf_model = PhiForCausalLM(phi_config(cfg, len(layout), tokenizer))
+    hf_model.load_state_dict(phi, strict=True)
+    return hf_model, layout
 
 
 def _check_replaceable(path: Path) -> None:
@@ -215,14 +238,7 @@ def to_hf(model: Model, folder: str | os.PathLike) -> Path:
             f"codebooks. Export the base model: `cbinterp.detach_codebooks(model)` (its logits then differ from the "
             f"model with codebooks), or the model the codebooks were trained on."
         )
-    problems = _problems(model)
-    if problems:
-        raise ValueError(
-            "This model cannot be exported exactly as a Hugging Face PhiForCausalLM: " + "; ".join(problems) + "."
-        )
-    state, layout = phi_state_dict(model)
-    hf_model = PhiForCausalLM(phi_config(model, len(layout)))
-    hf_model.load_state_dict(state, strict=True)
+    hf_model, layout = phi_model(model.cfg, model.state_dict(), getattr(model, "tokenizer", None))
     path = Path(folder).expanduser()
     with atomic_dir(path, check=_check_replaceable) as tmp:
         hf_model.save_pretrained(str(tmp))

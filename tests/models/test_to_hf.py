@@ -112,7 +112,7 @@ def test_a_model_with_codebooks_is_refused(make_tiny_model, tmp_path):
     ],
 )
 def test_settings_phi_cannot_reproduce_are_refused_by_name(overrides, named, make_tiny_model, tmp_path):
-    with pytest.raises(ValueError, match=f"cannot be exported exactly.*{named}"):
+    with pytest.raises(ValueError, match=f"cannot be written exactly.*{named}"):
         to_hf(make_tiny_model(**overrides), tmp_path / "export")
     assert not (tmp_path / "export").exists()
 
