@@ -59,7 +59,7 @@ class FSMRecipe:
     # -- presets ----------------------------------------------------------------------------------------
     @staticmethod
     def paper_training(
-        warm_steps: int = 1000,
+        warm_steps: int = 2000,
         codebook_steps: int = 150,
         loss: str = "aeloss",
         n_codes: int = 1000,
