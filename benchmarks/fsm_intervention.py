@@ -145,7 +145,9 @@ def run_conditions(model, fsm: FSM, groups: list[dict], conditions: dict[str, li
     """Both swaps for every condition: normalised JSD to b, and the share of decoded states valid after b."""
     code_names = {f"{name}.hook_codes" for name in cbinterp.get_codebooks(model)}
     rng = np.random.default_rng(1)
-    out = {kind: {c: {"jsd": [], "b": [], "a": []} for c in conditions} for kind in ("state", "state_digit")}
+    # with one digit per state, "state, then its first digit" is the next state itself: no state-plus-digit swap
+    kinds = ("state", "state_digit") if fsm.digits > 1 else ("state",)
+    out = {kind: {c: {"jsd": [], "b": [], "a": []} for c in conditions} for kind in kinds}
     for group in groups:
         for start in range(0, len(group["walks_a"]), BATCH):
             walks_a = group["walks_a"][start : start + BATCH]
@@ -166,6 +168,8 @@ def run_conditions(model, fsm: FSM, groups: list[dict], conditions: dict[str, li
                 row["jsd"].append(jsd_bits(first, own_b).cpu().numpy())
                 row["b"].append(fsm.is_successor(b, predicted))
                 row["a"].append(fsm.is_successor(a, predicted))
+                if "state_digit" not in out:
+                    continue
                 first, own_b, digits = swap_once(model, fsm, tokens_ad, tokens_bd, names, code_names, fsm.digits - 1)
                 completed_b = fsm.decode_states(np.concatenate([lead_b_np, digits], axis=1))
                 completed_a = fsm.decode_states(np.concatenate([lead_a.cpu().numpy(), digits], axis=1))
@@ -232,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
         "settings": settings,
         "paper_jsd_norm": PAPER_JSD,
         "state_swap": measured["state"],
-        "state_digit_swap": measured["state_digit"],
+        "state_digit_swap": measured.get("state_digit"),  # None for a machine of one digit per state
         "timings_s": {"total_s": time.perf_counter() - start},
     }
     report(results)
@@ -246,6 +250,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(results: dict) -> None:
     for kind, title in (("state_swap", "state swap (Fig. 4a)"), ("state_digit_swap", "state-plus-digit swap (4b)")):
+        if results[kind] is None:
+            print(f"\n{title}: none (one digit per state)")
+            continue
         print(f"\n{title}")
         print(f"{'condition':<16}{'JSD to b, normalised':>22}{'paper':>8}{'successor of b':>16}{'of a':>8}")
         for name, row in results[kind].items():
@@ -262,7 +269,7 @@ def swap_figure(results: dict, title: str):
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("state swap", "state-plus-digit swap"))
     for col, kind in enumerate(("state_swap", "state_digit_swap"), start=1):
-        rows = results[kind]
+        rows = results[kind] or {}
         names = list(rows)
         fig.add_trace(
             go.Bar(x=names, y=[r["jsd_norm"] for r in rows.values()], name="JSD to b (none = 1)", showlegend=col == 1),

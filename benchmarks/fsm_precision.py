@@ -246,7 +246,10 @@ def code_search(model, fsm: FSM, recipe: FSMRecipe, args: argparse.Namespace) ->
     for layer, name in sorted(mlp.items()):
         table = state_code_report(model, fsm, acts, [name], "state", args.min_recall, neurons=False)
         per_layer[f"mlp_layer_{layer}"] = state_code_headline(table)
-    digits = state_code_report(model, fsm, acts, pooled, "state+digit", args.min_recall, neurons=False)
+    # with one digit per state, "state, then its first digit" is the next state itself: no such features
+    digits = None
+    if fsm.digits > 1:
+        digits = state_code_report(model, fsm, acts, pooled, "state+digit", args.min_recall, neurons=False)
     return {
         "pooled_layers": pooled_layers,
         "eval_positions": acts.n_positions,
@@ -254,7 +257,7 @@ def code_search(model, fsm: FSM, recipe: FSMRecipe, args: argparse.Namespace) ->
         "state_headline": state_code_headline(states),
         "per_layer": per_layer,
         "state_digit": digits,
-        "state_digit_headline": state_code_headline(digits),
+        "state_digit_headline": state_code_headline(digits) if digits is not None else {},
     }
 
 
@@ -317,11 +320,13 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> dict:
         "site_outputs_recall_mean": sh.get(f"{SITE_OUTPUTS}_recall_mean"),
         "mlp_neurons_precision_mean": sh.get(f"{MLP_NEURONS}_precision_mean"),
         "mlp_neurons_recall_mean": sh.get(f"{MLP_NEURONS}_recall_mean"),
-        "state_digit_features": dh["n_features"],
-        "state_digit_code_precision_mean": dh["best_code_precision_mean"],
-        "state_digit_code_recall_mean": dh["best_code_recall_mean"],
-        "state_digit_features_with_own_code": dh["features_with_own_code"],
-        "state_digit_precise_codes": int(search["state_digit"]["n_precise_codes"].sum()),
+        "state_digit_features": dh.get("n_features"),
+        "state_digit_code_precision_mean": dh.get("best_code_precision_mean"),
+        "state_digit_code_recall_mean": dh.get("best_code_recall_mean"),
+        "state_digit_features_with_own_code": dh.get("features_with_own_code"),
+        "state_digit_precise_codes": None
+        if search["state_digit"] is None
+        else int(search["state_digit"]["n_precise_codes"].sum()),
     }
     timings = {"training_s": training_s, "accuracy_s": eval_acc_s, "total_s": time.perf_counter() - start}
     results = {

@@ -252,6 +252,24 @@ def test_fsm_intervention_quick_on_the_shared_model(fsm_quick_run, tmp_path, loa
     assert "plotly" in (out / "figure.html").read_text()
 
 
+@pytest.mark.slow
+def test_fsm_intervention_on_a_machine_of_one_digit_per_state(tmp_path, load_benchmark):
+    """With one digit per state there is no state-plus-digit feature: the state search and swap run, the others are
+    None."""
+    source = tmp_path / "one_digit"
+    args = ["--quick", "--base", "20", "--warm-steps", "40", "--codebook-steps", "10", "--eval-positions", "2000"]
+    trained = load_benchmark("fsm_precision").main(
+        [*args, "--sample-sequences", "20", "--out", str(source), "--no-progress"]
+    )
+    assert FSM.load(source / "fsm.json").digits == 1
+    assert trained["headline"]["state_digit_features"] is None and trained["headline"]["state_code_precision_mean"]
+    results = load_benchmark("fsm_intervention").main(
+        ["--quick", "--from", str(source), "--out", str(tmp_path / "swap"), "--pairs", "40", "--no-progress"]
+    )
+    assert results["state_digit_swap"] is None
+    assert results["state_swap"]["none"]["jsd_norm"] == 1.0 and "all_mlp" in results["state_swap"]
+
+
 # -- speed benchmarks: the report is what was timed ------------------------------------------------------------
 def test_codebook_speed_quick_report_is_consistent(tmp_path, capsys, load_benchmark):
     out = tmp_path / "codebook_speed.json"
