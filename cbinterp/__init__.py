@@ -99,6 +99,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "cbinterp.pretrained": ("heldout_documents", "list_pretrained", "load_pretrained", "pretrained_card"),
     "cbinterp.models.from_hf": ("SUPPORTED_ARCHITECTURES", "from_hf"),
     "cbinterp.models.to_hf": ("to_hf",),
+    "cbinterp.models.hooked_as_bridge": ("bridge_name", "hooked_names"),
     "cbinterp.models.codebook_features": ("from_codebook_features",),
     "cbinterp.core.search.blocks": ("search_block_rows",),
     "cbinterp.core.checks": ("check_token_ids",),
