@@ -23,7 +23,7 @@ from cbinterp.core import tl_compat as tc
 from cbinterp.core.codebooks.attach import insert_codebook, refresh_hooks
 from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
 from cbinterp.core.device import default_device
-from cbinterp.models.to_hf import phi_config, phi_state_dict, problems
+from cbinterp.models.to_hf import phi_model
 
 __all__ = ["bridge_from_hooked", "bridge_name", "hooked_names"]
 
@@ -93,27 +93,6 @@ def hooked_names(model) -> dict[str, str]:
     return {name: saved.get(name, name) for name in get_codebooks(model)}
 
 
-def _phi_model(cfg, state: dict[str, Tensor], tokenizer):
-    """The Phi model of a HookedTransformer's `cfg` and `state`, its shapes checked on the meta device first."""
-    from transformers import PhiForCausalLM
-
-    found = problems(cfg, state)
-    if found:
-        raise ValueError("it has settings a Phi model cannot reproduce exactly: " + "; ".join(found))
-    phi, layout = phi_state_dict(cfg, state)
-    config = phi_config(cfg, len(layout), tokenizer)
-    with torch.device("meta"):  # a config describing another (or a huge) model is refused before allocating it
-        expected = {k: tuple(v.shape) for k, v in PhiForCausalLM(config).state_dict().items()}
-    wrong = [k for k in expected if k not in phi or tuple(phi[k].shape) != expected[k]]
-    if wrong or set(phi) - set(expected):
-        raise ValueError(
-            f"its weights do not match its config (first: {(wrong or sorted(set(phi) - set(expected)))[0]})"
-        )
-    hf_model = PhiForCausalLM(config)
-    hf_model.load_state_dict(phi, strict=True)
-    return hf_model.eval(), layout
-
-
 def bridge_from_hooked(
     model_config: dict,
     state: dict[str, Tensor],
@@ -135,7 +114,7 @@ def bridge_from_hooked(
             "load the model as the HookedTransformer it was saved from (cbinterp.load)."
         )
     cfg = _config(model_config)
-    hf_model, layout = _phi_model(cfg, state, tokenizer)
+    hf_model, layout = phi_model(cfg, state, tokenizer)
     model = tc.boot_bridge(hf_model, tokenizer=tokenizer, device=device or default_device())
     if hasattr(model.cfg, "default_prepend_bos"):
         model.cfg.default_prepend_bos = bool(cfg.default_prepend_bos)

@@ -190,16 +190,24 @@ def phi_config(cfg, n_layers: int, tokenizer=None) -> PhiConfig:
 def phi_model(cfg, state: dict[str, Tensor], tokenizer=None) -> tuple[PhiForCausalLM, list[dict]]:
     """The PhiForCausalLM computing what a HookedTransformer (`cfg`, `state`) computes, and its layer layout.
 
-    Settings Phi cannot reproduce exactly raise a ValueError naming each."""
+    Settings Phi cannot reproduce exactly raise a ValueError naming each; so do weights of other shapes than the
+    config's (checked on the meta device, before the model is allocated)."""
     found = problems(cfg, state)
     if found:
         raise ValueError(
             "This model cannot be written exactly as a Hugging Face PhiForCausalLM: " + "; ".join(found) + "."
         )
     phi, layout = phi_state_dict(cfg, state)
-    hf_model = PhiForCausalLM(phi_config(cfg, len(layout), tokenizer))
+    config = phi_config(cfg, len(layout), tokenizer)
+    with torch.device("meta"):  # a config describing another (or a huge) model is refused before allocating it
+        expected = {k: tuple(v.shape) for k, v in PhiForCausalLM(config).state_dict().items()}
+    wrong = [k for k in expected if k not in phi or tuple(phi[k].shape) != expected[k]]
+    wrong += sorted(set(phi) - set(expected))
+    if wrong:
+        raise ValueError(f"The weights do not match the config (first: {wrong[0]}).")
+    hf_model = PhiForCausalLM(config)
     hf_model.load_state_dict(phi, strict=True)
-    return hf_model, layout
+    return hf_model.eval(), layout
 
 
 def _check_replaceable(path: Path) -> None:

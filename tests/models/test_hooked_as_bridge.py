@@ -123,3 +123,16 @@ def test_the_fsm_swap_names_its_conditions_by_the_saved_layers():
     conditions = fsm_intervention.conditions_of(cbinterp.load(FIXTURE / "tiny", device="cpu"))
     assert conditions["attn_layer_1"] == ["blocks.2.attn.hook_z"]
     assert conditions["mlp_layer_0"] == ["blocks.1.hook_mlp_out"]
+
+
+def test_weights_of_another_shape_than_the_config_are_refused_before_allocating():
+    from cbinterp.models.hooked_as_bridge import _config
+    from cbinterp.models.to_hf import phi_model
+
+    saved = json.loads((FIXTURE / "tiny" / "config.json").read_text())
+    state = load_file(FIXTURE / "tiny" / "model.safetensors")
+    model, layout = phi_model(_config(saved["model_config"]), state)
+    assert len(layout) == 4 and not model.training
+    state["embed.W_E"] = torch.zeros(21, 16)  # the config says d_vocab 20
+    with pytest.raises(ValueError, match="do not match the config.*embed_tokens"):
+        phi_model(_config(saved["model_config"]), state)
