@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from cbinterp.core import tl_compat as tc
-from cbinterp.core.codebooks.attach import insert_codebook, refresh_hooks
+from cbinterp.core.codebooks.attach import get_codebooks, insert_codebook, refresh_hooks
 from cbinterp.core.codebooks.codebook import Codebook, CodebookConfig
 from cbinterp.core.device import default_device
 from cbinterp.models.to_hf import phi_model
@@ -87,8 +87,6 @@ def bridge_name(name: str, layout: list[dict]) -> str:
 
 def hooked_names(model) -> dict[str, str]:
     """{codebook name on `model`: the name it was saved under}; the identity for a model that was not rebuilt."""
-    from cbinterp.core.codebooks.attach import get_codebooks
-
     saved = getattr(model, HOOKED_NAMES_ATTR, {})
     return {name: saved.get(name, name) for name in get_codebooks(model)}
 

@@ -334,14 +334,14 @@ def _saved_tokenizer(folder: fd.Folder, record) -> object | None:
     return tokenizer
 
 
-def _hooked_as_bridge(folder: fd.Folder, config: dict, tokenizer, device) -> Model:
+def _hooked_as_bridge(folder: fd.Folder, config: dict, header: dict, tokenizer, device) -> Model:
     """A folder saved from a HookedTransformer, on a TransformerLens without one: rebuilt as a bridge.
 
     Its weights become the Phi model `to_hf` writes; `cbinterp.models.hooked_as_bridge` says where hook names move."""
     from cbinterp.models.hooked_as_bridge import bridge_from_hooked
 
     where = folder.path / CONFIG_FILE
-    model_config = _check_model_config(config, where, read_header(folder, WEIGHTS_FILE))
+    model_config = _check_model_config(config, where, header)
     codebooks = config.get("codebooks")
     if not isinstance(codebooks, dict):
         raise ValueError(f"Damaged cbinterp config {where}: 'codebooks' is not a mapping. Re-save the model.")
@@ -361,7 +361,7 @@ def _load_folder(folder: fd.Folder, device) -> Model:
     header = read_header(folder, WEIGHTS_FILE)
     tokenizer = _saved_tokenizer(folder, config["tokenizer"]) if config.get("tokenizer") else None
     if "bridge" not in config and not tc.HAS_HOOKED and tc.BRIDGE_SUPPORTED:
-        return _hooked_as_bridge(folder, config, tokenizer, device)
+        return _hooked_as_bridge(folder, config, header, tokenizer, device)
     model = build_model(config, folder.path, device, header=header, tokenizer=tokenizer)
     _load_state(model, load_tensors(folder, WEIGHTS_FILE), folder.path / WEIGHTS_FILE)
     if tokenizer is not None and not tc.is_bridge(model):  # a bridge is booted with it
